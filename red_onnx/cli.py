@@ -1,0 +1,147 @@
+"""Command line: argument parsing, exit codes and printing; the work is in :func:`red_onnx.compress`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from . import __version__, model_io
+from .errors import InputError, VerificationError
+from .passes import PLANNED
+
+EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
+
+EPILOG = """exit codes:
+  0  written (or nothing to do: written unchanged)
+  1  verification failed: the result deviates from the input model; nothing written
+  2  bad input or usage (unreadable model, bad option, unwritable output); nothing written
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors are exit 2 with one line, as argparse does
+        self.exit(EXIT_INPUT, f"red-onnx: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="red-onnx", description="Compress an ONNX model without data (RED / RED++), verified "
+                "against the input with onnxruntime.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="input .onnx model")
+    p.add_argument("output", help="output .onnx path (never the input)")
+    p.add_argument("--version", action="version", version=f"red_onnx {__version__}")
+    p.add_argument("--passes", help=f"comma list of passes ({', '.join(PLANNED)}); default: every pass that exists; "
+                   "canonicalization always runs")
+    p.add_argument("--tolerance", type=float, default=0.0, metavar="T",
+                   help="error budget of the lossy steps: max relative L2 deviation of any output on any probe "
+                   "(0 = lossless, exact rewrites only; default 0)")
+    p.add_argument("--check", type=int, default=8, metavar="N", help="fresh verification probes (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random probes (default 0)")
+    p.add_argument("--no-verify", action="store_true", help="skip verification (then only exact rewrites are made)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="concrete shape of an input with symbolic dimensions (repeatable)")
+    p.add_argument("--probe-inputs", metavar="FILE.npz", help="probe arrays keyed by input name, first axis = "
+                   "samples; half choose the edits, half verify")
+    p.add_argument("--probe-range", action="append", default=[], metavar="NAME:LOW,HIGH",
+                   help="uniform probes in [LOW, HIGH] for that input instead of N(0,1) (repeatable)")
+    p.add_argument("--exclude", metavar="REGEX", help="leave alone the layers whose node name matches")
+    p.add_argument("--external-data", action="store_true", help="store weights beside the model "
+                   "(automatic above 2 GB)")
+    p.add_argument("--report", metavar="R.json", help="write the report as JSON")
+    p.add_argument("--dry-run", action="store_true", help="do everything but write the output")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _named(values: list[str], option: str, parse) -> dict:
+    result = {}
+    for value in values:
+        name, sep, rest = value.rpartition(":")
+        if not sep or not name:
+            raise InputError(f"{option} {value}: expected NAME:VALUES")
+        try:
+            result[name] = parse(rest)
+        except ValueError:
+            raise InputError(f"{option} {value}: cannot parse '{rest}'") from None
+    return result
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    dims = tuple(int(d) for d in text.split(","))
+    if any(d < 1 for d in dims):
+        raise ValueError
+    return dims
+
+
+def _range(text: str) -> tuple[float, float]:
+    low, high = (float(v) for v in text.split(","))
+    if not low < high:
+        raise ValueError
+    return low, high
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as err:
+        raise InputError(f"--probe-inputs {path}: cannot read ({err})") from None
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    try:
+        if not args.dry_run:
+            model_io.check_output_path(args.output, [args.input])
+        from .pipeline import compress
+
+        model, report = compress(
+            args.input, tolerance=args.tolerance, passes=args.passes, seed=args.seed, check=args.check,
+            input_shapes=_named(args.input_shape, "--input-shape", _shape),
+            probe_inputs=_load_npz(args.probe_inputs) if args.probe_inputs else None,
+            probe_ranges=_named(args.probe_range, "--probe-range", _range), exclude=args.exclude,
+            verify_result=not args.no_verify, log=log)
+        if not args.dry_run:
+            log(f"writing {args.output}")
+            model_io.save(model, args.output, external_data=True if args.external_data else None)
+        if args.report:
+            with open(args.report, "w") as f:
+                f.write(report.to_json())
+        if not args.quiet:
+            print(report.table())
+            if args.dry_run:
+                print("dry run: nothing written")
+        return EXIT_OK
+    except InputError as err:
+        print(f"red-onnx: error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except VerificationError as err:
+        print(f"red-onnx: verification failed: {err}", file=sys.stderr)
+        return EXIT_VERIFY
+    except KeyboardInterrupt:
+        print("red-onnx: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"red-onnx: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, "
+                  "and please report it)", file=sys.stderr)
+        return 3

@@ -1,0 +1,332 @@
+"""One view of every linear layer, whatever the op, and the model's parameters and MACs.
+
+A layer's weight is seen as ``(out, in, *kernel)`` (``in`` per group), its bias as ``(out,)``:
+
+==============  ==========================  ===============================================
+op              stored as                   view
+==============  ==========================  ===============================================
+Conv            (O, I/g, *k)                unchanged
+ConvTranspose   (I, O/g, *k)                per group, axes 0 and 1 swapped
+Gemm transB=1   (N, K)                      unchanged (bias: input C)
+Gemm transB=0   (K, N)                      transposed
+MatMul X·B      (K, N)                      transposed (bias: a following Add of a constant)
+==============  ==========================  ===============================================
+
+Passes read and write weights through this view only, never the op-specific layouts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import InputError
+
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
+    "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearAveragePool",
+    "QLinearGlobalAveragePool", "QLinearSoftmax", "DynamicQuantizeLinear", "DynamicQuantizeMatMul",
+    "DynamicQuantizeLSTM", "MatMulIntegerToFloat", "QGemm", "MatMulNBits",
+})
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+
+
+def is_float(array: np.ndarray) -> bool:
+    return array.dtype in FLOAT_TYPES or array.dtype.name == "bfloat16"
+
+
+@dataclass
+class Layer:
+    """A linear node with constant weights, plus its bias (own input or a following Add)."""
+
+    node: gs.Node
+    weight: gs.Constant
+    bias: gs.Constant | None = None
+    bias_node: gs.Node | None = None  # the Add carrying a MatMul's bias
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    @property
+    def group(self) -> int:
+        return int(self.node.attrs.get("group", 1)) if self.op in ("Conv", "ConvTranspose") else 1
+
+    @property
+    def output(self) -> gs.Variable:
+        """The tensor carrying the layer's result, bias included."""
+        return (self.bias_node or self.node).outputs[0]
+
+    def get_weight(self) -> np.ndarray:
+        w = self.weight.values
+        if self.op == "ConvTranspose":
+            g = self.group
+            i, o_g = w.shape[:2]
+            k = w.shape[2:]
+            return w.reshape(g, i // g, o_g, *k).swapaxes(1, 2).reshape(g * o_g, i // g, *k)
+        if self.op == "MatMul" or (self.op == "Gemm" and not self.node.attrs.get("transB", 0)):
+            return w.T
+        return w
+
+    def set_weight(self, view: np.ndarray) -> None:
+        """Store a weight given in the view layout (its shape may differ from the current one)."""
+        view = np.ascontiguousarray(view, dtype=self.weight.values.dtype)
+        if self.op == "ConvTranspose":
+            g = self.group
+            o, i_g = view.shape[:2]
+            k = view.shape[2:]
+            stored = view.reshape(g, o // g, i_g, *k).swapaxes(1, 2).reshape(g * i_g, o // g, *k)
+        elif self.op == "MatMul" or (self.op == "Gemm" and not self.node.attrs.get("transB", 0)):
+            stored = view.T
+        else:
+            stored = view
+        self.weight.values = np.ascontiguousarray(stored)
+
+    @property
+    def out_channels(self) -> int:
+        return self.get_weight().shape[0]
+
+    def get_bias(self) -> np.ndarray:
+        """The bias as ``(out,)``; zeros when the layer has none."""
+        out = self.out_channels
+        if self.bias is None:
+            return np.zeros(out, dtype=self.weight.values.dtype)
+        return np.broadcast_to(self.bias.values.reshape(-1), (out,)).astype(self.weight.values.dtype)
+
+    def set_bias(self, bias: np.ndarray, graph: gs.Graph) -> None:
+        """Store a ``(out,)`` bias, adding a bias input (a MatMul: an Add node) where it had none."""
+        bias = np.ascontiguousarray(bias, dtype=self.weight.values.dtype)
+        if self.bias is not None:
+            old = self.bias.values
+            shape = (1,) * (old.ndim - 1) + (-1,) if old.ndim > 1 else (-1,)
+            self.bias.values = bias.reshape(shape)
+            return
+        if self.op == "MatMul":
+            name = f"{self.name}_bias"
+            self.bias = gs.Constant(name, bias)
+            result = self.node.outputs[0]
+            pre = gs.Variable(f"{self.name}_nobias", dtype=result.dtype)
+            self.node.outputs = [pre]
+            self.bias_node = gs.Node("Add", f"{self.name}_add_bias", inputs=[pre, self.bias], outputs=[result])
+            graph.nodes.append(self.bias_node)
+            return
+        self.bias = gs.Constant(f"{self.name}_bias", bias)
+        if self.op == "Gemm":
+            self.node.attrs["beta"] = 1.0
+        self.node.inputs = self.node.inputs[:2] + [self.bias]
+
+
+@dataclass
+class Skipped:
+    """A node that looks like a layer but is left alone, and why."""
+
+    name: str
+    op: str
+    reason: str
+
+
+def users(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def find_layers(graph: gs.Graph, exclude: re.Pattern | None = None) -> tuple[list[Layer], list[Skipped]]:
+    """Every linear node whose weights the passes may rewrite, and every one left alone with why."""
+    layers, skipped = [], []
+    graph_outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        if node.op in QUANTIZED_OPS:
+            skipped.append(Skipped(node.name, node.op, "already quantized"))
+            continue
+        if node.op not in LINEAR_OPS or len(node.inputs) < 2:
+            continue
+        reason = _why_not_layer(node, exclude)
+        if reason:
+            skipped.append(Skipped(node.name, node.op, reason))
+            continue
+        weight = node.inputs[1]
+        bias, bias_node = None, None
+        if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = node.inputs[2]
+            if isinstance(b, gs.Constant) and b.values.size in (1, _out_size(node, weight)) and len(b.outputs) == 1:
+                bias = b
+            elif not (isinstance(b, gs.Variable) and b.name == ""):
+                skipped.append(Skipped(node.name, node.op, "bias is not a private per-output constant"))
+                continue
+        if node.op == "MatMul":
+            out = node.outputs[0]
+            consumers = users(out)
+            if len(consumers) == 1 and out.name not in graph_outputs and consumers[0].op == "Add":
+                add = consumers[0]
+                other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+                n = weight.values.shape[1]
+                if (isinstance(other, gs.Constant) and len(other.outputs) == 1 and other.values.size == n
+                        and other.values.shape[-1] == n and other.values.dtype == weight.values.dtype):
+                    bias, bias_node = other, add
+        layers.append(Layer(node, weight, bias, bias_node))
+    return layers, skipped
+
+
+def _out_size(node: gs.Node, weight: gs.Constant) -> int:
+    w = weight.values
+    if node.op == "Conv":
+        return w.shape[0]
+    if node.op == "ConvTranspose":
+        return w.shape[1] * int(node.attrs.get("group", 1))
+    return w.shape[0] if node.attrs.get("transB", 0) else w.shape[1]
+
+
+def _why_not_layer(node: gs.Node, exclude: re.Pattern | None) -> str | None:
+    weight = node.inputs[1]
+    if node.op == "MatMul" and not isinstance(weight, gs.Constant):
+        return "multiplies two activations"
+    if not isinstance(weight, gs.Constant):
+        return "weights are a graph input, not a constant"
+    if not is_float(weight.values):
+        return f"weights are {weight.values.dtype}, not floating point"
+    if len(weight.outputs) > 1:
+        return f"weights shared with {len(weight.outputs) - 1} other node(s)"
+    if isinstance(node.inputs[0], gs.Constant):
+        return "input is a constant"
+    if node.op == "MatMul" and weight.values.ndim != 2:
+        return f"weight has rank {weight.values.ndim}, only 2-D MatMul weights are layers"
+    if node.op == "Gemm" and node.attrs.get("alpha", 1.0) != 1.0:
+        return "Gemm with alpha != 1"
+    if exclude is not None and exclude.search(node.name or ""):
+        return "excluded by --exclude"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and MACs
+
+
+@dataclass
+class Analysis:
+    """Per-sample cost of a model (batch 1)."""
+
+    params: int
+    macs: int
+    op_counts: Counter
+    macs_per_node: dict[str, int] = field(default_factory=dict)
+
+
+def input_specs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
+                ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Concrete shape and dtype of each graph input: leading symbolic dim → 1, others from overrides.
+
+    Raises InputError naming the input and the dimension when a non-batch dimension is unknown.
+    """
+    overrides = overrides or {}
+    inits = {t.name for t in model.graph.initializer}
+    specs = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        ttype = inp.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        dims = list(ttype.shape.dim)
+        if inp.name in overrides:
+            shape = tuple(overrides[inp.name])
+            if ttype.HasField("shape") and len(shape) != len(dims):
+                raise InputError(f"--input-shape {inp.name}: rank {len(shape)} given, the input has rank {len(dims)}")
+            specs[inp.name] = (shape, dtype)
+            continue
+        shape = []
+        for axis, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(d.dim_value)
+            elif axis == 0:
+                shape.append(1)
+            else:
+                label = d.dim_param or "?"
+                example = ",".join(str(x.dim_value) if x.dim_value > 0 else ("1" if i == 0 else "N")
+                                   for i, x in enumerate(dims))
+                raise InputError(f"input '{inp.name}' has symbolic dimension {axis} ('{label}'): give its size, "
+                                 f"e.g. --input-shape {inp.name}:{example} with N replaced by a number")
+        specs[inp.name] = (tuple(shape), dtype)
+    for name in overrides:
+        if name not in specs:
+            raise InputError(f"--input-shape {name}: the model has no input named '{name}' "
+                             f"(inputs: {', '.join(specs)})")
+    return specs
+
+
+def tensor_shapes(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...], np.dtype]]
+                  ) -> dict[str, tuple[int, ...]]:
+    """Static shapes of the model's tensors at the given input shapes (onnx shape inference)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for inp in fixed.graph.input:
+        if inp.name in specs:
+            shape = specs[inp.name][0]
+            tshape = inp.type.tensor_type.shape
+            del tshape.dim[:]
+            for d in shape:
+                tshape.dim.add().dim_value = d
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception:
+        inferred = fixed
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """Multiply-accumulates of one node per sample; None where a needed shape is unknown."""
+    get = shapes.get
+    if node.op_type == "Conv":
+        w, y = get(node.input[1]), get(node.output[0])
+        return None if w is None or y is None else int(np.prod(y)) * int(np.prod(w[1:]))
+    if node.op_type == "ConvTranspose":
+        w, x = get(node.input[1]), get(node.input[0])
+        return None if w is None or x is None else int(np.prod(x)) * int(np.prod(w[1:]))
+    if node.op_type == "Gemm":
+        a, b = get(node.input[0]), get(node.input[1])
+        if a is None or b is None:
+            return None
+        attrs = {a_.name: onnx.helper.get_attribute_value(a_) for a_ in node.attribute}
+        m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
+        n = b[0] if attrs.get("transB", 0) else b[1]
+        return m * k * n
+    if node.op_type == "MatMul":
+        a, b = get(node.input[0]), get(node.input[1])
+        if a is None or b is None:
+            return None
+        a2 = a if len(a) > 1 else (1,) + tuple(a)
+        b2 = b if len(b) > 1 else tuple(b) + (1,)
+        batch = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
+        return int(np.prod(batch)) * a2[-2] * a2[-1] * b2[-1]
+    return 0
+
+
+def analyze(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None) -> Analysis:
+    """Parameters (float initializer elements) and MACs per sample (batch 1) of a model."""
+    specs = specs if specs is not None else input_specs(model)
+    shapes = tensor_shapes(model, specs)
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    params = sum(int(np.prod(t.dims)) for t in tensors
+                 if onnx.helper.tensor_dtype_to_np_dtype(t.data_type) in FLOAT_TYPES)
+    macs, per_node = 0, {}
+    for i, node in enumerate(model.graph.node):
+        m = node_macs(node, shapes)
+        if m:
+            per_node[node.name or f"{node.op_type}_{i}"] = m
+            macs += m
+    return Analysis(params, macs, Counter(n.op_type for n in model.graph.node), per_node)

@@ -1,0 +1,161 @@
+"""Loading, converting and saving models without losing what must survive a round trip.
+
+What survives: opset imports, IR version, producer, model and graph doc strings, ``metadata_props``
+(some applications keep their class list there), input/output names, types and dynamic dimensions.
+Saving is atomic: a temporary file in the destination folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import InputError
+
+TWO_GB = 2**31
+EXTERNAL_DATA_THRESHOLD = TWO_GB - 2**26  # leave headroom under protobuf's 2 GB limit
+
+
+def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read a model (with its external data) and check it, raising InputError with the reason."""
+    if isinstance(source, onnx.ModelProto):
+        model = source
+        where = "model"
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory, expected an .onnx file")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"{path}: not readable")
+        try:
+            model = onnx.load(str(path), load_external_data=True)
+        except Exception as err:  # protobuf raises DecodeError or RuntimeWarning-like errors
+            raise InputError(f"{path}: not a readable ONNX model ({_short(err)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise InputError(f"{where}: not an ONNX model (empty graph)")
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as err:
+        raise InputError(f"{where}: invalid ONNX model: {_short(err)}") from None
+    return model
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import into onnx-graphsurgeon (the model is not modified)."""
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graph, restoring every model-level field of ``template`` that the export drops.
+
+    Intermediate ``value_info`` is dropped: rewrites change intermediate shapes, and stale shapes
+    would contradict onnxruntime's own inference. Graph inputs and outputs keep theirs.
+    """
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]
+    model.ir_version = template.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(template.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(template, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    model.graph.name = template.graph.name
+    model.graph.doc_string = template.graph.doc_string
+    # graph inputs/outputs exactly as they were (names, types, dynamic dims)
+    del model.graph.input[:]
+    model.graph.input.extend(template.graph.input)
+    del model.graph.output[:]
+    model.graph.output.extend(template.graph.output)
+    return model
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size: the protobuf plus the raw bytes of every initializer, external or not."""
+    return model.ByteSize() + sum(
+        _external_size(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    )
+
+
+def _external_size(tensor: onnx.TensorProto) -> int:
+    info = {e.key: e.value for e in tensor.external_data}
+    if "length" in info:
+        return int(info["length"])
+    return int(np.prod(tensor.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
+    """Refuse an output that is one of the inputs or lies in a missing or unwritable folder."""
+    out = Path(output)
+    for src in inputs:
+        if Path(src).exists() and out.exists() and os.path.samefile(src, out):
+            raise InputError(f"{out}: the output would overwrite the input; choose another path")
+        if Path(os.path.abspath(src)) == Path(os.path.abspath(out)):
+            raise InputError(f"{out}: the output would overwrite the input; choose another path")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{out}: folder {folder} is not writable")
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory")
+    return out
+
+
+def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool | None = None) -> None:
+    """Write ``model`` atomically: nothing appears at ``output`` unless the whole file was written.
+
+    ``external_data=None`` stores weights beside the model only when it would exceed 2 GB.
+    External data goes to ``<name>.data`` in the same folder, renamed into place before the model.
+    """
+    out = Path(output)
+    if external_data is None:
+        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    folder = out.parent if str(out.parent) else Path(".")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
+    try:
+        tmp_model = tmpdir / out.name
+        if external_data:
+            model = _copy(model)  # save_model moves tensors to external data in place
+            data_name = out.name + ".data"
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            _fsync(tmpdir / data_name)
+            _fsync(tmp_model)
+            if (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, folder / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+            _fsync(tmp_model)
+        os.replace(tmp_model, out)
+    finally:
+        for leftover in tmpdir.iterdir() if tmpdir.exists() else ():
+            leftover.unlink()
+        if tmpdir.exists():
+            tmpdir.rmdir()
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _fsync(path: Path) -> None:
+    if path.exists():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())

@@ -1,0 +1,14 @@
+"""The passes, in pipeline order. Canonicalization (``fold``) always runs first.
+
+Each pass is a module with ``NAME`` and ``run(ctx: Context) -> PassResult``.
+"""
+
+from . import fold
+
+#: Every pass of the design, in pipeline order; those not yet implemented are refused by name.
+PLANNED = ("merge", "separate", "hash")
+
+#: The passes that exist, by name.
+AVAILABLE: dict = {}
+
+__all__ = ["fold", "AVAILABLE", "PLANNED"]

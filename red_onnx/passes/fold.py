@@ -1,0 +1,199 @@
+"""Canonicalization: put every linear layer in one form so the other passes see plain layers.
+
+Exact rewrites only:
+
+* ``Constant`` nodes become initializers; ``Identity`` and inference ``Dropout`` are removed.
+* Gemm ``alpha``/``beta`` go into the constants: ``alpha·A·B + beta·C = A·(alpha·B) + (beta·C)``.
+* An affine map on a layer's output channels folds into the layer, when the layer's output has no
+  other consumer: ``y = s ⊙ (W x + b) + t  ⇒  W' = diag(s) W,  b' = s ⊙ b + t``. It covers
+  ``BatchNormalization`` (``s = γ / sqrt(σ² + ε)``, ``t = β − μ s``) and ``Mul``/``Div``/``Add``/``Sub``
+  by a per-channel or scalar constant (how Paddle exports an unfused BN).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from ..context import Context, PassResult
+from ..layers import Layer, find_layers
+
+NAME = "fold"
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn top-level ``Constant`` nodes into initializers, in place; returns how many."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    keep, moved = [], 0
+    for node in graph.node:
+        tensor = _constant_value(node) if node.op_type == "Constant" and node.output[0] not in outputs else None
+        if tensor is None:
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(attr.t)
+            return t
+        if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            value = onnx.helper.get_attribute_value(attr)
+            dtype = np.float32 if "float" in attr.name else np.int64
+            return numpy_helper.from_array(np.array(value, dtype=dtype))
+    return None  # sparse_value, value_string(s): left as they are
+
+
+def run(ctx: Context) -> PassResult:
+    start = time.perf_counter()
+    graph = ctx.graph
+    counts = {
+        "identities_removed": _remove_identities(graph),
+        "gemm_scalars_folded": _fold_gemm_scalars(graph),
+        "affine_folded": 0,
+    }
+    rows = []
+    layers, _ = find_layers(graph, ctx.exclude)
+    for layer in layers:
+        while (folded := _fold_next(graph, layer, ctx.shapes)) is not None:
+            counts["affine_folded"] += 1
+            rows.append({"name": layer.name, "folded": folded})
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    modified = any(counts.values())
+    return PassResult(NAME, modified, counts, rows, time.perf_counter() - start)
+
+
+def _remove_identities(graph: gs.Graph) -> int:
+    """Bypass Identity and inference-mode Dropout nodes whose output is not a graph output."""
+    outputs = {t.name for t in graph.outputs}
+    removed = 0
+    for node in graph.nodes:
+        if node.op not in ("Identity", "Dropout") or not node.inputs or node.outputs[0].name in outputs:
+            continue
+        if node.op == "Dropout" and (_training(node) or any(o.outputs for o in node.outputs[1:])):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        for consumer in list(y.outputs):
+            consumer.inputs = [x if t is y else t for t in consumer.inputs]
+        node.outputs = []
+        removed += 1
+    return removed
+
+
+def _training(node: gs.Node) -> bool:
+    if len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2].name == "":
+        return False
+    mode = node.inputs[2]
+    return not (isinstance(mode, gs.Constant) and not bool(np.asarray(mode.values).any()))
+
+
+def _fold_gemm_scalars(graph: gs.Graph) -> int:
+    folded = 0
+    for node in graph.nodes:
+        if node.op != "Gemm" or len(node.inputs) < 2:
+            continue
+        b = node.inputs[1]
+        alpha = float(node.attrs.get("alpha", 1.0))
+        if alpha != 1.0 and isinstance(b, gs.Constant) and len(b.outputs) == 1:
+            b.values = (b.values * alpha).astype(b.values.dtype)
+            node.attrs["alpha"] = 1.0
+            folded += 1
+        beta = float(node.attrs.get("beta", 1.0))
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if beta != 1.0 and isinstance(c, gs.Constant) and len(c.outputs) == 1:
+            c.values = (c.values * beta).astype(c.values.dtype)
+            node.attrs["beta"] = 1.0
+            folded += 1
+    return folded
+
+
+def _fold_next(graph: gs.Graph, layer: Layer, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Fold the single consumer of the layer's output into the layer, if it is a channel affine map."""
+    out = layer.output
+    if any(t.name == out.name for t in graph.outputs) or len(out.outputs) != 1:
+        return None
+    consumer = out.outputs[0]
+    rank = _output_rank(layer, shapes)
+    if rank is None:
+        return None
+    channels = layer.out_channels
+    axis = rank - 1 if layer.op == "MatMul" else 1
+    if layer.op in ("Gemm", "MatMul") and rank != 2 and consumer.op == "BatchNormalization":
+        return None  # BN normalizes axis 1, the features are the last axis
+    affine = _channel_affine(consumer, out, channels, rank, axis, layer.weight.values.dtype)
+    if affine is None:
+        return None
+    scale, shift = affine
+    w = layer.get_weight()
+    layer.set_weight(w * scale.reshape((-1,) + (1,) * (w.ndim - 1)))
+    layer.set_bias(layer.get_bias() * scale + shift, graph)
+    result = consumer.outputs[0]
+    consumer.outputs = []
+    consumer.inputs = []
+    (layer.bias_node or layer.node).outputs = [result]
+    return consumer.op
+
+
+def _output_rank(layer: Layer, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    if layer.op in ("Conv", "ConvTranspose"):
+        return layer.weight.values.ndim
+    if layer.op == "Gemm":
+        return 2
+    shape = shapes.get(layer.node.inputs[0].name) or layer.node.inputs[0].shape
+    return len(shape) if shape is not None else None
+
+
+def _channel_affine(node: gs.Node, x: gs.Tensor, channels: int, rank: int, axis: int, dtype: np.dtype
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) per channel if ``node(x) = scale ⊙ x + shift`` along ``axis``, else None."""
+    if node.op == "BatchNormalization":
+        if len(node.outputs) > 1 and any(o.outputs for o in node.outputs[1:]):
+            return None
+        if node.attrs.get("training_mode", 0) or not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
+            return None
+        gamma, beta, mean, var = (t.values.astype(np.float64) for t in node.inputs[1:5])
+        if gamma.shape != (channels,):
+            return None
+        scale = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+        return scale, beta - mean * scale
+    if node.op not in ("Mul", "Div", "Add", "Sub") or len(node.inputs) != 2:
+        return None
+    const = node.inputs[1] if node.inputs[0] is x else node.inputs[0]
+    if not isinstance(const, gs.Constant) or const.values.dtype != dtype or node.inputs[0] is node.inputs[1]:
+        return None
+    vector = _per_channel(const.values, channels, rank, axis)
+    if vector is None:
+        return None
+    ones, zeros = np.ones(channels), np.zeros(channels)
+    if node.op == "Mul":
+        return vector, zeros
+    if node.op == "Add":
+        return ones, vector
+    if node.inputs[1] is not const:
+        return None  # c - x and c / x are not affine maps of this form
+    if node.op == "Sub":
+        return ones, -vector
+    return (None if np.any(vector == 0) else (1.0 / vector, zeros))
+
+
+def _per_channel(values: np.ndarray, channels: int, rank: int, axis: int) -> np.ndarray | None:
+    """The constant as a (channels,) vector if it varies along ``axis`` only and keeps x's shape."""
+    if values.ndim > rank:
+        return None
+    shape = (1,) * (rank - values.ndim) + values.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
+        return None
+    return np.broadcast_to(values.reshape(-1).astype(np.float64), (channels,)).copy()

@@ -1,0 +1,185 @@
+"""The pipeline: load → canonicalize → passes → verify against the input model → report.
+
+The pipeline owns the model, the probes and the onnxruntime sessions; passes get a Context.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from . import model_io, verify
+from .budget import make_probes
+from .context import Context, PassResult
+from .errors import InputError, VerificationError
+from .layers import QUANTIZED_OPS, analyze, find_layers, input_specs, tensor_shapes
+from .passes import AVAILABLE, PLANNED, fold
+from .report import Report
+
+#: Relative deviation allowed for exact rewrites, by the model's float type (float rounding).
+ROUNDING = {onnx.TensorProto.FLOAT: 1e-5, onnx.TensorProto.DOUBLE: 1e-5,
+            onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 1e-2}
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def resolve_passes(passes: Iterable[str] | str | None) -> list[str]:
+    """Pass names in pipeline order; unknown or not-yet-implemented names are an InputError."""
+    if passes is None:
+        return [p for p in PLANNED if p in AVAILABLE]
+    if isinstance(passes, str):
+        passes = [p.strip() for p in passes.split(",") if p.strip()]
+    names = list(passes)
+    for name in names:
+        if name == fold.NAME:
+            continue
+        if name not in PLANNED:
+            raise InputError(f"unknown pass '{name}' (passes: {', '.join(PLANNED)})")
+        if name not in AVAILABLE:
+            raise InputError(f"pass '{name}' is not implemented yet (available: "
+                             f"{', '.join(AVAILABLE) or 'none besides canonicalization'})")
+    return [p for p in PLANNED if p in names]
+
+
+def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
+             passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = 8, allocation: int = 8,
+             input_shapes: dict[str, tuple[int, ...]] | None = None, probe_inputs: dict[str, np.ndarray] | None = None,
+             probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
+             verify_result: bool = True, log: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+    """Compress a model; returns the rewritten model and its report.
+
+    ``tolerance`` is the one error budget of the lossy steps (the deviation defined in
+    :mod:`red_onnx.verify`); 0 allows exact rewrites only. Raises InputError on bad input and
+    VerificationError when the result does not match the input model.
+    """
+    start = time.perf_counter()
+    log = log or (lambda message: None)
+    if tolerance < 0 or not np.isfinite(tolerance):
+        raise InputError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+    if check < 1:
+        raise InputError(f"--check must be at least 1, got {check}")
+    names = resolve_passes(passes)
+    try:
+        pattern = re.compile(exclude) if exclude else None
+    except re.error as err:
+        raise InputError(f"--exclude: invalid regular expression ({err})") from None
+    log("loading")
+    original = model_io.load(model)
+    report = Report(tolerance=tolerance)
+    specs = input_specs(original, input_shapes)
+    _check_weights(original)
+    custom = sorted({n.domain for n in original.graph.node if n.domain not in STANDARD_DOMAINS})
+    if any(n.op_type in QUANTIZED_OPS for n in original.graph.node):
+        report.notes.append("the model is already quantized: its quantized layers are left alone")
+    if not verify_result and tolerance > 0:
+        report.notes.append("--no-verify: lossy steps need verification, so only exact rewrites were made")
+        tolerance = 0.0
+    if custom:
+        report.notes.append(f"custom-domain ops ({', '.join(custom)}) are left alone")
+
+    before = analyze(original, specs)
+    report.params_before, report.macs_before = before.params, before.macs
+    report.bytes_before = model_io.model_bytes(original)
+    report.op_counts_before = dict(before.op_counts)
+
+    measured = verify.measured_tensors(original)
+    graph_outputs = [o.name for o in original.graph.output]
+    ref_names = list(dict.fromkeys(measured + graph_outputs))
+    probes = make_probes(specs, seed, allocation, check, probe_ranges, probe_inputs)
+    reference = None
+    if verify_result:
+        log("running the input model on probes")
+        ref_session = verify.input_session(original, ref_names)
+        reference = verify.run(ref_session, probes.verification)
+        del ref_session
+
+    canonical = onnx.ModelProto()
+    canonical.CopyFrom(original)
+    moved = fold.constants_to_initializers(canonical)
+    ctx = Context(graph=model_io.to_graph(canonical), shapes=tensor_shapes(original, specs), tolerance=tolerance,
+                  exclude=pattern, log=log, rng=np.random.default_rng(seed))
+    results: list[PassResult] = []
+    for name, module in [(fold.NAME, fold)] + [(n, AVAILABLE[n]) for n in names]:
+        log(f"pass {name}")
+        try:
+            result = module.run(ctx)
+        except (InputError, VerificationError):
+            raise
+        except Exception as err:
+            raise RuntimeError(f"pass '{name}' failed: {err}") from err
+        if name == fold.NAME and moved:
+            result.counts["constants_to_initializers"] = moved
+            result.modified = True
+        results.append(result)
+    result_model = model_io.to_model(ctx.graph, original)
+    try:
+        onnx.checker.check_model(result_model, full_check=False)
+    except Exception as err:
+        raise RuntimeError(f"the rewritten model fails onnx.checker: {err}") from err
+
+    after = analyze(result_model, specs)
+    report.params_after, report.macs_after = after.params, after.macs
+    report.bytes_after = model_io.model_bytes(result_model)
+    report.op_counts_after = dict(after.op_counts)
+    report.passes = [{"name": r.name, "seconds": round(r.seconds, 4), "modified": r.modified, **r.counts}
+                     for r in results]
+    report.layers = _layer_rows(ctx, before.macs_per_node, after, results)
+
+    if verify_result:
+        log("verifying on fresh probes")
+        produced = {o for n in result_model.graph.node for o in n.output} | {i.name for i in result_model.graph.input}
+        chosen = [m if m in produced else o for m, o in zip(measured, graph_outputs)]
+        session = verify.session(result_model, chosen)
+        outputs = verify.run(session, probes.verification)
+        index = [ref_names.index(c) for c in chosen]
+        refs = [[sample[i] for i in index] for sample in reference]
+        dev, per_output = verify.deviation(refs, outputs)
+        report.output_deviation = dev
+        report.deviation_per_output = dict(zip(graph_outputs, per_output))
+        allowed = max(tolerance, _rounding(original))
+        if not dev <= allowed:
+            raise VerificationError(f"the rewritten model deviates by {dev:.3g} from the input model on fresh "
+                                    f"probes (allowed {allowed:g}); nothing written. This is a bug: please report it")
+        report.verified = True
+    report.seconds = time.perf_counter() - start
+    return result_model, report
+
+
+def _rounding(model: onnx.ModelProto) -> float:
+    types = [o.type.tensor_type.elem_type for o in model.graph.output]
+    return max((ROUNDING.get(t, 1e-5) for t in types), default=1e-5)
+
+
+def _check_weights(model: onnx.ModelProto) -> None:
+    """NaN in a layer's weights is bad input (infinite constants used as masks are legal)."""
+    linear = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+              and len(n.input) > 1}
+    for init in model.graph.initializer:
+        if init.name in linear and init.data_type in ROUNDING:
+            values = onnx.numpy_helper.to_array(init)
+            if np.isnan(values).any():
+                raise InputError(f"weight '{init.name}' contains NaN")
+
+
+def _layer_rows(ctx: Context, macs_before: dict[str, int], after, results: list[PassResult]) -> list[dict]:
+    """One row per linear node: shapes, params and MACs before/after, and why it was left alone."""
+    layers, skipped = find_layers(ctx.graph, ctx.exclude)
+    rows = {}
+    for layer in layers:
+        w = layer.weight.values
+        params = w.size + (layer.bias.values.size if layer.bias is not None else 0)
+        rows[layer.name] = {"name": layer.name, "op": layer.op, "weight_shape": list(layer.get_weight().shape),
+                            "params_after": int(params), "macs_before": macs_before.get(layer.name),
+                            "macs_after": after.macs_per_node.get(layer.name)}
+    for s in skipped:
+        rows[s.name] = {"name": s.name, "op": s.op, "macs_before": macs_before.get(s.name),
+                        "macs_after": after.macs_per_node.get(s.name), "left_alone": s.reason}
+    for result in results:
+        for row in result.layers:
+            rows.setdefault(row["name"], {"name": row["name"]}).setdefault(result.name, {}).update(
+                {k: v for k, v in row.items() if k != "name"})
+    return list(rows.values())

@@ -1,0 +1,143 @@
+"""onnxruntime sessions, the deviation between two models, and latency.
+
+Deviation of a result y' from a reference y, per probe sample and per graph output::
+
+    d = ||y' − y||₂ / ||y||₂   (float64; ||y' − y||₂ itself where ||y||₂ = 0)
+
+Entries where both are the same non-finite value are ignored; any other non-finite entry makes d
+infinite. Where a graph output is a Softmax, LogSoftmax or Sigmoid of a linear layer, its input (the
+logits) is measured instead: a saturated squashing hides damage. The model's deviation is the
+maximum over outputs and samples.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputError
+from .layers import LINEAR_OPS
+from .model_io import EXTERNAL_DATA_THRESHOLD
+
+SQUASHING_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+def measured_tensors(model: onnx.ModelProto) -> list[str]:
+    """For each graph output, the name of the tensor whose deviation is measured."""
+    producer = {name: node for node in model.graph.node for name in node.output}
+    names = []
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        if node is not None and node.op_type in SQUASHING_OPS and _is_linear(producer.get(node.input[0]), producer):
+            names.append(node.input[0])
+        else:
+            names.append(out.name)
+    return names
+
+
+def _is_linear(node: onnx.NodeProto | None, producer: dict) -> bool:
+    if node is None:
+        return False
+    if node.op_type == "Add":  # MatMul + bias
+        return any(_is_linear(producer.get(i), {}) for i in node.input)
+    return node.op_type in LINEAR_OPS
+
+
+def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: bool = False,
+            threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; all graph optimizations off unless ``optimize`` (then: ORT_ENABLE_ALL).
+
+    ``outputs`` names the tensors to return (graph outputs or intermediate tensors).
+    """
+    if outputs is not None and outputs != [o.name for o in model.graph.output]:
+        model = _with_outputs(model, outputs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:  # over 2 GB: protobuf cannot serialize it in one piece
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    known = {o.name: o for o in copy.graph.output}
+    elem = {o.name: o.type.tensor_type.elem_type for o in copy.graph.output}
+    del copy.graph.output[:]
+    for i, name in enumerate(names):
+        if name in known:
+            copy.graph.output.append(known[name])
+        else:  # an intermediate tensor: its type is the graph output's it stands for
+            ref = list(elem.values())[min(i, len(elem) - 1)]
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, ref, None))
+    return copy
+
+
+def input_session(model: onnx.ModelProto, outputs: list[str] | None = None) -> ort.InferenceSession:
+    """The session on the user's input model; a model onnxruntime cannot load is bad input."""
+    try:
+        return session(model, outputs)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"onnxruntime cannot load the input model ({first}); "
+                         "with --no-verify only exact rewrites are made") from None
+
+
+def run(sess: ort.InferenceSession, probes: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Outputs for each probe sample."""
+    return [sess.run(None, feeds) for feeds in probes]
+
+
+def sample_deviation(reference: np.ndarray, result: np.ndarray) -> float:
+    """||y' − y||₂ / ||y||₂ of one output for one sample (see the module docstring)."""
+    y = np.asarray(reference, dtype=np.float64)
+    y2 = np.asarray(result, dtype=np.float64)
+    if y.shape != y2.shape:
+        return float("inf")
+    finite = np.isfinite(y) & np.isfinite(y2)
+    if not finite.all():
+        same = ~finite & ((y == y2) | (np.isnan(y) & np.isnan(y2)))
+        if not (finite | same).all():
+            return float("inf")
+        y, y2 = y[finite], y2[finite]
+    norm = np.linalg.norm(y)
+    diff = np.linalg.norm(y2 - y)
+    return float(diff / norm) if norm > 0 else float(diff)
+
+
+def deviation(references: list[list[np.ndarray]], results: list[list[np.ndarray]]) -> tuple[float, list[float]]:
+    """(max deviation, max deviation per output) over samples, for outputs listed per sample."""
+    per_output = [0.0] * len(references[0]) if references else []
+    for ref, res in zip(references, results):
+        for k, (y, y2) in enumerate(zip(ref, res)):
+            per_output[k] = max(per_output[k], sample_deviation(y, y2))
+    return (max(per_output) if per_output else 0.0), per_output
+
+
+def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                  pairs: int = 30) -> tuple[float, float, float]:
+    """(median seconds of a, of b, median of per-pair ratios b/a): one thread, optimizations on,
+    interleaved pairs so that drifts in machine load hit both alike."""
+    sa, sb = session(model_a, optimize=True, threads=1), session(model_b, optimize=True, threads=1)
+    for s in (sa, sb):
+        s.run(None, feeds)
+    ta, tb = [], []
+    for _ in range(pairs):
+        for s, times in ((sa, ta), (sb, tb)):
+            start = time.perf_counter()
+            s.run(None, feeds)
+            times.append(time.perf_counter() - start)
+    ratios = np.array(tb) / np.array(ta)
+    return float(np.median(ta)), float(np.median(tb)), float(np.median(ratios))
