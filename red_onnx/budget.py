@@ -8,6 +8,7 @@ luck is still caught.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -85,3 +86,139 @@ def make_probes(specs: Specs, seed: int = 0, allocation: int = 8, verification: 
         return Probes(samples[:half], samples[half:])
     alloc = random_probes(specs, allocation, rng, ranges)
     return Probes(alloc, random_probes(specs, verification, rng, ranges))
+
+
+# ---------------------------------------------------------------------------------------------
+# The one error budget
+
+
+@dataclass
+class Candidate:
+    """A lossy edit a pass proposes. Candidates sharing a ``slot`` are alternatives of increasing
+    ``level`` (e.g. one layer at ranks 8, 4, 2): at most one per slot is taken, level by level."""
+
+    key: str
+    slot: str
+    saving: tuple[int, int, int]  # (MACs, parameters, bytes) saved, cumulative within the slot
+    error: float  # cheap estimate of the deviation it adds, cumulative within the slot
+    level: int = 0
+    data: Any = None  # whatever the proposing pass needs to materialize it
+
+
+Materialize = Callable[[list[Candidate]], dict[str, np.ndarray]]
+
+
+@dataclass
+class Spent:
+    """What one call of :meth:`Budget.spend` accepted and measured."""
+
+    accepted: list[Candidate]
+    deviation_before: float
+    deviation_after: float
+    evaluations: int
+
+
+class Budget:
+    """Accepts candidate edits by saving per unit of estimated error while the measured deviation
+    on the allocation probes stays under ``margin × tolerance``.
+
+    The deviation is measured against the *input* model, so each call spends only what earlier
+    passes left. Candidates are tried in batches (doubling after a fit, halving after an
+    overshoot); a single candidate that overshoots is dropped with the higher levels of its slot.
+    """
+
+    def __init__(self, tolerance: float, probes: list[Feeds], reference: list[list[np.ndarray]],
+                 reference_names: list[str], measured: list[str], graph_outputs: list[str], margin: float = 0.8,
+                 max_evaluations: int = 160, patience: int = 6):
+        self.tolerance = tolerance
+        self.target = margin * tolerance
+        self.probes = probes
+        self.reference = reference  # per probe: the input model's tensors named by ``reference_names``
+        self.reference_names = reference_names
+        self.measured = measured  # per graph output, the tensor measured (its logits where it has them)
+        self.graph_outputs = graph_outputs
+        self.max_evaluations = max_evaluations
+        self.patience = patience
+        self.history: list[Spent] = []
+
+    def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize) -> Spent:
+        """Choose among ``candidates`` for ``model`` (an onnx.ModelProto whose initializers the
+        materialized edits replace, by name). Returns what was accepted."""
+        from . import verify
+
+        accepted: dict[str, Candidate] = {}
+        editable = sorted(set().union(*(materialize([c]).keys() for c in candidates))) if candidates else []
+        sess, base, names = self._session(model, editable)
+        evaluations = 0
+
+        def measure(chosen: list[Candidate]) -> float:
+            nonlocal evaluations
+            evaluations += 1
+            feeds = {**base, **materialize(chosen)}
+            outputs = [sess.run(None, {**probe, **feeds}) for probe in self.probes]
+            return verify.deviation(self.reference_for(names), outputs)[0]
+
+        before = measure([])
+        slots: dict[str, list[Candidate]] = {}
+        for c in sorted(candidates, key=lambda c: c.level):
+            slots.setdefault(c.slot, []).append(c)
+        frontier = {slot: 0 for slot in slots}  # index of the next level to try
+        batch, rejects, current = 8, 0, before
+        while frontier and evaluations < self.max_evaluations and before <= self.target:
+            ranked = sorted(frontier, key=lambda s: self._value(slots[s], frontier[s], accepted.get(s)), reverse=True)
+            take = [slots[s][frontier[s]] for s in ranked[:batch]]
+            trial = {**accepted, **{c.slot: c for c in take}}
+            dev = measure(list(trial.values()))
+            if dev <= self.target:
+                accepted, current = trial, dev
+                for c in take:
+                    frontier[c.slot] += 1
+                    if frontier[c.slot] >= len(slots[c.slot]):
+                        del frontier[c.slot]
+                batch *= 2
+                rejects = 0
+            elif len(take) == 1:
+                del frontier[take[0].slot]
+                rejects += 1
+                if rejects >= self.patience:
+                    break
+            else:
+                batch = max(1, len(take) // 2)
+        spent = Spent(list(accepted.values()), before, current, evaluations)
+        self.history.append(spent)
+        return spent
+
+    @staticmethod
+    def _value(levels: list[Candidate], index: int, taken: Candidate | None) -> tuple[float, float, float]:
+        """Marginal saving per unit of marginal error: MACs first, then parameters, then bytes."""
+        c = levels[index]
+        prev_saving = taken.saving if taken else (0, 0, 0)
+        prev_error = taken.error if taken else 0.0
+        err = max(c.error - prev_error, 1e-12)
+        return tuple((s - p) / err for s, p in zip(c.saving, prev_saving))
+
+    def reference_for(self, names: list[str]) -> list[list[np.ndarray]]:
+        index = [self.reference_names.index(n) for n in names]
+        return [[sample[i] for i in index] for sample in self.reference]
+
+    def _session(self, model: Any, editable: list[str]):
+        """One session for all evaluations: the editable initializers become graph inputs."""
+        import onnx
+
+        from . import verify
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        inits = {t.name: t for t in copy.graph.initializer}
+        base = {}
+        for name in editable:
+            tensor = inits.pop(name)
+            base[name] = onnx.numpy_helper.to_array(tensor)
+            copy.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+        kept = [t for t in copy.graph.initializer if t.name in inits]
+        del copy.graph.initializer[:]
+        copy.graph.initializer.extend(kept)
+        produced = {o for n in copy.graph.node for o in n.output}
+        names = [m if m in produced else o for m, o in zip(self.measured, self.graph_outputs)]
+        # the reference holds the measured tensors; an output whose logits vanished is compared as is
+        return verify.session(copy, names), base, names

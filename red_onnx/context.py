@@ -26,6 +26,7 @@ class Context:
     """The model being rewritten and everything a pass may need; passes build no sessions of their own."""
 
     graph: gs.Graph
+    template: Any  # the input onnx.ModelProto: model-level fields for exporting the graph
     shapes: dict[str, tuple[int, ...]]  # static tensor shapes of the input model (batch 1)
     tolerance: float = 0.0
     exclude: re.Pattern | None = None

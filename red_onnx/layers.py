@@ -80,6 +80,10 @@ class Layer:
 
     def set_weight(self, view: np.ndarray) -> None:
         """Store a weight given in the view layout (its shape may differ from the current one)."""
+        self.weight.values = self.stored(view)
+
+    def stored(self, view: np.ndarray) -> np.ndarray:
+        """A weight given in the view layout, in the op's own layout and dtype."""
         view = np.ascontiguousarray(view, dtype=self.weight.values.dtype)
         if self.op == "ConvTranspose":
             g = self.group
@@ -90,7 +94,7 @@ class Layer:
             stored = view.T
         else:
             stored = view
-        self.weight.values = np.ascontiguousarray(stored)
+        return np.ascontiguousarray(stored)
 
     @property
     def out_channels(self) -> int:

@@ -3,12 +3,12 @@
 Each pass is a module with ``NAME`` and ``run(ctx: Context) -> PassResult``.
 """
 
-from . import fold
+from . import fold, merge
 
 #: Every pass of the design, in pipeline order; those not yet implemented are refused by name.
 PLANNED = ("merge", "separate", "hash")
 
 #: The passes that exist, by name.
-AVAILABLE: dict = {}
+AVAILABLE: dict = {merge.NAME: merge}
 
-__all__ = ["fold", "AVAILABLE", "PLANNED"]
+__all__ = ["fold", "merge", "AVAILABLE", "PLANNED"]

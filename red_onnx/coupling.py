@@ -1,0 +1,325 @@
+"""Channel coupling: which layers must change together when a channel is merged or removed.
+
+A **channel space** is a set of tensors that carry the same C channels: a linear layer's output
+and everything reached from it through channel-wise ops (activations, BatchNormalization, per-channel
+constants, pooling, depthwise convs, residual Adds). It is found by a flood fill over tensors, in
+both directions, through the ops the handler registry knows:
+
+* its **producers** are the linear layers writing one of its tensors (a residual Add makes two
+  producers share a space: a merge must hold in every producer);
+* its **consumers** are the linear layers reading one of its tensors; a Flatten or Reshape to
+  features maps channel c to the block of features [c·B, (c+1)·B);
+* its **path ops** sit in between; their per-channel parameters (BN statistics, PRelu slopes,
+  depthwise kernels) join each channel's identity.
+
+Anything the registry does not know (Concat, Split, Transpose, graph outputs, grouped convs, …)
+freezes the space, with the reason. Merging j into i with scale s is exact when every producer has
+row_j = s·row_i, every path op has equal parameters for i and j, and either s = 1 or every path op is
+positively homogeneous (f(s·x) = s·f(x) for s > 0).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .layers import Layer, find_layers
+
+# unary op → (positively homogeneous, maps 0 to 0)
+UNARY = {
+    "Relu": (True, True), "LeakyRelu": (True, True), "PRelu": (True, True), "Identity": (True, True),
+    "Dropout": (True, True), "Clip": (False, None), "Sigmoid": (False, False), "HardSigmoid": (False, False),
+    "HardSwish": (False, True), "Tanh": (False, True), "Elu": (False, True), "Selu": (False, True),
+    "Softplus": (False, False), "Gelu": (False, True), "Erf": (False, True), "Mish": (False, True),
+    "Abs": (False, True), "Neg": (False, True), "Sqrt": (False, True), "Exp": (False, False),
+    "MaxPool": (True, True), "AveragePool": (True, True), "GlobalAveragePool": (True, True),
+    "GlobalMaxPool": (True, True), "LpPool": (True, True), "Resize": (True, True), "Upsample": (True, True),
+}
+SPATIAL_REDUCE = ("ReduceMean", "ReduceMax", "ReduceSum")
+
+
+@dataclass
+class Consumer:
+    layer: Layer
+    block: int  # input features per channel (1 for a conv; H·W after a Flatten)
+
+
+@dataclass
+class ChannelParam:
+    """A per-channel tensor on the path (BN statistics, PRelu slope, depthwise kernel, constant)."""
+
+    tensor: gs.Constant
+    axis: int  # its channel axis
+
+
+@dataclass
+class Space:
+    """One channel space (see the module docstring)."""
+
+    channels: int
+    producers: list[Layer] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    params: list[ChannelParam] = field(default_factory=list)
+    depthwise: list[gs.Node] = field(default_factory=list)  # their ``group`` follows the channel count
+    reshapes: list[tuple[gs.Constant, int]] = field(default_factory=list)  # (shape constant, block)
+    homogeneous: bool = True
+    zero_preserving: bool = True
+    frozen: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "+".join(p.name for p in self.producers)
+
+    def freeze(self, reason: str) -> None:
+        if self.frozen is None:
+            self.frozen = reason
+
+    def producer_rows(self) -> np.ndarray:
+        """(C, D) float64: every producer's [weight row, bias] side by side."""
+        parts = []
+        for p in self.producers:
+            w = p.get_weight().astype(np.float64)
+            parts += [w.reshape(w.shape[0], -1), p.get_bias().astype(np.float64)[:, None]]
+        return np.concatenate(parts, axis=1)
+
+    def path_rows(self) -> np.ndarray:
+        """(C, D) float64: the per-channel parameters on the path (must be equal to merge)."""
+        parts = [np.moveaxis(p.tensor.values, p.axis, 0).reshape(self.channels, -1).astype(np.float64)
+                 for p in self.params]
+        return np.concatenate(parts, axis=1) if parts else np.zeros((self.channels, 0))
+
+    def consumer_norms(self) -> np.ndarray:
+        """(C,) the L2 norm of each channel's input weights over all consumers."""
+        total = np.zeros(self.channels)
+        for c in self.consumers:
+            w = c.layer.get_weight().astype(np.float64)
+            total += (w.reshape(w.shape[0], self.channels, -1) ** 2).sum(axis=(0, 2))
+        return np.sqrt(total)
+
+
+def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
+                   exclude: re.Pattern | None = None) -> list[Space]:
+    """Every channel space produced by a linear layer, frozen ones included (with the reason)."""
+    all_layers, skipped = find_layers(graph, exclude)
+    layers = [layer for layer in all_layers if not _is_depthwise(layer)]  # depthwise convs are path ops
+    by_output = {layer.output.name: layer for layer in layers}
+    by_node = {id(layer.node): layer for layer in all_layers}
+    skipped_names = {s.name: s.reason for s in skipped}
+    graph_outputs = {t.name for t in graph.outputs}
+    graph_inputs = {t.name for t in graph.inputs}
+    seen: set[str] = set()
+    spaces = []
+    for layer in layers:
+        if layer.output.name in seen:
+            continue
+        space = Space(layer.out_channels)
+        _flood(layer.output, space, seen, by_output, by_node, skipped_names, graph_outputs, graph_inputs, shapes)
+        spaces.append(space)
+    return spaces
+
+
+def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, by_node: dict, skipped: dict,
+           graph_outputs: set[str], graph_inputs: set[str], shapes: dict) -> None:
+    stack = [start]
+    visited_nodes: set[int] = set()
+    while stack:
+        tensor = stack.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        if tensor.name in graph_outputs:
+            space.freeze(f"reaches graph output '{tensor.name}'")
+        if tensor.name in graph_inputs:
+            space.freeze(f"joins graph input '{tensor.name}'")
+        layer = by_output.get(tensor.name)
+        if layer is not None:
+            if all(p is not layer for p in space.producers):
+                space.producers.append(layer)
+                if layer.out_channels != space.channels:
+                    space.freeze("producers of different widths")
+                if layer.group != 1:
+                    space.freeze(f"produced by grouped {layer.op} '{layer.name}'")
+        elif tensor.inputs:
+            node = tensor.inputs[0]
+            if id(node) not in visited_nodes:
+                visited_nodes.add(id(node))
+                if node.op in ("MatMul", "Gemm", "Conv", "ConvTranspose") and id(node) not in by_node:
+                    space.freeze(f"produced by {node.op} '{node.name}', left alone: {skipped.get(node.name, '')}")
+                else:
+                    stack.extend(_through(node, tensor, space, by_node, skipped, shapes, backward=True))
+        for node in tensor.outputs:
+            if id(node) in visited_nodes:
+                continue
+            visited_nodes.add(id(node))
+            stack.extend(_through(node, tensor, space, by_node, skipped, shapes, backward=False))
+
+
+def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skipped: dict, shapes: dict,
+             backward: bool) -> list[gs.Tensor]:
+    """Register ``node`` met on ``tensor`` and return the tensors it couples into the space."""
+    op = node.op
+    c = space.channels
+    layer = by_node.get(id(node))
+    if layer is not None and _is_depthwise(layer):
+        if layer.out_channels != c:
+            space.freeze(f"depthwise Conv '{node.name}' of another width")
+            return []
+        space.depthwise.append(node)
+        space.params.append(ChannelParam(layer.weight, 0))
+        if layer.bias is not None:
+            space.params.append(ChannelParam(layer.bias, 0))
+            space.homogeneous &= not np.any(layer.bias.values)
+            space.zero_preserving &= not np.any(layer.bias.values)
+        return [layer.output, layer.node.inputs[0]]
+    if op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and not backward:
+        if layer is None:
+            space.freeze(f"feeds {op} '{node.name}' which is left alone: {skipped.get(node.name, 'not a layer')}")
+            return []
+        if layer.node.inputs[0] is not tensor:
+            space.freeze(f"feeds {op} '{node.name}' in a non-data input")
+            return []
+        if layer.group != 1:
+            space.freeze(f"feeds grouped {op} '{node.name}'")
+            return []
+        w = layer.get_weight()
+        if op == "Conv" and w.shape[1] == c:
+            space.consumers.append(Consumer(layer, 1))
+            return []
+        if op in ("Gemm", "MatMul") and w.shape[1] % c == 0 and _features_axis_ok(layer, tensor, shapes, c):
+            space.consumers.append(Consumer(layer, w.shape[1] // c))
+            return []
+        space.freeze(f"feeds {op} '{node.name}' with {w.shape[1]} inputs for {c} channels")
+        return []
+    if op in UNARY:
+        homogeneous, zero = UNARY[op]
+        if op == "Clip":
+            lo, hi = _clip_bounds(node)
+            zero = lo <= 0 <= hi
+        if op == "PRelu":
+            slope = node.inputs[1]
+            if not isinstance(slope, gs.Constant):
+                space.freeze(f"PRelu '{node.name}' with a non-constant slope")
+                return []
+            if slope.values.size == c:
+                space.params.append(ChannelParam(slope, _channel_axis(slope.values, c)))
+            elif slope.values.size != 1:
+                space.freeze(f"PRelu '{node.name}' slope shape {slope.values.shape}")
+                return []
+        space.homogeneous &= homogeneous
+        space.zero_preserving &= bool(zero)
+        return [node.outputs[0], node.inputs[0]]
+    if op == "Pad":
+        if not _zero_pad(node) or _pads_channels(node):
+            space.freeze(f"Pad '{node.name}' that is not a spatial zero pad")
+            return []
+        return [node.outputs[0], node.inputs[0]]
+    if op == "BatchNormalization":
+        if not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
+            space.freeze(f"BatchNormalization '{node.name}' with non-constant parameters")
+            return []
+        space.params.extend(ChannelParam(t, 0) for t in node.inputs[1:5])
+        space.homogeneous = False
+        space.zero_preserving = False
+        return [node.outputs[0], node.inputs[0]]
+    if op in ("Mul", "Add", "Sub", "Div") and len(node.inputs) == 2:
+        const = [t for t in node.inputs if isinstance(t, gs.Constant)]
+        if const:
+            values = const[0].values
+            if values.size == c:
+                space.params.append(ChannelParam(const[0], _channel_axis(values, c)))
+            elif values.size != 1:
+                space.freeze(f"{op} '{node.name}' by a constant of shape {values.shape}")
+                return []
+            if op in ("Add", "Sub") or (op == "Div" and node.inputs[1] is not const[0]):
+                space.homogeneous &= not np.any(values) and op != "Div"
+                space.zero_preserving &= not np.any(values)
+            return [node.outputs[0], node.inputs[0] if node.inputs[1] is const[0] else node.inputs[1]]
+        if op in ("Mul", "Div"):
+            space.homogeneous = False
+        return [node.outputs[0], *node.inputs]
+    if op in SPATIAL_REDUCE and _spatial_reduce(node):
+        return [node.outputs[0], node.inputs[0]]
+    if op in ("Flatten", "Reshape") and not backward:
+        return _to_features(node, tensor, space, shapes)
+    if op == "Shape":
+        return []  # reads the shape only
+    space.freeze(f"passes through {op} '{node.name}'")
+    return []
+
+
+def _is_depthwise(layer: Layer) -> bool:
+    """A Conv with one input channel per group and one output channel per input channel."""
+    w = layer.weight.values
+    return layer.op == "Conv" and layer.group > 1 and layer.group == w.shape[0] and w.shape[1] == 1
+
+
+def _features_axis_ok(layer: Layer, tensor: gs.Tensor, shapes: dict, channels: int) -> bool:
+    shape = shapes.get(tensor.name)
+    if layer.op == "Gemm":
+        return not layer.node.attrs.get("transA", 0) and shape is not None and len(shape) == 2
+    return shape is not None and len(shape) == 2  # MatMul over the last axis of a 2-D tensor
+
+
+def _to_features(node: gs.Node, tensor: gs.Tensor, space: Space, shapes: dict) -> list[gs.Tensor]:
+    """A Flatten/Reshape of (N, C, *spatial) to (N, C·B) feeding linear layers: channel c → block c."""
+    shape_in = shapes.get(tensor.name)
+    out = node.outputs[0]
+    shape_out = shapes.get(out.name)
+    if shape_in is None or shape_out is None or len(shape_out) != 2 or shape_out[0] != shape_in[0] \
+            or shape_in[1] != space.channels:
+        space.freeze(f"{node.op} '{node.name}' that does not flatten channels into features")
+        return []
+    if node.op == "Flatten" and node.attrs.get("axis", 1) != 1:
+        space.freeze(f"Flatten '{node.name}' on axis {node.attrs.get('axis')}")
+        return []
+    block = int(np.prod(shape_in[2:]))
+    if node.op == "Reshape":
+        target = node.inputs[1]
+        if isinstance(target, gs.Constant):
+            space.reshapes.append((target, block))
+    for consumer in out.outputs:
+        if consumer.op not in ("Gemm", "MatMul"):
+            space.freeze(f"flattened features feed {consumer.op} '{consumer.name}'")
+            return []
+    return [out]
+
+
+def _channel_axis(values: np.ndarray, channels: int) -> int:
+    axes = [i for i, d in enumerate(values.shape) if d == channels]
+    return axes[0] if axes else 0
+
+
+def _clip_bounds(node: gs.Node) -> tuple[float, float]:
+    lo, hi = node.attrs.get("min", -np.inf), node.attrs.get("max", np.inf)
+    if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        lo = float(node.inputs[1].values)
+    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        hi = float(node.inputs[2].values)
+    return lo, hi
+
+
+def _zero_pad(node: gs.Node) -> bool:
+    if node.attrs.get("mode", "constant") not in ("constant", b"constant"):
+        return True  # reflect / edge: linear per channel
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    return value is None or value.name == "" or (isinstance(value, gs.Constant) and not np.any(value.values)) \
+        or node.attrs.get("value", 0.0) == 0.0 and value is None
+
+
+def _pads_channels(node: gs.Node) -> bool:
+    pads = node.inputs[1].values if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant) \
+        else np.asarray(node.attrs.get("pads", []))
+    if len(node.inputs) > 1 and not isinstance(node.inputs[1], gs.Constant):
+        return True
+    rank = len(pads) // 2
+    return rank > 1 and (pads[1] != 0 or pads[rank + 1] != 0)
+
+
+def _spatial_reduce(node: gs.Node) -> bool:
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        axes = node.inputs[1].values.tolist()
+    return axes is not None and 1 not in axes and 0 not in axes and node.attrs.get("keepdims", 1) == 1

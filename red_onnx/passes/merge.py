@@ -1,0 +1,262 @@
+"""Output merging (RED step 2): redundant output channels are merged into one, consumers rewired.
+
+In a channel space (see :mod:`red_onnx.coupling`) let p_c be channel c's row over every producer
+(weights and bias). If p_j = s·p_i with s > 0, equal per-channel path parameters, and s = 1 or a
+positively homogeneous path, then channel j carries s times channel i wherever it is consumed, so::
+
+    W_consumer[:, i] += s · W_consumer[:, j];   delete channel j everywhere
+
+is exact. Channels with all-zero rows on a path that maps 0 to 0 carry 0 and are simply deleted.
+
+Lossy: near-multiples (scale-aware: the direction of p_j close to p_i's) become budget candidates.
+Accepting a set of them makes each cluster exactly redundant in weight space: members get
+p_c = ⟨p_c, r⟩ r with r the unit direction of the cluster's weighted mean (weights ||p_c||·||W_c||,
+so the channels that matter most move least; s = 1 and r the weighted mean row on non-homogeneous
+paths); the exact rule above then removes them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+
+from ..budget import Candidate
+from ..context import Context, PassResult
+from ..coupling import Space, channel_spaces
+from ..model_io import to_model
+
+NAME = "merge"
+EXACT_RTOL = 1e-5  # relative distance under which two rows are equal up to float rounding
+
+
+def run(ctx: Context) -> PassResult:
+    start = time.perf_counter()
+    counts = Counter()
+    if ctx.budget is not None and ctx.tolerance > 0:
+        spent = _spend(ctx)
+        counts["near_merges_accepted"] = len(spent.accepted)
+        counts["deviation_allocated"] = round(spent.deviation_after, 6)
+    rows = []
+    for space in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude):
+        if space.frozen:
+            rows.append({"name": space.name, "channels": space.channels, "left_alone": space.frozen})
+            continue
+        root, scale, dead = exact_plan(space)
+        merged = int(np.sum(root != np.arange(space.channels)))
+        if merged or dead.any():
+            rows.append({"name": space.name, "channels": space.channels,
+                         "channels_after": space.channels - merged - int(dead.sum()),
+                         "merged": merged, "dead": int(dead.sum())})
+            apply_merges(space, root, scale, dead)
+            counts["channels_merged"] += merged
+            counts["dead_removed"] += int(dead.sum())
+    counts["spaces_frozen"] = sum(1 for r in rows if "left_alone" in r)
+    modified = bool(counts["channels_merged"] or counts["dead_removed"])
+    return PassResult(NAME, modified, dict(counts), rows, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact merges
+
+
+def exact_plan(space: Space, rtol: float = EXACT_RTOL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(root, scale, dead): channel c carries scale[c] × channel root[c]; dead channels carry 0."""
+    c = space.channels
+    rows = space.producer_rows()
+    path = space.path_rows()
+    norms = np.linalg.norm(rows, axis=1)
+    dead = (norms == 0) if space.zero_preserving else np.zeros(c, bool)
+    root, scale = np.arange(c), np.ones(c)
+    live = np.flatnonzero(~dead & (norms > 0))
+    if len(live) < 2:
+        return root, scale, dead
+    if space.homogeneous:
+        unit = rows[live] / norms[live, None]
+        dist = np.sqrt(np.maximum(2.0 - 2.0 * unit @ unit.T, 0.0))
+    else:
+        dist = _pairwise(rows[live]) / norms[live, None]
+    same_path = _equal_rows(path[live])
+    match = (dist <= rtol) & same_path
+    for a, ia in enumerate(live):
+        if root[ia] != ia:
+            continue
+        for b in np.flatnonzero(match[a, a + 1:]) + a + 1:
+            ib = live[b]
+            if root[ib] == ib:
+                root[ib] = ia
+                scale[ib] = norms[ib] / norms[ia] if space.homogeneous else 1.0
+    return root, scale, dead
+
+
+def _pairwise(x: np.ndarray) -> np.ndarray:
+    sq = (x * x).sum(axis=1)
+    return np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))
+
+
+def _equal_rows(path: np.ndarray) -> np.ndarray:
+    if path.shape[1] == 0:
+        return np.ones((len(path), len(path)), bool)
+    return np.all(path[:, None, :] == path[None, :, :], axis=2)
+
+
+def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.ndarray) -> None:
+    """Delete every channel that is merged (root ≠ itself) or dead, rewiring the consumers."""
+    c = space.channels
+    keep = np.flatnonzero((root == np.arange(c)) & ~dead)
+    new_index = np.full(c, -1)
+    new_index[keep] = np.arange(len(keep))
+    mixing = np.zeros((c, len(keep)))  # consumer input c → kept channel, with its scale
+    alive = ~dead
+    mixing[np.flatnonzero(alive), new_index[root[alive]]] = scale[alive]
+    for consumer in space.consumers:
+        w = consumer.layer.get_weight()
+        o = w.shape[0]
+        w3 = w.reshape(o, c, -1).astype(np.float64)
+        merged = np.einsum("ocb,ck->okb", w3, mixing)
+        consumer.layer.set_weight(merged.reshape((o, len(keep) * consumer.block) + w.shape[2:]))
+    for producer in space.producers:
+        producer.set_weight(producer.get_weight()[keep])
+        if producer.bias is not None:
+            producer.bias.values = np.take(producer.bias.values, keep, axis=producer.bias.values.ndim - 1)
+    for param in space.params:
+        param.tensor.values = np.take(param.tensor.values, keep, axis=param.axis)
+    for node in space.depthwise:
+        node.attrs["group"] = len(keep)
+    for target, block in space.reshapes:
+        values = target.values.copy()
+        values[values == c * block] = len(keep) * block
+        target.values = values
+    space.channels = len(keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# near merges: budget candidates
+
+
+def _spend(ctx: Context):
+    spaces = [s for s in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude) if not s.frozen]
+    candidates = []
+    info = {}
+    for k, space in enumerate(spaces):
+        cands, data = _near_candidates(space, k, ctx.shapes)
+        candidates += cands
+        info[k] = data
+    if not candidates:
+        from ..budget import Spent
+        return Spent([], 0.0, 0.0, 0)
+
+    def materialize(chosen: list[Candidate]) -> dict[str, np.ndarray]:
+        edits = {}
+        by_space: dict[int, list[Candidate]] = {}
+        for cand in chosen:
+            by_space.setdefault(cand.data[0], []).append(cand)
+        for k, cands in by_space.items():
+            edits.update(_cluster_edits(spaces[k], info[k], [(c.data[1], c.data[2]) for c in cands]))
+        return edits
+
+    model = to_model(ctx.graph.copy(), ctx.template)
+    spent = ctx.budget.spend(model, candidates, materialize)
+    tensors = {t.name: t for t in ctx.graph.tensors().values() if hasattr(t, "values")}
+    for name, values in materialize(spent.accepted).items():
+        tensors[name].values = values
+    return spent
+
+
+def _near_candidates(space: Space, k: int, shapes: dict) -> tuple[list[Candidate], dict]:
+    """For each channel, merging it into its nearest compatible channel."""
+    rows = space.producer_rows()
+    norms = np.linalg.norm(rows, axis=1)
+    consumer_norms = space.consumer_norms()
+    same_path = _equal_rows(space.path_rows())
+    c = space.channels
+    if c < 2:
+        return [], {}
+    if space.homogeneous:
+        unit = rows / np.maximum(norms, 1e-300)[:, None]
+        cos = unit @ unit.T
+        score = np.where(same_path & (cos > 0), cos, -np.inf)
+    else:
+        score = np.where(same_path, -_pairwise(rows), -np.inf)
+    np.fill_diagonal(score, -np.inf)
+    best = np.argmax(score, axis=1)
+    saving = _channel_saving(space, shapes)
+    cands = []
+    for j in range(c):
+        i = best[j]
+        if not np.isfinite(score[j, i]) or norms[i] == 0:
+            continue
+        s = rows[j] @ rows[i] / (norms[i] ** 2) if space.homogeneous else 1.0
+        residual = np.linalg.norm(rows[j] - s * rows[i])
+        error = residual * consumer_norms[j]
+        cands.append(Candidate(key=f"merge:{space.name}:{j}->{i}", slot=f"merge:{k}:{j}", saving=saving,
+                               error=float(error), data=(k, j, i)))
+    weights = norms * np.maximum(consumer_norms, 1e-12)
+    return cands, {"rows": rows, "weights": weights}
+
+
+def _channel_saving(space: Space, shapes: dict) -> tuple[int, int, int]:
+    """(MACs, params, bytes) saved by deleting one channel of the space."""
+    macs = params = nbytes = 0
+    for layer in space.producers:
+        w = layer.get_weight()
+        row = int(np.prod(w.shape[1:])) + (1 if layer.bias is not None else 0)
+        out_shape = shapes.get(layer.output.name) or shapes.get(layer.node.outputs[0].name)
+        spatial = int(np.prod(out_shape[2:])) if out_shape and layer.op in ("Conv", "ConvTranspose") else 1
+        macs += spatial * int(np.prod(w.shape[1:]))
+        params += row
+        nbytes += row * w.dtype.itemsize
+    for consumer in space.consumers:
+        w = consumer.layer.get_weight()
+        col = w.shape[0] * int(np.prod(w.shape[1:])) // space.channels
+        out_shape = shapes.get(consumer.layer.node.outputs[0].name)
+        spatial = int(np.prod(out_shape[2:])) if out_shape and consumer.layer.op == "Conv" else 1
+        macs += spatial * col
+        params += col
+        nbytes += col * w.dtype.itemsize
+    return macs, params, nbytes
+
+
+def _cluster_edits(space: Space, info: dict, pairs: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Producer weights (stored layout) that make each accepted cluster exactly redundant."""
+    c = space.channels
+    parent = np.arange(c)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for j, i in pairs:
+        a, b = find(j), find(i)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    roots = np.array([find(x) for x in range(c)])
+    rows = info["rows"].copy()
+    weights = info["weights"]
+    for r in np.unique(roots):
+        members = np.flatnonzero(roots == r)
+        if len(members) < 2:
+            continue
+        w = weights[members][:, None]
+        if space.homogeneous:
+            norms = np.linalg.norm(rows[members], axis=1, keepdims=True)
+            direction = (w * rows[members] / np.maximum(norms, 1e-300)).sum(axis=0)
+            direction /= np.linalg.norm(direction)
+            rows[members] = np.maximum(rows[members] @ direction, 0.0)[:, None] * direction
+        else:
+            rows[members] = (w * rows[members]).sum(axis=0) / max(w.sum(), 1e-300)
+    edits = {}
+    col = 0
+    for layer in space.producers:
+        w = layer.get_weight()
+        width = int(np.prod(w.shape[1:]))
+        edits[layer.weight.name] = layer.stored(rows[:, col:col + width].reshape(w.shape))
+        col += width
+        bias = rows[:, col]
+        col += 1
+        if layer.bias is not None:
+            edits[layer.bias.name] = bias.reshape(layer.bias.values.shape).astype(layer.bias.values.dtype)
+    return edits
