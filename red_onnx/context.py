@@ -31,5 +31,6 @@ class Context:
     tolerance: float = 0.0
     exclude: re.Pattern | None = None
     budget: Any = None  # budget.Budget, for lossy passes
+    keep_dense: frozenset[str] = frozenset()  # convs the latency guard keeps as they are
     log: Callable[[str], None] = lambda message: None
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))

@@ -28,6 +28,9 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 #: Fractions of the tolerance the lossy passes may allocate, tried in turn until the fresh
 #: verification probes agree; the last (0) keeps exact rewrites only.
 BACKOFF = (0.8, 0.5, 0.25, 0.1, 0.0)
+#: The latency guard undoes separations when the result is slower than the input by more than this
+#: factor (onnxruntime's timing noise, one thread, median of interleaved pairs).
+LATENCY_SLACK = 1.03
 
 
 def resolve_passes(passes: Iterable[str] | str | None) -> list[str]:
@@ -52,12 +55,14 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
              passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = 8, allocation: int = 8,
              input_shapes: dict[str, tuple[int, ...]] | None = None, probe_inputs: dict[str, np.ndarray] | None = None,
              probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
-             verify_result: bool = True, log: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+             verify_result: bool = True, latency_check: bool = True,
+             log: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
     ``tolerance`` is the one error budget of the lossy steps (the deviation defined in
     :mod:`red_onnx.verify`); 0 allows exact rewrites only. Raises InputError on bad input and
-    VerificationError when the result does not match the input model.
+    VerificationError when the result does not match the input model. ``latency_check`` undoes
+    the conv separations when onnxruntime runs the result slower than the input.
     """
     start = time.perf_counter()
     log = log or (lambda message: None)
@@ -110,12 +115,13 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
         alloc_reference = verify.run(verify.input_session(original, ref_names), probes.allocation)
         budget = Budget(tolerance, probes.allocation, alloc_reference, ref_names, measured, graph_outputs)
 
-    def build(margin: float) -> tuple[onnx.ModelProto, list[PassResult], Context]:
+    def build(margin: float, keep_dense: frozenset[str] = frozenset()
+              ) -> tuple[onnx.ModelProto, list[PassResult], Context]:
         """Canonicalize and run the passes, lossy ones spending ``margin × tolerance``."""
         if budget is not None:
             budget.target = margin * tolerance
         ctx = Context(graph=model_io.to_graph(canonical), template=original, shapes=shapes,
-                      tolerance=tolerance if margin > 0 else 0.0, exclude=pattern,
+                      tolerance=tolerance if margin > 0 else 0.0, exclude=pattern, keep_dense=keep_dense,
                       budget=budget if margin > 0 else None, log=log, rng=np.random.default_rng(seed))
         results: list[PassResult] = []
         for name, module in [(fold.NAME, fold)] + [(n, AVAILABLE[n]) for n in names]:
@@ -137,26 +143,42 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
             raise RuntimeError(f"the rewritten model fails onnx.checker: {err}") from err
         return model_out, results, ctx
 
-    margins = BACKOFF if budget is not None else (0.0,)
-    for attempt, margin in enumerate(margins):
-        result_model, results, ctx = build(margin)
-        if not verify_result:
+    def build_verified(keep_dense: frozenset[str] = frozenset()):
+        """Build at decreasing margins until the fresh probes agree."""
+        dev, per_output, allowed = 0.0, [], 0.0
+        for margin in BACKOFF if budget is not None else (0.0,):
+            model_out, results, ctx = build(margin, keep_dense)
+            if not verify_result:
+                return model_out, results, ctx, None, [], True
+            log("verifying on fresh probes")
+            dev, per_output = _verify(model_out, measured, graph_outputs, ref_names, reference, probes.verification)
+            allowed = tolerance if margin > 0 else max(tolerance, _rounding(original))
+            if dev <= allowed:
+                return model_out, results, ctx, dev, per_output, True
+            if margin > 0:
+                report.notes.append(f"lossy edits chosen at {margin:g}x the tolerance deviated {dev:.3g} on "
+                                    "fresh probes; backed off")
+        raise VerificationError(f"the rewritten model deviates by {dev:.3g} from the input model on fresh "
+                                f"probes (allowed {allowed:g}); nothing written. This is a bug: please report it")
+
+    result_model, results, ctx, dev, per_output, report.verified = build_verified()
+    keep_dense: frozenset[str] = frozenset()
+    while latency_check and (separated := _separated(results)):
+        log("timing the result against the input (latency guard)")
+        t_in, t_out, ratio = verify.latency_ratio(original, result_model, probes.verification[0])
+        undone = report.latency.get("separations_undone", 0)
+        report.latency = {"input_ms": round(t_in * 1e3, 4), "result_ms": round(t_out * 1e3, 4),
+                          "ratio": round(ratio, 4), "separations_undone": undone}
+        if ratio <= LATENCY_SLACK:
             break
-        log("verifying on fresh probes")
-        dev, per_output = _verify(result_model, measured, graph_outputs, ref_names, reference, probes.verification)
-        allowed = tolerance if margin > 0 else max(tolerance, _rounding(original))
-        if dev <= allowed:
-            report.verified = True
-            break
-        if margin > 0:
-            report.notes.append(f"lossy edits chosen at {margin:g}× the tolerance deviated {dev:.3g} on fresh "
-                                "probes; backed off")
+        keep_dense |= separated
+        report.latency["separations_undone"] = undone + len(separated)
+        report.notes.append(f"latency guard: with {len(separated)} conv(s) separated the result ran {ratio:.2f}x "
+                            "the input's time in onnxruntime; those separations undone")
+        result_model, results, ctx, dev, per_output, report.verified = build_verified(keep_dense)
     if verify_result:
         report.output_deviation = dev
         report.deviation_per_output = dict(zip(graph_outputs, per_output))
-        if not report.verified:
-            raise VerificationError(f"the rewritten model deviates by {dev:.3g} from the input model on fresh "
-                                    f"probes (allowed {allowed:g}); nothing written. This is a bug: please report it")
 
     after = analyze(result_model, specs)
     report.params_after, report.macs_after = after.params, after.macs
@@ -168,6 +190,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
 
     report.seconds = time.perf_counter() - start
     return result_model, report
+
+
+def _separated(results: list[PassResult]) -> frozenset[str]:
+    return frozenset(r["name"] for res in results if res.name == "separate" for r in res.layers
+                     if "depthwise_channels" in r)
 
 
 def _verify(result_model: onnx.ModelProto, measured: list[str], graph_outputs: list[str], ref_names: list[str],

@@ -26,6 +26,7 @@ class Report:
     op_counts_before: dict[str, int] = field(default_factory=dict)
     op_counts_after: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    latency: dict[str, float] = field(default_factory=dict)  # the latency guard's measurement, if it ran
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +58,9 @@ class Report:
             lines.append(f"deviation: {self.output_deviation:.3g} on fresh probes (tolerance {self.tolerance:g})")
             if len(self.deviation_per_output) > 1:
                 lines.extend(f"  {name}: {d:.3g}" for name, d in self.deviation_per_output.items())
+        if self.latency:
+            lines.append(f"latency (onnxruntime, 1 thread): {self.latency['input_ms']:.3g} ms -> "
+                         f"{self.latency['result_ms']:.3g} ms")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

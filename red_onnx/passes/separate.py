@@ -515,3 +515,96 @@ def apply_plan(graph: gs.Graph, node: gs.Node, plan: SeparationPlan) -> list[gs.
                        outputs=[y]))
     graph.nodes[pos:pos + 1] = new
     return new
+
+
+# --------------------------------------------------------------------------- #
+# the pass
+# --------------------------------------------------------------------------- #
+NAME = "separate"
+#: Rewrite a conv only where its MACs drop by at least this fraction: the chain of a Gather, a
+#: depthwise and a pointwise conv is slower per MAC than one dense conv.
+MIN_SAVING = 0.25
+#: Relative weight errors at which the low-rank candidates of a layer are cut.
+LADDER_ERRORS = (1e-3, 3e-3, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+
+
+def _convs(ctx):
+    """(layer, weight, group, output pixels) of every conv this pass may rewrite."""
+    from ..layers import find_layers
+
+    layers, _ = find_layers(ctx.graph, ctx.exclude)
+    for layer in layers:
+        if layer.op != "Conv" or layer.node.name in ctx.keep_dense:
+            continue
+        try:
+            weight, group = conv_weight(layer.node)
+        except ValueError:
+            continue
+        if group > 1 and weight.shape[1] == 1:
+            continue  # already depthwise
+        shape = ctx.shapes.get(layer.node.outputs[0].name)
+        pixels = int(np.prod(shape[2:])) if shape else 1
+        yield layer, weight, group, pixels
+
+
+def _propose(ctx):
+    from ..budget import Candidate
+
+    candidates, weights = [], {}
+    for layer, weight, group, pixels in _convs(ctx):
+        before = _macs_before(weight.shape)
+        for level, (ranks, error, after) in enumerate(lowrank_ladder(weight, group, LADDER_ERRORS)):
+            if after > (1 - MIN_SAVING) * before:
+                continue
+            params = weight.size - _params_after(weight, ranks, group)
+            candidates.append(Candidate(key=f"separate:{layer.name}:{level}", slot=f"separate:{layer.name}",
+                                        saving=(pixels * (before - after), params, params * weight.dtype.itemsize),
+                                        error=error, level=level, data=(layer.weight.name, ranks, group)))
+            weights[layer.weight.name] = weight
+    return candidates, weights
+
+
+def _params_after(weight: np.ndarray, ranks: np.ndarray, group: int) -> int:
+    u = int(np.sum(ranks))
+    return u * int(np.prod(weight.shape[2:])) + weight.shape[0] * u // max(group, 1)
+
+
+def run(ctx):
+    """Exact separation of every conv where it pays; low-rank candidates spend the budget first."""
+    import time
+
+    from ..context import PassResult
+    from ..model_io import to_model
+
+    start = time.perf_counter()
+    counts = {"separated": 0}
+    if ctx.budget is not None and ctx.tolerance > 0:
+        candidates, weights = _propose(ctx)
+
+        def materialize(chosen):
+            return {c.data[0]: lowrank_weight(weights[c.data[0]], c.data[2], c.data[1]) for c in chosen}
+
+        if candidates:
+            spent = ctx.budget.spend(to_model(ctx.graph.copy(), ctx.template), candidates, materialize)
+            tensors = ctx.graph.tensors()
+            for name, values in materialize(spent.accepted).items():
+                tensors[name].values = values
+            counts["lowrank_accepted"] = len(spent.accepted)
+            counts["deviation_allocated"] = round(spent.deviation_after, 6)
+    rows = []
+    for layer, weight, group, pixels in list(_convs(ctx)):
+        plan = plan_exact(weight, group)
+        row = {"name": layer.name, "macs_before": pixels * plan.macs_per_pixel_before,
+               "macs_after": pixels * plan.macs_per_pixel_after,
+               "u_mean": round(float(np.mean(np.concatenate(plan.u))), 2),
+               "u_max": int(max(u.max() for u in plan.u))}
+        if plan.macs_per_pixel_after > (1 - MIN_SAVING) * plan.macs_per_pixel_before:
+            row.update(kept_dense=f"saves {plan.saving:.0%} of MACs, under the {MIN_SAVING:.0%} that pays")
+            row["macs_after"] = row["macs_before"]
+        else:
+            apply_plan(ctx.graph, layer.node, plan)
+            row.update(gather=plan.uses_gather, depthwise_channels=plan.depthwise_channels)
+            counts["separated"] += 1
+        rows.append(row)
+    ctx.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return PassResult(NAME, counts["separated"] > 0, counts, rows, time.perf_counter() - start)

@@ -1,0 +1,664 @@
+"""Adaptive weight hashing by Gaussian kernel density estimation (RED, NeurIPS 2021).
+
+Math.  For values ``x_1..x_n`` and bandwidth ``h`` the KDE is
+``f(t) = 1/(n h) sum_i phi((t - x_i) / h)`` (``phi`` the standard normal pdf).
+It is computed on a lattice ``t_k = t_0 + k*D``:
+
+  1. linear binning: ``x`` at lattice position ``p = (x - t_0)/D``, ``k = floor(p)``,
+     adds ``1 - (p - k)`` to ``c_k`` and ``p - k`` to ``c_{k+1}``;
+  2. discrete convolution ``f_k ∝ sum_j c_{k-j} g_j`` with the Gaussian sampled at
+     ``j*D``, truncated at ``|j*D| <= T*h`` (``T = TRUNCATION = 5``; ``g_R / g_0 = 3.7e-6``).
+     Direct (numba) when ``nnz(c) * (2R+1)`` is small, FFT otherwise; with the default
+     lattice the kernel has 41 taps and the direct path is always taken.
+
+Default lattice: ``D = h/4`` (``STEP_FRACTION``), covering ``[min - T*h, max + T*h]``.  When
+that would exceed ``MAX_GRID`` points (heavy tails: range >> h) the lattice is kept *sparse*:
+the sorted values are cut into clusters wherever the truncated density is exactly zero
+between them (``floor(p_{i+1}) - ceil(p_i) >= 2R + 2``), clusters holding a single distinct
+value are trivial basins (no lattice needed) and only the other clusters get lattice
+segments — the result is identical to the dense lattice's.  Only if even that exceeds
+``MAX_GRID`` is ``D`` doubled (graceful coarsening; isolated values still hash to
+themselves).
+
+Extrema.  A maximal run of equal lattice values (a plateau) is one extremum, located at the
+run's centre (so it may sit on a half step); a run is a maximum if both neighbouring runs
+are lower, a minimum if both are higher, and outside the lattice counts as ``-inf`` (so
+the lattice ends are never edges).  Maxima are density *peaks*; a single-point peak is
+refined by a 3-point parabola through ``log f`` (exact for a Gaussian bump, ``|shift| < D/2``).
+Minima are basin *edges*; a run of exact zeros between two groups of values (the kernel is
+truncated) is an edge at its centre.  Basin ``k`` is ``[edges[k-1], edges[k])``.
+
+Representative ("mode value") of a basin: **the member value nearest to the basin's density
+peak** (ties: the smaller value).  Hence a basin holding one distinct value maps to that
+exact value (``h -> 0`` is the identity), the codebook is a subset of the input values
+(exact in any float dtype, no rounding of a computed mean), and it is within the lattice
+resolution of the KDE mode whenever the basin has a member near its peak.  Basins without
+members (binning/truncation artefacts) are absorbed: between two consecutive non-empty
+basins only the deepest edge (lowest density, leftmost on ties) is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+__all__ = [
+    "TRUNCATION",
+    "STEP_FRACTION",
+    "MAX_GRID",
+    "Basins",
+    "kde_density",
+    "kde_basins",
+    "basins",
+    "hash_values",
+    "hash_channels",
+    "silverman_bandwidth",
+    "scott_bandwidth",
+]
+
+#: kernel support radius, in bandwidths
+TRUNCATION = 5.0
+#: default lattice step, in bandwidths
+STEP_FRACTION = 0.25
+#: most lattice points (dense, or in all sparse segments together)
+MAX_GRID = 1 << 20
+#: lattice positions stay below this so that they are exact in float64 / int64
+_MAX_POSITION = float(2**50)
+#: FFT convolution when nnz * taps > _FFT_RATIO * nfft * log2(nfft) (measured: bench/kde_speed.py)
+_FFT_RATIO = 8.0
+#: FFT output below this fraction of its maximum is rounding noise: set to 0
+_FFT_FLOOR = 1e-12
+
+
+class Basins(NamedTuple):
+    """Basins of attraction of the KDE's modes (all float64, increasing)."""
+
+    modes: np.ndarray  #: (B,) representative of each basin (a member value)
+    edges: np.ndarray  #: (B-1,) boundaries; basin k = [edges[k-1], edges[k])
+    peaks: np.ndarray  #: (B,) density-peak location of each basin (lattice, refined)
+    counts: np.ndarray  #: (B,) number of values in each basin (int64)
+    step: float  #: lattice step D, the resolution of peaks and edges
+
+
+class _Lattice(NamedTuple):
+    origin: float
+    step: float
+    R: int  # kernel half-width in lattice steps
+    size: int  # dense: number of points; sparse: -1
+    # sparse only
+    u: np.ndarray | None = None  # sorted distinct values, float64
+    ucount: np.ndarray | None = None  # their multiplicities
+    cstart: np.ndarray | None = None  # cluster c = u[cstart[c]:cstart[c+1]]
+    mat: np.ndarray | None = None  # clusters that get a lattice segment
+
+
+# ----------------------------------------------------------------------------------------
+# numba kernels
+
+
+@njit(cache=True, nogil=True)
+def _bin_dense(x, origin, inv_step, w):
+    """Linear binning of unit weights: c_k += 1-(p-k), c_{k+1} += p-k, p = (x-t_0)/D."""
+    top = w.size - 2
+    for i in range(x.size):
+        p = (x[i] - origin) * inv_step
+        if p < 0.0:
+            p = 0.0
+        k = int(p)
+        if k > top:
+            k = top
+        f = p - k
+        if f > 1.0:
+            f = 1.0
+        w[k] += 1.0 - f
+        w[k + 1] += f
+
+
+@njit(cache=True, nogil=True)
+def _bin_sparse(u, ucount, origin, inv_step, cstart, mat, seg_off, seg_lat, w):
+    """Linear binning of the distinct values (weights = multiplicities) into the segments."""
+    s = 0
+    for c in range(cstart.size - 1):
+        if not mat[c]:
+            continue
+        base = seg_off[s] - seg_lat[s]
+        for i in range(cstart[c], cstart[c + 1]):
+            p = (u[i] - origin) * inv_step
+            k = math.floor(p)
+            f = p - k
+            j = base + np.int64(k)
+            w[j] += ucount[i] * (1.0 - f)
+            w[j + 1] += ucount[i] * f
+        s += 1
+
+
+@njit(cache=True, nogil=True)
+def _convolve_direct(w, g, R):
+    """out_i = sum_j w_j g_{i-j+R}, |i-j| <= R, skipping empty bins (exact zeros stay zero)."""
+    M = w.size
+    out = np.zeros(M)
+    for j in range(M):
+        c = w[j]
+        if c == 0.0:
+            continue
+        lo = j - R
+        if lo < 0:
+            lo = 0
+        hi = j + R
+        if hi > M - 1:
+            hi = M - 1
+        for i in range(lo, hi + 1):
+            out[i] += c * g[i - j + R]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _extrema(d, seg_start, seg_stop, seg_lat):
+    """Run-length extrema of d per segment, outside = -inf.
+
+    Returns peak positions (lattice units, plateau centre, single points refined by a
+    log-parabola), edge positions doubled (integers: run start + run end), edge densities,
+    and per-segment counts of peaks and edges.
+    """
+    n = d.size
+    cap = n // 2 + seg_start.size + 1
+    pk = np.empty(cap)
+    e2 = np.empty(cap, np.int64)
+    ev = np.empty(cap)
+    npk = np.zeros(seg_start.size, np.int64)
+    ned = np.zeros(seg_start.size, np.int64)
+    a = 0
+    b = 0
+    for s in range(seg_start.size):
+        lo = seg_start[s]
+        hi = seg_stop[s]
+        lat = seg_lat[s] - lo
+        prev = -np.inf
+        i = lo
+        while i < hi:
+            v = d[i]
+            j = i
+            while j + 1 < hi and d[j + 1] == v:
+                j += 1
+            nxt = d[j + 1] if j + 1 < hi else -np.inf
+            if v > prev and v > nxt:
+                pos = 0.5 * (i + j)
+                if i == j and i > lo and j + 1 < hi and prev > 0.0 and nxt > 0.0:
+                    la = math.log(prev)
+                    lb = math.log(v)
+                    lc = math.log(nxt)
+                    den = la - 2.0 * lb + lc
+                    if den < 0.0:
+                        pos += 0.5 * (la - lc) / den
+                pk[a] = lat + pos
+                a += 1
+                npk[s] += 1
+            elif v < prev and v < nxt:
+                e2[b] = 2 * lat + i + j
+                ev[b] = v
+                b += 1
+                ned[s] += 1
+            prev = v
+            i = j + 1
+    return pk[:a], e2[:b], ev[:b], npk, ned
+
+
+@njit(cache=True, nogil=True)
+def _assemble_sparse(u, cstart, mat, fl, ce, pk, e2, ev, npk, ned, origin, step):
+    """Peaks, edges and edge densities, in value units, of all clusters in order."""
+    C = cstart.size - 1
+    nb = 0
+    s = 0
+    for c in range(C):
+        if mat[c]:
+            nb += npk[s]
+            s += 1
+        else:
+            nb += 1
+    peaks = np.empty(nb)
+    edges = np.empty(max(nb - 1, 0))
+    evals = np.empty(max(nb - 1, 0))
+    a = 0  # peaks written
+    b = 0  # edges written
+    ip = 0
+    ie = 0
+    s = 0
+    for c in range(C):
+        if c > 0:  # edge between clusters: centre of the zero run (doubled: ce_A + fl_B)
+            edges[b] = origin + step * (0.5 * (ce[cstart[c] - 1] + fl[cstart[c]]))
+            evals[b] = 0.0
+            b += 1
+        if mat[c]:
+            for t in range(npk[s]):
+                peaks[a] = origin + step * pk[ip + t]
+                a += 1
+            for t in range(ned[s]):
+                edges[b] = origin + step * (0.5 * e2[ie + t])
+                evals[b] = ev[ie + t]
+                b += 1
+            ip += npk[s]
+            ie += ned[s]
+            s += 1
+        else:
+            peaks[a] = u[cstart[c]]
+            a += 1
+    return peaks, edges, evals
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _locate(v, origin, inv_step, top, table, edges):
+    """Basin index b with edges[b-1] <= v < edges[b]; table[k] = #edges <= t_k is the hint."""
+    p = (v - origin) * inv_step
+    if p < 0.0:
+        k = 0
+    elif p > top:
+        k = top
+    else:
+        k = int(p)
+    b = table[k]
+    ne = edges.size
+    while b < ne and v >= edges[b]:
+        b += 1
+    while b > 0 and v < edges[b - 1]:
+        b -= 1
+    return b
+
+
+@njit(cache=True, nogil=True)
+def _reduce_nearest(x, origin, inv_step, table, edges, peaks, counts, best, bestd):
+    """Per basin: member count and the member nearest to the peak (ties: smaller)."""
+    top = table.size - 1
+    for i in range(x.size):
+        v = x[i]
+        b = _locate(v, origin, inv_step, top, table, edges)
+        counts[b] += 1
+        dd = abs(v - peaks[b])
+        if dd < bestd[b] or (dd == bestd[b] and v < best[b]):
+            bestd[b] = dd
+            best[b] = v
+
+
+@njit(cache=True, nogil=True)
+def _write_values(x, origin, inv_step, table, edges, reps, out):
+    top = table.size - 1
+    for i in range(x.size):
+        out[i] = reps[_locate(x[i], origin, inv_step, top, table, edges)]
+
+
+@njit(cache=True, nogil=True)
+def _write_labels(x, origin, inv_step, table, edges, out):
+    top = table.size - 1
+    for i in range(x.size):
+        out[i] = _locate(x[i], origin, inv_step, top, table, edges)
+
+
+@njit(cache=True, nogil=True)
+def _keep_nonempty(counts, evals):
+    """Absorb empty basins: between consecutive non-empty basins keep the deepest edge."""
+    B = counts.size
+    keep_e = np.zeros(max(B - 1, 0), np.bool_)
+    prev = -1
+    for b in range(B):
+        if counts[b] > 0:
+            if prev >= 0:
+                e = prev
+                for t in range(prev + 1, b):
+                    if evals[t] < evals[e]:
+                        e = t
+                keep_e[e] = True
+            prev = b
+    return counts > 0, keep_e
+
+
+@njit(cache=True, nogil=True)
+def _sum_moments(x):
+    """(sum, sum of squared deviations from the mean), float64, two passes, no temporaries."""
+    s = 0.0
+    for i in range(x.size):
+        s += x[i]
+    m = s / max(x.size, 1)
+    q = 0.0
+    for i in range(x.size):
+        d = x[i] - m
+        q += d * d
+    return s, q
+
+
+# ----------------------------------------------------------------------------------------
+# lattice
+
+
+def _prepare(values):
+    """(array, contiguous 1-D float32/float64 working copy or view, min, max)."""
+    a = np.asarray(values)
+    if a.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"expected float16/float32/float64 values, got {a.dtype}")
+    work = np.ascontiguousarray(a.reshape(-1), dtype=np.float32 if a.dtype == np.float16 else a.dtype)
+    if work.size == 0:
+        return a, work, 0.0, 0.0
+    lo = float(work.min())
+    hi = float(work.max())
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"values contain NaN ({int(np.isnan(work).sum())} of {work.size})")
+    if math.isinf(lo) or math.isinf(hi):
+        raise ValueError("values contain inf")
+    return a, work, lo, hi
+
+
+def _check_bandwidth(bandwidth):
+    h = float(bandwidth)
+    if not (h > 0.0 and math.isfinite(h)):
+        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth!r}")
+    return h
+
+
+def _distinct(work):
+    xs = np.sort(work)
+    new = np.empty(xs.size, np.bool_)
+    new[0] = True
+    np.not_equal(xs[1:], xs[:-1], out=new[1:])
+    first = np.flatnonzero(new)
+    return xs[first].astype(np.float64), np.diff(np.append(first, xs.size)).astype(np.float64)
+
+
+def _plan(work, xmin, xmax, h, grid_size, all_clusters=False):
+    """Choose the lattice (see the module docstring)."""
+    if grid_size is not None:
+        gs = int(grid_size)
+        if gs < 2:
+            raise ValueError(f"grid_size must be >= 2, got {grid_size!r}")
+        origin = xmin - TRUNCATION * h
+        step = (xmax - xmin + 2.0 * TRUNCATION * h) / (gs - 1)
+        if not (math.isfinite(origin) and step > 0.0 and math.isfinite(step)):
+            raise ValueError(f"bandwidth {h!r} too large for values in [{xmin!r}, {xmax!r}]")
+        return _Lattice(origin, step, int(min(TRUNCATION * h / step, gs)), gs)
+    span = xmax - xmin
+    step = h * STEP_FRACTION
+    if span / step > _MAX_POSITION:
+        step = span / _MAX_POSITION
+    u = ucount = None
+    while True:
+        R = int(TRUNCATION * h / step)
+        origin = xmin - (R + 1) * step
+        if not (math.isfinite(origin) and math.isfinite(xmax + (R + 1) * step)):
+            raise ValueError(f"bandwidth {h!r} too large for values in [{xmin!r}, {xmax!r}]")
+        M = int(math.ceil((xmax - origin) / step)) + R + 2
+        if M <= MAX_GRID:
+            return _Lattice(origin, step, R, M)
+        if u is None:
+            u, ucount = _distinct(work)
+        p = (u - origin) * (1.0 / step)
+        fl = np.floor(p)
+        ce = np.ceil(p)
+        cut = np.flatnonzero(fl[1:] - ce[:-1] >= 2 * R + 2) + 1
+        cstart = np.concatenate(([0], cut, [u.size])).astype(np.int64)
+        mat = np.ones(cstart.size - 1, np.bool_) if all_clusters else np.diff(cstart) > 1
+        points = float(np.sum((ce[cstart[1:] - 1] - fl[cstart[:-1]] + 2 * R + 3)[mat]))
+        if points <= MAX_GRID:
+            return _Lattice(origin, step, R, -1, u, ucount, cstart, mat)
+        step *= max(2.0, points / MAX_GRID)
+
+
+def _kernel(h, step, R):
+    j = np.arange(-R, R + 1, dtype=np.float64) * (step / h)
+    return np.exp(-0.5 * j * j)
+
+
+def _convolve(w, g, R):
+    nnz = int(np.count_nonzero(w))
+    nfft = 1 << (w.size + 2 * R).bit_length()
+    if nnz * (2 * R + 1) <= _FFT_RATIO * nfft * math.log2(nfft):
+        return _convolve_direct(w, g, R)
+    full = np.fft.irfft(np.fft.rfft(w, nfft) * np.fft.rfft(g, nfft), nfft)
+    out = full[R : R + w.size]
+    out[out < _FFT_FLOOR * out.max()] = 0.0
+    return np.ascontiguousarray(out)
+
+
+def _segments(lat):
+    """Sparse lattice segments: (cluster bounds fl/ce per distinct value, seg lattice start, offsets)."""
+    p = (lat.u - lat.origin) * (1.0 / lat.step)
+    fl = np.floor(p)
+    ce = np.ceil(p)
+    cs = lat.cstart
+    seg_lat = (fl[cs[:-1]] - lat.R - 1)[lat.mat].astype(np.int64)
+    seg_len = (ce[cs[1:] - 1] + lat.R + 1)[lat.mat].astype(np.int64) - seg_lat + 1
+    seg_off = np.concatenate(([0], np.cumsum(seg_len))).astype(np.int64)
+    return fl, ce, seg_lat, seg_off
+
+
+def _lattice_density(work, lat, h):
+    """Unnormalised lattice density (sum_j c_{k-j} g_j) and its segments."""
+    g = _kernel(h, lat.step, lat.R)
+    inv = 1.0 / lat.step
+    if lat.size > 0:
+        w = np.zeros(lat.size)
+        _bin_dense(work, lat.origin, inv, w)
+        d = _convolve(w, g, lat.R)
+        z = np.zeros(1, np.int64)
+        return d, z, np.array([lat.size], np.int64), z, None
+    fl, ce, seg_lat, seg_off = _segments(lat)
+    w = np.zeros(int(seg_off[-1]))
+    _bin_sparse(lat.u, lat.ucount, lat.origin, inv, lat.cstart, lat.mat, seg_off, seg_lat, w)
+    d = _convolve(w, g, lat.R)
+    return d, seg_off[:-1].copy(), seg_off[1:].copy(), seg_lat, (fl, ce)
+
+
+# ----------------------------------------------------------------------------------------
+# public API
+
+
+def kde_density(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grid points ``t`` and the Gaussian KDE ``f(t)`` there, normalised so that ``sum f * D = 1``.
+
+    ``grid_size`` None: the default lattice (``D = h/4``, ``[min - 5h, max + 5h]``); for values
+    with a huge range the grid is piecewise regular (the stretches where the truncated density
+    is exactly zero are left out). ``grid_size`` given: that many points evenly spaced over
+    ``[min - 5h, max + 5h]``. Empty values give two empty arrays.
+    """
+    _, work, lo, hi = _prepare(values)
+    h = _check_bandwidth(bandwidth)
+    if work.size == 0:
+        return np.empty(0), np.empty(0)
+    lat = _plan(work, lo, hi, h, grid_size, all_clusters=True)
+    d, s0, s1, slat, _ = _lattice_density(work, lat, h)
+    if lat.size > 0:
+        k = np.arange(lat.size, dtype=np.float64)
+    else:
+        k = (np.arange(s1[-1]) + np.repeat(slat - s0, s1 - s0)).astype(np.float64)
+    return lat.origin + lat.step * k, d / (d.sum() * lat.step)
+
+
+def _analyze(work, lo, hi, h, grid_size):
+    """Basins of ``work``; for the dense lattice also what the write pass needs."""
+    lat = _plan(work, lo, hi, h, grid_size)
+    d, s0, s1, slat, sparse = _lattice_density(work, lat, h)
+    pk, e2, ev, npk, ned = _extrema(d, s0, s1, slat)
+    origin, step = lat.origin, lat.step
+    if lat.size > 0:
+        peaks = origin + step * pk
+        edges = origin + step * (0.5 * e2)
+        inv = 1.0 / step
+        table = np.searchsorted(edges, origin + step * np.arange(lat.size), side="right").astype(np.int32)
+        B = peaks.size
+        counts = np.zeros(B, np.int64)
+        best = np.full(B, np.inf)
+        bestd = np.full(B, np.inf)
+        _reduce_nearest(work, origin, inv, table, edges, peaks, counts, best, bestd)
+    else:
+        fl, ce = sparse
+        peaks, edges, ev = _assemble_sparse(lat.u, lat.cstart, lat.mat, fl, ce, pk, e2, ev, npk, ned, origin, step)
+        lab = np.searchsorted(edges, lat.u, side="right")
+        B = peaks.size
+        counts = np.bincount(lab, weights=lat.ucount, minlength=B).astype(np.int64)
+        first = np.searchsorted(lab, np.arange(B), side="left")
+        last = np.maximum(np.searchsorted(lab, np.arange(B), side="right") - 1, 0)  # empty: dropped below
+        first = np.minimum(first, last)
+        j = np.clip(np.searchsorted(lat.u, peaks), first, last)  # nearest member is u[j] or u[j-1]
+        jm = np.maximum(j - 1, first)
+        take_lower = np.abs(lat.u[jm] - peaks) <= np.abs(lat.u[j] - peaks)  # ties: the smaller
+        best = np.where(take_lower, lat.u[jm], lat.u[j])
+        table = None
+    keep_b, keep_e = _keep_nonempty(counts, ev)
+    if not keep_b.all():
+        peaks, best, counts, edges = peaks[keep_b], best[keep_b], counts[keep_b], edges[keep_e]
+        if table is not None:
+            table = np.searchsorted(edges, origin + step * np.arange(lat.size), side="right").astype(np.int32)
+    return Basins(best, edges, peaks, counts, step), lat, table
+
+
+def kde_basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -> Basins:
+    """Modes (representatives), edges, density peaks and member counts of the KDE's basins."""
+    _, work, lo, hi = _prepare(values)
+    h = _check_bandwidth(bandwidth)
+    if work.size == 0:
+        e = np.empty(0)
+        return Basins(e, e.copy(), e.copy(), np.empty(0, np.int64), 0.0)
+    return _analyze(work, lo, hi, h, grid_size)[0]
+
+
+def basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(modes, edges)``: sorted basin representatives and the ``len(modes) - 1`` edges between them.
+
+    A value ``x`` with ``edges[k-1] <= x < edges[k]`` belongs to basin ``k`` and hashes to ``modes[k]``.
+    """
+    b = kde_basins(values, bandwidth, grid_size)
+    return b.modes, b.edges
+
+
+def _hash_flat(work, lo, hi, h, grid_size, labels):
+    """Hashed values (same dtype as ``work``) or basin labels (int32), and the float64 modes."""
+    if work.size == 0:
+        return (np.empty(0, np.int32) if labels else work.copy()), np.empty(0)
+    info, lat, table = _analyze(work, lo, hi, h, grid_size)
+    reps = info.modes.astype(work.dtype)
+    out = np.empty(work.size, np.int32 if labels else work.dtype)
+    if table is None:  # sparse lattice: binary search over the edges
+        lab = np.searchsorted(info.edges, work, side="right")
+        out[...] = lab if labels else reps[lab]
+    elif labels:
+        _write_labels(work, lat.origin, 1.0 / lat.step, table, info.edges, out)
+    else:
+        _write_values(work, lat.origin, 1.0 / lat.step, table, info.edges, reps, out)
+    return out, info.modes
+
+
+def hash_values(
+    values: np.ndarray, bandwidth: float, grid_size: int | None = None, *, return_indices: bool = False
+):
+    """Replace every value by the representative of its KDE basin.
+
+    Returns ``(hashed, codebook)``: ``hashed`` has the shape and dtype of ``values``,
+    ``codebook`` holds its sorted distinct values (same dtype), one per non-empty basin.
+    ``return_indices=True`` adds ``indices`` (int32, shape of ``values``) with
+    ``hashed == codebook[indices]``.
+    """
+    a, work, lo, hi = _prepare(values)
+    h = _check_bandwidth(bandwidth)
+    out, modes = _hash_flat(work, lo, hi, h, grid_size, return_indices)
+    codebook = modes.astype(a.dtype)
+    if return_indices:
+        idx = out.reshape(a.shape)
+        return codebook[idx], codebook, idx
+    return out.astype(a.dtype, copy=False).reshape(a.shape), codebook
+
+
+def _scales(flat, scale):
+    if scale == "maxabs":
+        s = np.max(np.abs(flat), axis=1)
+    elif scale == "std":
+        s = flat.std(axis=1, dtype=np.float64).astype(flat.dtype)
+    elif scale == "pow2":
+        m = np.max(np.abs(flat), axis=1).astype(np.float64)
+        s = np.ldexp(1.0, np.frexp(m)[1]).astype(flat.dtype)  # 2**e > m: w/s, s*(w/s) exact
+    else:
+        raise ValueError(f"scale must be 'maxabs', 'std' or 'pow2', got {scale!r}")
+    return np.where((s > 0) & np.isfinite(s), s, np.ones_like(s)).astype(flat.dtype)
+
+
+def hash_channels(
+    weight: np.ndarray,
+    bandwidth_factor: float,
+    per_channel: bool,
+    *,
+    scale: str = "maxabs",
+    grid_size: int | None = None,
+    return_indices: bool = False,
+):
+    """Hash a weight tensor with one codebook shared by its output channels (axis 0).
+
+    ``per_channel``: channel ``c`` is normalised, ``u_c = w_c / s_c`` (``s_c`` its max-abs,
+    ``"std"``, or ``"pow2"`` — the power of two above the max-abs, which makes ``s*(w/s) == w``),
+    all channels' ``u`` are pooled into one KDE with ``h = bandwidth_factor * silverman(u)``,
+    and ``hashed = codebook[indices] * s[:, None, ...]`` computed in the weight's dtype — exactly
+    what onnxruntime's ``Gather(codebook, indices)`` then ``Mul(scales)`` yields.  Without
+    ``per_channel`` the whole tensor is hashed with ``s = 1`` (``scales`` are ones).
+
+    Returns ``(hashed, codebook, scales)`` (``scales`` shape ``(C,)``, or ``()`` for a 0-d
+    weight), plus ``indices`` (int32, shape of ``weight``) if ``return_indices``.
+    """
+    w = np.asarray(weight)
+    if w.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"expected a float16/float32/float64 weight, got {w.dtype}")
+    f = float(bandwidth_factor)
+    if not (f > 0.0 and math.isfinite(f)):
+        raise ValueError(f"bandwidth_factor must be a positive finite number, got {bandwidth_factor!r}")
+    if w.ndim == 0:
+        s = np.ones((), w.dtype)
+        u = w.reshape(1)
+    else:
+        flat = w.reshape(w.shape[0], -1)
+        if per_channel and flat.size:
+            s = _scales(flat, scale)
+            u = (flat / s[:, None]).astype(w.dtype)
+        else:
+            s = np.ones(w.shape[0], w.dtype)
+            u = flat
+    _, work, lo, hi = _prepare(u)
+    h = f * silverman_bandwidth(work) if work.size else 1.0
+    lab, modes = _hash_flat(work, lo, hi, h, grid_size, labels=True)
+    codebook = modes.astype(w.dtype)
+    idx = lab.reshape(w.shape)
+    hashed = codebook[idx] * s.reshape(s.shape + (1,) * (w.ndim - s.ndim))
+    hashed = hashed.astype(w.dtype, copy=False)
+    return (hashed, codebook, s, idx) if return_indices else (hashed, codebook, s)
+
+
+def _spread(values, robust):
+    _, work, _, _ = _prepare(values)
+    n = work.size
+    if n < 2:
+        return n, 0.0
+    _, q = _sum_moments(work)
+    sd = math.sqrt(q / (n - 1))
+    if robust:
+        q25, q75 = np.quantile(work, [0.25, 0.75])
+        iqr = float(q75 - q25) / 1.3489795
+        if 0.0 < iqr < sd:
+            return n, iqr
+    return n, sd
+
+
+def _fallback(values):
+    """Bandwidth for values with no spread: any positive h gives one mode; use |x| * 2**-20 or 1."""
+    a = np.asarray(values, dtype=np.float64)
+    m = float(np.max(np.abs(a))) if a.size else 0.0
+    return m * 2.0**-20 if m > 0 and math.isfinite(m) else 1.0
+
+
+def silverman_bandwidth(values: np.ndarray) -> float:
+    """Silverman's rule of thumb ``0.9 * min(sd, IQR/1.349) * n**(-1/5)`` (sd: ddof=1).
+
+    Falls back to ``sd`` when the IQR is 0, and to a positive constant when ``sd`` is 0.
+    """
+    n, sp = _spread(values, robust=True)
+    return 0.9 * sp * n ** -0.2 if sp > 0 else _fallback(values)
+
+
+def scott_bandwidth(values: np.ndarray) -> float:
+    """Scott's rule ``1.059 * sd * n**(-1/5)`` (sd: ddof=1); a positive constant when ``sd`` is 0."""
+    n, sp = _spread(values, robust=False)
+    return 1.059 * sp * n ** -0.2 if sp > 0 else _fallback(values)
