@@ -129,7 +129,7 @@ class Budget:
 
     def __init__(self, tolerance: float, probes: list[Feeds], reference: list[list[np.ndarray]],
                  reference_names: list[str], measured: list[str], graph_outputs: list[str], margin: float = 0.8,
-                 max_evaluations: int = 160, patience: int = 6):
+                 max_evaluations: int = 200, patience: int = 24):
         self.tolerance = tolerance
         self.target = margin * tolerance
         self.probes = probes

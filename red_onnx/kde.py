@@ -249,32 +249,52 @@ def _assemble_sparse(u, cstart, mat, fl, ce, pk, e2, ev, npk, ned, origin, step)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _locate(v, origin, inv_step, top, table, edges):
-    """Basin index b with edges[b-1] <= v < edges[b]; table[k] = #edges <= t_k is the hint."""
-    p = (v - origin) * inv_step
+def _basin(v, origin, inv_half, qmax, table, edges):
+    """Basin index of v: table[q] for half-step sub-cell q, or one comparison with an edge.
+
+    ``table[q] >= 0``: every value in sub-cell q is in that basin; ``table[q] = -(e+1)``: the
+    sub-cell is within rounding of edge e, so ``b = e + (v >= edges[e])``.
+    """
+    p = (v - origin) * inv_half
     if p < 0.0:
-        k = 0
-    elif p > top:
-        k = top
-    else:
-        k = int(p)
-    b = table[k]
-    ne = edges.size
-    while b < ne and v >= edges[b]:
-        b += 1
-    while b > 0 and v < edges[b - 1]:
-        b -= 1
-    return b
+        p = 0.0
+    q = int(p)
+    if q > qmax:
+        q = qmax
+    t = table[q]
+    if t >= 0:
+        return t
+    e = -t - 1
+    return e + (1 if v >= edges[e] else 0)
 
 
 @njit(cache=True, nogil=True)
-def _reduce_nearest(x, origin, inv_step, table, edges, peaks, counts, best, bestd):
-    """Per basin: member count and the member nearest to the peak (ties: smaller)."""
-    top = table.size - 1
+def _reduce_nearest(x, origin, inv_half, table, cand, edges, peaks, best, bestd):
+    """best[b] = member of basin b nearest to peaks[b] (ties: smaller), scanning only values
+    in candidate sub-cells (those that can hold it); bestd[b] = its distance (inf: empty)."""
+    qmax = table.size - 1
     for i in range(x.size):
         v = x[i]
-        b = _locate(v, origin, inv_step, top, table, edges)
-        counts[b] += 1
+        p = (v - origin) * inv_half
+        if p < 0.0:
+            p = 0.0
+        q = int(p)
+        if q > qmax:
+            q = qmax
+        if cand[q]:
+            b = _basin(v, origin, inv_half, qmax, table, edges)
+            dd = abs(v - peaks[b])
+            if dd < bestd[b] or (dd == bestd[b] and v < best[b]):
+                bestd[b] = dd
+                best[b] = v
+
+
+@njit(cache=True, nogil=True)
+def _reduce_labels(x, lab, peaks, best, bestd):
+    """As _reduce_nearest, given every value's basin."""
+    for i in range(x.size):
+        v = x[i]
+        b = lab[i]
         dd = abs(v - peaks[b])
         if dd < bestd[b] or (dd == bestd[b] and v < best[b]):
             bestd[b] = dd
@@ -282,17 +302,17 @@ def _reduce_nearest(x, origin, inv_step, table, edges, peaks, counts, best, best
 
 
 @njit(cache=True, nogil=True)
-def _write_values(x, origin, inv_step, table, edges, reps, out):
-    top = table.size - 1
+def _write_values(x, origin, inv_half, table, edges, reps, out):
+    qmax = table.size - 1
     for i in range(x.size):
-        out[i] = reps[_locate(x[i], origin, inv_step, top, table, edges)]
+        out[i] = reps[_basin(x[i], origin, inv_half, qmax, table, edges)]
 
 
 @njit(cache=True, nogil=True)
-def _write_labels(x, origin, inv_step, table, edges, out):
-    top = table.size - 1
+def _write_labels(x, origin, inv_half, table, edges, out):
+    qmax = table.size - 1
     for i in range(x.size):
-        out[i] = _locate(x[i], origin, inv_step, top, table, edges)
+        out[i] = _basin(x[i], origin, inv_half, qmax, table, edges)
 
 
 @njit(cache=True, nogil=True)
@@ -431,7 +451,7 @@ def _segments(lat):
 
 
 def _lattice_density(work, lat, h):
-    """Unnormalised lattice density (sum_j c_{k-j} g_j) and its segments."""
+    """Unnormalised lattice density (sum_j c_{k-j} g_j), binned weights c, and segments."""
     g = _kernel(h, lat.step, lat.R)
     inv = 1.0 / lat.step
     if lat.size > 0:
@@ -439,12 +459,12 @@ def _lattice_density(work, lat, h):
         _bin_dense(work, lat.origin, inv, w)
         d = _convolve(w, g, lat.R)
         z = np.zeros(1, np.int64)
-        return d, z, np.array([lat.size], np.int64), z, None
+        return d, w, z, np.array([lat.size], np.int64), z, None
     fl, ce, seg_lat, seg_off = _segments(lat)
     w = np.zeros(int(seg_off[-1]))
     _bin_sparse(lat.u, lat.ucount, lat.origin, inv, lat.cstart, lat.mat, seg_off, seg_lat, w)
     d = _convolve(w, g, lat.R)
-    return d, seg_off[:-1].copy(), seg_off[1:].copy(), seg_lat, (fl, ce)
+    return d, w, seg_off[:-1].copy(), seg_off[1:].copy(), seg_lat, (fl, ce)
 
 
 # ----------------------------------------------------------------------------------------
@@ -464,7 +484,7 @@ def kde_density(values: np.ndarray, bandwidth: float, grid_size: int | None = No
     if work.size == 0:
         return np.empty(0), np.empty(0)
     lat = _plan(work, lo, hi, h, grid_size, all_clusters=True)
-    d, s0, s1, slat, _ = _lattice_density(work, lat, h)
+    d, _, s0, s1, slat, _ = _lattice_density(work, lat, h)
     if lat.size > 0:
         k = np.arange(lat.size, dtype=np.float64)
     else:
@@ -472,22 +492,77 @@ def kde_density(values: np.ndarray, bandwidth: float, grid_size: int | None = No
     return lat.origin + lat.step * k, d / (d.sum() * lat.step)
 
 
-def _analyze(work, lo, hi, h, grid_size):
-    """Basins of ``work``; for the dense lattice also what the write pass needs."""
+def _subcell_table(edges, lat, xabs):
+    """Basin lookup over half-step sub-cells (see ``_basin``); None if rounding makes it unsafe."""
+    Q = 2 * lat.size
+    delta = 16.0 * np.finfo(np.float64).eps * (xabs + abs(lat.origin) + lat.step * Q)
+    bounds = lat.origin + lat.step * (0.5 * np.arange(Q + 1, dtype=np.float64))
+    left = bounds[:-1] - delta
+    right = bounds[1:] + delta
+    left[0] = -np.inf
+    right[-1] = np.inf
+    blo = np.searchsorted(edges, left, side="right")
+    bhi = np.searchsorted(edges, right, side="right")
+    if np.any(bhi - blo > 1):
+        return None
+    return np.where(bhi == blo, blo, -(blo + 1)).astype(np.int32)
+
+
+def _candidate_cells(w, el, pk, Q):
+    """Half-step sub-cells that can hold the member nearest to some basin's peak.
+
+    A lattice point k with binned weight c_k > 0 has a value within [k-1, k+1); if that
+    window (plus a margin) lies inside basin b, b's nearest member is within |k - peak_b| + 1
+    of its peak.  Basins without such a point are scanned whole.  (Lattice units.)
+    """
+    B = pk.size
+    lo_e = np.concatenate(([-np.inf], el))
+    hi_e = np.concatenate((el, [np.inf]))
+    kk = np.flatnonzero(w > 0.0).astype(np.float64)
+    bk = np.searchsorted(el, kk, side="right")
+    ok = (kk - 1.5 >= lo_e[bk]) & (kk + 1.5 <= hi_e[bk])
+    D = np.full(B, np.inf)
+    np.minimum.at(D, bk[ok], np.abs(kk[ok] - pk[bk[ok]]) + 1.0)
+    fin = np.isfinite(D)
+    a = np.where(fin, 2.0 * (pk - D), 2.0 * lo_e[:-1] if B else 0.0)
+    b = np.where(fin, 2.0 * (pk + D), 2.0 * hi_e[1:] if B else 0.0)
+    qa = np.clip(np.floor(np.nan_to_num(a, neginf=-1.0, posinf=Q)) - 1, 0, Q - 1).astype(np.int64)
+    qb = np.clip(np.floor(np.nan_to_num(b, neginf=-1.0, posinf=Q)) + 1, 0, Q - 1).astype(np.int64)
+    mark = np.zeros(Q + 1, np.int64)
+    np.add.at(mark, qa, 1)
+    np.add.at(mark, qb + 1, -1)
+    return np.cumsum(mark[:-1]) > 0
+
+
+class _Assign(NamedTuple):
+    origin: float
+    inv_half: float
+    table: np.ndarray | None  # None: binary search over the edges
+
+
+def _analyze(work, lo, hi, h, grid_size, want_counts=False):
+    """Basins of ``work`` and how to assign values to them."""
     lat = _plan(work, lo, hi, h, grid_size)
-    d, s0, s1, slat, sparse = _lattice_density(work, lat, h)
+    d, w, s0, s1, slat, sparse = _lattice_density(work, lat, h)
     pk, e2, ev, npk, ned = _extrema(d, s0, s1, slat)
     origin, step = lat.origin, lat.step
+    counts = None
+    table = None
     if lat.size > 0:
+        el = 0.5 * e2
         peaks = origin + step * pk
-        edges = origin + step * (0.5 * e2)
-        inv = 1.0 / step
-        table = np.searchsorted(edges, origin + step * np.arange(lat.size), side="right").astype(np.int32)
+        edges = origin + step * el
         B = peaks.size
-        counts = np.zeros(B, np.int64)
         best = np.full(B, np.inf)
         bestd = np.full(B, np.inf)
-        _reduce_nearest(work, origin, inv, table, edges, peaks, counts, best, bestd)
+        xabs = max(abs(lo), abs(hi))
+        table = _subcell_table(edges, lat, xabs)
+        if table is not None:
+            cand = _candidate_cells(w, el, pk, table.size)
+            _reduce_nearest(work, origin, 2.0 / step, table, cand, edges, peaks, best, bestd)
+        else:
+            _reduce_labels(work, np.searchsorted(edges, work, side="right"), peaks, best, bestd)
+        nonempty = np.isfinite(bestd).astype(np.int64)
     else:
         fl, ce = sparse
         peaks, edges, ev = _assemble_sparse(lat.u, lat.cstart, lat.mat, fl, ce, pk, e2, ev, npk, ned, origin, step)
@@ -501,13 +576,25 @@ def _analyze(work, lo, hi, h, grid_size):
         jm = np.maximum(j - 1, first)
         take_lower = np.abs(lat.u[jm] - peaks) <= np.abs(lat.u[j] - peaks)  # ties: the smaller
         best = np.where(take_lower, lat.u[jm], lat.u[j])
-        table = None
-    keep_b, keep_e = _keep_nonempty(counts, ev)
+        nonempty = counts
+    keep_b, keep_e = _keep_nonempty(nonempty, ev)
     if not keep_b.all():
-        peaks, best, counts, edges = peaks[keep_b], best[keep_b], counts[keep_b], edges[keep_e]
+        peaks, best, edges = peaks[keep_b], best[keep_b], edges[keep_e]
+        counts = None if counts is None else counts[keep_b]
         if table is not None:
-            table = np.searchsorted(edges, origin + step * np.arange(lat.size), side="right").astype(np.int32)
-    return Basins(best, edges, peaks, counts, step), lat, table
+            table = _subcell_table(edges, lat, max(abs(lo), abs(hi)))
+    assign = _Assign(origin, 2.0 / step, table)
+    if want_counts and counts is None:
+        counts = np.bincount(_labels(work, edges, assign), minlength=best.size).astype(np.int64)
+    return Basins(best, edges, peaks, counts, step), assign
+
+
+def _labels(work, edges, assign):
+    if assign.table is None:
+        return np.searchsorted(edges, work, side="right").astype(np.int32)
+    out = np.empty(work.size, np.int32)
+    _write_labels(work, assign.origin, assign.inv_half, assign.table, edges, out)
+    return out
 
 
 def kde_basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -> Basins:
@@ -517,7 +604,7 @@ def kde_basins(values: np.ndarray, bandwidth: float, grid_size: int | None = Non
     if work.size == 0:
         e = np.empty(0)
         return Basins(e, e.copy(), e.copy(), np.empty(0, np.int64), 0.0)
-    return _analyze(work, lo, hi, h, grid_size)[0]
+    return _analyze(work, lo, hi, h, grid_size, want_counts=True)[0]
 
 
 def basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -533,16 +620,14 @@ def _hash_flat(work, lo, hi, h, grid_size, labels):
     """Hashed values (same dtype as ``work``) or basin labels (int32), and the float64 modes."""
     if work.size == 0:
         return (np.empty(0, np.int32) if labels else work.copy()), np.empty(0)
-    info, lat, table = _analyze(work, lo, hi, h, grid_size)
+    info, assign = _analyze(work, lo, hi, h, grid_size)
+    if labels:
+        return _labels(work, info.edges, assign), info.modes
     reps = info.modes.astype(work.dtype)
-    out = np.empty(work.size, np.int32 if labels else work.dtype)
-    if table is None:  # sparse lattice: binary search over the edges
-        lab = np.searchsorted(info.edges, work, side="right")
-        out[...] = lab if labels else reps[lab]
-    elif labels:
-        _write_labels(work, lat.origin, 1.0 / lat.step, table, info.edges, out)
-    else:
-        _write_values(work, lat.origin, 1.0 / lat.step, table, info.edges, reps, out)
+    if assign.table is None:
+        return reps[np.searchsorted(info.edges, work, side="right")], info.modes
+    out = np.empty_like(work)
+    _write_values(work, assign.origin, assign.inv_half, assign.table, info.edges, reps, out)
     return out, info.modes
 
 
