@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform probes in [LOW, HIGH] for that input instead of N(0,1) (repeatable)")
     p.add_argument("--no-latency-check", action="store_true", help="keep conv separations even where "
                    "onnxruntime runs them slower (e.g. for a TensorRT target)")
+    p.add_argument("--codebook", choices=("uint8", "auto", "off"), default="uint8",
+                   help="store few-valued weights as codebook + uint8 indices (default), also uint16 (auto), "
+                   "or keep plain weights (off)")
     p.add_argument("--exclude", metavar="REGEX", help="leave alone the layers whose node name matches")
     p.add_argument("--external-data", action="store_true", help="store weights beside the model "
                    "(automatic above 2 GB)")
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             input_shapes=_named(args.input_shape, "--input-shape", _shape),
             probe_inputs=_load_npz(args.probe_inputs) if args.probe_inputs else None,
             probe_ranges=_named(args.probe_range, "--probe-range", _range), exclude=args.exclude,
-            verify_result=not args.no_verify, latency_check=not args.no_latency_check, log=log)
+            verify_result=not args.no_verify, latency_check=not args.no_latency_check,
+            codebook=args.codebook, log=log)
         if not args.dry_run:
             log(f"writing {args.output}")
             model_io.save(model, args.output, external_data=True if args.external_data else None)

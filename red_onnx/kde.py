@@ -49,6 +49,8 @@ __all__ = [
     "TRUNCATION",
     "STEP_FRACTION",
     "MAX_GRID",
+    "MIN_STEPS",
+    "MAX_PAD",
     "Basins",
     "kde_density",
     "kde_basins",
@@ -65,6 +67,12 @@ TRUNCATION = 5.0
 STEP_FRACTION = 0.25
 #: most lattice points (dense, or in all sparse segments together)
 MAX_GRID = 1 << 20
+#: the default lattice has at least this many steps across the values' range (peak resolution)
+MIN_STEPS = 1024
+#: the lattice extends at most this many steps beyond the values (the kernel may reach further)
+MAX_PAD = 4096
+#: h >= 2 * range: one basin, its peak computed with h capped at this many ranges
+UNIMODAL_CAP = 64.0
 #: lattice positions stay below this so that they are exact in float64 / int64
 _MAX_POSITION = float(2**50)
 #: FFT convolution when nnz * taps > _FFT_RATIO * nfft * log2(nfft) (measured: bench/kde_speed.py)
@@ -302,6 +310,20 @@ def _reduce_labels(x, lab, peaks, best, bestd):
 
 
 @njit(cache=True, nogil=True)
+def _nearest(x, t):
+    """The value of x nearest to t (ties: the smaller)."""
+    best = np.inf
+    bestd = np.inf
+    for i in range(x.size):
+        v = x[i]
+        dd = abs(v - t)
+        if dd < bestd or (dd == bestd and v < best):
+            bestd = dd
+            best = v
+    return best
+
+
+@njit(cache=True, nogil=True)
 def _write_values(x, origin, inv_half, table, edges, reps, out):
     qmax = table.size - 1
     for i in range(x.size):
@@ -397,17 +419,20 @@ def _plan(work, xmin, xmax, h, grid_size, all_clusters=False):
         return _Lattice(origin, step, int(min(TRUNCATION * h / step, gs)), gs)
     span = xmax - xmin
     step = h * STEP_FRACTION
+    step = min(step, span / MIN_STEPS if span > 0.0 else max(abs(xmin), 1.0))
     if span / step > _MAX_POSITION:
         step = span / _MAX_POSITION
     u = ucount = None
     while True:
-        R = int(TRUNCATION * h / step)
-        origin = xmin - (R + 1) * step
-        if not (math.isfinite(origin) and math.isfinite(xmax + (R + 1) * step)):
+        R = int(min(TRUNCATION * h / step, 2.0**40))
+        pad = min(R, MAX_PAD)
+        origin = xmin - (pad + 1) * step
+        if not (math.isfinite(origin) and math.isfinite(xmax + (pad + 1) * step)):
             raise ValueError(f"bandwidth {h!r} too large for values in [{xmin!r}, {xmax!r}]")
-        M = int(math.ceil((xmax - origin) / step)) + R + 2
+        M = int(math.ceil((xmax - origin) / step)) + pad + 2
         if M <= MAX_GRID:
-            return _Lattice(origin, step, R, M)
+            return _Lattice(origin, step, min(R, M), M)
+        # sparse: here step >= h/4, so R <= 20 = pad
         if u is None:
             u, ucount = _distinct(work)
         p = (u - origin) * (1.0 / step)
@@ -524,8 +549,8 @@ def _candidate_cells(w, el, pk, Q):
     D = np.full(B, np.inf)
     np.minimum.at(D, bk[ok], np.abs(kk[ok] - pk[bk[ok]]) + 1.0)
     fin = np.isfinite(D)
-    a = np.where(fin, 2.0 * (pk - D), 2.0 * lo_e[:-1] if B else 0.0)
-    b = np.where(fin, 2.0 * (pk + D), 2.0 * hi_e[1:] if B else 0.0)
+    a = np.where(fin, 2.0 * (pk - D), 2.0 * lo_e)
+    b = np.where(fin, 2.0 * (pk + D), 2.0 * hi_e)
     qa = np.clip(np.floor(np.nan_to_num(a, neginf=-1.0, posinf=Q)) - 1, 0, Q - 1).astype(np.int64)
     qb = np.clip(np.floor(np.nan_to_num(b, neginf=-1.0, posinf=Q)) + 1, 0, Q - 1).astype(np.int64)
     mark = np.zeros(Q + 1, np.int64)
@@ -540,8 +565,39 @@ class _Assign(NamedTuple):
     table: np.ndarray | None  # None: binary search over the edges
 
 
+def _unimodal(work, lo, hi, h, grid_size):
+    """One basin (``h >= 2 * range``: the KDE is concave over the values, so unimodal).
+
+    The peak is the lattice argmax (plateau centre, log-parabola refined) for
+    ``min(h, UNIMODAL_CAP * range)``: beyond that the density's curvature over the lattice
+    drowns in rounding, and the peak moves by < 1e-3 of the range.
+    """
+    span = hi - lo
+    if span > 0.0:
+        lat = _plan(work, lo, hi, min(h, UNIMODAL_CAP * span), grid_size)
+        d = _lattice_density(work, lat, min(h, UNIMODAL_CAP * span))[0]
+        i = int(np.argmax(d))
+        j = i + int(np.argmax(d[i:] != d[i])) - 1 if np.any(d[i:] != d[i]) else d.size - 1
+        pos = 0.5 * (i + j)
+        if i == j and 0 < i < d.size - 1 and d[i - 1] > 0.0 and d[i + 1] > 0.0:
+            la, lb, lc = np.log(d[i - 1 : i + 2])
+            if la - 2.0 * lb + lc < 0.0:
+                pos += 0.5 * (la - lc) / (la - 2.0 * lb + lc)
+        peak = lat.origin + lat.step * pos
+        rep = _nearest(work, peak)
+        origin, step, size = lat.origin, lat.step, lat.size
+    else:
+        peak = rep = lo
+        origin, step, size = lo - 1.0, 1.0, 2
+    table = np.zeros(2 * size, np.int32)
+    info = Basins(np.array([rep]), np.empty(0), np.array([peak]), np.array([work.size], np.int64), step)
+    return info, _Assign(origin, 2.0 / step, table)
+
+
 def _analyze(work, lo, hi, h, grid_size, want_counts=False):
     """Basins of ``work`` and how to assign values to them."""
+    if h >= 2.0 * (hi - lo):
+        return _unimodal(work, lo, hi, h, grid_size)
     lat = _plan(work, lo, hi, h, grid_size)
     d, w, s0, s1, slat, sparse = _lattice_density(work, lat, h)
     pk, e2, ev, npk, ned = _extrema(d, s0, s1, slat)

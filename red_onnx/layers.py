@@ -325,8 +325,8 @@ def analyze(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...], np.d
     shapes = tensor_shapes(model, specs)
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    params = sum(int(np.prod(t.dims)) for t in tensors
-                 if onnx.helper.tensor_dtype_to_np_dtype(t.data_type) in FLOAT_TYPES)
+    params = sum(int(np.prod(t.dims)) for t in tensors  # codebook indices count as the weights they expand to
+                 if onnx.helper.tensor_dtype_to_np_dtype(t.data_type) in FLOAT_TYPES + (np.uint8, np.uint16))
     macs, per_node = 0, {}
     for i, node in enumerate(model.graph.node):
         m = node_macs(node, shapes)

@@ -19,6 +19,8 @@ from .context import Context, PassResult
 from .errors import InputError, VerificationError
 from .layers import QUANTIZED_OPS, analyze, find_layers, input_specs, tensor_shapes
 from .passes import AVAILABLE, PLANNED, fold
+from .passes import hash as hash_pass
+from .passes.hash import INDEX_TYPES
 from .report import Report
 
 #: Relative deviation allowed for exact rewrites, by the model's float type (float rounding).
@@ -55,19 +57,22 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
              passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = 8, allocation: int = 8,
              input_shapes: dict[str, tuple[int, ...]] | None = None, probe_inputs: dict[str, np.ndarray] | None = None,
              probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
-             verify_result: bool = True, latency_check: bool = True,
+             verify_result: bool = True, latency_check: bool = True, codebook: str = "uint8",
              log: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
     ``tolerance`` is the one error budget of the lossy steps (the deviation defined in
     :mod:`red_onnx.verify`); 0 allows exact rewrites only. Raises InputError on bad input and
     VerificationError when the result does not match the input model. ``latency_check`` undoes
-    the conv separations when onnxruntime runs the result slower than the input.
+    the conv separations when onnxruntime runs the result slower than the input. ``codebook``
+    ("uint8", "auto" = uint8 or uint16, "off") sets how few-valued weights are stored.
     """
     start = time.perf_counter()
     log = log or (lambda message: None)
     if tolerance < 0 or not np.isfinite(tolerance):
         raise InputError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+    if codebook not in INDEX_TYPES:
+        raise InputError(f"--codebook must be one of {', '.join(INDEX_TYPES)}, got '{codebook}'")
     if check < 1:
         raise InputError(f"--check must be at least 1, got {check}")
     names = resolve_passes(passes)
@@ -122,7 +127,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
             budget.target = margin * tolerance
         ctx = Context(graph=model_io.to_graph(canonical), template=original, shapes=shapes,
                       tolerance=tolerance if margin > 0 else 0.0, exclude=pattern, keep_dense=keep_dense,
-                      budget=budget if margin > 0 else None, log=log, rng=np.random.default_rng(seed))
+                      budget=budget if margin > 0 else None, log=log, rng=np.random.default_rng(seed),
+                      codebook=codebook)
         results: list[PassResult] = []
         for name, module in [(fold.NAME, fold)] + [(n, AVAILABLE[n]) for n in names]:
             log(f"pass {name}")
@@ -136,6 +142,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
                 result.counts["constants_to_initializers"] = moved
                 result.modified = True
             results.append(result)
+        results += _finish(ctx, names)
         model_out = model_io.to_model(ctx.graph, original)
         try:
             onnx.checker.check_model(model_out, full_check=False)
@@ -149,7 +156,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
         for margin in BACKOFF if budget is not None else (0.0,):
             model_out, results, ctx = build(margin, keep_dense)
             if not verify_result:
-                return model_out, results, ctx, None, [], True
+                return model_out, results, ctx, None, [], False
             log("verifying on fresh probes")
             dev, per_output = _verify(model_out, measured, graph_outputs, ref_names, reference, probes.verification)
             allowed = tolerance if margin > 0 else max(tolerance, _rounding(original))
@@ -190,6 +197,24 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
 
     report.seconds = time.perf_counter() - start
     return result_model, report
+
+
+def _finish(ctx: Context, names: list[str]) -> list[PassResult]:
+    """After hashing, the exact merge and separation rules run again on the hashed weights; then
+    few-valued weights are stored as codebooks (last: it turns weights into computed tensors)."""
+    results = []
+    if "hash" in names:
+        ctx.budget = None
+        ctx.tolerance = 0.0
+        for name in ("merge", "separate"):
+            if name in names:
+                ctx.log(f"pass {name} (exact, after hashing)")
+                result = AVAILABLE[name].run(ctx)
+                result.name = f"{name}_after_hash"
+                results.append(result)
+    ctx.log("codebook storage")
+    results.append(hash_pass.encode(ctx))
+    return results
 
 
 def _separated(results: list[PassResult]) -> frozenset[str]:

@@ -68,9 +68,14 @@ def run(ctx: Context) -> PassResult:
     rows = []
     layers, _ = find_layers(graph, ctx.exclude)
     for layer in layers:
-        while (folded := _fold_next(graph, layer, ctx.shapes)) is not None:
+        folded = []
+        while (step := _fold_next(graph, layer, ctx.shapes)) is not None:
+            folded.append(step)
             counts["affine_folded"] += 1
-            rows.append({"name": layer.name, "folded": folded})
+            rows.append({"name": layer.name, "folded": step[0]})
+        scaled = [s for _, s in folded if np.any(s != 1)]
+        if len(scaled) == 1:  # W' = W · s exactly in W's type: a codebook of W with scales s reproduces it
+            ctx.scale_hints[layer.weight.name] = scaled[0]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     modified = any(counts.values())
     return PassResult(NAME, modified, counts, rows, time.perf_counter() - start)
@@ -120,7 +125,8 @@ def _fold_gemm_scalars(graph: gs.Graph) -> int:
     return folded
 
 
-def _fold_next(graph: gs.Graph, layer: Layer, shapes: dict[str, tuple[int, ...]]) -> str | None:
+def _fold_next(graph: gs.Graph, layer: Layer, shapes: dict[str, tuple[int, ...]]
+               ) -> tuple[str, np.ndarray] | None:
     """Fold the single consumer of the layer's output into the layer, if it is a channel affine map."""
     out = layer.output
     if any(t.name == out.name for t in graph.outputs) or len(out.outputs) != 1:
@@ -138,13 +144,14 @@ def _fold_next(graph: gs.Graph, layer: Layer, shapes: dict[str, tuple[int, ...]]
         return None
     scale, shift = affine
     w = layer.get_weight()
-    layer.set_weight(w * scale.reshape((-1,) + (1,) * (w.ndim - 1)))
+    scale_w = scale.astype(w.dtype)  # multiply in the weight's type: reproducible by a Mul node
+    layer.set_weight(w * scale_w.reshape((-1,) + (1,) * (w.ndim - 1)))
     layer.set_bias(layer.get_bias() * scale + shift, graph)
     result = consumer.outputs[0]
     consumer.outputs = []
     consumer.inputs = []
     (layer.bias_node or layer.node).outputs = [result]
-    return consumer.op
+    return consumer.op, scale_w
 
 
 def _output_rank(layer: Layer, shapes: dict[str, tuple[int, ...]]) -> int | None:

@@ -1,0 +1,184 @@
+"""Adaptive weight hashing (RED step 1) and codebook storage.
+
+Hashing: per layer, each output channel is normalised by a power of two s_c (so that s_c·(w/s_c)
+is exact), the normalised values of all channels are pooled into one Gaussian KDE with bandwidth
+h = f·Silverman, and every value moves to the representative of its basin
+(:func:`red_onnx.kde.hash_channels`). Each layer offers the budget a ladder of bandwidth factors f,
+mild to aggressive, saving the bytes a narrower codebook index buys; the budget spends on hashing
+only what the MAC-saving passes left.
+
+Storage (:func:`encode`, the pipeline's last step, exact): a layer whose weight takes at most 256
+distinct values per channel scale (65 536 with ``codebook="auto"``) is stored as
+
+    indices (uint8/uint16) → Cast(int32) → Gather(codebook) [→ Mul(per-channel scale)]
+
+in standard ops; onnxruntime folds the chain at session creation, so inference speed is unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..budget import Candidate
+from ..context import Context, PassResult
+from ..kde import hash_channels
+from ..layers import Layer, find_layers
+from ..model_io import to_model
+
+NAME = "hash"
+#: Bandwidth factors (× Silverman's bandwidth of the normalised weights), mild to aggressive.
+FACTORS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+#: Codebook entries allowed per index width, by ``--codebook`` setting.
+INDEX_TYPES = {"uint8": ((256, np.uint8),), "auto": ((256, np.uint8), (65536, np.uint16)), "off": ()}
+MIN_ELEMENTS = 1024  # smaller weights are not worth a codebook
+
+
+def run(ctx: Context) -> PassResult:
+    """Hash layer weights with what the budget has left (values only; :func:`encode` stores them)."""
+    start = time.perf_counter()
+    counts = {"layers_hashed": 0}
+    rows = []
+    if ctx.budget is not None and ctx.tolerance > 0 and INDEX_TYPES[ctx.codebook]:
+        candidates, hashed = _propose(ctx)
+        if candidates:
+            spent = ctx.budget.spend(to_model(ctx.graph.copy(), ctx.template), candidates,
+                                     lambda chosen: {c.data[0]: hashed[c.key] for c in chosen})
+            tensors = ctx.graph.tensors()
+            for c in spent.accepted:
+                name, factor, entries, error = c.data
+                tensors[name].values = hashed[c.key]
+                rows.append({"name": c.slot.split(":", 1)[1], "bandwidth_factor": factor, "modes": entries,
+                             "weight_error": round(error, 6)})
+            counts["layers_hashed"] = len(spent.accepted)
+            counts["deviation_allocated"] = round(spent.deviation_after, 6)
+    return PassResult(NAME, counts["layers_hashed"] > 0, counts, rows, time.perf_counter() - start)
+
+
+def _propose(ctx: Context) -> tuple[list[Candidate], dict[str, np.ndarray]]:
+    candidates, hashed = [], {}
+    limit = INDEX_TYPES[ctx.codebook][-1][0]
+    for layer in find_layers(ctx.graph, ctx.exclude)[0]:
+        w = layer.get_weight()
+        if w.size < MIN_ELEMENTS or w.dtype not in (np.float16, np.float32, np.float64):
+            continue
+        norm = float(np.linalg.norm(w))
+        before = len(np.unique(w))
+        for level, factor in enumerate(FACTORS):
+            values, codebook, _ = hash_channels(w, factor, per_channel=True, scale="pow2")
+            entries = len(codebook)
+            if entries > limit or entries >= before:
+                continue
+            saving = w.nbytes - _encoded_bytes(w, entries, ctx.codebook)
+            error = float(np.linalg.norm(values - w)) / norm if norm else 0.0
+            key = f"hash:{layer.name}:{level}"
+            hashed[key] = layer.stored(values)
+            candidates.append(Candidate(key, f"hash:{layer.name}", (0, 0, saving), error, level,
+                                        (layer.weight.name, factor, entries, error)))
+    return candidates, hashed
+
+
+def _encoded_bytes(w: np.ndarray, entries: int, setting: str) -> int:
+    width = next(np.dtype(t).itemsize for n, t in INDEX_TYPES[setting] if entries <= n)
+    return w.size * width + entries * w.dtype.itemsize + w.shape[0] * w.dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook storage
+
+
+def encode(ctx: Context) -> PassResult:
+    """Store every linear layer's weight that has few distinct values as a codebook (exact, bit
+    for bit). Shared weights too: storage does not change the values any user sees."""
+    start = time.perf_counter()
+    rows = []
+    if INDEX_TYPES[ctx.codebook]:
+        layers = {id(layer.weight): layer for layer in find_layers(ctx.graph, ctx.exclude)[0]}
+        weights = {}
+        for node in ctx.graph.nodes:
+            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1 \
+                    and isinstance(node.inputs[1], gs.Constant) and not (ctx.exclude and ctx.exclude.search(node.name)):
+                weights.setdefault(id(node.inputs[1]), node.inputs[1])
+        for key, weight in weights.items():
+            row = _encode_weight(ctx.graph, weight, layers.get(key), ctx.codebook, ctx.scale_hints.get(weight.name))
+            if row:
+                rows.append(row)
+    ctx.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    counts = {"weights_encoded": len(rows), "bytes_saved": sum(r["bytes_before"] - r["bytes_after"] for r in rows)}
+    return PassResult("codebook", bool(rows), counts, rows, time.perf_counter() - start)
+
+
+def _scale_shape(layer: Layer, channels: int, ndim: int) -> tuple[int, ...] | None:
+    """Shape of a per-output-channel scale in the op's stored layout, or None."""
+    if layer.op == "Conv":
+        return (channels,) + (1,) * (ndim - 1)
+    if layer.op == "Gemm" and layer.node.attrs.get("transB", 0):
+        return (channels, 1)
+    if layer.op in ("Gemm", "MatMul"):
+        return (1, channels)
+    if layer.op == "ConvTranspose" and layer.group == 1:
+        return (1, channels) + (1,) * (ndim - 2)
+    return None
+
+
+def _split_scales(layer: Layer, hint: np.ndarray | None, limit: int):
+    """(normalised stored weight, scales in stored layout) with normalised · scales == weight
+    exactly and at most ``limit`` distinct normalised values; None if no such split is found."""
+    view = layer.get_weight()
+    shape = _scale_shape(layer, view.shape[0], view.ndim if layer.op != "ConvTranspose" else view.ndim)
+    if shape is None:
+        return None
+    flat = view.reshape(view.shape[0], -1)
+    peak = np.max(np.abs(flat), axis=1).astype(np.float64)
+    pow2 = np.where(peak > 0, np.ldexp(1.0, np.frexp(peak)[1]), 1.0).astype(view.dtype)
+    for scales in ([hint] if hint is not None and len(hint) == view.shape[0] else []) + [pow2]:
+        scales = np.where(scales != 0, scales, 1).astype(view.dtype)
+        normalised = (flat / scales[:, None]).astype(view.dtype)
+        if len(np.unique(normalised)) <= limit and np.array_equal(normalised * scales[:, None], flat):
+            return layer.stored(normalised.reshape(view.shape)), scales.reshape(shape)
+    return None
+
+
+def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, setting: str,
+                   hint: np.ndarray | None) -> dict | None:
+    stored = constant.values
+    if stored.size < MIN_ELEMENTS or stored.dtype not in (np.float16, np.float32, np.float64):
+        return None
+    limit = INDEX_TYPES[setting][-1][0]
+    codebook, scales = np.unique(stored), None
+    if len(codebook) > limit and layer is not None:
+        split = _split_scales(layer, hint, limit)
+        if split is None:
+            return None
+        stored, scales = split
+        codebook = np.unique(stored)
+    if len(codebook) > limit:
+        return None
+    index_type = next(t for n, t in INDEX_TYPES[setting] if len(codebook) <= n)
+    indices = np.searchsorted(codebook, stored).astype(index_type)
+    before = constant.values.nbytes
+    after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
+    if after >= before:
+        return None
+    name = constant.name
+    idx32 = gs.Variable(f"{name}_indices_int32", dtype=np.int32)
+    nodes = [gs.Node("Cast", f"{name}_cast", {"to": onnx.TensorProto.INT32},
+                     [gs.Constant(f"{name}_indices", indices)], [idx32])]
+    book = gs.Constant(f"{name}_codebook", codebook)
+    decoded = gs.Variable(f"{name}_decoded", dtype=stored.dtype)
+    if scales is None:
+        nodes.append(gs.Node("Gather", f"{name}_gather", {"axis": 0}, [book, idx32], [decoded]))
+    else:
+        gathered = gs.Variable(f"{name}_gathered", dtype=stored.dtype)
+        nodes += [gs.Node("Gather", f"{name}_gather", {"axis": 0}, [book, idx32], [gathered]),
+                  gs.Node("Mul", f"{name}_scale", inputs=[gathered, gs.Constant(f"{name}_scales", scales)],
+                          outputs=[decoded])]
+    for user in list(constant.outputs):
+        user.inputs = [decoded if t is constant else t for t in user.inputs]
+    graph.nodes.extend(nodes)
+    return {"name": name, "codebook_entries": int(len(codebook)), "index": np.dtype(index_type).name,
+            "per_channel_scale": scales is not None, "shared_by": len(nodes[-1].outputs[0].outputs),
+            "bytes_before": int(before), "bytes_after": int(after)}
