@@ -67,7 +67,7 @@ def file_probes(arrays: dict[str, np.ndarray], specs: Specs) -> list[Feeds]:
     return samples
 
 
-def make_probes(specs: Specs, seed: int = 0, allocation: int = 8, verification: int = 8,
+def make_probes(specs: Specs, seed: int = 0, allocation: int = 16, verification: int = 8,
                 ranges: dict[str, tuple[float, float]] | None = None,
                 arrays: dict[str, np.ndarray] | None = None) -> Probes:
     """Allocation and verification probes, disjoint.
@@ -179,7 +179,7 @@ class Budget:
                 rejects = 0
             elif len(take) == 1:
                 del frontier[take[0].slot]
-                rejects += 1
+                rejects += 1 if accepted else 0  # before the first fit, search on (up to max_evaluations)
                 if rejects >= self.patience:
                     break
             else:

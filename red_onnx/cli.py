@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.dry_run:
             model_io.check_output_path(args.output, [args.input])
+        if args.report:
+            model_io.check_output_path(args.report, [args.input, args.output])
         from .pipeline import compress
 
         model, report = compress(

@@ -193,6 +193,9 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skip
             return []
         space.freeze(f"feeds {op} '{node.name}' with {w.shape[1]} inputs for {c} channels")
         return []
+    if op in ("Resize", "Upsample") and not _resize_keeps_channels(node):
+        space.freeze(f"{op} '{node.name}' that may resize the channel axis")
+        return []
     if op in UNARY:
         homogeneous, zero = UNARY[op]
         if op == "Clip":
@@ -203,10 +206,7 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skip
             if not isinstance(slope, gs.Constant):
                 space.freeze(f"PRelu '{node.name}' with a non-constant slope")
                 return []
-            if slope.values.size == c:
-                space.params.append(ChannelParam(slope, _channel_axis(slope.values, c)))
-            elif slope.values.size != 1:
-                space.freeze(f"PRelu '{node.name}' slope shape {slope.values.shape}")
+            if not _add_param(space, slope, tensor, shapes, f"PRelu '{node.name}'"):
                 return []
         space.homogeneous &= homogeneous
         space.zero_preserving &= bool(zero)
@@ -220,6 +220,9 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skip
         if not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
             space.freeze(f"BatchNormalization '{node.name}' with non-constant parameters")
             return []
+        if any(len(t.outputs) > 1 for t in node.inputs[1:5]) or len({id(t) for t in node.inputs[1:5]}) < 4:
+            space.freeze(f"BatchNormalization '{node.name}' with parameters shared with other nodes")
+            return []
         space.params.extend(ChannelParam(t, 0) for t in node.inputs[1:5])
         space.homogeneous = False
         space.zero_preserving = False
@@ -228,10 +231,7 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skip
         const = [t for t in node.inputs if isinstance(t, gs.Constant)]
         if const:
             values = const[0].values
-            if values.size == c:
-                space.params.append(ChannelParam(const[0], _channel_axis(values, c)))
-            elif values.size != 1:
-                space.freeze(f"{op} '{node.name}' by a constant of shape {values.shape}")
+            if not _add_param(space, const[0], tensor, shapes, f"{op} '{node.name}'"):
                 return []
             if op in ("Add", "Sub") or (op == "Div" and node.inputs[1] is not const[0]):
                 space.homogeneous &= not np.any(values) and op != "Div"
@@ -240,7 +240,7 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skip
         if op in ("Mul", "Div"):
             space.homogeneous = False
         return [node.outputs[0], *node.inputs]
-    if op in SPATIAL_REDUCE and _spatial_reduce(node):
+    if op in SPATIAL_REDUCE and _spatial_reduce(node, _rank(tensor, shapes)):
         return [node.outputs[0], node.inputs[0]]
     if op in ("Flatten", "Reshape") and not backward:
         return _to_features(node, tensor, space, shapes)
@@ -279,7 +279,13 @@ def _to_features(node: gs.Node, tensor: gs.Tensor, space: Space, shapes: dict) -
     if node.op == "Reshape":
         target = node.inputs[1]
         if isinstance(target, gs.Constant):
+            if len(target.outputs) > 1:
+                space.freeze(f"Reshape '{node.name}' shape constant shared with other nodes")
+                return []
             space.reshapes.append((target, block))
+        elif not _adapts_to_channels(target, space.channels * block):
+            space.freeze(f"Reshape '{node.name}' with a computed shape that may fix the feature count")
+            return []
     for consumer in out.outputs:
         if consumer.op not in ("Gemm", "MatMul"):
             space.freeze(f"flattened features feed {consumer.op} '{consumer.name}'")
@@ -287,9 +293,57 @@ def _to_features(node: gs.Node, tensor: gs.Tensor, space: Space, shapes: dict) -
     return [out]
 
 
-def _channel_axis(values: np.ndarray, channels: int) -> int:
-    axes = [i for i, d in enumerate(values.shape) if d == channels]
-    return axes[0] if axes else 0
+def _adapts_to_channels(target: gs.Tensor, features: int) -> bool:
+    """A computed Reshape shape like Concat(Shape(x)[:1], [-1]): it follows a new channel count."""
+    producer = target.inputs[0] if target.inputs else None
+    if producer is None or producer.op != "Concat":
+        return False
+    consts = [t.values for t in producer.inputs if isinstance(t, gs.Constant)]
+    return any(np.any(v == -1) for v in consts) and not any(np.any(v == features) for v in consts)
+
+
+def _rank(tensor: gs.Tensor, shapes: dict) -> int | None:
+    shape = shapes.get(tensor.name)
+    return len(shape) if shape is not None else None
+
+
+def _add_param(space: Space, const: gs.Constant, tensor: gs.Tensor, shapes: dict, where: str) -> bool:
+    """Register a constant broadcast against ``tensor`` as a per-channel parameter (a scalar needs
+    nothing); freeze the space if it varies along another axis or is shared with other nodes."""
+    values = const.values
+    if values.size == 1:
+        return True
+    rank = _rank(tensor, shapes)
+    axis = _channel_axis(values.shape, space.channels, rank)
+    if axis is None:
+        space.freeze(f"{where}: constant of shape {values.shape} is not one value per channel")
+        return False
+    if len(const.outputs) > 1:
+        space.freeze(f"{where}: per-channel constant '{const.name}' is shared with other nodes")
+        return False
+    space.params.append(ChannelParam(const, axis))
+    return True
+
+
+def _channel_axis(shape: tuple[int, ...], channels: int, rank: int | None) -> int | None:
+    """The axis of a constant that broadcasts along axis 1 of a rank-``rank`` tensor, or None."""
+    if rank is None or len(shape) > rank or rank < 2:
+        return None
+    padded = (1,) * (rank - len(shape)) + tuple(shape)
+    if padded[1] != channels or any(d != 1 for i, d in enumerate(padded) if i != 1):
+        return None
+    return 1 - (rank - len(shape))
+
+
+def _resize_keeps_channels(node: gs.Node) -> bool:
+    """Resize/Upsample by constant scales that are 1 on the batch and channel axes, no sizes."""
+    if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name:
+        return False
+    scales = node.inputs[2] if node.op == "Resize" and len(node.inputs) > 2 else \
+        (node.inputs[1] if len(node.inputs) > 1 else None)
+    if scales is None or not scales.name:
+        return node.op == "Upsample" and list(node.attrs.get("scales", [1, 1]))[:2] == [1, 1]
+    return isinstance(scales, gs.Constant) and scales.values.size >= 2 and np.all(scales.values[:2] == 1)
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float, float]:
@@ -318,8 +372,10 @@ def _pads_channels(node: gs.Node) -> bool:
     return rank > 1 and (pads[1] != 0 or pads[rank + 1] != 0)
 
 
-def _spatial_reduce(node: gs.Node) -> bool:
+def _spatial_reduce(node: gs.Node, rank: int | None) -> bool:
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
         axes = node.inputs[1].values.tolist()
-    return axes is not None and 1 not in axes and 0 not in axes and node.attrs.get("keepdims", 1) == 1
+    if axes is None or rank is None or node.attrs.get("keepdims", 1) != 1:
+        return False
+    return not {a % rank for a in np.atleast_1d(axes).tolist()} & {0, 1}

@@ -76,7 +76,7 @@ UNIMODAL_CAP = 64.0
 #: lattice positions stay below this so that they are exact in float64 / int64
 _MAX_POSITION = float(2**50)
 #: FFT convolution when nnz * taps > _FFT_RATIO * nfft * log2(nfft) (measured: bench/kde_speed.py)
-_FFT_RATIO = 8.0
+_FFT_RATIO = 2.0
 #: FFT output below this fraction of its maximum is rounding noise: set to 0
 _FFT_FLOOR = 1e-12
 
@@ -256,41 +256,24 @@ def _assemble_sparse(u, cstart, mat, fl, ce, pk, e2, ev, npk, ned, origin, step)
     return peaks, edges, evals
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _basin(v, origin, inv_half, qmax, table, edges):
-    """Basin index of v: table[q] for half-step sub-cell q, or one comparison with an edge.
-
-    ``table[q] >= 0``: every value in sub-cell q is in that basin; ``table[q] = -(e+1)``: the
-    sub-cell is within rounding of edge e, so ``b = e + (v >= edges[e])``.
-    """
-    p = (v - origin) * inv_half
-    if p < 0.0:
-        p = 0.0
-    q = int(p)
-    if q > qmax:
-        q = qmax
-    t = table[q]
-    if t >= 0:
-        return t
-    e = -t - 1
-    return e + (1 if v >= edges[e] else 0)
-
-
 @njit(cache=True, nogil=True)
-def _reduce_nearest(x, origin, inv_half, table, cand, edges, peaks, best, bestd):
-    """best[b] = member of basin b nearest to peaks[b] (ties: smaller), scanning only values
-    in candidate sub-cells (those that can hold it); bestd[b] = its distance (inf: empty)."""
+def _assign_reduce(x, origin, inv_half, table, cand, edges, peaks, best, bestd, lab):
+    """lab[i] = basin of x[i]; best[b] = member of basin b nearest to peaks[b] (ties: smaller).
+
+    Basin lookup per half-step sub-cell q: ``table[q] >= 0`` is the basin of every value in
+    it, ``table[q] = -(e+1)`` means q is within rounding of edge e: ``b = e + (v >= edges[e])``.
+    Only values in candidate sub-cells (those that can hold a nearest member) are compared.
+    """
     qmax = table.size - 1
     for i in range(x.size):
         v = x[i]
-        p = (v - origin) * inv_half
-        if p < 0.0:
-            p = 0.0
-        q = int(p)
-        if q > qmax:
-            q = qmax
+        q = int(min(max((v - origin) * inv_half, 0.0), qmax))
+        b = table[q]
+        if b < 0:
+            e = -b - 1
+            b = e + (1 if v >= edges[e] else 0)
+        lab[i] = b
         if cand[q]:
-            b = _basin(v, origin, inv_half, qmax, table, edges)
             dd = abs(v - peaks[b])
             if dd < bestd[b] or (dd == bestd[b] and v < best[b]):
                 bestd[b] = dd
@@ -299,7 +282,7 @@ def _reduce_nearest(x, origin, inv_half, table, cand, edges, peaks, best, bestd)
 
 @njit(cache=True, nogil=True)
 def _reduce_labels(x, lab, peaks, best, bestd):
-    """As _reduce_nearest, given every value's basin."""
+    """As _assign_reduce, given every value's basin."""
     for i in range(x.size):
         v = x[i]
         b = lab[i]
@@ -324,17 +307,18 @@ def _nearest(x, t):
 
 
 @njit(cache=True, nogil=True)
-def _write_values(x, origin, inv_half, table, edges, reps, out):
-    qmax = table.size - 1
-    for i in range(x.size):
-        out[i] = reps[_basin(x[i], origin, inv_half, qmax, table, edges)]
+def _gather(table, idx, out):
+    """out[i] = table[idx[i]]."""
+    for i in range(idx.size):
+        out[i] = table[idx[i]]
 
 
 @njit(cache=True, nogil=True)
-def _write_labels(x, origin, inv_half, table, edges, out):
-    qmax = table.size - 1
-    for i in range(x.size):
-        out[i] = _basin(x[i], origin, inv_half, qmax, table, edges)
+def _count(idx, n):
+    c = np.zeros(n, np.int64)
+    for i in range(idx.size):
+        c[idx[i]] += 1
+    return c
 
 
 @njit(cache=True, nogil=True)
@@ -406,8 +390,8 @@ def _distinct(work):
     return xs[first].astype(np.float64), np.diff(np.append(first, xs.size)).astype(np.float64)
 
 
-def _plan(work, xmin, xmax, h, grid_size, all_clusters=False):
-    """Choose the lattice (see the module docstring)."""
+def _plan(work, xmin, xmax, h, grid_size, all_clusters=False, dense=False):
+    """Choose the lattice (see the module docstring); ``dense``: never sparse."""
     if grid_size is not None:
         gs = int(grid_size)
         if gs < 2:
@@ -430,7 +414,7 @@ def _plan(work, xmin, xmax, h, grid_size, all_clusters=False):
         if not (math.isfinite(origin) and math.isfinite(xmax + (pad + 1) * step)):
             raise ValueError(f"bandwidth {h!r} too large for values in [{xmin!r}, {xmax!r}]")
         M = int(math.ceil((xmax - origin) / step)) + pad + 2
-        if M <= MAX_GRID:
+        if M <= MAX_GRID or dense:
             return _Lattice(origin, step, min(R, M), M)
         # sparse: here step >= h/4, so R <= 20 = pad
         if u is None:
@@ -518,7 +502,7 @@ def kde_density(values: np.ndarray, bandwidth: float, grid_size: int | None = No
 
 
 def _subcell_table(edges, lat, xabs):
-    """Basin lookup over half-step sub-cells (see ``_basin``); None if rounding makes it unsafe."""
+    """Basin lookup over half-step sub-cells (see ``_assign_reduce``); None if rounding makes it unsafe."""
     Q = 2 * lat.size
     delta = 16.0 * np.finfo(np.float64).eps * (xabs + abs(lat.origin) + lat.step * Q)
     bounds = lat.origin + lat.step * (0.5 * np.arange(Q + 1, dtype=np.float64))
@@ -559,13 +543,13 @@ def _candidate_cells(w, el, pk, Q):
     return np.cumsum(mark[:-1]) > 0
 
 
-class _Assign(NamedTuple):
-    origin: float
-    inv_half: float
-    table: np.ndarray | None  # None: binary search over the edges
+def _label_dtype(B, int32):
+    if int32 or B > 65536:
+        return np.int32
+    return np.uint8 if B <= 256 else np.uint16
 
 
-def _unimodal(work, lo, hi, h, grid_size):
+def _unimodal(work, lo, hi, h, grid_size, int32):
     """One basin (``h >= 2 * range``: the KDE is concave over the values, so unimodal).
 
     The peak is the lattice argmax (plateau centre, log-parabola refined) for
@@ -573,8 +557,9 @@ def _unimodal(work, lo, hi, h, grid_size):
     drowns in rounding, and the peak moves by < 1e-3 of the range.
     """
     span = hi - lo
+    step = 0.0
     if span > 0.0:
-        lat = _plan(work, lo, hi, min(h, UNIMODAL_CAP * span), grid_size)
+        lat = _plan(work, lo, hi, min(h, UNIMODAL_CAP * span), grid_size, dense=True)  # <= 9220 points
         d = _lattice_density(work, lat, min(h, UNIMODAL_CAP * span))[0]
         i = int(np.argmax(d))
         j = i + int(np.argmax(d[i:] != d[i])) - 1 if np.any(d[i:] != d[i]) else d.size - 1
@@ -585,25 +570,26 @@ def _unimodal(work, lo, hi, h, grid_size):
                 pos += 0.5 * (la - lc) / (la - 2.0 * lb + lc)
         peak = lat.origin + lat.step * pos
         rep = _nearest(work, peak)
-        origin, step, size = lat.origin, lat.step, lat.size
+        step = lat.step
     else:
         peak = rep = lo
-        origin, step, size = lo - 1.0, 1.0, 2
-    table = np.zeros(2 * size, np.int32)
     info = Basins(np.array([rep]), np.empty(0), np.array([peak]), np.array([work.size], np.int64), step)
-    return info, _Assign(origin, 2.0 / step, table)
+    return info, np.zeros(work.size, _label_dtype(1, int32)), None
 
 
-def _analyze(work, lo, hi, h, grid_size, want_counts=False):
-    """Basins of ``work`` and how to assign values to them."""
+def _analyze(work, lo, hi, h, grid_size, int32=False):
+    """Basins of ``work`` (``counts`` left None), every value's basin label, and ``index``.
+
+    Labels refer to the basins before empty ones were dropped: basin ``index[label]``
+    (``index`` None: the identity).
+    """
     if h >= 2.0 * (hi - lo):
-        return _unimodal(work, lo, hi, h, grid_size)
+        return _unimodal(work, lo, hi, h, grid_size, int32)
     lat = _plan(work, lo, hi, h, grid_size)
     d, w, s0, s1, slat, sparse = _lattice_density(work, lat, h)
     pk, e2, ev, npk, ned = _extrema(d, s0, s1, slat)
     origin, step = lat.origin, lat.step
-    counts = None
-    table = None
+    lab = None
     if lat.size > 0:
         el = 0.5 * e2
         peaks = origin + step * pk
@@ -611,46 +597,42 @@ def _analyze(work, lo, hi, h, grid_size, want_counts=False):
         B = peaks.size
         best = np.full(B, np.inf)
         bestd = np.full(B, np.inf)
-        xabs = max(abs(lo), abs(hi))
-        table = _subcell_table(edges, lat, xabs)
+        table = _subcell_table(edges, lat, max(abs(lo), abs(hi)))
         if table is not None:
             cand = _candidate_cells(w, el, pk, table.size)
-            _reduce_nearest(work, origin, 2.0 / step, table, cand, edges, peaks, best, bestd)
-        else:
-            _reduce_labels(work, np.searchsorted(edges, work, side="right"), peaks, best, bestd)
+            lab = np.empty(work.size, _label_dtype(B, int32))
+            _assign_reduce(work, origin, 2.0 / step, table, cand, edges, peaks, best, bestd, lab)
+        else:  # rounding too coarse for the sub-cell table: binary search
+            lab = np.searchsorted(edges, work, side="right").astype(_label_dtype(B, int32))
+            _reduce_labels(work, lab, peaks, best, bestd)
         nonempty = np.isfinite(bestd).astype(np.int64)
     else:
         fl, ce = sparse
         peaks, edges, ev = _assemble_sparse(lat.u, lat.cstart, lat.mat, fl, ce, pk, e2, ev, npk, ned, origin, step)
-        lab = np.searchsorted(edges, lat.u, side="right")
+        ulab = np.searchsorted(edges, lat.u, side="right")
         B = peaks.size
-        counts = np.bincount(lab, weights=lat.ucount, minlength=B).astype(np.int64)
-        first = np.searchsorted(lab, np.arange(B), side="left")
-        last = np.maximum(np.searchsorted(lab, np.arange(B), side="right") - 1, 0)  # empty: dropped below
+        nonempty = np.bincount(ulab, minlength=B)
+        first = np.searchsorted(ulab, np.arange(B), side="left")
+        last = np.maximum(np.searchsorted(ulab, np.arange(B), side="right") - 1, 0)  # empty: dropped below
         first = np.minimum(first, last)
         j = np.clip(np.searchsorted(lat.u, peaks), first, last)  # nearest member is u[j] or u[j-1]
         jm = np.maximum(j - 1, first)
+        while True:  # smaller members at the same float distance (ties: the smaller)
+            tie = (jm > first) & (np.abs(lat.u[np.maximum(jm - 1, 0)] - peaks) == np.abs(lat.u[jm] - peaks))
+            if not tie.any():
+                break
+            jm = np.where(tie, jm - 1, jm)
         take_lower = np.abs(lat.u[jm] - peaks) <= np.abs(lat.u[j] - peaks)  # ties: the smaller
         best = np.where(take_lower, lat.u[jm], lat.u[j])
-        nonempty = counts
     keep_b, keep_e = _keep_nonempty(nonempty, ev)
+    index = None
     if not keep_b.all():
         peaks, best, edges = peaks[keep_b], best[keep_b], edges[keep_e]
-        counts = None if counts is None else counts[keep_b]
-        if table is not None:
-            table = _subcell_table(edges, lat, max(abs(lo), abs(hi)))
-    assign = _Assign(origin, 2.0 / step, table)
-    if want_counts and counts is None:
-        counts = np.bincount(_labels(work, edges, assign), minlength=best.size).astype(np.int64)
-    return Basins(best, edges, peaks, counts, step), assign
-
-
-def _labels(work, edges, assign):
-    if assign.table is None:
-        return np.searchsorted(edges, work, side="right").astype(np.int32)
-    out = np.empty(work.size, np.int32)
-    _write_labels(work, assign.origin, assign.inv_half, assign.table, edges, out)
-    return out
+        index = np.maximum(np.cumsum(keep_b) - 1, 0)
+    if lab is None:  # sparse lattice: binary search over the final edges
+        lab = np.searchsorted(edges, work, side="right").astype(_label_dtype(edges.size + 1, int32))
+        index = None
+    return Basins(best, edges, peaks, None, step), lab, index
 
 
 def kde_basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -> Basins:
@@ -660,7 +642,11 @@ def kde_basins(values: np.ndarray, bandwidth: float, grid_size: int | None = Non
     if work.size == 0:
         e = np.empty(0)
         return Basins(e, e.copy(), e.copy(), np.empty(0, np.int64), 0.0)
-    return _analyze(work, lo, hi, h, grid_size, want_counts=True)[0]
+    info, lab, index = _analyze(work, lo, hi, h, grid_size)
+    counts = _count(lab, info.modes.size if index is None else index.size)
+    if index is not None:
+        counts = np.bincount(index, weights=counts, minlength=info.modes.size).astype(np.int64)
+    return info._replace(counts=counts)
 
 
 def basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -673,17 +659,19 @@ def basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -
 
 
 def _hash_flat(work, lo, hi, h, grid_size, labels):
-    """Hashed values (same dtype as ``work``) or basin labels (int32), and the float64 modes."""
+    """Hashed values (dtype of ``work``) or basin indices (int32), and the float64 modes."""
     if work.size == 0:
         return (np.empty(0, np.int32) if labels else work.copy()), np.empty(0)
-    info, assign = _analyze(work, lo, hi, h, grid_size)
+    info, lab, index = _analyze(work, lo, hi, h, grid_size, int32=labels)
     if labels:
-        return _labels(work, info.edges, assign), info.modes
+        if index is not None:
+            _gather(index.astype(np.int32), lab, lab)
+        return lab, info.modes
     reps = info.modes.astype(work.dtype)
-    if assign.table is None:
-        return reps[np.searchsorted(info.edges, work, side="right")], info.modes
+    if index is not None:
+        reps = reps[index]
     out = np.empty_like(work)
-    _write_values(work, assign.origin, assign.inv_half, assign.table, info.edges, reps, out)
+    _gather(reps, lab, out)
     return out, info.modes
 
 
@@ -708,16 +696,21 @@ def hash_values(
 
 
 def _scales(flat, scale):
+    """Per-row scales in the rows' dtype; 0 exactly for all-zero rows."""
+    m = np.max(np.abs(flat), axis=1)
     if scale == "maxabs":
-        s = np.max(np.abs(flat), axis=1)
+        s = m
     elif scale == "std":
         s = flat.std(axis=1, dtype=np.float64).astype(flat.dtype)
+        s = np.where(s > 0, s, m)  # constant rows: their max-abs
     elif scale == "pow2":
-        m = np.max(np.abs(flat), axis=1).astype(np.float64)
-        s = np.ldexp(1.0, np.frexp(m)[1]).astype(flat.dtype)  # 2**e > m: w/s, s*(w/s) exact
+        s = np.ldexp(1.0, np.frexp(m.astype(np.float64))[1]).astype(flat.dtype)  # 2**e > m: s*(w/s) == w
+        s[m == 0] = 0
     else:
         raise ValueError(f"scale must be 'maxabs', 'std' or 'pow2', got {scale!r}")
-    return np.where((s > 0) & np.isfinite(s), s, np.ones_like(s)).astype(flat.dtype)
+    if not np.all(np.isfinite(s)):
+        raise ValueError("weight contains NaN or inf")
+    return s.astype(flat.dtype)
 
 
 def hash_channels(
@@ -735,8 +728,10 @@ def hash_channels(
     ``"std"``, or ``"pow2"`` — the power of two above the max-abs, which makes ``s*(w/s) == w``),
     all channels' ``u`` are pooled into one KDE with ``h = bandwidth_factor * silverman(u)``,
     and ``hashed = codebook[indices] * s[:, None, ...]`` computed in the weight's dtype — exactly
-    what onnxruntime's ``Gather(codebook, indices)`` then ``Mul(scales)`` yields.  Without
-    ``per_channel`` the whole tensor is hashed with ``s = 1`` (``scales`` are ones).
+    what onnxruntime's ``Gather(codebook, indices)`` then ``Mul(scales)`` yields.  An all-zero
+    channel gets ``s_c = 0`` (it stays exactly zero and is left out of the KDE; its indices
+    point at the codebook entry of least magnitude).  Without ``per_channel`` the whole tensor
+    is hashed with ``s = 1`` (``scales`` are ones), i.e. ``hash_values(w, f * silverman(w))``.
 
     Returns ``(hashed, codebook, scales)`` (``scales`` shape ``(C,)``, or ``()`` for a 0-d
     weight), plus ``indices`` (int32, shape of ``weight``) if ``return_indices``.
@@ -749,20 +744,30 @@ def hash_channels(
         raise ValueError(f"bandwidth_factor must be a positive finite number, got {bandwidth_factor!r}")
     if w.ndim == 0:
         s = np.ones((), w.dtype)
-        u = w.reshape(1)
+        rows = np.ones(1, np.bool_)
+        u = w.reshape(1, 1)
     else:
-        flat = w.reshape(w.shape[0], -1)
+        flat = w.reshape(w.shape[0], w.size // max(w.shape[0], 1))
         if per_channel and flat.size:
             s = _scales(flat, scale)
-            u = (flat / s[:, None]).astype(w.dtype)
+            rows = s != 0
+            u = (flat[rows] / s[rows, None]).astype(w.dtype)
         else:
             s = np.ones(w.shape[0], w.dtype)
+            rows = np.ones(w.shape[0], np.bool_)
             u = flat
     _, work, lo, hi = _prepare(u)
     h = f * silverman_bandwidth(work) if work.size else 1.0
     lab, modes = _hash_flat(work, lo, hi, h, grid_size, labels=True)
+    if modes.size == 0 and not rows.all():  # only all-zero channels: any codebook will do
+        modes = np.zeros(1)
     codebook = modes.astype(w.dtype)
-    idx = lab.reshape(w.shape)
+    idx = np.zeros((rows.size, w.size // max(rows.size, 1)), np.int32)
+    if rows.any():
+        idx[rows] = lab.reshape(int(rows.sum()), -1)
+    if not rows.all():
+        idx[~rows] = int(np.argmin(np.abs(modes)))
+    idx = idx.reshape(w.shape)
     hashed = codebook[idx] * s.reshape(s.shape + (1,) * (w.ndim - s.ndim))
     hashed = hashed.astype(w.dtype, copy=False)
     return (hashed, codebook, s, idx) if return_indices else (hashed, codebook, s)

@@ -115,19 +115,30 @@ class Layer:
             shape = (1,) * (old.ndim - 1) + (-1,) if old.ndim > 1 else (-1,)
             self.bias.values = bias.reshape(shape)
             return
+        taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        base = self.name or self.weight.name
+        self.bias = gs.Constant(unique_name(f"{base}_bias", taken), bias)
         if self.op == "MatMul":
-            name = f"{self.name}_bias"
-            self.bias = gs.Constant(name, bias)
             result = self.node.outputs[0]
-            pre = gs.Variable(f"{self.name}_nobias", dtype=result.dtype)
+            pre = gs.Variable(unique_name(f"{base}_nobias", taken), dtype=result.dtype)
             self.node.outputs = [pre]
-            self.bias_node = gs.Node("Add", f"{self.name}_add_bias", inputs=[pre, self.bias], outputs=[result])
+            self.bias_node = gs.Node("Add", unique_name(f"{base}_add_bias", taken), inputs=[pre, self.bias],
+                                     outputs=[result])
             graph.nodes.append(self.bias_node)
             return
-        self.bias = gs.Constant(f"{self.name}_bias", bias)
         if self.op == "Gemm":
             self.node.attrs["beta"] = 1.0
         self.node.inputs = self.node.inputs[:2] + [self.bias]
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, … : the first not in ``taken`` (which it joins)."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
 
 
 @dataclass
@@ -161,7 +172,10 @@ def find_layers(graph: gs.Graph, exclude: re.Pattern | None = None) -> tuple[lis
         bias, bias_node = None, None
         if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
             b = node.inputs[2]
-            if isinstance(b, gs.Constant) and b.values.size in (1, _out_size(node, weight)) and len(b.outputs) == 1:
+            n = _out_size(node, weight)
+            per_output = b.values.size == 1 or (b.values.shape[-1] == n and b.values.size == n) \
+                if isinstance(b, gs.Constant) and b.values.ndim else isinstance(b, gs.Constant)
+            if isinstance(b, gs.Constant) and per_output and len(b.outputs) == 1:
                 bias = b
             elif not (isinstance(b, gs.Variable) and b.name == ""):
                 skipped.append(Skipped(node.name, node.op, "bias is not a private per-output constant"))

@@ -76,9 +76,17 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(template.metadata_props)
     model.graph.name = template.graph.name
     model.graph.doc_string = template.graph.doc_string
-    # graph inputs/outputs exactly as they were (names, types, dynamic dims)
+    # graph inputs/outputs as they were (names, types, dynamic dims); an initializer the template
+    # listed as an input stays one while it exists (IR < 4 lists every initializer)
+    inits = {t.name: t for t in model.graph.initializer}
+    template_inits = {t.name for t in template.graph.initializer}
+    inputs = [i for i in template.graph.input if i.name not in template_inits or i.name in inits]
+    if template.ir_version < 4:
+        listed = {i.name for i in inputs}
+        inputs += [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                   for t in model.graph.initializer if t.name not in listed]
     del model.graph.input[:]
-    model.graph.input.extend(template.graph.input)
+    model.graph.input.extend(inputs)
     del model.graph.output[:]
     model.graph.output.extend(template.graph.output)
     return model

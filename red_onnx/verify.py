@@ -112,9 +112,14 @@ def sample_deviation(reference: np.ndarray, result: np.ndarray) -> float:
         if not (finite | same).all():
             return float("inf")
         y, y2 = y[finite], y2[finite]
-    norm = np.linalg.norm(y)
-    diff = np.linalg.norm(y2 - y)
-    return float(diff / norm) if norm > 0 else float(diff)
+    scale = max(float(np.max(np.abs(y), initial=0.0)), float(np.max(np.abs(y2), initial=0.0)))
+    if scale == 0:
+        return 0.0
+    norm = np.linalg.norm(y / scale)  # scaled: squares of large values would overflow
+    diff = np.linalg.norm((y2 - y) / scale)
+    if not np.isfinite(diff):
+        return float("inf")
+    return float(diff / norm) if norm > 0 else float(diff * scale)
 
 
 def deviation(references: list[list[np.ndarray]], results: list[list[np.ndarray]]) -> tuple[float, list[float]]:
@@ -122,7 +127,8 @@ def deviation(references: list[list[np.ndarray]], results: list[list[np.ndarray]
     per_output = [0.0] * len(references[0]) if references else []
     for ref, res in zip(references, results):
         for k, (y, y2) in enumerate(zip(ref, res)):
-            per_output[k] = max(per_output[k], sample_deviation(y, y2))
+            d = sample_deviation(y, y2)
+            per_output[k] = max(per_output[k], d if d == d else float("inf"))
     return (max(per_output) if per_output else 0.0), per_output
 
 

@@ -60,6 +60,7 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
 def run(ctx: Context) -> PassResult:
     start = time.perf_counter()
     graph = ctx.graph
+    _name_nodes(graph)
     counts = {
         "identities_removed": _remove_identities(graph),
         "gemm_scalars_folded": _fold_gemm_scalars(graph),
@@ -81,6 +82,16 @@ def run(ctx: Context) -> PassResult:
     return PassResult(NAME, modified, counts, rows, time.perf_counter() - start)
 
 
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give unnamed nodes a unique name (``Conv_3``): reports and --exclude refer to nodes by name."""
+    from ..layers import unique_name
+
+    taken = {n.name for n in graph.nodes if n.name}
+    for i, node in enumerate(graph.nodes):
+        if not node.name:
+            node.name = unique_name(f"{node.op}_{i}", taken)
+
+
 def _remove_identities(graph: gs.Graph) -> int:
     """Bypass Identity and inference-mode Dropout nodes whose output is not a graph output."""
     outputs = {t.name for t in graph.outputs}
@@ -88,7 +99,7 @@ def _remove_identities(graph: gs.Graph) -> int:
     for node in graph.nodes:
         if node.op not in ("Identity", "Dropout") or not node.inputs or node.outputs[0].name in outputs:
             continue
-        if node.op == "Dropout" and (_training(node) or any(o.outputs for o in node.outputs[1:])):
+        if node.op == "Dropout" and (_training(node) or any(o.outputs or o.name in outputs for o in node.outputs[1:])):
             continue
         x, y = node.inputs[0], node.outputs[0]
         for consumer in list(y.outputs):

@@ -118,7 +118,7 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
         consumer.layer.set_weight(merged.reshape((o, len(keep) * consumer.block) + w.shape[2:]))
     for producer in space.producers:
         producer.set_weight(producer.get_weight()[keep])
-        if producer.bias is not None:
+        if producer.bias is not None and producer.bias.values.size == c:
             producer.bias.values = np.take(producer.bias.values, keep, axis=producer.bias.values.ndim - 1)
     for param in space.params:
         param.tensor.values = np.take(param.tensor.values, keep, axis=param.axis)

@@ -1,0 +1,409 @@
+"""Channel coupling (red_onnx.coupling): which layers and path ops share a channel space, and when a
+space is frozen; then the same patterns end to end through ``compress(tolerance=0, passes=["merge"])``.
+
+A merge in a coupled space must hold in every producer and agree with every per-channel parameter on
+the path; anything that mixes or reorders channels (Concat, Split, Transpose, a graph output, a
+reduction over channels, a shape constant that counts them) must freeze the space or be rewritten
+with it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from graphs import (G, assert_same, check_exact, inits, left_alone_reasons, merge0, merge_counts, node,
+                    plant, rand_layer, removed, view_weight)
+from red_onnx.coupling import channel_spaces
+from red_onnx.layers import input_specs, tensor_shapes
+
+DUP = [(5, 1, 1.0)]
+MULT = [(5, 1, 2.0)]
+
+
+def spaces(model, exclude: str | None = None) -> dict:
+    graph = gs.import_onnx(model)
+    shapes = tensor_shapes(model, input_specs(model))
+    return {s.name: s for s in channel_spaces(graph, shapes, re.compile(exclude) if exclude else None)}
+
+
+def simple(path, plan=DUP, c: int = 8, hw: int = 8, seed: int = 0, consumer: str = "conv"):
+    """x → conv1 (c ch, planted) → path(g, h) → conv2 (or Flatten→Gemm) → y."""
+    rng = np.random.default_rng(seed)
+    g = G(seed)
+    x = g.input("x", ["N", 3, hw, hw])
+    w1, b1 = plant(*rand_layer(rng, c, 3, 3), plan)
+    h = path(g, g.conv(x, w1, b1, name="conv1"))
+    if consumer == "conv":
+        g.output(g.conv(h, *rand_layer(rng, 4, c, 3), name="conv2"))
+    return g, h, rng
+
+
+def model_of(path, plan=DUP, **kw):
+    g, _, _ = simple(path, plan, **kw)
+    return g.model()
+
+
+def exact_or_frozen(model, allowed, batch: int = 3):
+    """The rewrite runs, is valid, computes the same function, and removed one of ``allowed``."""
+    result, report = merge0(model)
+    assert removed(model, result) in allowed
+    assert_same(model, result, batch=batch)
+    return result, report
+
+
+# --------------------------------------------------------------------------------------------- #
+# the spaces themselves
+
+
+def test_space_of_plain_chain():
+    rng = np.random.default_rng(0)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, *rand_layer(rng, 6, 3, 3), name="conv1")])
+    h = g.node("Flatten", [g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])], axis=1)
+    g.output(g.gemm(h, *rand_layer(rng, 5, 6 * 16), name="fc"))
+    s = spaces(g.model())
+    space = s["conv1"]
+    assert space.frozen is None
+    assert space.channels == 6
+    assert [p.name for p in space.producers] == ["conv1"]
+    assert [(c.layer.name, c.block) for c in space.consumers] == [("fc", 16)]
+    assert space.homogeneous and space.zero_preserving
+    assert "graph output" in s["fc"].frozen
+
+
+@pytest.mark.parametrize("op, homogeneous, zero", [
+    ("Relu", True, True), ("LeakyRelu", True, True), ("Sigmoid", False, False), ("Tanh", False, True),
+    ("HardSwish", False, True), ("Clip06", False, True), ("Clip16", False, False), ("AddConst", False, False),
+    ("MulConst", True, True)])
+def test_space_flags_of_path_ops(op, homogeneous, zero):
+    def path(g, h):
+        if op == "Clip06":
+            return g.node("Clip", [h, g.const(np.float32(0)), g.const(np.float32(6))])
+        if op == "Clip16":
+            return g.node("Clip", [h, g.const(np.float32(1)), g.const(np.float32(6))])
+        if op == "AddConst":
+            return g.node("Add", [g.node("Relu", [h]), g.const(np.full((8, 1, 1), 0.5))])
+        if op == "MulConst":
+            return g.node("Mul", [g.node("Relu", [h]), g.const(np.linspace(0.5, 2, 8).reshape(8, 1, 1))])
+        return g.act(h, op)
+    space = spaces(model_of(path))["conv1"]
+    assert space.frozen is None
+    assert (space.homogeneous, space.zero_preserving) == (homogeneous, zero)
+
+
+def test_space_params_bn_depthwise_prelu():
+    def path(g, h):
+        h = g.node("PRelu", [h, g.const(np.full((8, 1, 1), 0.1), "slope")])
+        rng = np.random.default_rng(1)
+        h = g.conv(h, rng.standard_normal((8, 1, 3, 3)).astype(np.float32), None, name="dw", group=8)
+        stats = [np.ones(8), np.zeros(8), np.zeros(8), np.ones(8)]
+        return g.node("BatchNormalization", [h] + [g.const(s, f"bn{k}") for k, s in enumerate(stats)])
+    space = spaces(model_of(path))["conv1"]
+    assert space.frozen is None
+    names = sorted(p.tensor.name for p in space.params)
+    assert names == sorted(["slope", "bn0", "bn1", "bn2", "bn3", space.depthwise[0].inputs[1].name])
+    assert [n.name for n in space.depthwise] == ["dw"]
+    assert not space.homogeneous  # BN
+
+
+def test_space_of_residual_has_both_producers():
+    rng = np.random.default_rng(2)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.conv(x, *rand_layer(rng, 8, 3, 3), name="convA")
+    b = g.conv(x, *rand_layer(rng, 8, 3, 1), name="convB")
+    h = g.node("Relu", [g.node("Add", [a, b])])
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    s = spaces(g.model())
+    assert "convA+convB" in s or "convB+convA" in s
+    space = s.get("convA+convB") or s.get("convB+convA")
+    assert space.frozen is None
+    assert sorted(p.name for p in space.producers) == ["convA", "convB"]
+    assert [c.layer.name for c in space.consumers] == ["conv2"]
+
+
+def test_space_reshape_registered():
+    def path(g, h):
+        return g.node("Reshape", [g.node("Relu", [h]), g.const([-1, 8 * 16], "shape", dtype=np.int64)])
+    g, h, rng = simple(path, hw=4, consumer="none")
+    g.output(g.gemm(h, *rand_layer(rng, 5, 8 * 16), name="fc"))
+    space = spaces(g.model())["conv1"]
+    assert space.frozen is None
+    assert [(t.name, block) for t, block in space.reshapes] == [("shape", 16)]
+    assert [(c.layer.name, c.block) for c in space.consumers] == [("fc", 16)]
+
+
+def test_shape_op_does_not_freeze():
+    def path(g, h):
+        h = g.node("Relu", [h])
+        g.node("Shape", [h])  # a dangling shape read
+        return h
+    assert spaces(model_of(path))["conv1"].frozen is None
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("concat", "Concat"), ("split", "Split"), ("transpose", "Transpose"), ("grouped", "grouped"),
+    ("softmax", "Softmax"), ("mulconst_bad_shape", "Mul"), ("reduce_channels", "ReduceMean"),
+    ("output", "graph output")])
+def test_frozen_reasons(case, reason):
+    rng = np.random.default_rng(3)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    cin = 8
+    if case == "concat":
+        h = g.node("Concat", [h, x], axis=1)
+        cin = 11
+    elif case == "split":
+        h = g.node("Split", [h], n_out=2, axis=1)[0]
+        cin = 4
+    elif case == "transpose":
+        h = g.node("Transpose", [h], perm=[0, 1, 3, 2])
+    elif case == "softmax":
+        h = g.node("Softmax", [h], axis=1)
+    elif case == "mulconst_bad_shape":
+        h = g.node("Mul", [h, g.const(np.ones((2, 1, 1, 1)))])
+    elif case == "reduce_channels":
+        h = g.node("Mul", [h, g.node("ReduceMean", [h], axes=[1], keepdims=1)])
+    elif case == "output":
+        g.output(h)
+    if case == "grouped":
+        g.output(g.conv(h, *rand_layer(rng, 4, 4, 3), name="conv2", group=2))
+    else:
+        g.output(g.conv(h, *rand_layer(rng, 4, cin, 3), name="conv2"))
+    model = g.model()
+    frozen = spaces(model)["conv1"].frozen
+    assert frozen is not None and reason in frozen, frozen
+    if case == "mulconst_bad_shape":  # (2,1,1,1) broadcasts the batch: it runs at batch 2 only
+        return
+    result, report = check_exact(model, {})
+    assert any(reason in r for r in left_alone_reasons(report)), left_alone_reasons(report)
+    assert merge_counts(report)["spaces_frozen"] >= 2  # conv1's space and the output's
+
+
+# --------------------------------------------------------------------------------------------- #
+# coupled producers: a residual Add, a squeeze-excite gate
+
+
+def residual_model(plan_a, plan_b):
+    rng = np.random.default_rng(4)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan_a), name="convA")
+    b = g.conv(x, *plant(*rand_layer(rng, 8, 3, 1), plan_b), name="convB")
+    h = g.node("Relu", [g.node("Add", [a, b])])
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    return g.model()
+
+
+def test_residual_planted_in_one_branch_only_not_merged():
+    check_exact(residual_model([(5, 1, 1.0), (6, 2, 2.0)], []), {})
+    check_exact(residual_model([], [(5, 1, 1.0), (6, 2, 2.0)]), {})
+
+
+def test_residual_planted_in_both_branches_merged():
+    plan = [(5, 1, 1.0), (6, 2, 2.0)]
+    result, _ = check_exact(residual_model(plan, plan), {"convA": 2, "convB": 2})
+    assert view_weight(result, "conv2").shape[1] == 6
+
+
+def test_residual_different_scales_in_branches_not_merged():
+    check_exact(residual_model([(5, 1, 2.0)], [(5, 1, 3.0)]), {})
+
+
+def test_resnet_block_shortcut_and_inner_conv_couple():
+    """x0 = Relu(conv0(x)); out = Relu(conv2(Relu(conv1(x0))) + x0): conv0 and conv2 share a space."""
+    rng = np.random.default_rng(5)
+    plan = [(3, 0, 1.5), (5, 2, 1.0)]
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    x0 = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 6, 3, 3), plan), name="conv0")])
+    h = g.node("Relu", [g.conv(x0, *rand_layer(rng, 6, 6, 3), name="conv1")])
+    w2, b2 = plant(*rand_layer(rng, 6, 6, 3), plan)
+    out = g.node("Relu", [g.node("Add", [g.conv(h, w2, b2, name="conv2"), x0])])
+    g.output(g.conv(out, *rand_layer(rng, 4, 6, 3), name="head"))
+    result, _ = check_exact(g.model(), {"conv0": 2, "conv2": 2})
+    assert view_weight(result, "conv1").shape[1] == 4 and view_weight(result, "conv2").shape[1] == 6
+
+
+@pytest.mark.parametrize("gate_planted, expected", [(True, {"conv1": 1, "conv_b": 1}), (False, {})])
+def test_squeeze_excite_gate_couples(gate_planted, expected):
+    rng = np.random.default_rng(6)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    s = g.node("Relu", [g.conv(g.node("GlobalAveragePool", [h]), *rand_layer(rng, 2, 8, 1), name="conv_a")])
+    wb, bb = rand_layer(rng, 8, 2, 1)
+    if gate_planted:
+        wb, bb = plant(wb, bb, DUP)
+    s = g.node("Sigmoid", [g.conv(s, wb, bb, name="conv_b")])
+    h = g.node("Mul", [h, s])
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    check_exact(g.model(), expected)
+
+
+# --------------------------------------------------------------------------------------------- #
+# graph outputs and --exclude
+
+
+def test_space_reaching_graph_output_never_merged():
+    rng = np.random.default_rng(7)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), [(5, 1, 1.0), (6, 1, 0.0)]), name="conv1")],
+               outputs=["features"])
+    g.output("features")
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    result, report = check_exact(g.model(), {})
+    assert any("graph output" in r for r in left_alone_reasons(report))
+
+
+def exclusion_chain():
+    rng = np.random.default_rng(8)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    h = g.node("Relu", [g.conv(h, *plant(*rand_layer(rng, 7, 8, 3), [(4, 0, 2.0)]), name="conv2")])
+    g.output(g.conv(h, *rand_layer(rng, 4, 7, 3), name="conv3"))
+    return g.model()
+
+
+@pytest.mark.parametrize("exclude, expected, untouched, reason", [
+    (None, {"conv1": 1, "conv2": 1}, [], False),
+    ("^conv1$", {"conv2": 1}, ["conv1"], False),  # excluded producer: its space is never formed
+    ("conv3", {"conv1": 1}, ["conv3"], True),     # excluded consumer: the space it reads is left alone
+    ("conv2", {}, ["conv2"], True),               # both: consumer of conv1's space, producer of its own
+    ("conv[12]", {}, ["conv1", "conv2"], False),
+])
+def test_exclude(exclude, expected, untouched, reason):
+    model = exclusion_chain()
+    result, report = check_exact(model, expected, exclude=exclude)
+    before, after = inits(model), inits(result)
+    for name in untouched:
+        for k in node(model, name).input[1:]:
+            assert after[k].tobytes() == before[k].tobytes() and after[k].shape == before[k].shape, (name, k)
+    if reason:
+        assert any("exclude" in r for r in left_alone_reasons(report)), left_alone_reasons(report)
+
+
+def test_exclude_one_residual_partner_freezes_the_space():
+    plan = [(5, 1, 1.0)]
+    model = residual_model(plan, plan)
+    result, report = check_exact(model, {}, exclude="convB")
+    assert any("exclude" in r for r in left_alone_reasons(report)), left_alone_reasons(report)
+
+
+# --------------------------------------------------------------------------------------------- #
+# channel-counting constants and channel-mixing ops: frozen, or rewritten with the space
+
+
+def test_mul_by_constant_along_width_not_channels():
+    """A (C,)-shaped constant multiplies the LAST axis of NCHW (here W = C = 8), not the channels.
+    Its entries 1 and 5 are equal, like the planted channels 1 and 5."""
+    def path(g, h):
+        return g.node("Mul", [g.node("Relu", [h]), g.const([0.5, 1.0, 0.7, 0.9, 1.1, 1.0, 1.3, 1.5])])
+    exact_or_frozen(model_of(path), [{}, {"conv1": 1}])
+
+
+def test_prelu_slope_along_width_not_channels():
+    """A PRelu slope of shape (C,) broadcasts on W (W = C = 8), not on the channels; its entries 1
+    and 5 are equal, like the planted channels 1 and 5."""
+    def path(g, h):
+        return g.node("PRelu", [h, g.const([0.1, 0.2, 0.3, 0.1, 0.15, 0.2, 0.25, 0.3])])
+    exact_or_frozen(model_of(path), [{}, {"conv1": 1}])
+
+
+def test_reduce_over_channels_with_negative_axis_2d():
+    """A decomposed LayerNorm-like centring over the features (axes=[-1] on (N, C)) mixes channels."""
+    rng = np.random.default_rng(9)
+    g = G()
+    x = g.input("x", ["N", 6])
+    h = g.node("Relu", [g.gemm(x, *plant(*rand_layer(rng, 8, 6), DUP), name="fc1")])
+    h = g.node("Sub", [h, g.node("ReduceMean", [h], axes=[-1], keepdims=1)])
+    g.output(g.gemm(h, *rand_layer(rng, 4, 8), name="fc2"))
+    exact_or_frozen(g.model(), [{}])
+
+
+def test_reduce_over_channels_with_negative_axis_4d():
+    """axes=[-3] on NCHW is the channel axis (a CBAM-style channel mean)."""
+    def path(g, h):
+        h = g.node("Relu", [h])
+        return g.node("Mul", [h, g.node("ReduceMean", [h], axes=[-3], keepdims=1)])
+    exact_or_frozen(model_of(path), [{}])
+
+
+def test_spatial_reduce_keeps_space():
+    """Positive control: ReduceMean over axes [2, 3] is per channel; the space stays mergeable."""
+    def path(g, h):
+        h = g.node("Relu", [h])
+        return g.node("Mul", [h, g.node("ReduceMean", [h], axes=[2, 3], keepdims=1)])
+    check_exact(model_of(path), {"conv1": 1})
+
+
+def test_bn_parameters_sharing_one_initializer():
+    """After initializer de-duplication (onnxoptimizer / onnxsim), BN scale and var can be ONE tensor."""
+    def path(g, h):
+        ones, zeros = g.const(np.ones(8), "ones"), g.const(np.zeros(8), "zeros")
+        return g.node("BatchNormalization", [g.node("Relu", [h]), ones, zeros, zeros, ones], epsilon=1e-5)
+    exact_or_frozen(model_of(path, plan=[(2, 1, 1.0)]), [{}, {"conv1": 1}])
+
+
+def test_prelu_slope_shared_between_two_spaces():
+    """One slope initializer (C,1,1) read by the PRelus of two spaces; only one has duplicates."""
+    rng = np.random.default_rng(10)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    slope = g.const(np.array([0.1, 0.15, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]).reshape(8, 1, 1), "slope")
+    for k, plan in enumerate([[(2, 1, 1.0)], []]):
+        h = g.node("PRelu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name=f"conv{k}"), slope])
+        g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name=f"head{k}"))
+    exact_or_frozen(g.model(), [{}, {"conv0": 1}])
+
+
+def test_reshape_shape_constant_shared_between_two_spaces():
+    """Two branches flatten through ONE shape initializer [-1, C·H·W]; only one branch has duplicates."""
+    rng = np.random.default_rng(11)
+    g = G()
+    x = g.input("x", ["N", 3, 4, 4])
+    shape = g.const(np.array([-1, 8 * 16]), "flat_shape", dtype=np.int64)
+    for k, plan in enumerate([[(3, 1, 1.0)], []]):
+        h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name=f"conv{k}")])
+        h = g.node("Reshape", [h, shape])
+        g.output(g.gemm(h, *rand_layer(rng, 5, 8 * 16), name=f"fc{k}"))
+    exact_or_frozen(g.model(), [{}, {"conv0": 1}])
+
+
+def test_reshape_target_computed_from_shape_and_constant():
+    """x.view(x.size(0), C·H·W) exports as Reshape(x, Concat(Shape(x)[:1], [C·H·W]))."""
+    rng = np.random.default_rng(12)
+    g = G()
+    x = g.input("x", ["N", 3, 4, 4])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    n = g.node("Slice", [g.node("Shape", [h]), g.const([0], dtype=np.int64), g.const([1], dtype=np.int64)])
+    target = g.node("Concat", [n, g.const([8 * 16], dtype=np.int64)], axis=0)
+    h = g.node("Reshape", [h, target])
+    g.output(g.gemm(h, *rand_layer(rng, 5, 8 * 16), name="fc"))
+    exact_or_frozen(g.model(), [{}, {"conv1": 1}])
+
+
+def test_resize_with_sizes_counting_channels():
+    """Resize(sizes=[1, C, 2H, 2W]) names the channel count; merging must update it or leave it alone."""
+    rng = np.random.default_rng(13)
+    g = G()
+    x = g.input("x", [1, 3, 4, 4])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    h = g.node("Resize", [h, "", "", g.const([1, 8, 8, 8], dtype=np.int64)], mode="nearest")
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    exact_or_frozen(g.model(), [{}, {"conv1": 1}], batch=1)
+
+
+def test_resize_with_scales_keeps_space():
+    """Positive control: Resize by scales [1, 1, 2, 2] is per channel and positively homogeneous."""
+    def path(g, h):
+        return g.node("Resize", [g.node("Relu", [h]), "", g.const([1, 1, 2, 2])], mode="nearest")
+    check_exact(model_of(path, plan=MULT), {"conv1": 1})

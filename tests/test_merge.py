@@ -1,0 +1,530 @@
+"""Exact output merging (red_onnx.passes.merge) on graphs with planted redundancy.
+
+Every test plants a known number of redundant output channels (identical rows, positive multiples,
+dead rows) into a layer, runs ``compress(model, tolerance=0, passes=["merge"])`` and checks that
+exactly the planted channels are removed (by the result's weight shapes), that the result is a
+valid model computing the same function (onnxruntime, relative L2 <= 1e-5, dynamic batch 3), and,
+where the rewrite is known in closed form, the result's weights against a numpy oracle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import red_onnx
+from graphs import (G, assert_same, attr, check_exact, inits, merge0, merge_counts, node, plant, rand_layer,
+                    removed, rel_l2, session, view_weight)
+
+MULTIPLES = [(5, 1, 2.5), (6, 2, 0.4)]  # row 5 = 2.5·row 1, row 6 = 0.4·row 2
+DUPLICATES = [(5, 1, 1.0), (6, 2, 1.0)]
+
+
+def conv_chain(plan, act="Relu", c=8, seed=0, act_attrs=None, pre=None):
+    """x(N,3,8,8) → conv1 (c ch, planted) → [pre] → act → conv2 (4 ch) → y."""
+    rng = np.random.default_rng(seed)
+    g = G(seed)
+    x = g.input("x", ["N", 3, 8, 8])
+    w1, b1 = plant(*rand_layer(rng, c, 3, 3), plan)
+    h = g.conv(x, w1, b1, name="conv1")
+    if pre is not None:
+        h = pre(g, h)
+    if act is not None:
+        h = g.act(h, act, **(act_attrs or {}))
+    w2, b2 = rand_layer(rng, 4, c, 3)
+    g.output(g.conv(h, w2, b2, name="conv2"))
+    return g.model(), (w1, b1, w2, b2)
+
+
+def merged_columns(w: np.ndarray, plan, axis_block: int = 1) -> np.ndarray:
+    """numpy oracle: consumer weight (O, C·block, ...) with column block i += s · block j, j deleted."""
+    o = w.shape[0]
+    c = w.shape[1] // axis_block
+    w3 = w.astype(np.float64).reshape((o, c, axis_block) + w.shape[2:])
+    for j, i, s in plan:
+        w3[:, i] += s * w3[:, j]
+    w3 = np.delete(w3, [j for j, _, _ in plan], axis=1)
+    return w3.reshape((o, w3.shape[1] * axis_block) + w.shape[2:])
+
+
+# --------------------------------------------------------------------------------------------- #
+# duplicates and positive multiples
+
+
+def test_duplicates_conv_relu_conv():
+    model, (w1, b1, w2, b2) = conv_chain(DUPLICATES)
+    result, report = check_exact(model, {"conv1": 2})
+    counts = merge_counts(report)
+    assert counts["channels_merged"] == 2 and counts["dead_removed"] == 0
+    # the kept producer rows are the original ones, in order
+    np.testing.assert_array_equal(view_weight(result, "conv1"), np.delete(w1, [5, 6], axis=0))
+    np.testing.assert_array_equal(inits(result)[node(result, "conv1").input[2]], np.delete(b1, [5, 6]))
+    assert report.params_after < report.params_before and report.macs_after < report.macs_before
+
+
+def test_numpy_oracle_consumer_weight():
+    """W2[:, i] + s·W2[:, j] in the consumer, column j deleted, for a positive multiple through Relu."""
+    plan = [(3, 0, 1.75)]
+    model, (w1, b1, w2, b2) = conv_chain(plan)
+    result, _ = check_exact(model, {"conv1": 1})
+    got = view_weight(result, "conv2")
+    expected = merged_columns(w2, plan)
+    assert got.shape == (4, 7, 3, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(inits(result)[node(result, "conv2").input[2]], b2)
+
+
+@pytest.mark.parametrize("act", ["Relu", "LeakyRelu", "MaxPool", "AveragePool", None])
+def test_positive_multiples_homogeneous_paths(act):
+    pre = None
+    if act == "AveragePool":
+        act = None
+        pre = lambda g, h: g.node("AveragePool", [g.node("Relu", [h])], kernel_shape=[2, 2], strides=[2, 2])
+    model, (w1, b1, w2, b2) = conv_chain(MULTIPLES, act=act, pre=pre)
+    result, _ = check_exact(model, {"conv1": 2})
+    np.testing.assert_allclose(view_weight(result, "conv2"), merged_columns(w2, MULTIPLES), rtol=1e-6, atol=1e-7)
+
+
+def test_positive_multiples_gap_flatten_gemm():
+    rng = np.random.default_rng(1)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    plan = [(2, 0, 3.0), (7, 4, 0.5), (6, 4, 1.0)]
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), plan)
+    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
+    w2, b2 = rand_layer(rng, 5, 8)
+    g.output(g.gemm(h, w2, b2, name="fc"))
+    model = g.model()
+    result, _ = check_exact(model, {"conv1": 3})
+    np.testing.assert_allclose(view_weight(result, "fc"), merged_columns(w2, plan), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("act", ["Sigmoid", "Clip", "HardSwish", "Tanh"])
+def test_multiples_not_merged_through_non_homogeneous(act):
+    pre = None
+    if act == "Clip":
+        act = None
+        pre = lambda g, h: g.node("Clip", [h, g.const(np.float32(0)), g.const(np.float32(6))])
+    model, _ = conv_chain(MULTIPLES, act=act, pre=pre)
+    result, report = check_exact(model, {})
+    assert merge_counts(report).get("channels_merged", 0) == 0
+
+
+@pytest.mark.parametrize("act", ["Sigmoid", "Clip", "HardSwish", "Tanh"])
+def test_duplicates_merged_through_non_homogeneous(act):
+    pre = None
+    if act == "Clip":
+        act = None
+        pre = lambda g, h: g.node("Clip", [h, g.const(np.float32(0)), g.const(np.float32(6))])
+    model, (w1, b1, w2, b2) = conv_chain(DUPLICATES, act=act, pre=pre)
+    result, _ = check_exact(model, {"conv1": 2})
+    np.testing.assert_allclose(view_weight(result, "conv2"), merged_columns(w2, DUPLICATES), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("act", ["Relu", "LeakyRelu", "MaxPool", None])
+def test_negative_multiples_never_merged(act):
+    model, _ = conv_chain([(5, 1, -1.0), (6, 2, -2.0)], act=act)
+    check_exact(model, {})
+
+
+def test_multiples_of_different_directions_not_merged():
+    """Nearly but not exactly parallel rows (relative 1e-3 off) are no exact merge."""
+    rng = np.random.default_rng(3)
+    w1, b1 = rand_layer(rng, 8, 3, 3)
+    w1[5] = 2.0 * w1[1] + 1e-3 * np.abs(w1[1]).max() * rng.standard_normal(w1[1].shape).astype(np.float32)
+    b1[5] = 2.0 * b1[1]
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    check_exact(g.model(), {})
+
+
+# --------------------------------------------------------------------------------------------- #
+# dead and constant channels
+
+
+def test_dead_channels_removed_through_relu():
+    model, (w1, b1, w2, b2) = conv_chain([(3, 0, 0.0), (6, 0, 0.0)])
+    result, report = check_exact(model, {"conv1": 2})
+    counts = merge_counts(report)
+    assert counts["dead_removed"] == 2 and counts["channels_merged"] == 0
+    np.testing.assert_array_equal(view_weight(result, "conv2"), np.delete(w2, [3, 6], axis=1))
+
+
+def test_dead_channels_not_removed_through_sigmoid():
+    """Sigmoid(0) = 0.5: a dead channel is constant, not zero; the two dead ones may merge together."""
+    model, _ = conv_chain([(3, 0, 0.0), (6, 0, 0.0)], act="Sigmoid")
+    result, report = merge0(model)
+    assert merge_counts(report).get("dead_removed", 0) == 0
+    assert removed(model, result) in ({}, {"conv1": 1})
+    assert_same(model, result)
+
+
+def test_constant_channel_kept_before_padded_consumer():
+    """Zero weights but a positive bias: Relu(b) is constant only inside the padding of the consumer."""
+    rng = np.random.default_rng(5)
+    w1, b1 = rand_layer(rng, 8, 3, 3)
+    w1[4] = 0
+    b1[4] = 0.7
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2", pad=1))
+    check_exact(g.model(), {})
+
+
+def test_constant_channels_with_positive_biases_merge():
+    """Two zero-weight channels with biases 0.5 and 1.5 are positive multiples through Relu."""
+    rng = np.random.default_rng(6)
+    w1, b1 = rand_layer(rng, 8, 3, 3)
+    w1[2] = w1[5] = 0
+    b1[2], b1[5] = 0.5, 1.5
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2", pad=1))
+    check_exact(g.model(), {"conv1": 1})
+
+
+# --------------------------------------------------------------------------------------------- #
+# Gemm / MatMul producers and consumers
+
+
+@pytest.mark.parametrize("trans_b1", [0, 1])
+@pytest.mark.parametrize("trans_b2", [0, 1])
+def test_gemm_producers(trans_b1, trans_b2):
+    rng = np.random.default_rng(7)
+    plan = [(1, 0, 1.0), (4, 2, 3.0), (9, 2, 0.25)]
+    w1, b1 = plant(*rand_layer(rng, 10, 6), plan)
+    w2, b2 = rand_layer(rng, 3, 10)
+    g = G()
+    x = g.input("x", ["N", 6])
+    h = g.node("LeakyRelu", [g.gemm(x, w1, b1, name="fc1", trans_b=trans_b1)], alpha=0.2)
+    g.output(g.gemm(h, w2, b2, name="fc2", trans_b=trans_b2))
+    model = g.model()
+    result, _ = check_exact(model, {"fc1": 3})
+    assert attr(node(result, "fc1"), "transB", 0) == trans_b1
+    np.testing.assert_allclose(view_weight(result, "fc2"), merged_columns(w2, plan), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_matmul_add_producers(bias):
+    rng = np.random.default_rng(8)
+    plan = [(3, 0, 2.0), (5, 1, 1.0), (6, 0, 0.0)]
+    w1, b1 = plant(*rand_layer(rng, 7, 5), plan)
+    w2, b2 = rand_layer(rng, 4, 7)
+    g = G()
+    x = g.input("x", ["N", 5])
+    h = g.node("Relu", [g.matmul(x, w1, b1 if bias else None, name="mm1")])
+    g.output(g.matmul(h, w2, b2, name="mm2"))
+    model = g.model()
+    result, report = check_exact(model, {"mm1": 3})
+    if bias:
+        assert inits(result)[node(result, "mm1_bias").input[1]].shape == (4,)
+    oracle = merged_columns(w2, [(3, 0, 2.0), (5, 1, 1.0)])
+    oracle = np.delete(oracle, 4, axis=1)  # the dead channel 6 sits at column 4 once 3 and 5 are gone
+    np.testing.assert_allclose(view_weight(result, "mm2"), oracle, rtol=1e-6, atol=1e-7)
+
+
+def test_gemm_broadcast_bias_producer():
+    """A Gemm whose bias C has shape (1,) (broadcast to every output) is a legal layer with a bias."""
+    rng = np.random.default_rng(9)
+    w1, _ = plant(*rand_layer(rng, 8, 6), [(3, 1, 1.0)])
+    g = G()
+    x = g.input("x", ["N", 6])
+    h = g.node("Relu", [g.gemm(x, w1, np.array([0.3], np.float32), name="fc1")])
+    g.output(g.gemm(h, *rand_layer(rng, 4, 8), name="fc2"))
+    check_exact(g.model(), {"fc1": 1})
+
+
+# --------------------------------------------------------------------------------------------- #
+# flattening into features: channel c <-> features [c·HW, (c+1)·HW)
+
+
+def flatten_model(plan, kind: str, seed: int = 10):
+    rng = np.random.default_rng(seed)
+    c, hw = 6, 16
+    w1, b1 = plant(*rand_layer(rng, c, 3, 3), plan)
+    w2, b2 = rand_layer(rng, 5, c * hw)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("MaxPool", [g.node("Relu", [g.conv(x, w1, b1, name="conv1")])], kernel_shape=[2, 2],
+               strides=[2, 2])
+    if kind == "flatten":
+        h = g.node("Flatten", [h], axis=1)
+    else:
+        h = g.node("Reshape", [h, g.const([-1 if kind == "reshape-1" else 0, c * hw], "flat_shape",
+                                          dtype=np.int64)])
+    g.output(g.gemm(h, w2, b2, name="fc"))
+    return g.model(), w2
+
+
+@pytest.mark.parametrize("kind", ["flatten", "reshape-1", "reshape0"])
+def test_flatten_block_mapping(kind):
+    plan = [(4, 1, 2.0), (5, 0, 1.0)]
+    model, w2 = flatten_model(plan, kind)
+    result, _ = check_exact(model, {"conv1": 2})
+    got = view_weight(result, "fc")
+    assert got.shape == (5, 4 * 16)
+    np.testing.assert_allclose(got, merged_columns(w2, plan, axis_block=16), rtol=1e-6, atol=1e-7)
+    if kind != "flatten":
+        shape = inits(result)["flat_shape"]
+        np.testing.assert_array_equal(shape, [-1 if kind == "reshape-1" else 0, 4 * 16])
+
+
+# --------------------------------------------------------------------------------------------- #
+# per-channel parameters on the path
+
+
+def depthwise_model(plan, dw_bias: bool, differ: int | None = None, seed: int = 11):
+    rng = np.random.default_rng(seed)
+    c = 8
+    w1, b1 = plant(*rand_layer(rng, c, 3, 3), plan)
+    kd = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    for j, i, _ in plan:
+        kd[j] = kd[i]
+    if differ is not None:
+        kd[differ, 0, 1, 1] += 0.5
+    bd = rng.standard_normal(c).astype(np.float32) if dw_bias else None
+    if bd is not None:
+        for j, i, _ in plan:
+            bd[j] = bd[i]
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    h = g.node("Relu", [g.conv(h, kd, bd, name="dw", group=c)])
+    w2, b2 = rand_layer(rng, 4, c, 1)
+    g.output(g.conv(h, w2, b2, name="conv2"))
+    return g.model()
+
+
+def test_depthwise_on_path_equal_kernels_merge():
+    plan = [(5, 1, 2.0), (6, 2, 1.0)]
+    model = depthwise_model(plan, dw_bias=False)
+    result, _ = check_exact(model, {"conv1": 2, "dw": 2})
+    assert attr(node(result, "dw"), "group") == 6
+    assert view_weight(result, "dw").shape == (6, 1, 3, 3)
+
+
+def test_depthwise_on_path_different_kernels_block_merge():
+    model = depthwise_model([(5, 1, 1.0)], dw_bias=False, differ=5)
+    result, _ = check_exact(model, {})
+    assert attr(node(result, "dw"), "group") == 8
+
+
+def test_depthwise_with_bias_only_duplicates_merge():
+    """A depthwise bias makes the path affine: multiples no longer carry, duplicates still do."""
+    check_exact(depthwise_model([(5, 1, 2.0)], dw_bias=True), {})
+    result, _ = check_exact(depthwise_model([(5, 1, 1.0)], dw_bias=True), {"conv1": 1, "dw": 1})
+    assert attr(node(result, "dw"), "group") == 7
+
+
+def prelu_model(plan, slopes):
+    rng = np.random.default_rng(12)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), plan)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("PRelu", [g.conv(x, w1, b1, name="conv1"), g.const(np.asarray(slopes).reshape(8, 1, 1), "slope")])
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    return g.model()
+
+
+def test_prelu_equal_slopes_merge_multiples():
+    slopes = [0.1, 0.2, 0.3, 0.4, 0.5, 0.2, 0.3, 0.8]  # channel 5 like 1, 6 like 2
+    result, _ = check_exact(prelu_model(MULTIPLES, slopes), {"conv1": 2})
+    np.testing.assert_allclose(inits(result)["slope"].reshape(-1), [0.1, 0.2, 0.3, 0.4, 0.5, 0.8], rtol=1e-7)
+
+
+def test_prelu_different_slopes_block_merge():
+    slopes = [0.1, 0.2, 0.3, 0.4, 0.5, 0.25, 0.35, 0.8]
+    check_exact(prelu_model(DUPLICATES, slopes), {})
+
+
+def bn_model(plan, same_stats: bool):
+    """conv1 → Relu → BatchNormalization (not foldable: after the Relu) → conv2."""
+    rng = np.random.default_rng(13)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), plan)
+    stats = [rng.uniform(0.5, 2, 8), rng.standard_normal(8), rng.standard_normal(8), rng.uniform(0.5, 2, 8)]
+    if same_stats:
+        for s in stats:
+            for j, i, _ in plan:
+                s[j] = s[i]
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    names = [g.const(s, f"bn_{k}") for k, s in enumerate(stats)]
+    h = g.node("BatchNormalization", [h] + names, name="bn", epsilon=1e-5)
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    return g.model()
+
+
+def test_unfused_bn_equal_stats_duplicates_merge():
+    result, _ = check_exact(bn_model(DUPLICATES, same_stats=True), {"conv1": 2})
+    assert all(inits(result)[f"bn_{k}"].shape == (6,) for k in range(4))
+    assert len([n for n in result.graph.node if n.op_type == "BatchNormalization"]) == 1
+
+
+def test_unfused_bn_multiples_not_merged():
+    check_exact(bn_model(MULTIPLES, same_stats=True), {})
+
+
+def test_unfused_bn_different_stats_block_merge():
+    check_exact(bn_model(DUPLICATES, same_stats=False), {})
+
+
+def test_folded_bn_after_conv_merges_multiples():
+    """BN right after the conv folds into it; duplicates planted after the fold (equal BN stats) merge."""
+    rng = np.random.default_rng(14)
+    plan = [(5, 1, 1.0)]
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), plan)
+    stats = [rng.uniform(0.5, 2, 8), rng.standard_normal(8), rng.standard_normal(8), rng.uniform(0.5, 2, 8)]
+    for s in stats:
+        s[5] = s[1]
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("BatchNormalization", [g.conv(x, w1, b1, name="conv1")] + [g.const(s) for s in stats])
+    h = g.node("Relu", [h])
+    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    check_exact(g.model(), {"conv1": 1})
+
+
+# --------------------------------------------------------------------------------------------- #
+# random chains (hypothesis): exactly the planted channels go, nothing else
+
+
+def random_plan(rng: np.random.Generator, c: int, count: int, dead_ok: bool = True):
+    perm = rng.permutation(c)
+    planted, roots = perm[:count], perm[count:]
+    plan = []
+    for j in planted:
+        kind = rng.integers(3 if dead_ok else 2)
+        s = 1.0 if kind == 0 else (float(rng.uniform(0.25, 4.0)) if kind == 1 else 0.0)
+        plan.append((int(j), int(rng.choice(roots)), s))
+    return plan
+
+
+def build_chain(data_seed: int, kind: str, widths: list[int], acts: list[str], residual: list[int],
+                head: str, plant_counts: list[int]):
+    """A chain of channel groups. Group k: producer P_k (w_{k-1} → w_k) → act_k, then ``residual[k]``
+    residual producers R (w_k → w_k): h = act(Add(R(h), h)). All producers of a group share its plan.
+    The last layer writes the graph output (its channels must stay)."""
+    rng = np.random.default_rng(data_seed)
+    g = G(data_seed)
+    conv = kind == "conv"
+    cin = 3
+    h = g.input("x", ["N", cin, 8, 8] if conv else ["N", cin])
+    expected = {}
+    pools = 0
+    prev = cin
+    for k, (c, act) in enumerate(zip(widths, acts)):
+        plan = random_plan(rng, c, plant_counts[k])
+        if act == "MaxPool" and (not conv or pools >= 2):
+            act = "Relu"
+        pools += act == "MaxPool"
+        names = [f"p{k}"] + [f"p{k}_r{r}" for r in range(residual[k])]
+        w, b = plant(*rand_layer(rng, c, prev, 3 if conv else None), plan)
+        h = g.conv(h, w, b, name=names[0]) if conv else g.gemm(h, w, b, name=names[0])
+        h = g.act(h, act)
+        for name in names[1:]:
+            w, b = plant(*rand_layer(rng, c, c, 3 if conv else None), plan)
+            q = g.conv(h, w, b, name=name) if conv else g.gemm(h, w, b, name=name)
+            h = g.act(g.node("Add", [q, h]), act if act != "MaxPool" else "Relu")
+        for name in names:
+            if plan:
+                expected[name] = len(plan)
+        prev = c
+    # head: the graph output, with planted duplicates that must stay
+    out_plan = [(1, 0, 1.0)]
+    if conv and head == "gap":
+        h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
+        w, b = plant(*rand_layer(rng, 3, prev), out_plan)
+        g.output(g.gemm(h, w, b, name="head"))
+    elif conv and head == "flatten":
+        spatial = (8 >> pools) ** 2
+        h = g.node("Flatten", [h], axis=1)
+        w, b = plant(*rand_layer(rng, 3, prev * spatial), out_plan)
+        g.output(g.gemm(h, w, b, name="head"))
+    elif conv:
+        w, b = plant(*rand_layer(rng, 3, prev, 3), out_plan)
+        g.output(g.conv(h, w, b, name="head"))
+    else:
+        w, b = plant(*rand_layer(rng, 3, prev), out_plan)
+        g.output(g.gemm(h, w, b, name="head"))
+    return g.model(), expected
+
+
+@st.composite
+def chains(draw):
+    kind = draw(st.sampled_from(["conv", "gemm"]))
+    n = draw(st.integers(1, 3))
+    widths = [draw(st.integers(2, 7)) for _ in range(n)]
+    acts = [draw(st.sampled_from(["Relu", "LeakyRelu", "MaxPool"])) for _ in range(n)]
+    residual = [draw(st.integers(0, 2)) for _ in range(n)]
+    counts = [draw(st.integers(0, c - 1)) for c in widths]
+    head = draw(st.sampled_from(["conv", "gap", "flatten"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return seed, kind, widths, acts, residual, head, counts
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains())
+def test_random_chains_remove_exactly_the_planted(case):
+    seed, kind, widths, acts, residual, head, counts = case
+    model, expected = build_chain(seed, kind, widths, acts, residual, head, counts)
+    result, report = merge0(model)
+    assert removed(model, result) == expected
+    assert_same(model, result, batch=3, samples=2)
+    counts_ = merge_counts(report)
+    planted = sum(counts)
+    assert counts_.get("channels_merged", 0) + counts_.get("dead_removed", 0) == planted
+
+
+# --------------------------------------------------------------------------------------------- #
+# the shipped models
+
+
+DIGITS = ["digits_resnet", "digits_cnn"]
+
+
+def _model(name):
+    from pathlib import Path
+    return onnx.load(str(Path(__file__).resolve().parents[1] / "models" / f"{name}.onnx"))
+
+
+@pytest.mark.parametrize("name", DIGITS)
+def test_digits_exact_merge_changes_nothing(name):
+    model = _model(name)
+    result, report = merge0(model)
+    # canonicalization alone (BN folded into the convs of the CNN) gives the same counts
+    folded, fold_report = red_onnx.compress(model, tolerance=0, passes=[])
+    assert report.params_after == fold_report.params_after
+    assert report.macs_after == fold_report.macs_after == report.macs_before
+    assert [list(t.dims) for t in result.graph.initializer] == [list(t.dims) for t in folded.graph.initializer]
+    counts = merge_counts(report)
+    assert counts.get("channels_merged", 0) == 0 and counts.get("dead_removed", 0) == 0
+    assert_same(model, result, batch=3)
+
+
+@pytest.mark.parametrize("name", DIGITS)
+def test_digits_tolerance_within_budget_on_fresh_probes(name):
+    """At tolerance 0.1 (probes uniform in [0, 1], the models' input range), the result is smaller,
+    verified, and stays within the tolerance on fresh probes drawn the same way (other seed)."""
+    model = _model(name)
+    result, report = red_onnx.compress(model, tolerance=0.1, probe_ranges={"input": (0, 1)})
+    onnx.checker.check_model(result, full_check=True)
+    assert report.verified
+    assert report.output_deviation <= 0.1
+    assert report.params_after < report.params_before
+    a, b = session(model), session(result)
+    x = np.random.default_rng(2024).uniform(0, 1, (32, 1, 8, 8)).astype(np.float32)
+    ya, yb = a.run(None, {"input": x})[0], b.run(None, {"input": x})[0]
+    per_sample = [rel_l2(ya[k], yb[k]) for k in range(len(x))]
+    assert max(per_sample) <= 0.1, f"fresh-probe deviations: max {max(per_sample):.3g}, " \
+                                   f"{sum(d > 0.1 for d in per_sample)}/{len(x)} over 0.1"
+    # the batched model computes the same as per sample (dynamic batch survives)
+    yb1 = np.concatenate([b.run(None, {"input": x[k:k + 1]})[0] for k in range(3)])
+    np.testing.assert_allclose(yb[:3], yb1, rtol=1e-4, atol=1e-5)

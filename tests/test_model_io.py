@@ -1,0 +1,218 @@
+"""Loading, exporting and saving models (red_onnx.model_io)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from red_onnx import model_io
+from red_onnx.errors import InputError
+
+from conftest import DIGITS_CNN, Builder, assert_identical_outputs, assert_preserved, folder_entries
+
+
+def small_model(seed: int = 0, big: bool = False) -> onnx.ModelProto:
+    """A Conv model; ``big``: a weight of 64 KiB, well over onnx's 1 KiB external-data threshold."""
+    b = Builder(seed=seed)
+    x = b.input("x", ["N", 16 if big else 3, 8, 8])
+    c_in = 16 if big else 3
+    c_out = 64 if big else 4
+    y = b.relu(b.conv(x, c_in, c_out, k=4 if big else 3, pad=0))
+    b.output(y, ["N", c_out, 5 if big else 6, 5 if big else 6])
+    return b.model()
+
+
+def arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# --------------------------------------------------------------------------------------------- #
+# load
+
+
+def test_load_path_and_model_proto(tmp_path):
+    model = small_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    loaded = model_io.load(path)
+    assert loaded.SerializeToString() == model.SerializeToString()
+    assert model_io.load(str(path)).SerializeToString() == model.SerializeToString()
+    assert model_io.load(model) is model
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        model_io.load(tmp_path / "missing.onnx")
+    with pytest.raises(InputError, match="directory"):
+        model_io.load(tmp_path)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(InputError, match="garbage.onnx"):
+        model_io.load(garbage)
+    truncated = tmp_path / "truncated.onnx"
+    data = DIGITS_CNN.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated.onnx"):
+        model_io.load(truncated)
+    with pytest.raises(InputError, match="empty graph"):
+        model_io.load(onnx.ModelProto())
+
+
+def test_load_runs_the_checker():
+    model = small_model()
+    model.graph.node[0].input[0] = "undefined_tensor"
+    with pytest.raises(InputError, match="invalid ONNX model"):
+        model_io.load(model)
+
+
+# --------------------------------------------------------------------------------------------- #
+# graph round trip
+
+
+def test_to_graph_to_model_round_trip_preserves_everything():
+    model = small_model()
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info(model.graph.node[0].output[0],
+                                                                     onnx.TensorProto.FLOAT, ["N", 4, 6, 6]))
+    result = model_io.to_model(model_io.to_graph(model), model)
+    assert_preserved(model, result)
+    assert len(result.graph.value_info) == 0
+    assert result.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert result.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert_identical_outputs(model, result)
+
+
+def test_model_bytes_counts_external_data(tmp_path):
+    model = small_model(big=True)
+    assert model_io.model_bytes(model) == model.ByteSize()
+    model_io.save(model, tmp_path / "m.onnx", external_data=True)
+    lazy = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in lazy.graph.initializer)
+    weight_bytes = 64 * 16 * 4 * 4 * 4
+    assert model_io.model_bytes(lazy) >= lazy.ByteSize() + weight_bytes
+    assert abs(model_io.model_bytes(lazy) - model.ByteSize()) < 1024
+
+
+# --------------------------------------------------------------------------------------------- #
+# save: atomic, external data
+
+
+def test_save_writes_only_the_output(tmp_path):
+    model = small_model()
+    out = tmp_path / "out.onnx"
+    model_io.save(model, out)
+    assert folder_entries(tmp_path) == ["out.onnx"]
+    assert onnx.load(str(out)).SerializeToString() == model.SerializeToString()
+    model_io.save(small_model(seed=1), out)  # overwriting
+    assert folder_entries(tmp_path) == ["out.onnx"]
+    assert onnx.load(str(out)).SerializeToString() == small_model(seed=1).SerializeToString()
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_save_failing_midway_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeypatch, external):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous contents")
+    real_save = onnx.save_model
+
+    def failing_save(model, path, *args, **kwargs):
+        real_save(model, path, *args, **kwargs)  # something was written ...
+        with open(path, "ab") as f:
+            f.write(b"partial")
+        raise OSError("disk full")  # ... then it fails
+
+    monkeypatch.setattr(onnx, "save_model", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        model_io.save(small_model(big=True), out, external_data=external)
+    assert folder_entries(tmp_path) == ["out.onnx"]
+    assert out.read_bytes() == b"previous contents"
+
+
+def test_save_failing_before_writing_leaves_nothing(tmp_path, monkeypatch):
+    def failing_save(*args, **kwargs):
+        raise RuntimeError("serialization failed")
+
+    monkeypatch.setattr(onnx, "save_model", failing_save)
+    with pytest.raises(RuntimeError):
+        model_io.save(small_model(), tmp_path / "out.onnx")
+    assert folder_entries(tmp_path) == []
+
+
+def test_external_data_round_trip(tmp_path):
+    model = small_model(big=True)
+    out = tmp_path / "big.onnx"
+    model_io.save(model, out, external_data=True)
+    assert folder_entries(tmp_path) == ["big.onnx", "big.onnx.data"]
+    assert out.stat().st_size < 4096  # the weights are in the data file
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 64 * 16 * 4 * 4 * 4
+    lazy = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in lazy.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"big.onnx.data"}  # relative to the model: the folder can move
+    loaded = model_io.load(out)
+    assert loaded.graph.node == model.graph.node
+    before, after = arrays(model), arrays(loaded)
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    assert_identical_outputs(model, loaded)
+    # the in-memory model is not changed by saving it with external data
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in model.graph.initializer)
+
+
+def test_external_data_chosen_automatically_over_the_threshold(tmp_path, monkeypatch):
+    model = small_model(big=True)
+    out = tmp_path / "auto.onnx"
+    model_io.save(model, out)  # default threshold: a small model stays in one file
+    assert folder_entries(tmp_path) == ["auto.onnx"]
+    os.remove(out)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    model_io.save(model, out)
+    assert folder_entries(tmp_path) == ["auto.onnx", "auto.onnx.data"]
+    loaded = model_io.load(out)
+    for name, value in arrays(model).items():
+        np.testing.assert_array_equal(arrays(loaded)[name], value)
+
+
+def test_save_relative_path_in_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model_io.save(small_model(), "here.onnx")
+    assert folder_entries(tmp_path) == ["here.onnx"]
+
+
+# --------------------------------------------------------------------------------------------- #
+# output path checks
+
+
+def test_check_output_path(tmp_path):
+    src = tmp_path / "in.onnx"
+    onnx.save(small_model(), str(src))
+    assert model_io.check_output_path(tmp_path / "out.onnx", [src]) == tmp_path / "out.onnx"
+    with pytest.raises(InputError, match="overwrite the input"):
+        model_io.check_output_path(src, [src])
+    with pytest.raises(InputError, match="overwrite the input"):
+        model_io.check_output_path(tmp_path / "." / "in.onnx", [src])
+    link = tmp_path / "link.onnx"
+    link.symlink_to(src)
+    with pytest.raises(InputError, match="overwrite the input"):
+        model_io.check_output_path(link, [src])
+    with pytest.raises(InputError, match="does not exist"):
+        model_io.check_output_path(tmp_path / "missing" / "out.onnx", [src])
+    with pytest.raises(InputError):
+        model_io.check_output_path(src / "out.onnx", [src])  # a path under a regular file
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(InputError, match="directory"):
+        model_io.check_output_path(tmp_path / "adir", [src])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_check_output_path_unwritable_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(InputError, match="not writable"):
+            model_io.check_output_path(locked / "out.onnx", [tmp_path / "in.onnx"])
+    finally:
+        locked.chmod(0o700)

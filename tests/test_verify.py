@@ -1,0 +1,234 @@
+"""The deviation (red_onnx.verify) and what compress measures it on."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import red_onnx
+from red_onnx import verify
+from red_onnx.errors import InputError, VerificationError
+from red_onnx.passes import fold
+
+from conftest import Builder, random_feeds
+
+inf, nan = float("inf"), float("nan")
+
+
+# --------------------------------------------------------------------------------------------- #
+# the definition
+
+
+def test_relative_l2_in_float64():
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((3, 7)).astype(np.float32)
+    y2 = y + 1e-3 * rng.standard_normal((3, 7)).astype(np.float32)
+    expected = np.linalg.norm(y2.astype(np.float64) - y) / np.linalg.norm(y.astype(np.float64))
+    assert verify.sample_deviation(y, y2) == pytest.approx(expected, rel=1e-12)
+    assert verify.sample_deviation(y, y) == 0.0
+
+
+def test_float32_values_do_not_overflow():
+    y = np.full(16, 1e20, np.float32)  # ||y||² = 1.6e41 overflows float32
+    y2 = (y * np.float32(1.001)).astype(np.float32)
+    assert verify.sample_deviation(y, y2) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_float64_values_do_not_overflow():
+    """||y||² overflows float64 here; the definition still gives 1 (a 100% error), never NaN or 0."""
+    y = np.array([1e200, 0.0])
+    y2 = np.array([2e200, 0.0])
+    assert verify.sample_deviation(y, y2) == pytest.approx(1.0, rel=1e-6)
+    dev, per_output = verify.deviation([[y]], [[y2]])
+    assert dev == pytest.approx(1.0, rel=1e-6) and per_output == [pytest.approx(1.0, rel=1e-6)]
+
+
+def test_zero_reference_gives_absolute_norm():
+    y = np.zeros(5, np.float32)
+    assert verify.sample_deviation(y, np.array([0, 3, 4, 0, 0], np.float32)) == pytest.approx(5.0)
+    assert verify.sample_deviation(y, y.copy()) == 0.0
+
+
+def test_same_non_finite_entries_are_ignored():
+    y = np.array([1.0, inf, -inf, nan, 2.0], np.float32)
+    y2 = np.array([1.5, inf, -inf, nan, 2.0], np.float32)
+    assert verify.sample_deviation(y, y2) == pytest.approx(0.5 / math.sqrt(5.0))
+    everywhere = np.array([inf, nan, -inf])
+    assert verify.sample_deviation(everywhere, everywhere.copy()) == 0.0
+
+
+@pytest.mark.parametrize("ref, res", [
+    ([1.0, inf], [1.0, -inf]),
+    ([1.0, nan], [1.0, 1.0]),
+    ([1.0, 1.0], [1.0, nan]),
+    ([1.0, 2.0], [1.0, inf]),
+    ([1.0, inf], [1.0, nan]),
+    ([0.0, 0.0], [0.0, -inf]),
+])
+def test_other_non_finite_entries_give_infinity(ref, res):
+    assert verify.sample_deviation(np.array(ref, np.float32), np.array(res, np.float32)) == inf
+
+
+def test_shape_mismatch_is_infinite():
+    assert verify.sample_deviation(np.zeros((2, 3)), np.zeros((3, 2))) == inf
+
+
+def test_deviation_is_the_max_over_samples_per_output():
+    a = np.array([1.0, 0.0])
+    refs = [[a, a], [a, a], [a, a]]
+    results = [[a * 1.1, a], [a * 1.3, a * 1.2], [a, a * 0.9]]
+    dev, per_output = verify.deviation(refs, results)
+    assert per_output == [pytest.approx(0.3), pytest.approx(0.2)]
+    assert dev == pytest.approx(0.3)
+    assert verify.deviation([], []) == (0.0, [])
+    dev, per_output = verify.deviation([[a], [a]], [[a], [np.array([1.0, inf])]])
+    assert dev == inf and per_output == [inf]
+
+
+# --------------------------------------------------------------------------------------------- #
+# sessions
+
+
+def test_session_has_optimizations_off_and_returns_intermediates():
+    b = Builder(seed=1)
+    x = b.input("x", ["N", 5])
+    h = b.gemm(x, 5, 4)
+    y = b.relu(h)
+    b.output(y, ["N", 4])
+    model = b.model()
+    sess = verify.session(model, [h, y])
+    assert sess.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feeds = random_feeds(model, np.random.default_rng(0))
+    pre, post = sess.run(None, feeds)
+    np.testing.assert_array_equal(np.maximum(pre, 0), post)
+    assert verify.session(model, None, optimize=True).get_session_options().graph_optimization_level == \
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_input_session_reports_unloadable_model_as_input_error():
+    b = Builder(seed=2)
+    x = b.input("x", ["N", 3])
+    b.output(b.node("MyOp", [x], domain="com.example"), ["N", 3])
+    model = b.model(extra_opsets=[("com.example", 1)])
+    with pytest.raises(InputError, match="onnxruntime"):
+        verify.input_session(model)
+
+
+# --------------------------------------------------------------------------------------------- #
+# what is measured: the logits of a squashed linear output
+
+
+def squashed(op: str = "Softmax", kind: str = "gemm") -> tuple[Builder, onnx.ModelProto, str]:
+    b = Builder(seed=3)
+    x = b.input("x", ["N", 6])
+    if kind == "gemm":
+        logits = b.gemm(x, 6, 4, name="fc")
+    elif kind == "matmul_add":
+        logits = b.matmul(x, 6, 4, bias=True)
+    elif kind == "relu":
+        logits = b.relu(b.gemm(x, 6, 4, name="fc"))
+    else:
+        logits = x
+    y = b.node(op, [logits])
+    b.output(y, ["N", 4 if kind != "input" else 6])
+    return b, b.model(), logits
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax", "Sigmoid"])
+@pytest.mark.parametrize("kind", ["gemm", "matmul_add"])
+def test_measured_tensor_is_the_logits(op, kind):
+    _, model, logits = squashed(op, kind)
+    assert verify.measured_tensors(model) == [logits]
+
+
+@pytest.mark.parametrize("kind", ["relu", "input"])
+def test_measured_tensor_is_the_output_when_not_a_squashed_linear_layer(kind):
+    _, model, _ = squashed("Softmax", kind)
+    assert verify.measured_tensors(model) == [model.graph.output[0].name]
+
+
+def test_measured_tensors_one_per_output():
+    b = Builder(seed=4)
+    x = b.input("x", ["N", 3, 4, 4])
+    c = b.conv(x, 3, 2)
+    b.output(b.node("Sigmoid", [c]), ["N", 2, 4, 4])
+    b.output(b.relu(c), ["N", 2, 4, 4])
+    model = b.model()
+    assert verify.measured_tensors(model) == [c, model.graph.output[1].name]
+
+
+def saturated_classifier() -> tuple[Builder, onnx.ModelProto, str, str]:
+    """Softmax of a Gemm whose first logit is 200 above the others: the probabilities are one-hot in float32."""
+    b = Builder(seed=5)
+    x = b.input("x", ["N", 6])
+    w = b.init(b.weight((4, 6)), name="fc_w")
+    bias = b.init(np.array([200.0, 0.0, 0.0, 0.0]), name="fc_b")
+    logits = b.node("Gemm", [x, w, bias], name="fc", transB=1)
+    probs = b.node("Softmax", [logits], outputs=["probs"], axis=1)
+    b.output(probs, ["N", 4])
+    return b, b.model(), logits, probs
+
+
+def perturbed(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for t in copy.graph.initializer:
+        if t.name == "fc_w":
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 2.0, "fc_w"))
+    return copy
+
+
+def test_saturated_softmax_deviation_measured_on_logits():
+    _, model, logits, probs = saturated_classifier()
+    other = perturbed(model)
+    rng = np.random.default_rng(6)
+    probes = [random_feeds(model, rng, batch=4) for _ in range(6)]
+
+    # the probabilities do not see the change ...
+    on_probs, _ = verify.deviation(verify.run(verify.session(model), probes), verify.run(verify.session(other), probes))
+    assert on_probs < 1e-6
+    # ... the logits do, and they are what is measured
+    measured = verify.measured_tensors(model)
+    assert measured == [logits]
+    on_logits, per_output = verify.deviation(verify.run(verify.session(model, measured), probes),
+                                             verify.run(verify.session(other, measured), probes))
+    assert on_logits > 1e-3
+    assert per_output == [on_logits]
+
+
+def test_compress_verifies_on_logits(monkeypatch):
+    """A pass that damages the logits of a saturated classifier must fail verification."""
+    _, model, _, _ = saturated_classifier()
+    result, report = red_onnx.compress(model, tolerance=0, passes=[])
+    assert report.verified and report.output_deviation <= 1e-5
+    assert list(report.deviation_per_output) == ["probs"]
+
+    original_run = fold.run
+
+    def damaging_run(ctx):
+        result = original_run(ctx)
+        for node in ctx.graph.nodes:
+            if node.op == "Gemm":
+                node.inputs[1].values = node.inputs[1].values * np.float32(2.0)
+        return result
+
+    monkeypatch.setattr(fold, "run", damaging_run)
+    with pytest.raises(VerificationError):
+        red_onnx.compress(model, tolerance=0, passes=[])
+
+
+def test_compress_reports_deviation_per_graph_output():
+    b = Builder(seed=7)
+    x = b.input("x", ["N", 3, 4, 4])
+    c = b.bn(b.conv(x, 3, 2), 2)
+    b.output(b.node("Sigmoid", [b.conv(c, 2, 2, name="head")], outputs=["scores"]), ["N", 2, 4, 4])
+    b.output(b.relu(c), ["N", 2, 4, 4])
+    model = b.model()
+    result, report = red_onnx.compress(model, tolerance=0)
+    assert list(report.deviation_per_output) == [o.name for o in model.graph.output]
+    assert all(0 <= d <= 1e-5 for d in report.deviation_per_output.values())
+    assert report.output_deviation == max(report.deviation_per_output.values())
