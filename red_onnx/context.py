@@ -32,6 +32,7 @@ class Context:
     exclude: re.Pattern | None = None
     budget: Any = None  # budget.Budget, for lossy passes
     keep_dense: frozenset[str] = frozenset()  # convs the latency guard keeps as they are
+    latency_check: bool = True  # optimise rewrites for onnxruntime CPU latency (guard on)
     scale_hints: dict[str, np.ndarray] = field(default_factory=dict)  # weight → per-channel factor folded in
     codebook: str = "uint8"  # codebook index types allowed: "uint8", "auto" (also uint16) or "off"
     log: Callable[[str], None] = lambda message: None

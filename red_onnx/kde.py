@@ -8,17 +8,20 @@ It is computed on a lattice ``t_k = t_0 + k*D``:
      adds ``1 - (p - k)`` to ``c_k`` and ``p - k`` to ``c_{k+1}``;
   2. discrete convolution ``f_k ∝ sum_j c_{k-j} g_j`` with the Gaussian sampled at
      ``j*D``, truncated at ``|j*D| <= T*h`` (``T = TRUNCATION = 5``; ``g_R / g_0 = 3.7e-6``).
-     Direct (numba) when ``nnz(c) * (2R+1)`` is small, FFT otherwise; with the default
-     lattice the kernel has 41 taps and the direct path is always taken.
+     Direct (numba, skipping empty bins) when ``nnz(c) * (2R+1) <= 2 * nfft * log2(nfft)``,
+     numpy FFT otherwise (crossover measured by ``bench/kde_speed.py``); with the default
+     lattice the kernel has 41 taps and the direct path is taken.
 
-Default lattice: ``D = h/4`` (``STEP_FRACTION``), covering ``[min - T*h, max + T*h]``.  When
-that would exceed ``MAX_GRID`` points (heavy tails: range >> h) the lattice is kept *sparse*:
-the sorted values are cut into clusters wherever the truncated density is exactly zero
-between them (``floor(p_{i+1}) - ceil(p_i) >= 2R + 2``), clusters holding a single distinct
-value are trivial basins (no lattice needed) and only the other clusters get lattice
-segments — the result is identical to the dense lattice's.  Only if even that exceeds
-``MAX_GRID`` is ``D`` doubled (graceful coarsening; isolated values still hash to
-themselves).
+Default lattice: ``D = min(h/4, range/1024)``, covering ``[min - T*h, max + T*h]`` but at most
+``MAX_PAD`` steps beyond the values (further out the density is monotone: no extrema).  When
+that exceeds ``MAX_GRID`` points (heavy tails: range >> h) the lattice is kept *sparse*: the
+sorted values are cut into clusters wherever the truncated density is exactly zero between
+them (``floor(p_{i+1}) - ceil(p_i) >= 2R + 2``); a cluster of one distinct value is a basin of
+its own (its peak is the value), the others get lattice segments — same lattice, same result
+as the dense one.  Only if even that exceeds ``MAX_GRID`` (or ``range / D > 2**50``) is ``D``
+enlarged (graceful coarsening: isolated values still hash to themselves).  ``h >= 2*range``:
+the KDE is concave over the values, hence unimodal: one basin (peak computed with
+``h <= 64*range``, beyond which the lattice density is flat to rounding).
 
 Extrema.  A maximal run of equal lattice values (a plateau) is one extremum, located at the
 run's centre (so it may sit on a half step); a run is a maximum if both neighbouring runs
@@ -29,12 +32,19 @@ Minima are basin *edges*; a run of exact zeros between two groups of values (the
 truncated) is an edge at its centre.  Basin ``k`` is ``[edges[k-1], edges[k])``.
 
 Representative ("mode value") of a basin: **the member value nearest to the basin's density
-peak** (ties: the smaller value).  Hence a basin holding one distinct value maps to that
-exact value (``h -> 0`` is the identity), the codebook is a subset of the input values
-(exact in any float dtype, no rounding of a computed mean), and it is within the lattice
-resolution of the KDE mode whenever the basin has a member near its peak.  Basins without
-members (binning/truncation artefacts) are absorbed: between two consecutive non-empty
-basins only the deepest edge (lowest density, leftmost on ties) is kept.
+peak** (``|x - peak|`` in float64, ties: the smaller value).  Hence a basin holding one distinct
+value maps to that exact value (``h -> 0`` is the identity), the codebook is a subset of the
+input values (exact in any float dtype, no rounding of a computed mean), and it is within the
+lattice resolution of the KDE mode whenever the basin has a member near its peak.  Basins
+without members (when ``h`` is about the spacing of the values a maximum can fall in a gap)
+are absorbed: between two consecutive non-empty basins only the deepest edge (lowest
+density, leftmost on ties) is kept.
+
+Speed (one core): min/max (numpy), binning (numba), then one numba pass that finds every
+value's basin from a table over half-step sub-cells (one edge comparison only in sub-cells
+within rounding of an edge) and the members nearest to the peaks (only for values in the
+few sub-cells that can hold them), then a gather of the representatives.  Sparse lattices
+(heavy tails) sort the values once and use binary search instead.
 """
 
 from __future__ import annotations
@@ -483,10 +493,11 @@ def _lattice_density(work, lat, h):
 def kde_density(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grid points ``t`` and the Gaussian KDE ``f(t)`` there, normalised so that ``sum f * D = 1``.
 
-    ``grid_size`` None: the default lattice (``D = h/4``, ``[min - 5h, max + 5h]``); for values
-    with a huge range the grid is piecewise regular (the stretches where the truncated density
-    is exactly zero are left out). ``grid_size`` given: that many points evenly spaced over
-    ``[min - 5h, max + 5h]``. Empty values give two empty arrays.
+    ``grid_size`` None: the default lattice (module docstring: ``D = min(h/4, range/1024)``,
+    ``[min - 5h, max + 5h]`` or ``MAX_PAD`` steps beyond the values, whichever is narrower); for
+    values with a huge range the grid is piecewise regular (the stretches where the truncated
+    density is exactly zero are left out).  ``grid_size`` given: that many points evenly spaced
+    over ``[min - 5h, max + 5h]``.  Empty values give two empty arrays.
     """
     _, work, lo, hi = _prepare(values)
     h = _check_bandwidth(bandwidth)

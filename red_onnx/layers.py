@@ -208,7 +208,8 @@ def _why_not_layer(node: gs.Node, exclude: re.Pattern | None) -> str | None:
     if node.op == "MatMul" and not isinstance(weight, gs.Constant):
         return "multiplies two activations"
     if not isinstance(weight, gs.Constant):
-        return "weights are a graph input, not a constant"
+        return "weights are computed by a node (e.g. a codebook)" if weight.inputs else \
+            "weights are a graph input, not a constant"
     if not is_float(weight.values):
         return f"weights are {weight.values.dtype}, not floating point"
     if len(weight.outputs) > 1:

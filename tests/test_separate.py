@@ -198,28 +198,38 @@ def test_rewrite_matches_conv(case):
     assert len(new_model.graph.node[2].input) == (3 if b is not None else 2)
 
 
-def test_depth_multiplier_drops_gather():
+def test_depth_multiplier_gathers_into_a_plain_depthwise_conv():
     rng = np.random.default_rng(1)
     w, d = planted_weight(rng, 8, 4, (3, 3), d=2)
     b = rng.standard_normal(8).astype(np.float32)
     x = rng.standard_normal((1, 4, 9, 9)).astype(np.float32)
     model = make_conv_model(x.shape, w, b, pads=[1, 1, 1, 1], strides=[2, 2])
     new_model, plan, _ = check_rewrite(model, x, w, b, pads=[1, 1, 1, 1], strides=[2, 2])
-    assert [n.op_type for n in new_model.graph.node] == ["Conv", "Conv"]
-    assert not plan.uses_gather
-    dw = new_model.graph.node[0]
+    assert [n.op_type for n in new_model.graph.node] == ["Gather", "Conv", "Conv"]
+    assert plan.uses_gather
+    dw = new_model.graph.node[1]
     attrs = {a.name: helper.get_attribute_value(a) for a in dw.attribute}
-    assert attrs["group"] == 4
+    assert attrs["group"] == 8
     assert numpy_helper.to_array(next(i for i in new_model.graph.initializer
                                       if i.name == dw.input[1])).shape == (8, 1, 3, 3)
 
 
+def test_one_kernel_per_channel_is_depthwise_without_gather():
+    rng = np.random.default_rng(1)
+    w, d = planted_weight(rng, 8, 4, (3, 3), d=1)
+    x = rng.standard_normal((1, 4, 9, 9)).astype(np.float32)
+    model = make_conv_model(x.shape, w, None, pads=[1, 1, 1, 1])
+    new_model, plan, _ = check_rewrite(model, x, w, None, pads=[1, 1, 1, 1])
+    assert [n.op_type for n in new_model.graph.node] == ["Conv", "Conv"]
+    assert not plan.uses_gather
+
+
 def test_random_full_rank_is_depth_multiplier():
-    # O > K: rank K per channel everywhere -> uniform m = K, no Gather
+    # O > K: rank K per channel everywhere -> uniform m = K (gathered: see uses_gather)
     rng = np.random.default_rng(2)
     w = rng.standard_normal((12, 3, 2, 2)).astype(np.float32)
     p = plan_exact(w)
-    assert all((u == 4).all() for u in p.u) and not p.uses_gather
+    assert all((u == 4).all() for u in p.u) and p.uses_gather
     assert p.macs_per_pixel_after == 3 * 4 * 4 + 12 * 12
     assert p.weight_error < 1e-6
 
