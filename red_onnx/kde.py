@@ -5,7 +5,8 @@ Math.  For values ``x_1..x_n`` and bandwidth ``h`` the KDE is
 It is computed on a lattice ``t_k = t_0 + k*D``:
 
   1. linear binning: ``x`` at lattice position ``p = (x - t_0)/D``, ``k = floor(p)``,
-     adds ``1 - (p - k)`` to ``c_k`` and ``p - k`` to ``c_{k+1}``;
+     adds ``1 - (p - k)`` to ``c_k`` and ``p - k`` to ``c_{k+1}`` (in exact 2**-30 fixed point,
+     so the result does not depend on the order of the values);
   2. discrete convolution ``f_k ∝ sum_j c_{k-j} g_j`` with the Gaussian sampled at
      ``j*D``, truncated at ``|j*D| <= T*h`` (``T = TRUNCATION = 5``; ``g_R / g_0 = 3.7e-6``).
      Direct (numba, skipping empty bins) when ``nnz(c) * (2R+1) <= 2 * nfft * log2(nfft)``,
@@ -75,12 +76,14 @@ __all__ = [
 TRUNCATION = 5.0
 #: default lattice step, in bandwidths
 STEP_FRACTION = 0.25
-#: most lattice points (dense, or in all sparse segments together)
-MAX_GRID = 1 << 20
+#: most lattice points (dense, or in all sparse segments together): ~100 MB of work arrays at most
+MAX_GRID = 1 << 22
 #: the default lattice has at least this many steps across the values' range (peak resolution)
 MIN_STEPS = 1024
 #: the lattice extends at most this many steps beyond the values (the kernel may reach further)
 MAX_PAD = 4096
+#: fixed-point unit of the binned weights (exact, order-independent sums)
+ONE = 1 << 30
 #: h >= 2 * range: one basin, its peak computed with h capped at this many ranges
 UNIMODAL_CAP = 64.0
 #: lattice positions stay below this so that they are exact in float64 / int64
@@ -96,7 +99,7 @@ class Basins(NamedTuple):
 
     modes: np.ndarray  #: (B,) representative of each basin (a member value)
     edges: np.ndarray  #: (B-1,) boundaries; basin k = [edges[k-1], edges[k])
-    peaks: np.ndarray  #: (B,) density-peak location of each basin (lattice, refined)
+    peaks: np.ndarray  #: (B,) density-peak location: plateau centre, log-parabola refined (isolated value: itself)
     counts: np.ndarray  #: (B,) number of values in each basin (int64)
     step: float  #: lattice step D, the resolution of peaks and edges
 
@@ -118,20 +121,28 @@ class _Lattice(NamedTuple):
 
 
 @njit(cache=True, nogil=True)
-def _bin_dense(x, origin, inv_step, w):
-    """Linear binning of unit weights: c_k += 1-(p-k), c_{k+1} += p-k, p = (x-t_0)/D."""
+def _bin_dense(x, origin, inv_step, w, clamp):
+    """Linear binning of unit weights: c_k += 1-(p-k), c_{k+1} += p-k, p = (x-t_0)/D.
+
+    Weights are fixed point (``ONE = 2**30`` per value, int64): the sums are exact, so the
+    result does not depend on the order of the values, and equals ``_bin_sparse``'s.
+    ``clamp`` False: the caller checked ``0 <= p < w.size - 1`` at min(x) and max(x) (p is
+    monotone in x), so no per-value bounds checks.
+    """
+    if not clamp:
+        for i in range(x.size):
+            p = (x[i] - origin) * inv_step
+            k = int(p)
+            f = np.int64((p - k) * ONE)
+            w[k] += ONE - f
+            w[k + 1] += f
+        return
     top = w.size - 2
     for i in range(x.size):
-        p = (x[i] - origin) * inv_step
-        if p < 0.0:
-            p = 0.0
-        k = int(p)
-        if k > top:
-            k = top
-        f = p - k
-        if f > 1.0:
-            f = 1.0
-        w[k] += 1.0 - f
+        p = min(max((x[i] - origin) * inv_step, 0.0), top + 1.0)
+        k = min(int(p), top)
+        f = np.int64(min(p - k, 1.0) * ONE)
+        w[k] += ONE - f
         w[k + 1] += f
 
 
@@ -146,10 +157,11 @@ def _bin_sparse(u, ucount, origin, inv_step, cstart, mat, seg_off, seg_lat, w):
         for i in range(cstart[c], cstart[c + 1]):
             p = (u[i] - origin) * inv_step
             k = math.floor(p)
-            f = p - k
+            f = np.int64((p - k) * ONE)
             j = base + np.int64(k)
-            w[j] += ucount[i] * (1.0 - f)
-            w[j + 1] += ucount[i] * f
+            n = np.int64(ucount[i])
+            w[j] += n * (ONE - f)
+            w[j + 1] += n * f
         s += 1
 
 
@@ -203,7 +215,7 @@ def _extrema(d, seg_start, seg_stop, seg_lat):
                 j += 1
             nxt = d[j + 1] if j + 1 < hi else -np.inf
             if v > prev and v > nxt:
-                pos = 0.5 * (i + j)
+                pos = 0.5 * (2 * lat + i + j)  # exact: the same in dense and sparse lattices
                 if i == j and i > lo and j + 1 < hi and prev > 0.0 and nxt > 0.0:
                     la = math.log(prev)
                     lb = math.log(v)
@@ -211,7 +223,7 @@ def _extrema(d, seg_start, seg_stop, seg_lat):
                     den = la - 2.0 * lb + lc
                     if den < 0.0:
                         pos += 0.5 * (la - lc) / den
-                pk[a] = lat + pos
+                pk[a] = pos
                 a += 1
                 npk[s] += 1
             elif v < prev and v < nxt:
@@ -324,6 +336,31 @@ def _gather(table, idx, out):
 
 
 @njit(cache=True, nogil=True)
+def _gather_rows(codebook, lab, rows, s, zidx, out, idx):
+    """Row c of out: ``codebook[l] * s[c]`` (IEEE product in the codebook's dtype), l = the next
+    row of lab if rows[c] else zidx (all-zero rows are not in lab).  ``idx``: l, if not empty."""
+    K = out.shape[1]
+    r = 0
+    for c in range(out.shape[0]):
+        sc = s[c]
+        if rows[c]:
+            base = r * K
+            for j in range(K):
+                out[c, j] = codebook[lab[base + j]] * sc
+            if idx.size:
+                for j in range(K):
+                    idx[c, j] = lab[base + j]
+            r += 1
+        else:
+            z = codebook[zidx] * sc
+            for j in range(K):
+                out[c, j] = z
+            if idx.size:
+                for j in range(K):
+                    idx[c, j] = zidx
+
+
+@njit(cache=True, nogil=True)
 def _count(idx, n):
     c = np.zeros(n, np.int64)
     for i in range(idx.size):
@@ -363,6 +400,49 @@ def _sum_moments(x):
     return s, q
 
 
+@njit(cache=True, nogil=True)
+def _bucket_counts(bits, sign_shift, mask, shift):
+    """Histogram of the top 16 bits of the order-preserving integer key of each float."""
+    h = np.zeros(65536, np.int64)
+    for i in range(bits.size):
+        v = np.int64(bits[i])
+        k = v ^ ((v >> sign_shift) & mask)
+        h[(k >> shift) + 32768] += 1
+    return h
+
+
+@njit(cache=True, nogil=True)
+def _bucket_collect(x, bits, sign_shift, mask, shift, marked, out):
+    """The values whose key bucket is marked, in input order; returns how many."""
+    n = 0
+    for i in range(bits.size):
+        v = np.int64(bits[i])
+        k = v ^ ((v >> sign_shift) & mask)
+        if marked[(k >> shift) + 32768]:
+            out[n] = x[i]
+            n += 1
+    return n
+
+
+def _order_statistics(work, ranks):
+    """``np.sort(work)[ranks]`` in O(n): bucket the float keys by their top 16 bits, then sort
+    only the values in the buckets holding the ranks (radix select; no full sort or copy)."""
+    if work.dtype == np.float32:
+        bits, sign_shift, mask, shift = work.view(np.int32), 31, 0x7FFFFFFF, 16
+    else:
+        bits, sign_shift, mask, shift = work.view(np.int64), 63, 0x7FFFFFFFFFFFFFFF, 48
+    h = _bucket_counts(bits, sign_shift, mask, shift)
+    cum = np.cumsum(h)
+    b = np.searchsorted(cum, ranks, side="right")  # bucket of each rank
+    marked = np.zeros(65536, np.bool_)
+    marked[b] = True
+    out = np.empty(int(h[marked].sum()), work.dtype)
+    _bucket_collect(work, bits, sign_shift, mask, shift, marked, out)
+    out.sort()
+    below = np.cumsum(np.where(marked, h, 0)) - h  # values of marked buckets before bucket b
+    return out[below[b] + (ranks - (cum[b] - h[b]))].astype(np.float64)
+
+
 # ----------------------------------------------------------------------------------------
 # lattice
 
@@ -391,13 +471,32 @@ def _check_bandwidth(bandwidth):
     return h
 
 
+@njit(cache=True, nogil=True)
+def _runs(xs):
+    """Distinct values of sorted xs (float64) and their multiplicities (float64)."""
+    u = np.empty(xs.size)
+    c = np.empty(xs.size)
+    m = 0
+    for i in range(xs.size):
+        if m and xs[i] == u[m - 1]:
+            c[m - 1] += 1.0
+        else:
+            u[m] = xs[i]
+            c[m] = 1.0
+            m += 1
+    return u[:m].copy(), c[:m].copy()
+
+
 def _distinct(work):
-    xs = np.sort(work)
-    new = np.empty(xs.size, np.bool_)
-    new[0] = True
-    np.not_equal(xs[1:], xs[:-1], out=new[1:])
-    first = np.flatnonzero(new)
-    return xs[first].astype(np.float64), np.diff(np.append(first, xs.size)).astype(np.float64)
+    return _runs(np.sort(work))
+
+
+def _cells(u, origin, step):
+    """Lowest and highest lattice point that the binning of each value of u touches:
+    ``floor(p)`` and ``floor(p) + 1`` unless the fixed-point fraction is 0 (as ``_bin_*``)."""
+    p = (u - origin) * (1.0 / step)
+    fl = np.floor(p)
+    return fl, fl + (((p - fl) * ONE).astype(np.int64) > 0)
 
 
 def _plan(work, xmin, xmax, h, grid_size, all_clusters=False, dense=False):
@@ -429,9 +528,7 @@ def _plan(work, xmin, xmax, h, grid_size, all_clusters=False, dense=False):
         # sparse: here step >= h/4, so R <= 20 = pad
         if u is None:
             u, ucount = _distinct(work)
-        p = (u - origin) * (1.0 / step)
-        fl = np.floor(p)
-        ce = np.ceil(p)
+        fl, ce = _cells(u, origin, step)
         cut = np.flatnonzero(fl[1:] - ce[:-1] >= 2 * R + 2) + 1
         cstart = np.concatenate(([0], cut, [u.size])).astype(np.int64)
         mat = np.ones(cstart.size - 1, np.bool_) if all_clusters else np.diff(cstart) > 1
@@ -459,9 +556,7 @@ def _convolve(w, g, R):
 
 def _segments(lat):
     """Sparse lattice segments: (cluster bounds fl/ce per distinct value, seg lattice start, offsets)."""
-    p = (lat.u - lat.origin) * (1.0 / lat.step)
-    fl = np.floor(p)
-    ce = np.ceil(p)
+    fl, ce = _cells(lat.u, lat.origin, lat.step)
     cs = lat.cstart
     seg_lat = (fl[cs[:-1]] - lat.R - 1)[lat.mat].astype(np.int64)
     seg_len = (ce[cs[1:] - 1] + lat.R + 1)[lat.mat].astype(np.int64) - seg_lat + 1
@@ -469,20 +564,21 @@ def _segments(lat):
     return fl, ce, seg_lat, seg_off
 
 
-def _lattice_density(work, lat, h):
+def _lattice_density(work, lat, h, lo, hi):
     """Unnormalised lattice density (sum_j c_{k-j} g_j), binned weights c, and segments."""
     g = _kernel(h, lat.step, lat.R)
     inv = 1.0 / lat.step
     if lat.size > 0:
-        w = np.zeros(lat.size)
-        _bin_dense(work, lat.origin, inv, w)
-        d = _convolve(w, g, lat.R)
+        w = np.zeros(lat.size, np.int64)
+        ends = (np.array([lo, hi], np.float64) - lat.origin) * inv  # lo, hi: min and max of work
+        _bin_dense(work, lat.origin, inv, w, not (ends[0] >= 0.0 and ends[1] < lat.size - 1))
+        d = _convolve(w.astype(np.float64), g, lat.R)
         z = np.zeros(1, np.int64)
         return d, w, z, np.array([lat.size], np.int64), z, None
     fl, ce, seg_lat, seg_off = _segments(lat)
-    w = np.zeros(int(seg_off[-1]))
+    w = np.zeros(int(seg_off[-1]), np.int64)
     _bin_sparse(lat.u, lat.ucount, lat.origin, inv, lat.cstart, lat.mat, seg_off, seg_lat, w)
-    d = _convolve(w, g, lat.R)
+    d = _convolve(w.astype(np.float64), g, lat.R)
     return d, w, seg_off[:-1].copy(), seg_off[1:].copy(), seg_lat, (fl, ce)
 
 
@@ -504,7 +600,7 @@ def kde_density(values: np.ndarray, bandwidth: float, grid_size: int | None = No
     if work.size == 0:
         return np.empty(0), np.empty(0)
     lat = _plan(work, lo, hi, h, grid_size, all_clusters=True)
-    d, _, s0, s1, slat, _ = _lattice_density(work, lat, h)
+    d, _, s0, s1, slat, _ = _lattice_density(work, lat, h, lo, hi)
     if lat.size > 0:
         k = np.arange(lat.size, dtype=np.float64)
     else:
@@ -512,20 +608,34 @@ def kde_density(values: np.ndarray, bandwidth: float, grid_size: int | None = No
     return lat.origin + lat.step * k, d / (d.sum() * lat.step)
 
 
+@njit(cache=True, nogil=True)
+def _subcell_lookup(edges, origin, step, Q, delta):
+    """table[q] for sub-cell q = [origin + step*q/2, origin + step*(q+1)/2) widened by delta
+    (rounding of the values' positions): its basin, or -(e+1) if edge e lies in it; empty if
+    some sub-cell holds two edges (rounding too coarse for the lookup)."""
+    table = np.empty(Q, np.int32)
+    ne = edges.size
+    elo = 0
+    ehi = 0
+    for q in range(Q):
+        left = origin + step * (0.5 * q) - delta if q > 0 else -np.inf
+        right = origin + step * (0.5 * (q + 1)) + delta if q < Q - 1 else np.inf
+        while elo < ne and edges[elo] <= left:
+            elo += 1
+        while ehi < ne and edges[ehi] <= right:
+            ehi += 1
+        if ehi - elo > 1:
+            return np.empty(0, np.int32)
+        table[q] = elo if ehi == elo else -(elo + 1)
+    return table
+
+
 def _subcell_table(edges, lat, xabs):
     """Basin lookup over half-step sub-cells (see ``_assign_reduce``); None if rounding makes it unsafe."""
     Q = 2 * lat.size
     delta = 16.0 * np.finfo(np.float64).eps * (xabs + abs(lat.origin) + lat.step * Q)
-    bounds = lat.origin + lat.step * (0.5 * np.arange(Q + 1, dtype=np.float64))
-    left = bounds[:-1] - delta
-    right = bounds[1:] + delta
-    left[0] = -np.inf
-    right[-1] = np.inf
-    blo = np.searchsorted(edges, left, side="right")
-    bhi = np.searchsorted(edges, right, side="right")
-    if np.any(bhi - blo > 1):
-        return None
-    return np.where(bhi == blo, blo, -(blo + 1)).astype(np.int32)
+    table = _subcell_lookup(edges, lat.origin, lat.step, Q, delta)
+    return table if table.size == Q else None
 
 
 def _candidate_cells(w, el, pk, Q):
@@ -571,7 +681,7 @@ def _unimodal(work, lo, hi, h, grid_size, int32):
     step = 0.0
     if span > 0.0:
         lat = _plan(work, lo, hi, min(h, UNIMODAL_CAP * span), grid_size, dense=True)  # <= 9220 points
-        d = _lattice_density(work, lat, min(h, UNIMODAL_CAP * span))[0]
+        d = _lattice_density(work, lat, min(h, UNIMODAL_CAP * span), lo, hi)[0]
         i = int(np.argmax(d))
         j = i + int(np.argmax(d[i:] != d[i])) - 1 if np.any(d[i:] != d[i]) else d.size - 1
         pos = 0.5 * (i + j)
@@ -597,7 +707,7 @@ def _analyze(work, lo, hi, h, grid_size, int32=False):
     if h >= 2.0 * (hi - lo):
         return _unimodal(work, lo, hi, h, grid_size, int32)
     lat = _plan(work, lo, hi, h, grid_size)
-    d, w, s0, s1, slat, sparse = _lattice_density(work, lat, h)
+    d, w, s0, s1, slat, sparse = _lattice_density(work, lat, h, lo, hi)
     pk, e2, ev, npk, ned = _extrema(d, s0, s1, slat)
     origin, step = lat.origin, lat.step
     lab = None
@@ -670,13 +780,14 @@ def basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -
 
 
 def _hash_flat(work, lo, hi, h, grid_size, labels):
-    """Hashed values (dtype of ``work``) or basin indices (int32), and the float64 modes."""
+    """Hashed values (dtype of ``work``) or basin indices (``labels`` True: int32; "compact":
+    uint8/uint16/int32, the smallest that fits), and the float64 modes."""
     if work.size == 0:
         return (np.empty(0, np.int32) if labels else work.copy()), np.empty(0)
-    info, lab, index = _analyze(work, lo, hi, h, grid_size, int32=labels)
+    info, lab, index = _analyze(work, lo, hi, h, grid_size, int32=labels is True)
     if labels:
         if index is not None:
-            _gather(index.astype(np.int32), lab, lab)
+            _gather(index.astype(lab.dtype), lab, lab)
         return lab, info.modes
     reps = info.modes.astype(work.dtype)
     if index is not None:
@@ -714,8 +825,11 @@ def _scales(flat, scale):
     elif scale == "std":
         s = flat.std(axis=1, dtype=np.float64).astype(flat.dtype)
         s = np.where(s > 0, s, m)  # constant rows: their max-abs
-    elif scale == "pow2":
-        s = np.ldexp(1.0, np.frexp(m.astype(np.float64))[1]).astype(flat.dtype)  # 2**e > m: s*(w/s) == w
+    elif scale == "pow2":  # 2**e > m (2**(e-1) if 2**e overflows the dtype): s*(w/s) == w
+        e = np.frexp(m.astype(np.float64))[1]
+        with np.errstate(over="ignore"):
+            s = np.ldexp(1.0, e).astype(flat.dtype)
+        s = np.where(np.isfinite(s), s, np.ldexp(1.0, e - 1).astype(flat.dtype))
         s[m == 0] = 0
     else:
         raise ValueError(f"scale must be 'maxabs', 'std' or 'pow2', got {scale!r}")
@@ -762,25 +876,30 @@ def hash_channels(
         if per_channel and flat.size:
             s = _scales(flat, scale)
             rows = s != 0
-            u = (flat[rows] / s[rows, None]).astype(w.dtype)
+            u = (flat / s[:, None] if rows.all() else flat[rows] / s[rows, None]).astype(w.dtype, copy=False)
         else:
             s = np.ones(w.shape[0], w.dtype)
             rows = np.ones(w.shape[0], np.bool_)
             u = flat
     _, work, lo, hi = _prepare(u)
     h = f * silverman_bandwidth(work) if work.size else 1.0
-    lab, modes = _hash_flat(work, lo, hi, h, grid_size, labels=True)
+    lab, modes = _hash_flat(work, lo, hi, h, grid_size, labels="compact")
     if modes.size == 0 and not rows.all():  # only all-zero channels: any codebook will do
         modes = np.zeros(1)
     codebook = modes.astype(w.dtype)
-    idx = np.zeros((rows.size, w.size // max(rows.size, 1)), np.int32)
-    if rows.any():
-        idx[rows] = lab.reshape(int(rows.sum()), -1)
-    if not rows.all():
-        idx[~rows] = int(np.argmin(np.abs(modes)))
-    idx = idx.reshape(w.shape)
-    hashed = codebook[idx] * s.reshape(s.shape + (1,) * (w.ndim - s.ndim))
-    hashed = hashed.astype(w.dtype, copy=False)
+    zidx = int(np.argmin(np.abs(modes))) if modes.size else 0  # for all-zero channels
+    if w.ndim and w.dtype != np.float16:
+        out = np.empty((rows.size, w.size // max(rows.size, 1)), w.dtype)
+        idx = np.empty(out.shape if return_indices else (0, 0), np.int32)
+        _gather_rows(codebook, lab, rows, s, zidx, out, idx)
+        hashed = out.reshape(w.shape)
+        idx = idx.reshape(w.shape) if return_indices else None
+    else:  # float16 (numba has no float16 arithmetic) and 0-d: numpy, same IEEE products
+        idx = np.full((rows.size, w.size // max(rows.size, 1)), zidx, np.int32)
+        if rows.any():
+            idx[rows] = lab.reshape(int(rows.sum()), -1)
+        idx = idx.reshape(w.shape)
+        hashed = (codebook[idx] * s.reshape(s.shape + (1,) * (w.ndim - s.ndim))).astype(w.dtype, copy=False)
     return (hashed, codebook, s, idx) if return_indices else (hashed, codebook, s)
 
 
@@ -791,8 +910,11 @@ def _spread(values, robust):
         return n, 0.0
     _, q = _sum_moments(work)
     sd = math.sqrt(q / (n - 1))
-    if robust:
-        q25, q75 = np.quantile(work, [0.25, 0.75])
+    if robust:  # quartiles as np.quantile(method="linear"): order statistics at (n-1)*q, interpolated
+        r = (n - 1) * np.array([0.25, 0.75])
+        lo = np.floor(r).astype(np.int64)
+        v = _order_statistics(work, np.concatenate((lo, np.minimum(lo + 1, n - 1))))
+        q25, q75 = v[:2] + (v[2:] - v[:2]) * (r - lo)
         iqr = float(q75 - q25) / 1.3489795
         if 0.0 < iqr < sd:
             return n, iqr

@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from ..budget import Candidate
 from ..context import Context, PassResult
 from ..kde import hash_channels
-from ..layers import Layer, find_layers
+from ..layers import Layer, find_layers, unique_name
 from ..model_io import to_model
 
 NAME = "hash"
@@ -35,6 +35,7 @@ FACTORS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
 INDEX_TYPES = {"uint8": ((256, np.uint8),), "auto": ((256, np.uint8), (65536, np.uint16)), "off": ()}
 MIN_ELEMENTS = 1024  # smaller weights are not worth a codebook
+NODE_OVERHEAD = 512  # bytes the Cast/Gather/Mul nodes and names add to the file, about
 
 
 def run(ctx: Context) -> PassResult:
@@ -49,8 +50,9 @@ def run(ctx: Context) -> PassResult:
                                      lambda chosen: {c.data[0]: hashed[c.key] for c in chosen})
             tensors = ctx.graph.tensors()
             for c in spent.accepted:
-                name, factor, entries, error = c.data
+                name, factor, entries, error, scales = c.data
                 tensors[name].values = hashed[c.key]
+                ctx.scale_hints[name] = scales  # the codebook of the hashed values is per these scales
                 rows.append({"name": c.slot.split(":", 1)[1], "bandwidth_factor": factor, "modes": entries,
                              "weight_error": round(error, 6)})
             counts["layers_hashed"] = len(spent.accepted)
@@ -68,7 +70,7 @@ def _propose(ctx: Context) -> tuple[list[Candidate], dict[str, np.ndarray]]:
         norm = float(np.linalg.norm(w))
         before = len(np.unique(w))
         for level, factor in enumerate(FACTORS):
-            values, codebook, _ = hash_channels(w, factor, per_channel=True, scale="pow2")
+            values, codebook, scales = hash_channels(w, factor, per_channel=True, scale="pow2")
             entries = len(codebook)
             if entries > limit or entries >= before:
                 continue
@@ -77,7 +79,7 @@ def _propose(ctx: Context) -> tuple[list[Candidate], dict[str, np.ndarray]]:
             key = f"hash:{layer.name}:{level}"
             hashed[key] = layer.stored(values)
             candidates.append(Candidate(key, f"hash:{layer.name}", (0, 0, saving), error, level,
-                                        (layer.weight.name, factor, entries, error)))
+                                        (layer.weight.name, factor, entries, error, scales)))
     return candidates, hashed
 
 
@@ -100,8 +102,10 @@ def encode(ctx: Context) -> PassResult:
         weights = {}
         for node in ctx.graph.nodes:
             if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1 \
-                    and isinstance(node.inputs[1], gs.Constant) and not (ctx.exclude and ctx.exclude.search(node.name)):
+                    and isinstance(node.inputs[1], gs.Constant):
                 weights.setdefault(id(node.inputs[1]), node.inputs[1])
+        if ctx.exclude is not None:  # a weight any excluded node reads stays as it is
+            weights = {k: w for k, w in weights.items() if not any(ctx.exclude.search(u.name) for u in w.outputs)}
         for key, weight in weights.items():
             row = _encode_weight(ctx.graph, weight, layers.get(key), ctx.codebook, ctx.scale_hints.get(weight.name))
             if row:
@@ -137,9 +141,19 @@ def _split_scales(layer: Layer, hint: np.ndarray | None, limit: int):
     for scales in ([hint] if hint is not None and len(hint) == view.shape[0] else []) + [pow2]:
         scales = np.where(scales != 0, scales, 1).astype(view.dtype)
         normalised = (flat / scales[:, None]).astype(view.dtype)
-        if len(np.unique(normalised)) <= limit and np.array_equal(normalised * scales[:, None], flat):
+        if len(_distinct_bits(normalised)) <= limit and \
+                np.array_equal(_bits(normalised * scales[:, None]), _bits(np.ascontiguousarray(flat))):
             return layer.stored(normalised.reshape(view.shape)), scales.reshape(shape)
     return None
+
+
+def _bits(values: np.ndarray) -> np.ndarray:
+    """The values' bit patterns (so that -0.0 and +0.0 stay distinct, bit for bit)."""
+    return values.view(np.dtype(f"u{values.dtype.itemsize}"))
+
+
+def _distinct_bits(values: np.ndarray) -> np.ndarray:
+    return np.unique(_bits(np.ascontiguousarray(values)))
 
 
 def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, setting: str,
@@ -148,34 +162,39 @@ def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, 
     if stored.size < MIN_ELEMENTS or stored.dtype not in (np.float16, np.float32, np.float64):
         return None
     limit = INDEX_TYPES[setting][-1][0]
-    codebook, scales = np.unique(stored), None
-    if len(codebook) > limit and layer is not None:
+    scales = None
+    if len(_distinct_bits(stored)) > limit and layer is not None:
         split = _split_scales(layer, hint, limit)
         if split is None:
             return None
         stored, scales = split
-        codebook = np.unique(stored)
-    if len(codebook) > limit:
+    bits = _distinct_bits(stored)
+    if len(bits) > limit:
         return None
+    codebook = bits.view(stored.dtype)
     index_type = next(t for n, t in INDEX_TYPES[setting] if len(codebook) <= n)
-    indices = np.searchsorted(codebook, stored).astype(index_type)
+    indices = np.searchsorted(bits, _bits(stored)).astype(index_type)
     before = constant.values.nbytes
     after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
-    if after >= before:
+    if after + NODE_OVERHEAD >= before:
         return None
     name = constant.name
-    idx32 = gs.Variable(f"{name}_indices_int32", dtype=np.int32)
-    nodes = [gs.Node("Cast", f"{name}_cast", {"to": onnx.TensorProto.INT32},
-                     [gs.Constant(f"{name}_indices", indices)], [idx32])]
-    book = gs.Constant(f"{name}_codebook", codebook)
-    decoded = gs.Variable(f"{name}_decoded", dtype=stored.dtype)
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    new = {part: unique_name(f"{name}_{part}", taken)
+           for part in ("indices", "indices_int32", "codebook", "gathered", "scales", "decoded")}
+    idx32 = gs.Variable(new["indices_int32"], dtype=np.int32)
+    nodes = [gs.Node("Cast", unique_name(f"{name}_cast", taken), {"to": onnx.TensorProto.INT32},
+                     [gs.Constant(new["indices"], indices)], [idx32])]
+    book = gs.Constant(new["codebook"], codebook)
+    decoded = gs.Variable(new["decoded"], dtype=stored.dtype)
+    gather = unique_name(f"{name}_gather", taken)
     if scales is None:
-        nodes.append(gs.Node("Gather", f"{name}_gather", {"axis": 0}, [book, idx32], [decoded]))
+        nodes.append(gs.Node("Gather", gather, {"axis": 0}, [book, idx32], [decoded]))
     else:
-        gathered = gs.Variable(f"{name}_gathered", dtype=stored.dtype)
-        nodes += [gs.Node("Gather", f"{name}_gather", {"axis": 0}, [book, idx32], [gathered]),
-                  gs.Node("Mul", f"{name}_scale", inputs=[gathered, gs.Constant(f"{name}_scales", scales)],
-                          outputs=[decoded])]
+        gathered = gs.Variable(new["gathered"], dtype=stored.dtype)
+        nodes += [gs.Node("Gather", gather, {"axis": 0}, [book, idx32], [gathered]),
+                  gs.Node("Mul", unique_name(f"{name}_scale", taken),
+                          inputs=[gathered, gs.Constant(new["scales"], scales)], outputs=[decoded])]
     for user in list(constant.outputs):
         user.inputs = [decoded if t is constant else t for t in user.inputs]
     graph.nodes.extend(nodes)

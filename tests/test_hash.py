@@ -1,0 +1,623 @@
+"""Weight hashing (passes/hash.py: run) and codebook storage (passes/hash.py: encode) through
+red_onnx.compress.
+
+Storage is checked bit for bit: the weights an encoded model decodes (``Cast → Gather [→ Mul]``,
+evaluated in numpy with the same float32 arithmetic *and* by onnxruntime on the subgraph alone) must
+equal, as bit patterns, the plain weights of the same pipeline run with ``codebook="off"``.
+Hashing is checked on the two reference models under the shared budget.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import red_onnx
+from red_onnx.passes import hash as hash_pass
+
+from conftest import REPO, Builder, assert_same_outputs, op_counts, random_feeds, rel_l2, run
+
+DIGITS = {"cnn": REPO / "models" / "digits_cnn.onnx", "resnet": REPO / "models" / "digits_resnet.onnx"}
+LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+BITS = {np.dtype(np.float16): np.uint16, np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+
+
+# --------------------------------------------------------------------------------------------- #
+# decoding an encoded model
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def chain(model: onnx.ModelProto, tensor: str) -> dict | None:
+    """The codebook chain producing ``tensor`` (checked to be exactly Cast(int32) → Gather(axis 0)
+    [→ Mul(scales)] over initializers), or None if ``tensor`` is an initializer."""
+    inits, prod = _inits(model), _producers(model)
+    if tensor in inits:
+        return None
+    node = prod[tensor]
+    scales = None
+    nodes = []
+    if node.op_type == "Mul":
+        gathered, scale_name = node.input
+        assert scale_name in inits, "scales must be an initializer"
+        scales = inits[scale_name]
+        nodes.append(node)
+        node = prod[gathered]
+    assert node.op_type == "Gather" and _attr(node, "axis", 0) == 0, node.op_type
+    book_name, idx32 = node.input
+    assert book_name in inits, "codebook must be an initializer"
+    cast = prod[idx32]
+    assert cast.op_type == "Cast" and _attr(cast, "to") == onnx.TensorProto.INT32
+    indices = inits[cast.input[0]]
+    assert indices.dtype in (np.uint8, np.uint16), indices.dtype
+    nodes += [node, cast]
+    return {"indices": indices, "codebook": inits[book_name], "scales": scales, "nodes": nodes[::-1],
+            "output": tensor}
+
+
+def numpy_decode(c: dict) -> np.ndarray:
+    book = c["codebook"]
+    out = book[c["indices"].astype(np.int32)]
+    if c["scales"] is not None:
+        out = out * c["scales"]  # same dtype, one correctly rounded multiply: what Mul computes
+        assert out.dtype == book.dtype
+    return out
+
+
+def ort_decode(model: onnx.ModelProto, c: dict) -> np.ndarray:
+    """Run just the codebook subgraph in onnxruntime (no graph inputs, optimizations off)."""
+    inits = _inits(model)
+    used = {i for n in c["nodes"] for i in n.input if i in inits}
+    elem = helper.np_dtype_to_tensor_dtype(c["codebook"].dtype)
+    graph = helper.make_graph(c["nodes"], "decode", [], [helper.make_tensor_value_info(c["output"], elem, None)],
+                              [numpy_helper.from_array(inits[n], n) for n in sorted(used)])
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
+    sub.ir_version = model.ir_version
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {})[0]
+
+
+def layer_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every linear node's weight as the node sees it (decoded where encoded), by node name.
+    Encoded weights are decoded in numpy and in onnxruntime, which must agree bit for bit."""
+    inits = _inits(model)
+    result = {}
+    for n in model.graph.node:
+        if n.op_type not in LINEAR or len(n.input) < 2:
+            continue
+        c = chain(model, n.input[1])
+        if c is None:
+            result[n.name] = inits[n.input[1]]
+            continue
+        dec = numpy_decode(c)
+        assert_bits_equal(ort_decode(model, c), dec)
+        result[n.name] = dec
+    return result
+
+
+def assert_bits_equal(a: np.ndarray, b: np.ndarray, what: str = "") -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    bits = BITS[a.dtype]
+    differ = int(np.count_nonzero(a.view(bits) != b.view(bits)))
+    assert differ == 0, f"{what}: {differ} of {a.size} values differ in their bit pattern"
+
+
+def encoded(model: onnx.ModelProto) -> dict[str, dict]:
+    """The codebook chain of every linear node whose weight is computed, by node name."""
+    return {n.name: c for n in model.graph.node if n.op_type in LINEAR and len(n.input) > 1
+            and (c := chain(model, n.input[1])) is not None}
+
+
+def pass_row(report, name: str) -> dict:
+    rows = [p for p in report.passes if p["name"] == name]
+    assert len(rows) == 1, [p["name"] for p in report.passes]
+    return rows[0]
+
+
+def codebook_rows(report) -> dict[str, dict]:
+    """encode's per-weight rows (report.layers keyed by the weight's name)."""
+    return {r["name"]: r["codebook"] for r in report.layers if "codebook" in r}
+
+
+def assert_standard_ops(model: onnx.ModelProto) -> None:
+    for n in model.graph.node:
+        assert n.domain in ("", "ai.onnx"), n.domain
+        assert onnx.defs.has(n.op_type), n.op_type
+
+
+def session_opt(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------------------------- #
+# models whose weights take few values
+
+
+def few_values(rng: np.random.Generator, shape, levels: int = 40, pow2: bool = False) -> np.ndarray:
+    """A view-layout weight (out, ...) drawn from ``levels`` float32 values; ``pow2``: channel c is
+    further multiplied by its own power of two (exact), and holds the largest level (same binade)."""
+    book = (rng.standard_normal(levels) * 0.3).astype(np.float32)
+    w = book[rng.integers(0, levels, shape)]
+    if pow2:
+        w.reshape(shape[0], -1)[:, 0] = book[np.argmax(np.abs(book))]
+        exps = rng.integers(-6, 7, shape[0])
+        w = (w * np.ldexp(np.float32(1), exps).astype(np.float32).reshape((-1,) + (1,) * (len(shape) - 1)))
+        w = w.astype(np.float32)
+        assert len(np.unique(w)) > 256, "the per-channel-scale path must be needed"
+    else:
+        assert len(np.unique(w)) <= 256
+    return w
+
+
+def build(kind: str, variant: str, seed: int = 0) -> onnx.ModelProto:
+    """One linear layer of ``kind`` with a few-valued weight (variant "few"), few values times a
+    power of two per channel ("pow2"), or few values then a channel affine map that the fold
+    multiplies in ("bn": BatchNormalization, or a Mul by a per-channel non-power-of-two constant)."""
+    b = Builder(seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    levels = 30 if variant == "bn" else 40
+    pow2 = variant == "pow2"
+    if kind in ("conv", "conv_transpose"):
+        c_in, c_out = (8, 32) if kind == "conv" else (8, 16)
+        x = b.input("x", ["N", c_in, 6, 6])
+        view = few_values(rng, (c_out, c_in, 3, 3), levels, pow2)
+        if kind == "conv":
+            y = b.node("Conv", [x, b.init(view, "W"), b.init(rng.standard_normal(c_out), "B")], name="layer",
+                       kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        else:
+            y = b.node("ConvTranspose", [x, b.init(view.swapaxes(0, 1).copy(), "W"), b.init(rng.standard_normal(c_out),
+                                                                                          "B")],
+                       name="layer", kernel_shape=[3, 3])
+        if variant == "bn":
+            y = b.bn(y, c_out, name="bn")
+        b.output(y, ["N", c_out, 6, 6] if kind == "conv" else ["N", c_out, 8, 8])
+        return b.model()
+    k, n = 64, 32
+    x = b.input("x", ["N", k])
+    view = few_values(rng, (n, k), levels, pow2)
+    if kind == "gemm_t1":
+        y = b.node("Gemm", [x, b.init(view, "W"), b.init(rng.standard_normal(n), "B")], name="layer", transB=1)
+    elif kind == "gemm_t0":
+        y = b.node("Gemm", [x, b.init(view.T.copy(), "W"), b.init(rng.standard_normal(n), "B")], name="layer",
+                   transB=0)
+    else:
+        y = b.node("MatMul", [x, b.init(view.T.copy(), "W")], name="layer")
+        y = b.node("Add", [y, b.init(rng.standard_normal(n), "B")], name="layer_bias")
+    if variant == "bn":
+        if kind == "gemm_t0":
+            y = b.bn(y, n, name="bn")
+        else:  # Paddle-style unfused scale
+            y = b.node("Mul", [y, b.init(rng.uniform(0.3, 3.0, n) * rng.choice([-1.0, 1.0], n), "S")], name="scale")
+    b.output(y, ["N", n])
+    return b.model()
+
+
+KINDS = ["conv", "conv_transpose", "gemm_t1", "gemm_t0", "matmul"]
+
+
+@pytest.mark.parametrize("variant", ["few", "pow2", "bn"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_codebook_storage_is_exact_bit_for_bit(kind, variant):
+    model = build(kind, variant)
+    result, report = red_onnx.compress(model, tolerance=0)
+    plain, plain_report = red_onnx.compress(model, tolerance=0, codebook="off")
+    onnx.checker.check_model(result, full_check=True)
+    assert_standard_ops(result)
+    assert report.verified and plain_report.verified
+
+    # the reference run keeps every weight plain; the encoded run decodes to the same bits
+    assert not encoded(plain) and "Gather" not in op_counts(plain)
+    enc = encoded(result)
+    assert set(enc) == {"layer"}, f"{kind}/{variant}: the layer's weight was not encoded"
+    decoded, reference = layer_weights(result), layer_weights(plain)
+    assert decoded.keys() == reference.keys()
+    for name in reference:
+        assert_bits_equal(decoded[name], reference[name], name)
+
+    c = enc["layer"]
+    rows = codebook_rows(report)
+    assert len(rows) == 1
+    row = next(iter(rows.values()))
+    assert row["index"] == "uint8" and c["indices"].dtype == np.uint8
+    assert row["codebook_entries"] == c["codebook"].size <= 256
+    assert row["per_channel_scale"] is (variant != "few") is (c["scales"] is not None)
+    assert row["shared_by"] == 1 and row["bytes_after"] < row["bytes_before"]
+    assert pass_row(report, "codebook")["weights_encoded"] == 1
+
+    # outputs: equal to the input model to float rounding, identical to the plain result
+    assert_same_outputs(model, result)
+    feeds = random_feeds(model, np.random.default_rng(5))
+    for y, y2 in zip(run(plain, feeds), run(result, feeds)):
+        np.testing.assert_array_equal(y, y2)
+
+    # size and parameter accounting: indices count as the weights they expand to
+    assert report.bytes_after < report.bytes_before
+    assert report.bytes_after < plain_report.bytes_after
+    extra = c["codebook"].size + (c["scales"].size if c["scales"] is not None else 0)
+    assert report.params_after == plain_report.params_after + extra
+    assert report.params_before == plain_report.params_before
+    assert report.params_before - 4 * 32 <= report.params_after <= report.params_before + extra
+
+
+def test_signed_zeros_survive_the_codebook():
+    """A pruned conv (many zeros) followed by BN with some negative gammas: the fold turns the
+    zeros of those channels into -0.0. Storage must keep the sign bit of each zero ("bit for bit")."""
+    b = Builder(seed=3)
+    rng = np.random.default_rng(3)
+    levels = np.array([-0.5, -0.25, 0.0, 0.0, 0.0, 0.25, 0.5], np.float32)
+    w = levels[rng.integers(0, levels.size, (32, 8, 3, 3))]
+    x = b.input("x", ["N", 8, 6, 6])
+    y = b.node("Conv", [x, b.init(w, "W")], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    b.output(b.bn(y, 32, name="bn"), ["N", 32, 6, 6])
+    model = b.model()
+    result, _ = red_onnx.compress(model, tolerance=0)
+    plain, _ = red_onnx.compress(model, tolerance=0, codebook="off")
+    reference = layer_weights(plain)["conv"]
+    assert np.signbit(reference[reference == 0]).any() and (~np.signbit(reference[reference == 0])).any()
+    assert "conv" in encoded(result)
+    assert_bits_equal(layer_weights(result)["conv"], reference, "conv")
+
+
+def test_new_tensor_names_do_not_collide_with_existing_ones():
+    """The model already has a tensor called '<weight>_codebook' (here: the Gemm's bias)."""
+    b = Builder(seed=4)
+    rng = np.random.default_rng(4)
+    x = b.input("x", ["N", 64])
+    w = few_values(rng, (32, 64))
+    y = b.node("Gemm", [x, b.init(w, "W"), b.init(rng.standard_normal(32), "W_codebook")], name="fc", transB=1)
+    b.output(b.relu(y), ["N", 32])
+    model = b.model()
+    result, report = red_onnx.compress(model, tolerance=0)
+    onnx.checker.check_model(result, full_check=True)
+    assert "fc" in encoded(result)
+    assert_same_outputs(model, result)
+
+
+# --------------------------------------------------------------------------------------------- #
+# what is encoded and what is not
+
+
+def test_shared_weight_is_encoded_once_and_every_user_reads_it():
+    """An unrolled recurrent cell: three Gemm nodes share one weight."""
+    b = Builder(seed=5)
+    rng = np.random.default_rng(5)
+    w = few_values(rng, (48, 48))
+    wname = b.init(w, "W_hh")
+    h = b.input("x", ["N", 48])
+    users = []
+    for step in range(3):
+        users.append(f"step{step}")
+        h = b.node("Tanh", [b.node("Gemm", [h, wname], name=users[-1], transB=1)])
+    b.output(h, ["N", 48])
+    model = b.model()
+    result, report = red_onnx.compress(model, tolerance=0)
+    plain, plain_report = red_onnx.compress(model, tolerance=0, codebook="off")
+    onnx.checker.check_model(result, full_check=True)
+    counts = op_counts(result)
+    assert counts.get("Cast") == 1 and counts.get("Gather") == 1 and counts.get("Gemm") == 3
+    gemms = [n for n in result.graph.node if n.op_type == "Gemm"]
+    assert {n.name for n in gemms} == set(users)
+    assert len({n.input[1] for n in gemms}) == 1  # all read the one decoded tensor
+    enc = encoded(result)
+    assert set(enc) == set(users)
+    rows = codebook_rows(report)
+    assert list(rows) == ["W_hh"] and rows["W_hh"]["shared_by"] == 3
+    decoded, reference = layer_weights(result), layer_weights(plain)
+    for name in users:
+        assert_bits_equal(decoded[name], reference[name], name)
+        assert_bits_equal(decoded[name], w, name)
+    assert sum(np.prod(t.dims) for t in result.graph.initializer) < w.size + 300  # stored once
+    assert report.bytes_after < report.bytes_before
+    assert_same_outputs(model, result)
+
+
+def _two_layer_model(distinct_second: int, seed: int = 6) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """fc1: 40 distinct values; fc2: ``distinct_second`` distinct values, no power-of-two structure."""
+    b = Builder(seed=seed)
+    rng = np.random.default_rng(seed)
+    w1 = few_values(rng, (64, 32))
+    n2 = max(distinct_second, 8192)
+    book = np.unique(rng.standard_normal(distinct_second * 2).astype(np.float32))[:distinct_second]
+    assert book.size == distinct_second
+    w2 = book[np.concatenate([np.arange(distinct_second), rng.integers(0, distinct_second, n2 - distinct_second)])]
+    w2 = rng.permutation(w2).reshape(-1, 64)[: n2 // 64].astype(np.float32)
+    x = b.input("x", ["N", 32])
+    h = b.relu(b.node("Gemm", [x, b.init(w1, "W1")], name="fc1", transB=1))
+    y = b.node("MatMul", [h, b.init(w2.T.copy(), "W2")], name="fc2")
+    b.output(y, ["N", w2.shape[0]])
+    return b.model(), w1, w2
+
+
+def test_more_than_256_values_need_auto_and_uint16():
+    model, w1, w2 = _two_layer_model(1000)
+    assert len(np.unique(w2)) == 1000
+    u8, r8 = red_onnx.compress(model, tolerance=0)  # default: uint8
+    auto, ra = red_onnx.compress(model, tolerance=0, codebook="auto")
+    plain, rp = red_onnx.compress(model, tolerance=0, codebook="off")
+    for m in (u8, auto):
+        onnx.checker.check_model(m, full_check=True)
+        assert_standard_ops(m)
+    assert set(encoded(u8)) == {"fc1"}
+    assert encoded(u8)["fc1"]["indices"].dtype == np.uint8
+    assert set(encoded(auto)) == {"fc1", "fc2"}
+    assert encoded(auto)["fc1"]["indices"].dtype == np.uint8  # auto still picks the narrowest index
+    assert encoded(auto)["fc2"]["indices"].dtype == np.uint16
+    rows = codebook_rows(ra)
+    assert rows["W2"]["index"] == "uint16" and rows["W2"]["codebook_entries"] == 1000
+    assert rows["W1"]["index"] == "uint8"
+    reference = layer_weights(plain)
+    for m in (u8, auto):
+        decoded = layer_weights(m)
+        for name in reference:
+            assert_bits_equal(decoded[name], reference[name], name)
+        assert_same_outputs(model, m)
+    assert_bits_equal(layer_weights(u8)["fc2"], w2.T.copy(), "fc2")
+    assert ra.bytes_after < r8.bytes_after < r8.bytes_before == rp.bytes_after
+    assert ra.params_after == rp.params_after + 1000 + encoded(auto)["fc1"]["codebook"].size
+
+
+def test_codebook_never_makes_the_file_larger():
+    """A 2048-element weight with 1000 distinct values: uint16 indices + codebook save 96 raw bytes,
+    less than the Cast/Gather nodes and the new tensor names cost in the file. encode() compares raw
+    tensor bytes only (after >= before), so with codebook="auto" the file grows."""
+    rng = np.random.default_rng(10)
+    book = np.unique(rng.standard_normal(3000).astype(np.float32))[:1000]
+    w = book[np.concatenate([np.arange(1000), rng.integers(0, 1000, 1048)])]
+    w = rng.permutation(w).reshape(64, 32)
+    b = Builder(seed=10)
+    x = b.input("x", ["N", 64])
+    b.output(b.node("MatMul", [x, b.init(w, "fc.weight")], name="fc"), ["N", 32])
+    model = b.model()
+    auto, report = red_onnx.compress(model, tolerance=0, codebook="auto")
+    plain, plain_report = red_onnx.compress(model, tolerance=0, codebook="off")
+    assert_bits_equal(layer_weights(auto)["fc"], w, "fc")
+    assert report.bytes_after <= plain_report.bytes_after, \
+        f"codebook storage grew the file: {plain_report.bytes_after} -> {report.bytes_after} bytes " \
+        f"(encode reported bytes_saved={pass_row(report, 'codebook')['bytes_saved']})"
+
+
+def test_auto_leaves_weights_with_more_than_65536_values_plain():
+    rng = np.random.default_rng(7)
+    b = Builder(seed=7)
+    x = b.input("x", ["N", 300])
+    w = rng.standard_normal((300, 300)).astype(np.float32)
+    assert len(np.unique(w)) > 65536
+    b.output(b.node("MatMul", [x, b.init(w, "W")], name="big"), ["N", 300])
+    model = b.model()
+    result, report = red_onnx.compress(model, tolerance=0, codebook="auto")
+    assert not encoded(result) and pass_row(report, "codebook")["weights_encoded"] == 0
+    assert_bits_equal(layer_weights(result)["big"], w, "big")
+
+
+@pytest.mark.parametrize("setting", ["off", "uint8", "auto"])
+def test_codebook_off_leaves_every_weight_plain(setting):
+    models = [build(kind, variant) for kind in ("conv", "gemm_t0") for variant in ("few", "pow2", "bn")]
+    for model in models:
+        result, report = red_onnx.compress(model, tolerance=0, codebook=setting)
+        if setting == "off":
+            assert not encoded(result)
+            assert not {"Cast", "Gather"} & set(op_counts(result))
+            assert pass_row(report, "codebook")["weights_encoded"] == 0 and not codebook_rows(report)
+            assert all(t.data_type == onnx.TensorProto.FLOAT for t in result.graph.initializer)
+        else:
+            assert set(encoded(result)) == {"layer"}
+
+
+def test_codebook_off_with_hashing_leaves_digits_plain():
+    result, report = red_onnx.compress(DIGITS["cnn"], tolerance=0.05, passes=["hash"], codebook="off",
+                                       probe_ranges={"input": (0, 1)})
+    assert not encoded(result) and not {"Cast", "Gather"} & set(op_counts(result))
+    assert pass_row(report, "hash")["layers_hashed"] == 0  # nothing to gain without a codebook
+
+
+@pytest.mark.parametrize("shape,expected", [((33, 31), False), ((32, 32), True)])
+def test_small_weights_stay_plain(shape, expected):
+    n, k = shape
+    size = n * k
+    assert (size >= hash_pass.MIN_ELEMENTS) is expected and abs(size - hash_pass.MIN_ELEMENTS) <= 1
+    rng = np.random.default_rng(8)
+    b = Builder(seed=8)
+    w = np.array([-0.5, 0.25, 0.75, 1.5], np.float32)[rng.integers(0, 4, (n, k))]
+    assert w.size == size
+    x = b.input("x", ["N", k])
+    b.output(b.node("Gemm", [x, b.init(w, "W")], name="fc", transB=1), ["N", n])
+    model = b.model()
+    result, report = red_onnx.compress(model, tolerance=0)
+    assert ("fc" in encoded(result)) is expected
+    assert_bits_equal(layer_weights(result)["fc"], w, "fc")
+    assert (report.bytes_after < report.bytes_before) is expected
+
+
+def test_excluded_layer_is_not_encoded():
+    b = Builder(seed=9)
+    rng = np.random.default_rng(9)
+    x = b.input("x", ["N", 64])
+    w1, w2 = few_values(rng, (48, 64)), few_values(rng, (32, 48))
+    h = b.relu(b.node("Gemm", [x, b.init(w1, "W1")], name="keep_me", transB=1))
+    b.output(b.node("Gemm", [h, b.init(w2, "W2")], name="skip_me", transB=1), ["N", 32])
+    model = b.model()
+    result, report = red_onnx.compress(model, tolerance=0, exclude="^skip")
+    assert set(encoded(result)) == {"keep_me"}
+    assert_bits_equal(layer_weights(result)["skip_me"], w2, "skip_me")
+    assert list(codebook_rows(report)) == ["W1"]
+    everything, _ = red_onnx.compress(model, tolerance=0, exclude="_me$")
+    assert not encoded(everything)
+
+
+# --------------------------------------------------------------------------------------------- #
+# tolerance 0 hashes nothing
+
+
+@pytest.mark.parametrize("source", ["synthetic", "cnn", "resnet"])
+def test_tolerance_zero_hashes_nothing(source):
+    model = build("conv", "bn") if source == "synthetic" else onnx.load(DIGITS[source])
+    kwargs = {"probe_ranges": {"input": (0, 1)}} if source != "synthetic" else {}
+    result, report = red_onnx.compress(model, tolerance=0, passes=["hash"], **kwargs)
+    fold_only, _ = red_onnx.compress(model, tolerance=0, passes=[], codebook="off", **kwargs)
+    assert pass_row(report, "hash")["layers_hashed"] == 0
+    assert not any("hash" in r for r in report.layers)
+    decoded, reference = layer_weights(result), layer_weights(fold_only)
+    assert decoded.keys() == reference.keys()
+    for name in reference:
+        assert_bits_equal(decoded[name], reference[name], name)
+    assert report.output_deviation <= 1e-5
+    if source == "synthetic":
+        assert encoded(result)  # storage still applies
+
+
+# --------------------------------------------------------------------------------------------- #
+# hashing under the budget
+
+
+@pytest.fixture(scope="module")
+def hashed_digits():
+    return {name: red_onnx.compress(path, tolerance=0.05, passes=["hash"], probe_ranges={"input": (0, 1)})
+            for name, path in DIGITS.items()}
+
+
+@pytest.mark.parametrize("name", list(DIGITS))
+def test_hashing_digits_under_the_budget(hashed_digits, name):
+    model = onnx.load(DIGITS[name])
+    result, report = hashed_digits[name]
+    onnx.checker.check_model(result, full_check=True)
+    assert_standard_ops(result)
+    assert report.verified and report.output_deviation <= 0.05
+    assert report.bytes_after < 0.5 * report.bytes_before
+    hp = pass_row(report, "hash")
+    assert hp["layers_hashed"] > 0 and hp["modified"]
+    assert 0 < hp["deviation_allocated"] <= 0.05
+
+    # per-layer rows of the hash pass, and every hashed layer stored as a codebook
+    hashed_rows = {r["name"]: r["hash"] for r in report.layers if "hash" in r}
+    assert len(hashed_rows) == hp["layers_hashed"]
+    enc = encoded(result)
+    nodes = {n.name: n for n in result.graph.node}
+    original_weights = layer_weights(model)
+    for layer, row in hashed_rows.items():
+        assert row["bandwidth_factor"] in hash_pass.FACTORS
+        assert isinstance(row["modes"], int) and 1 <= row["modes"] <= 256
+        assert 0 < row["weight_error"] < 1
+        assert layer in enc, f"{layer} was hashed but is not stored as a codebook"
+        c = enc[layer]
+        assert c["codebook"].size <= 256 and c["indices"].dtype == np.uint8
+        w = numpy_decode(c)
+        if c["scales"] is None:
+            assert len(np.unique(w)) <= 256
+        else:
+            flat = c["scales"].reshape(-1)
+            per = c["scales"].shape.index(flat.size) if flat.size > 1 else 0
+            norm = (w / c["scales"]).astype(w.dtype)
+            assert len(np.unique(norm)) <= 256 and np.array_equal(norm * c["scales"], w)
+            assert w.shape[per] == flat.size
+        assert nodes[layer].input[1] == c["output"]
+        # hashing moved the weights (the layer was not merely re-stored)
+        ref = original_weights[layer]
+        if ref.shape == w.shape and name == "resnet":  # resnet: no BN to fold, weights comparable
+            assert not np.array_equal(ref, w)
+            err = np.linalg.norm((w - ref).astype(np.float64)) / np.linalg.norm(ref.astype(np.float64))
+            assert err == pytest.approx(row["weight_error"], rel=1e-3, abs=1e-6)
+
+    # independent check on fresh inputs in the probe range
+    rng = np.random.default_rng(77)
+    x = rng.uniform(0, 1, (16, 1, 8, 8)).astype(np.float32)
+    (ref,), (out,) = run(model, {"input": x}), run(result, {"input": x})
+    worst = max(rel_l2(ref[i], out[i]) for i in range(len(x)))
+    assert worst <= 0.1
+    assert np.mean(ref.argmax(1) == out.argmax(1)) >= 0.8
+
+
+def test_hashed_layer_is_stored_as_a_codebook():
+    """A Gemm whose hashing (factor 0.05, 211 modes) shrinks some channel's peak below a power of two
+    (e.g. 0.5054 -> 0.4984): encode's own power-of-two scales then see > 256 normalised values and
+    leave the layer plain, so the budget spent on hashing buys no storage at all."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 144)) * np.exp(rng.standard_normal((64, 1)))).astype(np.float32)
+    b = Builder(seed=1)
+    x = b.input("x", ["N", 144])
+    b.output(b.node("Gemm", [x, b.init(w, "W")], name="fc", transB=1), ["N", 64])
+    model = b.model()
+    result, report = red_onnx.compress(model, tolerance=0.05, passes=["hash"])
+    assert report.verified and report.output_deviation <= 0.05
+    assert pass_row(report, "hash")["layers_hashed"] == 1
+    assert "fc" in encoded(result), "hashed, but stored as plain float32"
+    assert report.bytes_after < 0.5 * report.bytes_before
+
+
+# --------------------------------------------------------------------------------------------- #
+# onnxruntime with graph optimizations on
+
+
+@pytest.mark.parametrize("kind,variant", [("conv", "bn"), ("gemm_t0", "pow2"), ("conv_transpose", "few"),
+                                          ("matmul", "bn")])
+def test_optimized_sessions_match_the_plain_model(kind, variant):
+    model = build(kind, variant)
+    result, _ = red_onnx.compress(model, tolerance=0)
+    plain, _ = red_onnx.compress(model, tolerance=0, codebook="off")
+    assert encoded(result)
+    feeds = random_feeds(model, np.random.default_rng(11), batch=3)
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        ys, ys_plain = session_opt(result, level).run(None, feeds), session_opt(plain, level).run(None, feeds)
+        for y, y2 in zip(ys, ys_plain):
+            np.testing.assert_allclose(y, y2, rtol=1e-6, atol=1e-6)
+            assert rel_l2(y2, y) <= 1e-6
+
+
+def test_optimized_session_on_hashed_digits(hashed_digits):
+    result, _ = hashed_digits["resnet"]
+    x = np.random.default_rng(12).uniform(0, 1, (4, 1, 8, 8)).astype(np.float32)
+    off = run(result, {"input": x})[0]
+    on = session_opt(result).run(None, {"input": x})[0]
+    assert rel_l2(off, on) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------- #
+# command line
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "red_onnx", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_codebook_option(tmp_path):
+    model, _, _ = _two_layer_model(1000, seed=13)
+    src = tmp_path / "in.onnx"
+    onnx.save(model, src)
+    expected = {"off": set(), "uint8": {"fc1"}, "auto": {"fc1", "fc2"}}
+    for setting, layers in expected.items():
+        out = tmp_path / f"out_{setting}.onnx"
+        proc = _cli(src, out, "--codebook", setting, "-q")
+        assert proc.returncode == 0, proc.stderr
+        written = onnx.load(out)
+        onnx.checker.check_model(written, full_check=True)
+        assert set(encoded(written)) == layers
+        assert_same_outputs(model, written)
+    bad = tmp_path / "bad.onnx"
+    proc = _cli(src, bad, "--codebook", "int4")
+    assert proc.returncode == 2
+    assert "--codebook" in proc.stderr and not bad.exists()
