@@ -86,6 +86,8 @@ MAX_PAD = 4096
 ONE = 1 << 30
 #: h >= 2 * range: one basin, its peak computed with h capped at this many ranges
 UNIMODAL_CAP = 64.0
+#: smallest lattice step (its inverse is finite)
+_MIN_STEP = 2.0**-1000
 #: lattice positions stay below this so that they are exact in float64 / int64
 _MAX_POSITION = float(2**50)
 #: FFT convolution when nnz * taps > _FFT_RATIO * nfft * log2(nfft) (measured: bench/kde_speed.py)
@@ -506,13 +508,14 @@ def _plan(work, xmin, xmax, h, grid_size, all_clusters=False, dense=False):
         if gs < 2:
             raise ValueError(f"grid_size must be >= 2, got {grid_size!r}")
         origin = xmin - TRUNCATION * h
-        step = (xmax - xmin + 2.0 * TRUNCATION * h) / (gs - 1)
+        step = max((xmax - xmin + 2.0 * TRUNCATION * h) / (gs - 1), _MIN_STEP)
         if not (math.isfinite(origin) and step > 0.0 and math.isfinite(step)):
             raise ValueError(f"bandwidth {h!r} too large for values in [{xmin!r}, {xmax!r}]")
         return _Lattice(origin, step, int(min(TRUNCATION * h / step, gs)), gs)
     span = xmax - xmin
     step = h * STEP_FRACTION
     step = min(step, span / MIN_STEPS if span > 0.0 else max(abs(xmin), 1.0))
+    step = max(step, _MIN_STEP)  # subnormal ranges / bandwidths: keep 1/step finite
     if span / step > _MAX_POSITION:
         step = span / _MAX_POSITION
     u = ucount = None
