@@ -102,11 +102,14 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
     graph_outputs = [o.name for o in original.graph.output]
     ref_names = list(dict.fromkeys(measured + graph_outputs))
     probes = make_probes(specs, seed, allocation, check, probe_ranges, probe_inputs)
-    reference = None
-    if verify_result:
+    reference, budget = None, None
+    if verify_result:  # one session on the input model for both probe sets
         log("running the input model on probes")
         ref_session = verify.input_session(original, ref_names)
         reference = verify.run(ref_session, probes.verification)
+        if tolerance > 0:
+            budget = Budget(tolerance, probes.allocation, verify.run(ref_session, probes.allocation), ref_names,
+                            measured, graph_outputs)
         del ref_session
 
     canonical = onnx.ModelProto()
@@ -114,11 +117,6 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
     moved = fold.constants_to_initializers(canonical)
     _check_weights(canonical)
     shapes = tensor_shapes(original, specs)
-    budget = None
-    if tolerance > 0:
-        log("running the input model on allocation probes")
-        alloc_reference = verify.run(verify.input_session(original, ref_names), probes.allocation)
-        budget = Budget(tolerance, probes.allocation, alloc_reference, ref_names, measured, graph_outputs)
 
     def build(margin: float, keep_dense: frozenset[str] = frozenset()
               ) -> tuple[onnx.ModelProto, list[PassResult], Context]:
