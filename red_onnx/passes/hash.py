@@ -31,7 +31,7 @@ from ..model_io import to_model
 
 NAME = "hash"
 #: Bandwidth factors (× Silverman's bandwidth of the normalised weights), mild to aggressive.
-FACTORS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+FACTORS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
 INDEX_TYPES = {"uint8": ((256, np.uint8),), "auto": ((256, np.uint8), (65536, np.uint16)), "off": ()}
 MIN_ELEMENTS = 1024  # smaller weights are not worth a codebook
