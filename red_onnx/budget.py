@@ -147,16 +147,16 @@ class Budget:
         from . import verify
 
         accepted: dict[str, Candidate] = {}
-        editable = sorted(set().union(*(materialize([c]).keys() for c in candidates))) if candidates else []
+        top = {c.slot: c for c in sorted(candidates, key=lambda c: c.level)}  # one level per slot
+        editable = sorted(set().union(*(materialize([c]) for c in top.values()))) if candidates else []
         sess, base, names = self._session(model, editable)
+        run = _probe_runner(sess, self.probes, base)
         evaluations = 0
 
         def measure(chosen: list[Candidate]) -> float:
             nonlocal evaluations
             evaluations += 1
-            feeds = {**base, **materialize(chosen)}
-            outputs = [sess.run(None, {**probe, **feeds}) for probe in self.probes]
-            return verify.deviation(self.reference_for(names), outputs)[0]
+            return verify.deviation(self.reference_for(names), run({**base, **materialize(chosen)}))[0]
 
         before = measure([])
         slots: dict[str, list[Candidate]] = {}
@@ -222,3 +222,36 @@ class Budget:
         names = [m if m in produced else o for m, o in zip(self.measured, self.graph_outputs)]
         # the reference holds the measured tensors; an output whose logits vanished is compared as is
         return verify.session(copy, names), base, names
+
+
+def _probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
+                  ) -> Callable[[dict[str, np.ndarray]], list[list[np.ndarray]]]:
+    """A function of the weight feeds returning each probe's outputs, running all probes as one
+    batch where the model allows it (its outputs split per sample equal the one-by-one run)."""
+
+    def one_by_one(feeds):
+        return [sess.run(None, {**probe, **feeds}) for probe in probes]
+
+    if len(probes) < 2 or any(x.shape[:1] != (1,) for p in probes for x in p.values()):
+        return one_by_one
+    stacked = {name: np.concatenate([p[name] for p in probes]) for name in probes[0]}
+    single = one_by_one(weights)
+    try:
+        batched = sess.run(None, {**stacked, **weights})
+    except Exception:  # a fixed batch size somewhere: one by one
+        return one_by_one
+    axes = []
+    for one, many in zip(single[0], batched):
+        candidates = [a for a in range(many.ndim) if one.shape[a] == 1 and many.shape[a] == len(probes)
+                      and many.shape[:a] + many.shape[a + 1:] == one.shape[:a] + one.shape[a + 1:]]
+        if len(candidates) != 1:
+            return one_by_one
+        axes.append(candidates[0])
+
+    def batch(feeds):
+        outputs = sess.run(None, {**stacked, **feeds})
+        return [[np.take(y, [k], axis=a) for y, a in zip(outputs, axes)] for k in range(len(probes))]
+
+    from .verify import deviation
+
+    return batch if deviation(single, batch(weights))[0] <= 1e-4 else one_by_one
