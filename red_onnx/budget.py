@@ -103,6 +103,7 @@ class Candidate:
     error: float  # cheap estimate of the deviation it adds, cumulative within the slot
     level: int = 0
     data: Any = None  # whatever the proposing pass needs to materialize it
+    tensors: tuple[str, ...] = ()  # initializers it edits, if known (else learned by materializing)
 
 
 Materialize = Callable[[list[Candidate]], dict[str, np.ndarray]]
@@ -147,8 +148,11 @@ class Budget:
         from . import verify
 
         accepted: dict[str, Candidate] = {}
+        editable: set[str] = set()
         top = {c.slot: c for c in sorted(candidates, key=lambda c: c.level)}  # one level per slot
-        editable = sorted(set().union(*(materialize([c]) for c in top.values()))) if candidates else []
+        for c in top.values():
+            editable |= set(c.tensors or materialize([c]))
+        editable = sorted(editable)
         sess, base, names = self._session(model, editable)
         run = _probe_runner(sess, self.probes, base)
         evaluations = 0

@@ -203,17 +203,25 @@ def _out_size(node: gs.Node, weight: gs.Constant) -> int:
     return w.shape[0] if node.attrs.get("transB", 0) else w.shape[1]
 
 
+def _is_codebook(tensor: gs.Tensor) -> bool:
+    """Whether a tensor is decoded from a codebook (Gather of a constant, maybe times a scale)."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op == "Mul":
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    return node is not None and node.op == "Gather" and isinstance(node.inputs[0], gs.Constant)
+
+
 def _why_not_layer(node: gs.Node, exclude: re.Pattern | None) -> str | None:
     weight = node.inputs[1]
-    if node.op == "MatMul" and not isinstance(weight, gs.Constant):
+    if len(weight.outputs) > 1:
+        return f"weights shared with {len(weight.outputs) - 1} other node(s)"
+    if not isinstance(weight, gs.Constant) and node.op == "MatMul" and not _is_codebook(weight):
         return "multiplies two activations"
     if not isinstance(weight, gs.Constant):
         return "weights are computed by a node (e.g. a codebook)" if weight.inputs else \
             "weights are a graph input, not a constant"
     if not is_float(weight.values):
         return f"weights are {weight.values.dtype}, not floating point"
-    if len(weight.outputs) > 1:
-        return f"weights shared with {len(weight.outputs) - 1} other node(s)"
     if isinstance(node.inputs[0], gs.Constant):
         return "input is a constant"
     if node.op == "MatMul" and weight.values.ndim != 2:
@@ -306,6 +314,13 @@ def tensor_shapes(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...]
     return shapes
 
 
+def _np_dtype(data_type: int):
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type)
+    except (KeyError, ValueError):
+        return None
+
+
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
     """Multiply-accumulates of one node per sample; None where a needed shape is unknown."""
     get = shapes.get
@@ -320,6 +335,8 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int |
         if a is None or b is None:
             return None
         attrs = {a_.name: onnx.helper.get_attribute_value(a_) for a_ in node.attribute}
+        if len(a) != 2 or len(b) != 2:
+            return None
         m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
         n = b[0] if attrs.get("transB", 0) else b[1]
         return m * k * n
@@ -341,7 +358,7 @@ def analyze(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...], np.d
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     params = sum(int(np.prod(t.dims)) for t in tensors  # codebook indices count as the weights they expand to
-                 if onnx.helper.tensor_dtype_to_np_dtype(t.data_type) in FLOAT_TYPES + (np.uint8, np.uint16))
+                 if _np_dtype(t.data_type) in FLOAT_TYPES + (np.uint8, np.uint16))
     macs, per_node = 0, {}
     for i, node in enumerate(model.graph.node):
         m = node_macs(node, shapes)

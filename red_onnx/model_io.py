@@ -41,8 +41,8 @@ def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise InputError(f"{path}: not a readable ONNX model ({_short(err)})") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{where}: not an ONNX model (empty graph)")
-    try:
-        onnx.checker.check_model(model, full_check=False)
+    try:  # over 2 GB protobuf cannot serialize the model in memory: the checker reads the file
+        onnx.checker.check_model(model if proto_size(model) < TWO_GB or where == "model" else where, full_check=False)
     except Exception as err:
         raise InputError(f"{where}: invalid ONNX model: {_short(err)}") from None
     return model
@@ -94,9 +94,20 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 def model_bytes(model: onnx.ModelProto) -> int:
     """Serialized size: the protobuf plus the raw bytes of every initializer, external or not."""
-    return model.ByteSize() + sum(
-        _external_size(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-    )
+    external = sum(_external_size(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    return proto_size(model) + external
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """The protobuf's size; above 2 GB (where protobuf refuses to measure) the initializers' bytes."""
+    try:
+        return model.ByteSize()
+    except Exception:
+        return sum(len(t.raw_data) or int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    return proto_size(model) < EXTERNAL_DATA_THRESHOLD
 
 
 def _external_size(tensor: onnx.TensorProto) -> int:
@@ -106,14 +117,28 @@ def _external_size(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
+def external_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files a model file refers to (none if it cannot be read)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return [Path(path).parent / name for name in names]
+
+
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
-    """Refuse an output that is one of the inputs or lies in a missing or unwritable folder."""
+    """Refuse an output (or the ``.data`` file beside it) that is one of the inputs or their external
+    data, or that lies in a missing or unwritable folder."""
     out = Path(output)
-    for src in inputs:
-        if Path(src).exists() and out.exists() and os.path.samefile(src, out):
-            raise InputError(f"{out}: the output would overwrite the input; choose another path")
-        if Path(os.path.abspath(src)) == Path(os.path.abspath(out)):
-            raise InputError(f"{out}: the output would overwrite the input; choose another path")
+    sources = [Path(s) for s in inputs] + [f for s in inputs if Path(s).is_file() for f in external_files(s)]
+    for written in (out, out.with_name(out.name + ".data")):
+        for src in sources:
+            same = Path(os.path.abspath(src)) == Path(os.path.abspath(written)) or (
+                src.exists() and written.exists() and os.path.samefile(src, written))
+            if same:
+                raise InputError(f"{written}: writing it would overwrite the input model or its weights; "
+                                 "choose another output path")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{out}: folder {folder} does not exist")
@@ -132,7 +157,7 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
     """
     out = Path(output)
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = not fits_in_protobuf(model)
     folder = out.parent if str(out.parent) else Path(".")
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
     try:

@@ -106,9 +106,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
     if verify_result:  # one session on the input model for both probe sets
         log("running the input model on probes")
         ref_session = verify.input_session(original, ref_names)
-        reference = verify.run(ref_session, probes.verification)
+        reference = verify.run_input(ref_session, probes.verification)
         if tolerance > 0:
-            budget = Budget(tolerance, probes.allocation, verify.run(ref_session, probes.allocation), ref_names,
+            budget = Budget(tolerance, probes.allocation, verify.run_input(ref_session, probes.allocation), ref_names,
                             measured, graph_outputs)
         del ref_session
 
@@ -142,11 +142,16 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
                 result.modified = True
             results.append(result)
         results += _finish(ctx, names)
-        model_out = model_io.to_model(ctx.graph, original)
         try:
-            onnx.checker.check_model(model_out, full_check=False)
-        except Exception as err:
-            raise RuntimeError(f"the rewritten model fails onnx.checker: {err}") from err
+            model_out = model_io.to_model(ctx.graph, original)
+        except UnicodeDecodeError as err:
+            raise InputError(f"the model holds text that is not valid UTF-8 (a name or doc string: {err.reason})") \
+                from None
+        if model_io.proto_size(model_out) < model_io.TWO_GB:  # over 2 GB the checker cannot serialize it
+            try:
+                onnx.checker.check_model(model_out, full_check=False)
+            except Exception as err:
+                raise RuntimeError(f"the rewritten model fails onnx.checker: {err}") from err
         return model_out, results, ctx
 
     def build_verified(keep_dense: frozenset[str] = frozenset()):

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from .errors import InputError
 from .layers import LINEAR_OPS
-from .model_io import EXTERNAL_DATA_THRESHOLD
+from .model_io import TWO_GB, proto_size
 
 SQUASHING_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
 
@@ -61,8 +61,8 @@ def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: 
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    options.log_severity_level = 4  # errors are reported by red_onnx, in one line
+    if proto_size(model) < TWO_GB:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as tmp:  # over 2 GB: protobuf cannot serialize it in one piece
         path = os.path.join(tmp, "model.onnx")
@@ -98,6 +98,15 @@ def input_session(model: onnx.ModelProto, outputs: list[str] | None = None) -> o
 def run(sess: ort.InferenceSession, probes: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """Outputs for each probe sample."""
     return [sess.run(None, feeds) for feeds in probes]
+
+
+def run_input(sess: ort.InferenceSession, probes: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Outputs of the user's input model; a model onnxruntime loads but cannot run is bad input."""
+    try:
+        return run(sess, probes)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"onnxruntime cannot run the input model on probes of its input shapes ({first})") from None
 
 
 def sample_deviation(reference: np.ndarray, result: np.ndarray) -> float:

@@ -185,8 +185,10 @@ def _channel_affine(node: gs.Node, x: gs.Tensor, channels: int, rank: int, axis:
         gamma, beta, mean, var = (t.values.astype(np.float64) for t in node.inputs[1:5])
         if gamma.shape != (channels,):
             return None
-        scale = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
-        return scale, beta - mean * scale
+        with np.errstate(all="ignore"):
+            scale = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+            shift = beta - mean * scale
+        return (scale, shift) if np.all(np.isfinite(scale)) and np.all(np.isfinite(shift)) else None
     if node.op not in ("Mul", "Div", "Add", "Sub") or len(node.inputs) != 2:
         return None
     const = node.inputs[1] if node.inputs[0] is x else node.inputs[0]

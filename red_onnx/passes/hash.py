@@ -153,7 +153,9 @@ def _bits(values: np.ndarray) -> np.ndarray:
 
 
 def _distinct_bits(values: np.ndarray) -> np.ndarray:
-    return np.unique(_bits(np.ascontiguousarray(values)))
+    """Sorted distinct bit patterns (a sort: np.unique on large integer arrays was ~100x slower)."""
+    b = np.sort(_bits(np.ascontiguousarray(values)), axis=None)
+    return b[np.concatenate(([True], b[1:] != b[:-1]))] if b.size else b
 
 
 def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, setting: str,

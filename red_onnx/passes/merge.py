@@ -114,7 +114,7 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
         w = consumer.layer.get_weight()
         o = w.shape[0]
         w3 = w.reshape(o, c, -1).astype(np.float64)
-        merged = np.einsum("ocb,ck->okb", w3, mixing)
+        merged = np.einsum("ocb,ck->okb", w3, mixing, optimize=True)
         consumer.layer.set_weight(merged.reshape((o, len(keep) * consumer.block) + w.shape[2:]))
     for producer in space.producers:
         producer.set_weight(producer.get_weight()[keep])
@@ -182,6 +182,7 @@ def _near_candidates(space: Space, k: int, shapes: dict) -> tuple[list[Candidate
     np.fill_diagonal(score, -np.inf)
     best = np.argmax(score, axis=1)
     saving = _channel_saving(space, shapes)
+    tensors = tuple(t.name for p in space.producers for t in (p.weight, p.bias) if t is not None)
     cands = []
     for j in range(c):
         i = best[j]
@@ -191,7 +192,7 @@ def _near_candidates(space: Space, k: int, shapes: dict) -> tuple[list[Candidate
         residual = np.linalg.norm(rows[j] - s * rows[i])
         error = residual * consumer_norms[j]
         cands.append(Candidate(key=f"merge:{space.name}:{j}->{i}", slot=f"merge:{k}:{j}", saving=saving,
-                               error=float(error), data=(k, j, i)))
+                               error=float(error), data=(k, j, i), tensors=tensors))
     weights = norms * np.maximum(consumer_norms, 1e-12)
     return cands, {"rows": rows, "weights": weights}
 
