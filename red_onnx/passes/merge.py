@@ -138,6 +138,9 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
 
 def _spend(ctx: Context):
     spaces = [s for s in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude) if not s.frozen and s.consumers]
+    if not spaces:
+        from ..budget import Spent
+        return Spent([], 0.0, 0.0, 0)
     exercised = _exercised(ctx, spaces)
     candidates = []
     info = {}
