@@ -1,0 +1,49 @@
+"""The interface every bench model implements."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+WITHIN_ONE_POINT = 0.01  # "within 1 point": primary-metric drop <= 0.01
+
+
+class BenchModel:
+    """A trained ONNX model with ground truth.
+
+    Subclasses set `name`, `primary` (key of the primary metric: higher is better, in 0..1),
+    `probe_range` ({input name: (low, high)} of real inputs) and implement `build`, `_evaluate`
+    and `real_inputs`.
+    """
+
+    name: str = ""
+    description: str = ""
+    primary: str = ""
+    probe_range: dict[str, tuple[float, float]] = {}
+
+    def build(self) -> Path:
+        """Build or extract the ONNX file into the cache once; return its path."""
+        raise NotImplementedError
+
+    def evaluate(self, model: onnx.ModelProto | str | os.PathLike, quick: bool = False, sess=None) -> dict[str, float]:
+        """Metrics of `model` on this model's ground truth (one onnxruntime session, batched runs; pass `sess`,
+        a session on `model`, to reuse one)."""
+        from ..common import session
+
+        metrics = self._evaluate(sess or session(model), quick)
+        assert self.primary in metrics, (self.name, metrics)
+        return metrics
+
+    def _evaluate(self, sess, quick: bool) -> dict[str, float]:
+        raise NotImplementedError
+
+    def real_inputs(self, n: int = 16) -> dict[str, np.ndarray]:
+        """A batch of `n` real inputs, for deviation on real data (first sample: latency input)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def within_one_point(reference: float, value: float) -> bool:
+        return reference - value <= WITHIN_ONE_POINT + 1e-12
