@@ -23,10 +23,27 @@ REPORT_KEYS = {"params_before", "params_after", "macs_before", "macs_after", "by
                "output_deviation", "deviation_per_output", "seconds", "passes", "layers"}
 
 
-def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+def cli(*args, cwd=None, lossless: bool = True) -> subprocess.CompletedProcess:
+    """``red-onnx ARGS`` in a subprocess; ``--tolerance 0`` unless the test gives one or ``lossless=False``
+    (the default tolerance is lossy: test_default_tolerance covers it)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "red_onnx", *map(str, args)], capture_output=True, text=True,
+    args = list(map(str, args))
+    if lossless and "--tolerance" not in args:
+        args += ["--tolerance", "0"]
+    return subprocess.run([sys.executable, "-m", "red_onnx", *args], capture_output=True, text=True,
                           timeout=120, cwd=cwd, env=env)
+
+
+def test_default_tolerance(dirs):
+    """Without --tolerance the CLI spends the benchmark-chosen budget, and stays within it."""
+    from red_onnx.cli import DEFAULT_TOLERANCE
+
+    src, out = dirs
+    proc = cli(DIGITS_CNN, out / "o.onnx", "--probe-range", "input:0,1", "--report", out / "r.json", lossless=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "r.json").read_text())
+    assert report["tolerance"] == DEFAULT_TOLERANCE > 0
+    assert report["verified"] is True and report["output_deviation"] <= DEFAULT_TOLERANCE
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

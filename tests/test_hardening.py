@@ -57,10 +57,14 @@ def _restore_sigterm():
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
-    """``red-onnx ARGS`` in this process: (exit code, stdout, stderr)."""
+    """``red-onnx ARGS`` in this process: (exit code, stdout, stderr); lossless (``--tolerance 0``)
+    unless the test gives a tolerance."""
     capsys.readouterr()
+    args = [str(a) for a in args]
+    if "--tolerance" not in args:
+        args += ["--tolerance", "0"]
     try:
-        rc = main([str(a) for a in args])
+        rc = main(args)
     except SystemExit as exit_:  # argparse
         rc = exit_.code
     out, err = capsys.readouterr()

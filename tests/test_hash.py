@@ -600,8 +600,9 @@ def test_optimized_session_on_hashed_digits(hashed_digits):
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "red_onnx", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    """The CLI, lossless (the default tolerance would hash too)."""
+    return subprocess.run([sys.executable, "-m", "red_onnx", *map(str, args), "--tolerance", "0"],
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_cli_codebook_option(tmp_path):
