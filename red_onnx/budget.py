@@ -183,8 +183,8 @@ class Budget:
                 rejects = 0
             elif len(take) == 1:
                 del frontier[take[0].slot]
-                rejects += 1 if accepted else 0  # before the first fit, search on (up to max_evaluations)
-                if rejects >= self.patience:
+                rejects += 1
+                if rejects >= (self.patience if accepted else 2 * self.patience):  # search longer for a first fit
                     break
             else:
                 batch = max(1, len(take) // 2)
