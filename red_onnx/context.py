@@ -36,4 +36,3 @@ class Context:
     scale_hints: dict[str, np.ndarray] = field(default_factory=dict)  # weight → per-channel factor folded in
     codebook: str = "uint8"  # codebook index types allowed: "uint8", "auto" (also uint16) or "off"
     log: Callable[[str], None] = lambda message: None
-    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))

@@ -126,7 +126,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
         ctx = Context(graph=model_io.to_graph(canonical), template=original, shapes=shapes,
                       tolerance=tolerance if margin > 0 else 0.0, exclude=pattern, keep_dense=keep_dense,
                       latency_check=latency_check,
-                      budget=budget if margin > 0 else None, log=log, rng=np.random.default_rng(seed),
+                      budget=budget if margin > 0 else None, log=log,
                       codebook=codebook)
         results: list[PassResult] = []
         for name, module in [(fold.NAME, fold)] + [(n, AVAILABLE[n]) for n in names]:
