@@ -59,7 +59,8 @@ class ModelBench:
         self.metrics = bm.evaluate(self.original, quick=plan.quick)
         self.cost = measure.cost(self.original, self.one)
         self.baseline = {
-            "model": bm.name, "description": bm.description, "primary": bm.primary, "metrics": self.metrics,
+            "model": bm.name, "description": bm.description, "primary": bm.primary, "guards": list(bm.guards),
+            "metrics": self.metrics,
             "eval_seconds": time.perf_counter() - t0, **self.cost, "probe_range": bm.probe_range,
             "input_shapes": {k: list(v.shape) for k, v in self.one.items()},
             "red_onnx_analyze": _red_onnx_analyze(self.original, self.one),
@@ -185,10 +186,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="RESULTS.md path (default bench/RESULTS.md, quick: bench/RESULTS_quick.md)")
     parser.add_argument("--skip-red-onnx", action="store_true", help="onnxsim rows only")
     parser.add_argument("--skip-onnxsim", action="store_true", help="red_onnx rows only")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other models' rows of the existing results file (complete a stopped run)")
     args = parser.parse_args(argv)
 
     plan = QUICK if args.quick else FULL
     out_md = args.out or BENCH_DIR / ("RESULTS_quick.md" if plan.quick else "RESULTS.md")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -199,21 +203,51 @@ def main(argv=None) -> None:
     runner = measure.ToolRunner(["numpy", "onnx", "onnxruntime", "onnxsim", "red_onnx", "bench.tools"], plan.tool_timeout_s)
     log(f"tool child baseline peak RSS {runner.baseline_mib:.0f} MiB")
     out_json = out_md.with_name(out_md.stem.replace("RESULTS", "results") + ".json")
+    models = [n.strip() for n in args.models.split(",")]
     results = {"environment": report.environment(plan.quick, info), "plan": plan.__dict__,
                "tool_child_baseline_rss_mib": runner.baseline_mib, "baselines": [], "rows": [], "complete": False}
-    for name in args.models.split(","):
-        mb = ModelBench(zoo.get(name.strip()), plan, runner, log)
+    kept = _previous(out_json, models, plan.quick) if args.merge else None
+    for name in models:
+        mb = ModelBench(zoo.get(name), plan, runner, log)
         results["baselines"].append(mb.baseline)
         if not args.skip_onnxsim:
             results["rows"] += mb.onnxsim_rows()
         if not args.skip_red_onnx:
             results["rows"] += mb.red_onnx_rows(info)
         results["wall_seconds"] = time.perf_counter() - started
-        out_json.write_text(json.dumps(results, indent=1, default=_plain))  # partial results survive a crash
+        out_json.write_text(json.dumps(_combined(results, kept), indent=1, default=_plain))  # survives a crash
     results["complete"] = True
+    results = _combined(results, kept)
     out_json.write_text(json.dumps(results, indent=1, default=_plain))
     report.write_markdown(results, out_md, BENCH_DIR / "plots" / ("quick" if plan.quick else ""))
     log(f"wrote {out_md} and {out_json}")
+
+
+def _previous(path: Path, models: list[str], quick: bool) -> dict | None:
+    """The other models' baselines and rows of an existing results file, with where they come from."""
+    if not path.exists():
+        return None
+    prev = json.loads(path.read_text())
+    if (prev["environment"]["mode"] == "QUICK") != quick:
+        raise SystemExit(f"--merge: {path} holds a {prev['environment']['mode']} run; run in the same mode")
+    others = [b["model"] for b in prev["baselines"] if b["model"] not in models]
+    env = prev["environment"]
+    return {"baselines": [b for b in prev["baselines"] if b["model"] in others],
+            "rows": [r for r in prev["rows"] if r["model"] in others],
+            "source": {"models": others, "date": env["date"], "git_commit": env["git_commit"],
+                       "wall_seconds": prev.get("wall_seconds")}}
+
+
+def _combined(results: dict, kept: dict | None) -> dict:
+    """This run's results plus the kept ones of an earlier run, in the zoo's model order."""
+    if not kept or not kept["source"]["models"]:
+        return results
+    order = {n: i for i, n in enumerate(zoo.names())}
+    out = dict(results)
+    out["baselines"] = sorted(kept["baselines"] + results["baselines"], key=lambda b: order.get(b["model"], 99))
+    out["rows"] = sorted(kept["rows"] + results["rows"], key=lambda r: order.get(r["model"], 99))  # stable
+    out["merged_from"] = kept["source"]
+    return out
 
 
 def _plain(v):
