@@ -17,6 +17,8 @@ from red_onnx.passes.separate import (
     apply_plan,
     conv_weight,
     lowrank_ladder,
+    align_plan,
+    DEFAULT_LADDER_ERRORS,
     lowrank_weight,
     plan_exact,
     plan_lowrank,
@@ -445,6 +447,20 @@ def test_ladder_errors_and_rewrite(group):
     new_model, pl, _ = rewrite(model, lambda ww, g: plan_lowrank(ww, g, ranks))
     assert rel_err(ort_run(new_model, x), ort_run(model2, x)) <= 1e-5
     assert rel_err(ort_run(new_model, x), np_conv(x, w2, group=group, pads=[1, 1, 1, 1])) <= 1e-5
+
+
+def test_ladder_align_keeps_signal_in_padded_channels():
+    """Aligned cuts keep a multiple of 8 kernels and never more error than the plain cut they round."""
+    rng = np.random.default_rng(15)
+    w = decaying_weight(rng, 16, 5, (3, 3), 1)
+    plain = lowrank_ladder(w, 1, DEFAULT_LADDER_ERRORS)
+    aligned = lowrank_ladder(w, 1, DEFAULT_LADDER_ERRORS, align=8)
+    assert aligned
+    for ranks, err, macs in aligned:
+        assert ranks.sum() % 8 == 0
+        plan = align_plan(plan_exact(lowrank_weight(w, 1, ranks)), 8)
+        assert plan.macs_per_pixel_after <= macs  # nothing left for align_plan to pad
+    assert max(e for _, e, _ in aligned) <= max(e for _, e, _ in plain)
 
 
 def test_ladder_empty_for_incompressible():

@@ -415,7 +415,7 @@ def plan_lowrank(weight: np.ndarray, group: int, ranks: np.ndarray) -> Separatio
 
 
 def lowrank_ladder(weight: np.ndarray, group: int = 1,
-                   errors: Sequence[float] = DEFAULT_LADDER_ERRORS,
+                   errors: Sequence[float] = DEFAULT_LADDER_ERRORS, align: int = 1,
                    ) -> list[tuple[np.ndarray, float, int]]:
     """Candidate per-channel ranks, mild to aggressive.
 
@@ -425,6 +425,9 @@ def lowrank_ladder(weight: np.ndarray, group: int = 1,
     error-per-MAC order; for g > 1 it is a heuristic since the padded layout
     only pays for the largest group).  For each target relative error ``t`` in
     ``errors`` the longest prefix with sqrt(sum sigma^2) <= t * ||W||_F is cut.
+    With ``align`` > 1 (group 1), each cut keeps the next-largest sigmas until the kept count is
+    a multiple of ``align``: the depthwise channels :func:`align_plan` would pad with zero kernels
+    carry signal instead, at the same MACs.
     Returns ``[(ranks (g*I/g,) int64, rel_error, macs_per_pixel_after)]``,
     deduplicated, keeping only entries with fewer MACs than the original.
     ``rel_error`` is exact (Eckart-Young) = ||W - lowrank_weight(W, g, ranks)||_F
@@ -448,6 +451,8 @@ def lowrank_ladder(weight: np.ndarray, group: int = 1,
     out, seen = [], set()
     for t in sorted(errors):
         n = int(np.searchsorted(cum, (t * t) * total, side="right"))
+        if align > 1 and group == 1:
+            n = max(0, n - (-(s2.size - n) % align))
         removed = np.bincount(chan[:n], minlength=s2.size // q)
         ranks = (q - removed).astype(np.int64)
         key = ranks.tobytes()
@@ -553,7 +558,7 @@ MIN_SAVING = 0.25
 #: With the latency guard on, depthwise channel counts are padded to a multiple of this (see align_plan).
 DEPTHWISE_ALIGN = 8
 #: Relative weight errors at which the low-rank candidates of a layer are cut.
-LADDER_ERRORS = (1e-3, 3e-3, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+LADDER_ERRORS = tuple(float(e) for e in np.geomspace(1e-3, 0.6, 68))  # steps of ~10%
 
 
 def _convs(ctx):
@@ -581,7 +586,8 @@ def _propose(ctx):
     candidates, weights = [], {}
     for layer, weight, group, pixels in _convs(ctx):
         before = _macs_before(weight.shape)
-        for level, (ranks, error, after) in enumerate(lowrank_ladder(weight, group, LADDER_ERRORS)):
+        align = DEPTHWISE_ALIGN if ctx.latency_check else 1
+        for level, (ranks, error, after) in enumerate(lowrank_ladder(weight, group, LADDER_ERRORS, align)):
             if after > (1 - MIN_SAVING) * before:
                 continue
             params = weight.size - _params_after(weight, ranks, group)
