@@ -19,6 +19,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import red_onnx
+from red_onnx import kde
 from red_onnx.passes import hash as hash_pass
 
 from conftest import REPO, Builder, assert_same_outputs, op_counts, random_feeds, rel_l2, run
@@ -519,7 +520,8 @@ def test_hashing_digits_under_the_budget(hashed_digits, name):
     nodes = {n.name: n for n in result.graph.node}
     original_weights = layer_weights(model)
     for layer, row in hashed_rows.items():
-        assert row["bandwidth_factor"] in hash_pass.FACTORS
+        lo, hi = hash_pass.FACTOR_RANGE
+        assert lo <= row["bandwidth_factor"] <= hi
         assert isinstance(row["modes"], int) and 1 <= row["modes"] <= 256
         assert 0 < row["weight_error"] < 1
         assert layer in enc, f"{layer} was hashed but is not stored as a codebook"
@@ -622,3 +624,21 @@ def test_cli_codebook_option(tmp_path):
     proc = _cli(src, bad, "--codebook", "int4")
     assert proc.returncode == 2
     assert "--codebook" in proc.stderr and not bad.exists()
+
+
+@pytest.mark.parametrize("limit", [16, 256, 2048])
+def test_fitting_hash_is_the_smallest_bandwidth_that_fits(limit):
+    """The bisection returns a codebook within the limit, and a 10% narrower bandwidth does not fit."""
+    w = np.random.default_rng(limit).standard_normal((64, 300)).astype(np.float32)
+    factor, (values, codebook, scales) = hash_pass.fitting_hash(w, limit)
+    assert len(codebook) <= limit
+    np.testing.assert_array_equal(values, kde.hash_channels(w, factor, per_channel=True, scale="pow2")[0])
+    narrower = kde.hash_channels(w, factor / 1.1, per_channel=True, scale="pow2")[1]
+    assert len(narrower) > limit
+
+
+def test_entry_targets_per_codebook_setting():
+    assert hash_pass._entry_targets(1_000_000, "off") == []
+    assert hash_pass._entry_targets(1_000_000, "uint8") == [256]
+    assert hash_pass._entry_targets(1_000_000, "auto") == [31_250, 256]  # codebook = 1/16 of uint16 indices
+    assert hash_pass._entry_targets(4096, "auto") == [256]  # a uint16 codebook would cost too much

@@ -3,9 +3,9 @@
 Hashing: per layer, each output channel is normalised by a power of two s_c (so that s_c·(w/s_c)
 is exact), the normalised values of all channels are pooled into one Gaussian KDE with bandwidth
 h = f·Silverman, and every value moves to the representative of its basin
-(:func:`red_onnx.kde.hash_channels`). Each layer offers the budget a ladder of bandwidth factors f,
-mild to aggressive, saving the bytes a narrower codebook index buys; the budget spends on hashing
-only what the MAC-saving passes left.
+(:func:`red_onnx.kde.hash_channels`). Each layer offers the budget, per index width, the smallest
+bandwidth factor f whose codebook fits that width (bytes only drop at a width boundary, while the
+error grows with f); the budget spends on hashing only what the MAC-saving passes left.
 
 Storage (:func:`encode`, the pipeline's last step, exact): a layer whose weight takes at most 256
 distinct values per channel scale (65 536 with ``codebook="auto"``) is stored as
@@ -30,8 +30,8 @@ from ..layers import Layer, find_layers, unique_name
 from ..model_io import to_model
 
 NAME = "hash"
-#: Bandwidth factors (× Silverman's bandwidth of the normalised weights), mild to aggressive.
-FACTORS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+#: Bandwidth factors searched (× Silverman's bandwidth of the normalised weights).
+FACTOR_RANGE = (1e-4, 4.0)
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
 INDEX_TYPES = {"uint8": ((256, np.uint8),), "auto": ((256, np.uint8), (65536, np.uint16)), "off": ()}
 MIN_ELEMENTS = 1024  # smaller weights are not worth a codebook
@@ -61,26 +61,59 @@ def run(ctx: Context) -> PassResult:
 
 
 def _propose(ctx: Context) -> tuple[list[Candidate], dict[str, np.ndarray]]:
+    """Per layer and index width (uint16 with ``--codebook auto``, then uint8), the smallest
+    bandwidth whose codebook fits the width's entry target: a wider bandwidth adds error and
+    saves (almost) no more bytes."""
     candidates, hashed = [], {}
-    limit = INDEX_TYPES[ctx.codebook][-1][0]
     for layer in find_layers(ctx.graph, ctx.exclude)[0]:
         w = layer.get_weight()
         if w.size < MIN_ELEMENTS or w.dtype not in (np.float16, np.float32, np.float64):
             continue
         norm = float(np.linalg.norm(w))
         before = len(np.unique(w))
-        for level, factor in enumerate(FACTORS):
-            values, codebook, scales = hash_channels(w, factor, per_channel=True, scale="pow2")
-            entries = len(codebook)
-            if entries > limit or entries >= before:
+        for level, limit in enumerate(_entry_targets(w.size, ctx.codebook)):
+            if before <= limit:
+                continue  # encode stores it at this width as it is
+            found = fitting_hash(w, limit)
+            if found is None:
                 continue
-            saving = w.nbytes - _encoded_bytes(w, entries, ctx.codebook)
+            factor, (values, codebook, scales) = found
+            saving = w.nbytes - _encoded_bytes(w, len(codebook), ctx.codebook)
             error = float(np.linalg.norm(values - w)) / norm if norm else 0.0
             key = f"hash:{layer.name}:{level}"
             hashed[key] = layer.stored(values)
             candidates.append(Candidate(key, f"hash:{layer.name}", (0, 0, saving), error, level,
-                                        (layer.weight.name, factor, entries, error, scales)))
+                                        (layer.weight.name, factor, len(codebook), error, scales)))
     return candidates, hashed
+
+
+def _entry_targets(size: int, setting: str) -> list[int]:
+    """Codebook sizes worth offering, mild to aggressive: 256 for uint8 indices; for uint16, the
+    most entries (over 256) whose codebook costs at most 1/16 of the indices' bytes (N/32)."""
+    widths = dict((np.dtype(t).itemsize, n) for n, t in INDEX_TYPES[setting])
+    targets = [min(widths[2], size // 32)] if 2 in widths and size // 32 > 256 else []
+    return targets + ([256] if 1 in widths else [])
+
+
+def fitting_hash(w: np.ndarray, limit: int, steps: int = 12):
+    """``(factor, hash_channels(w, factor))`` for about the smallest bandwidth factor in
+    [FACTOR_RANGE] whose codebook has at most ``limit`` entries (bisection on log f; the number of
+    modes falls as the bandwidth grows), or None if even the widest does not fit."""
+    lo, hi = FACTOR_RANGE
+    result = hash_channels(w, lo, per_channel=True, scale="pow2")
+    if len(result[1]) <= limit:
+        return lo, result
+    best = hi, hash_channels(w, hi, per_channel=True, scale="pow2")
+    if len(best[1][1]) > limit:
+        return None
+    for _ in range(steps):
+        mid = float(np.sqrt(lo * hi))
+        result = hash_channels(w, mid, per_channel=True, scale="pow2")
+        if len(result[1]) <= limit:
+            hi, best = mid, (mid, result)
+        else:
+            lo = mid
+    return best
 
 
 def _encoded_bytes(w: np.ndarray, entries: int, setting: str) -> int:
