@@ -184,6 +184,11 @@ def write_markdown(results: dict, path: Path, plot_dir: Path) -> None:
         src = results["merged_from"]
         lines += [f"Rows of {', '.join(src['models'])} come from an earlier run ({src['date']}, commit "
                   f"{src['git_commit']}); the header below describes the run of the other models.", ""]
+    if results.get("parallel_runs"):
+        lines += ["Measured by side-by-side runs of `bench.run --models ...` (one per CPU core, so latency pairs "
+                  "shared the machine with the other run), combined with `bench.report --combine`: " +
+                  "; ".join(f"{', '.join(p['models'])} ({p['wall_seconds'] / 60:.0f} min, commit {p['git_commit']})"
+                            for p in results["parallel_runs"]) + ".", ""]
     pk = env["packages"]
     red = env["red_onnx"]
     red_state = (f"red_onnx {red.get('version')} (passes: {', '.join(red['passes']) or 'none yet: canonicalization only'})"
@@ -237,6 +242,7 @@ def write_markdown(results: dict, path: Path, plot_dir: Path) -> None:
     for b in baselines:
         h = headline(by_model[b["model"]], b)
         lines.append(f"| {b['model']} | {_head_cell(h['red_onnx'])} | {_head_cell(h['onnxsim'])} |")
+    lines += _bytes_section(by_model, baselines)
     lines += ["", "## Does N(0,1) deviation rank the damage? Spearman(dev N(0,1), drop) over red_onnx rows", "",
               "| model | Spearman | rows |", "|---|---|---|"]
     for b in baselines:
@@ -251,15 +257,15 @@ def write_markdown(results: dict, path: Path, plot_dir: Path) -> None:
         lines.append(f"![{b['model']}]({os.path.relpath(png, path.parent)})")
     lines += ["", "## All rows", "",
               "| model | tool | setting | passes | params −% | MACs −% | bytes −% | primary | other metrics | drop | "
-              "≤ 1 pt | dev N(0,1) | dev real | latency | tool s | peak MiB | status |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "≤ 1 pt | dev N(0,1) | dev real | latency | session s | tool s | peak MiB | status |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in baselines:
         lines.append(f"| {b['model']} | original | | | 0 | 0 | 0 | {b['metrics'][b['primary']]:.4f} | "
-                     f"{_secondary({'metrics': b['metrics']}, b['primary'])} | | | | | 1 | | | |")
+                     f"{_secondary({'metrics': b['metrics']}, b['primary'])} | | | | | 1 | {_f(b.get('session_s'), '.3f')} | | | |")
         for r in by_model[b["model"]]:
             setting = f"{r['setting_name'][:3]} {r['setting']:g}"
             if r["status"] != "ok":
-                lines.append(f"| {r['model']} | {r['tool']} | {setting} | {r['passes']} | | | | | | | | | | | "
+                lines.append(f"| {r['model']} | {r['tool']} | {setting} | {r['passes']} | | | | | | | | | | | | "
                              f"{_f(r.get('tool_seconds'), '.1f')} | {_f(r.get('tool_peak_rss_mib'), '.0f')} | {r['status']} |")
                 continue
             status = "ok" if r["tool"] != "onnxsim" else ("ok" if r["onnxsim_check"]["equal"] else "≠ zeroed ref")
@@ -270,12 +276,37 @@ def write_markdown(results: dict, path: Path, plot_dir: Path) -> None:
                 f"{r['macs_removed_pct']:.2f} | {r['bytes_removed_pct']:.2f} | {r['primary']:.4f} | "
                 f"{_secondary(r, b['primary'])} | {r['drop']:+.4f} | {'yes' if within(r, b) else 'no'} | "
                 f"{_f(r['dev_normal'])} | {_f(r['dev_real'])} | "
-                f"{r['latency_ratio']:.3f} | {_f(r['tool_seconds'], '.1f')} | {_f(r['tool_peak_rss_mib'], '.0f')} | {status} |")
+                f"{r['latency_ratio']:.3f} | {_f(r.get('session_s'), '.3f')} | {_f(r['tool_seconds'], '.1f')} | {_f(r['tool_peak_rss_mib'], '.0f')} | {status} |")
     notes = path.with_name(path.stem + "_notes.md")  # hand-written notes survive regeneration
     if notes.exists():
         kept = [ln for ln in notes.read_text().splitlines() if not ln.startswith("<!--")]
         lines += [""] + "\n".join(kept).strip("\n").splitlines()
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def _bytes_section(by_model: dict, baselines: list[dict]) -> list[str]:
+    """File size: smallest red_onnx file within 1 point, the default tolerance, session creation, hash speed."""
+    lines = ["", "## File size (uncompressed bytes) and session creation", "",
+             "Smallest red_onnx file within 1 point of the primary metric, and the full pipeline at the CLI's "
+             "default tolerance 0.01. **session s**: median of 3 onnxruntime session creations (all graph "
+             "optimizations on; the codebook chains are folded there). **hash pass**: the hash pass's own seconds "
+             "(budget checks included) in the hash-only row at 0.01, as model weights per second.", "",
+             "| model | original | smallest within 1 pt | × smaller | its setting | session s (orig → it) "
+             "| default 0.01 [all] | hash pass at 0.01 |", "|---|---|---|---|---|---|---|---|"]
+    for b in baselines:
+        ok = [r for r in by_model[b["model"]] if r["tool"] == "red_onnx" and r["status"] == "ok"]
+        best = min((r for r in ok if within(r, b)), key=lambda r: r["bytes"], default=None)
+        default = next((r for r in ok if r["passes"] == "all" and r["setting"] == 0.01), None)
+        hashed = next((r for r in ok if r["passes"] == "hash" and r["setting"] == 0.01), None)
+        secs = next((p["seconds"] for p in (hashed or {}).get("red_onnx_report", {}).get("passes", [])
+                     if p["name"] == "hash"), None)
+        speed = f"{secs:.1f} s, {b['params'] / secs / 1e6:.1f} M weights/s" if secs else ""
+        cells = [f"{b['bytes']:,}"]
+        cells += ([f"{best['bytes']:,}", f"{b['bytes'] / best['bytes']:.2f}", f"tol {best['setting']:g} [{best['passes']}]",
+                   f"{_f(b.get('session_s'), '.3f')} → {_f(best.get('session_s'), '.3f')}"] if best else ["none", "", "", ""])
+        cells += [f"{default['bytes']:,} ({b['bytes'] / default['bytes']:.2f}×)" if default else "", speed]
+        lines.append(f"| {b['model']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _onnxsim_section(rows: list[dict], baselines: list[dict]) -> list[str]:
@@ -323,6 +354,21 @@ def _failures(rows: list[dict]) -> list[str]:
     return lines
 
 
+def combine(parts: list[dict]) -> dict:
+    """One results dict from runs of disjoint model sets made side by side (same plan and commit)."""
+    from .zoo import names
+
+    order = {n: i for i, n in enumerate(names())}
+    out = dict(parts[0])
+    out["baselines"] = sorted((b for p in parts for b in p["baselines"]), key=lambda b: order.get(b["model"], 99))
+    out["rows"] = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.get(r["model"], 99))
+    out["complete"] = all(p.get("complete") for p in parts)
+    out["wall_seconds"] = max(p.get("wall_seconds", 0.0) for p in parts)
+    out["parallel_runs"] = [{"models": [b["model"] for b in p["baselines"]], "git_commit": p["environment"]["git_commit"],
+                             "wall_seconds": p.get("wall_seconds")} for p in parts]
+    return out
+
+
 def main() -> None:
     """`python -m bench.report bench/results.json`: rewrite RESULTS.md (and plots) from a results file, e.g. the
     partial one a crashed or stopped run left."""
@@ -332,8 +378,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("results", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: RESULTS[_quick].md beside the results file")
+    parser.add_argument("--combine", type=Path, nargs="*", default=[],
+                        help="results files of runs of other models made at the same time (one per CPU core): "
+                             "their models are added to RESULTS, and the combined file replaces RESULTS")
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
+    if args.combine:
+        results = combine([results] + [json.loads(p.read_text()) for p in args.combine])
+        args.results.write_text(json.dumps(results, indent=1))
     quick = results["environment"]["mode"] == "QUICK"
     out = args.out or args.results.with_name("RESULTS_quick.md" if quick else "RESULTS.md")
     results.setdefault("wall_seconds", float("nan"))

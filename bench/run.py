@@ -29,13 +29,15 @@ class Plan:
     tolerances: tuple[float, ...]
     sparsities: tuple[float, ...]
     ablation: bool  # also each pass alone at every tolerance
+    codebook_auto: tuple[float, ...]  # tolerances of extra hash-only rows with --codebook auto (uint16 too)
     latency_pairs: int
     deviation_samples: int
     tool_timeout_s: float
 
 
-FULL = Plan(False, (0.0, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3), (0.05, 0.1, 0.2, 0.3, 0.5), True, 40, 16, 1800.0)
-QUICK = Plan(True, (0.0, 0.03), (0.1, 0.3), False, 10, 8, 600.0)
+FULL = Plan(False, (0.0, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3), (0.05, 0.1, 0.2, 0.3, 0.5), True, (0.0, 0.003, 0.01, 0.03),
+            40, 16, 1800.0)
+QUICK = Plan(True, (0.0, 0.03), (0.1, 0.3), False, (), 10, 8, 600.0)
 
 
 class ModelBench:
@@ -55,13 +57,14 @@ class ModelBench:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._seen: dict[str, dict] = {}  # sha1 of a result model -> its measurements
 
+        self.session_s = _timed_session(self.original)[0]
         t0 = time.perf_counter()
         self.metrics = bm.evaluate(self.original, quick=plan.quick)
         self.cost = measure.cost(self.original, self.one)
         self.baseline = {
             "model": bm.name, "description": bm.description, "primary": bm.primary, "guards": list(bm.guards),
             "metrics": self.metrics,
-            "eval_seconds": time.perf_counter() - t0, **self.cost, "probe_range": bm.probe_range,
+            "eval_seconds": time.perf_counter() - t0, "session_s": self.session_s, **self.cost, "probe_range": bm.probe_range,
             "input_shapes": {k: list(v.shape) for k, v in self.one.items()},
             "red_onnx_analyze": _red_onnx_analyze(self.original, self.one),
         }
@@ -72,17 +75,21 @@ class ModelBench:
 
     def red_onnx_rows(self, info: dict) -> list[dict]:
         rows = []
-        variants = [None] + ([[p] for p in info["passes"]] if self.plan.ablation else [])
-        for passes in variants:
+        variants = [(None, None, self.plan.tolerances)]
+        variants += [([p], None, self.plan.tolerances) for p in info["passes"]] if self.plan.ablation else []
+        if "hash" in info["passes"]:
+            variants.append((["hash"], "auto", self.plan.codebook_auto))
+        for passes, codebook, tolerances in variants:
             label = ("all" if info["passes"] else "canonicalize only") if passes is None else passes[0]
+            label += f" (codebook {codebook})" if codebook else ""
             if not info["available"]:
                 label = "stub (copy)"
-            for tol in self.plan.tolerances:
-                out = self.out_dir / f"red_onnx-{label.replace(' ', '_')}-{tol:g}.onnx"
+            for tol in tolerances:
+                out = self.out_dir / f"red_onnx-{''.join(ch if ch.isalnum() else '_' for ch in label)}-{tol:g}.onnx"
                 shapes = {k: list(v.shape) for k, v in self.one.items()}
                 out.unlink(missing_ok=True)
                 res = self.runner.run(tools.red_onnx_compress, str(self.path), str(out), tol, passes,
-                                      self.bm.probe_range, shapes)
+                                      self.bm.probe_range, shapes, codebook)
                 row = self._row("red_onnx", "tolerance", tol, label, res, out)
                 if res.get("ok") and "verification_failed" in res["result"]:
                     row.update(status="verification failed", error=res["result"]["verification_failed"])
@@ -142,7 +149,7 @@ class ModelBench:
         if key not in self._seen:
             model = onnx.load_from_string(data)
             c = measure.cost(model, self.one)
-            new = session(model)
+            session_s, new = _timed_session(model)
             metrics = self.bm.evaluate(model, quick=self.plan.quick, sess=new)
             self._seen[key] = {
                 "params_removed_pct": _pct(self.cost["params"], c["params"]),
@@ -154,9 +161,19 @@ class ModelBench:
                 "dev_normal": measure.deviation(None, new, self.normal, self.ref_normal),
                 "dev_real": measure.deviation(None, new, self.real, self.ref_real),
                 **measure.latency_ratio(self.latency_session, model, self.one, self.plan.latency_pairs),
-                "result_sha1": key,
+                "result_sha1": key, "session_s": session_s,
             }
         return dict(self._seen[key])
+
+
+def _timed_session(model: onnx.ModelProto, repeat: int = 3):
+    """(median seconds to create a session with all graph optimizations on, the last session)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        sess = session(model)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), sess
 
 
 def _pct(before: float, after: float) -> float:

@@ -21,10 +21,10 @@ def red_onnx_info() -> dict:
 
 
 def red_onnx_compress(src: str, out_path: str, tolerance: float, passes, probe_range: dict,
-                      input_shapes: dict) -> dict:
+                      input_shapes: dict, codebook: str | None = None) -> dict:
     """The one call into red_onnx (a stub that copies the model while red_onnx.compress does not exist).
 
-    `passes` None means all passes. Keyword names follow the installed signature (the API is young):
+    `passes` None means all passes; `codebook` None keeps red_onnx's default. Keyword names follow the installed signature (the API is young):
     the probe ranges and the concrete input shapes are passed when compress() accepts them; no data is."""
     if not red_onnx_info()["available"]:
         onnx.save(onnx.load(src), out_path)
@@ -39,6 +39,8 @@ def red_onnx_compress(src: str, out_path: str, tolerance: float, passes, probe_r
             break
     if "input_shapes" in accepted:
         kwargs["input_shapes"] = input_shapes
+    if codebook is not None:
+        kwargs["codebook"] = codebook
     for key in ("verify_result", "verify"):
         if key in accepted:
             kwargs[key] = True
