@@ -12,8 +12,13 @@ both directions, through the ops the handler registry knows:
 * its **path ops** sit in between; their per-channel parameters (BN statistics, PRelu slopes,
   depthwise kernels) join each channel's identity.
 
-Anything the registry does not know (Concat, Split, Transpose, graph outputs, grouped convs, …)
-freezes the space, with the reason. Merging j into i with scale s is exact when every producer has
+* a **Concat** on the channel axis places the space at an offset of its output, a **Split** on it
+  cuts the space into segments (merges stay inside one; the split sizes follow), a **Transpose**
+  moves the channel axis (to the last axis for a MatMul, say); past them the space may go through
+  parameter-free elementwise ops only, to its consumers.
+
+Anything the registry does not know (graph outputs, grouped convs, …) freezes the space, with the
+reason. Merging j into i with scale s is exact when every producer has
 row_j = s·row_i, every path op has equal parameters for i and j, and either s = 1 or every path op is
 positively homogeneous (f(s·x) = s·f(x) for s > 0).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -43,8 +49,26 @@ SPATIAL_REDUCE = ("ReduceMean", "ReduceMax", "ReduceSum")
 
 @dataclass
 class Consumer:
+    """A linear layer reading space channels [lo, hi) as its input channels [lo + shift, hi + shift)
+    of ``total`` (Concat: shift = offset; Split: the segment's own range)."""
+
     layer: Layer
     block: int  # input features per channel (1 for a conv; H·W after a Flatten)
+    lo: int = 0
+    hi: int | None = None  # None: the space's channel count
+    shift: int = 0
+    total: int | None = None  # None: the space's channel count
+    axis: int = 1  # channel axis of the tensor it reads
+
+    def span(self, channels: int) -> tuple[int, int, int, int]:
+        """(lo, hi, shift, total) with the defaults resolved for a space of ``channels``."""
+        hi = channels if self.hi is None else self.hi
+        return self.lo, hi, self.shift, channels if self.total is None else self.total
+
+    def columns(self, channels: int) -> np.ndarray:
+        """(O, total, B) float64 view of the consumer's input weights, B = block × kernel."""
+        w = self.layer.get_weight().astype(np.float64)
+        return w.reshape(w.shape[0], self.span(channels)[3], -1)
 
 
 @dataclass
@@ -65,6 +89,10 @@ class Space:
     params: list[ChannelParam] = field(default_factory=list)
     depthwise: list[gs.Node] = field(default_factory=list)  # their ``group`` follows the channel count
     reshapes: list[tuple[gs.Constant, int]] = field(default_factory=list)  # (shape constant, block)
+    segments: np.ndarray | None = None  # Split: segment of each channel (merges stay inside one)
+    splits: list[tuple[gs.Node, Any, list[tuple[int, int]]]] = field(default_factory=list)  # (Split, sizes, ranges)
+    tensors: set[str] = field(default_factory=set)  # names of the tensors that carry it (before any Concat, …)
+    concats: list[tuple[gs.Node, str]] = field(default_factory=list)  # (Concat, the input it entered by)
     homogeneous: bool = True
     zero_preserving: bool = True
     frozen: str | None = None
@@ -89,14 +117,16 @@ class Space:
         """(C, D) float64: the per-channel parameters on the path (must be equal to merge)."""
         parts = [np.moveaxis(p.tensor.values, p.axis, 0).reshape(self.channels, -1).astype(np.float64)
                  for p in self.params]
+        if self.segments is not None:
+            parts.append(self.segments[:, None].astype(np.float64))
         return np.concatenate(parts, axis=1) if parts else np.zeros((self.channels, 0))
 
     def consumer_norms(self) -> np.ndarray:
         """(C,) the L2 norm of each channel's input weights over all consumers."""
         total = np.zeros(self.channels)
         for c in self.consumers:
-            w = c.layer.get_weight().astype(np.float64)
-            total += (w.reshape(w.shape[0], self.channels, -1) ** 2).sum(axis=(0, 2))
+            lo, hi, shift, _ = c.span(self.channels)
+            total[lo:hi] += (c.columns(self.channels)[:, lo + shift:hi + shift] ** 2).sum(axis=(0, 2))
         return np.sqrt(total)
 
 
@@ -117,6 +147,9 @@ def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
             continue
         space = Space(layer.out_channels)
         _flood(layer.output, space, seen, by_output, by_node, skipped_names, graph_outputs, graph_inputs, shapes)
+        for node, entered in space.concats:  # a second input of the space would be missed: not supported
+            if any(t.name in space.tensors and t.name != entered for t in node.inputs):
+                space.freeze(f"Concat '{node.name}' joins the space with itself")
         spaces.append(space)
     return spaces
 
@@ -130,6 +163,7 @@ def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, by
         if tensor.name in seen:
             continue
         seen.add(tensor.name)
+        space.tensors.add(tensor.name)
         if tensor.name in graph_outputs:
             space.freeze(f"reaches graph output '{tensor.name}'")
         if tensor.name in graph_inputs:
@@ -149,16 +183,16 @@ def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, by
                 if node.op in ("MatMul", "Gemm", "Conv", "ConvTranspose") and id(node) not in by_node:
                     space.freeze(f"produced by {node.op} '{node.name}', left alone: {skipped.get(node.name, '')}")
                 else:
-                    stack.extend(_through(node, tensor, space, by_node, skipped, shapes, backward=True))
+                    stack.extend(_through(node, tensor, space, by_node, skipped, shapes, graph_outputs, backward=True))
         for node in tensor.outputs:
             if id(node) in visited_nodes:
                 continue
             visited_nodes.add(id(node))
-            stack.extend(_through(node, tensor, space, by_node, skipped, shapes, backward=False))
+            stack.extend(_through(node, tensor, space, by_node, skipped, shapes, graph_outputs, backward=False))
 
 
 def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skipped: dict, shapes: dict,
-             backward: bool) -> list[gs.Tensor]:
+             graph_outputs: set[str], backward: bool) -> list[gs.Tensor]:
     """Register ``node`` met on ``tensor`` and return the tensors it couples into the space."""
     op = node.op
     c = space.channels
@@ -246,8 +280,130 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skip
         return _to_features(node, tensor, space, shapes)
     if op == "Shape":
         return []  # reads the shape only
+    if op in ("Concat", "Split", "Transpose") and not backward:
+        tails = _ENTRIES[op](node, tensor, space, shapes)
+        for out, span in tails:
+            _tail(out, span, space, by_node, skipped, shapes, graph_outputs)
+        return []
     space.freeze(f"passes through {op} '{node.name}'")
     return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Concat, Split, Transpose: the space continues at an offset, in segments, or on another axis
+
+
+@dataclass
+class _Span:
+    axis: int
+    lo: int
+    hi: int
+    shift: int
+    total: int
+
+
+def _axis(node: gs.Node, tensor: gs.Tensor, shapes: dict, default: int) -> int | None:
+    rank = _rank(tensor, shapes)
+    axis = node.attrs.get("axis", default)
+    return None if rank is None else axis % rank
+
+
+def _concat_entry(node, tensor, space, shapes):
+    if _axis(node, tensor, shapes, 1) != 1:
+        space.freeze(f"Concat '{node.name}' not on the channel axis")
+        return []
+    widths = [shapes.get(t.name) for t in node.inputs]
+    out_shape = shapes.get(node.outputs[0].name)
+    if any(w is None for w in widths) or out_shape is None:
+        space.freeze(f"Concat '{node.name}' with unknown input widths")
+        return []
+    offsets = np.cumsum([0] + [w[1] for w in widths])
+    space.concats.append((node, tensor.name))
+    return [(node.outputs[0], _Span(1, 0, space.channels, int(offsets[k]), int(out_shape[1])))
+            for k, t in enumerate(node.inputs) if t is tensor]
+
+
+def _split_entry(node, tensor, space, shapes):
+    if _axis(node, tensor, shapes, 0) != 1:
+        space.freeze(f"Split '{node.name}' not on the channel axis")
+        return []
+    sizes = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
+    if sizes is not None:
+        if not isinstance(sizes, gs.Constant) or len(sizes.outputs) > 1:
+            space.freeze(f"Split '{node.name}' with computed or shared sizes")
+            return []
+        values = sizes.values.reshape(-1).tolist()
+    elif "split" in node.attrs:
+        values = list(node.attrs["split"])
+    else:
+        space.freeze(f"Split '{node.name}' into equal parts (merging would unbalance them)")
+        return []
+    if space.segments is not None or sum(values) != space.channels or len(values) != len(node.outputs):
+        space.freeze(f"Split '{node.name}' of another width, or a second Split")
+        return []
+    bounds = np.cumsum([0] + values)
+    ranges = [(int(bounds[k]), int(bounds[k + 1])) for k in range(len(values))]
+    space.segments = np.repeat(np.arange(len(values)), values)
+    space.splits.append((node, sizes, ranges))
+    return [(out, _Span(1, lo, hi, -lo, hi - lo)) for out, (lo, hi) in zip(node.outputs, ranges)]
+
+
+def _transpose_entry(node, tensor, space, shapes):
+    rank = _rank(tensor, shapes)
+    if rank is None:
+        space.freeze(f"Transpose '{node.name}' of unknown rank")
+        return []
+    perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
+    return [(node.outputs[0], _Span(perm.index(1), 0, space.channels, 0, space.channels))]
+
+
+_ENTRIES = {"Concat": _concat_entry, "Split": _split_entry, "Transpose": _transpose_entry}
+ELEMENTWISE_ONLY = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize", "Upsample"}
+
+
+def _tail(start: gs.Variable, span: _Span, space: Space, by_node: dict, skipped: dict, shapes: dict,
+          graph_outputs: set[str]) -> None:
+    """Follow a space past a Concat/Split/Transpose: parameter-free elementwise ops, Transposes
+    (the channel axis moves), and the linear layers that consume it; anything else freezes."""
+    stack = [(start, span.axis)]
+    while stack and space.frozen is None:
+        tensor, axis = stack.pop()
+        if tensor.name in graph_outputs:
+            space.freeze(f"reaches graph output '{tensor.name}'")
+            return
+        rank = _rank(tensor, shapes)
+        for node in tensor.outputs:
+            op = node.op
+            layer = by_node.get(id(node))
+            if op in ("Conv", "Gemm", "MatMul") and layer is not None and layer.node.inputs[0] is tensor \
+                    and layer.group == 1 and layer.get_weight().shape[1] == span.total and rank is not None \
+                    and axis == (1 if op == "Conv" else rank - 1) and not layer.node.attrs.get("transA", 0) \
+                    and not _is_depthwise(layer):
+                space.consumers.append(Consumer(layer, 1, span.lo, span.hi, span.shift, span.total, axis))
+            elif op == "Transpose" and rank is not None:
+                perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
+                stack.append((node.outputs[0], perm.index(axis)))
+            elif op in UNARY and (axis == 1 or op not in ELEMENTWISE_ONLY) and \
+                    (op != "PRelu" or (isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.size == 1)) \
+                    and (op not in ("Resize", "Upsample") or _resize_keeps_channels(node)):
+                homogeneous, zero = UNARY[op]
+                if op == "Clip":
+                    lo, hi = _clip_bounds(node)
+                    zero = lo <= 0 <= hi
+                space.homogeneous &= homogeneous
+                space.zero_preserving &= bool(zero)
+                stack.append((node.outputs[0], axis))
+            elif op in ("Mul", "Add", "Sub", "Div") and any(
+                    isinstance(t, gs.Constant) and t.values.size == 1 for t in node.inputs) and tensor in node.inputs:
+                const = next(t for t in node.inputs if isinstance(t, gs.Constant))
+                if op in ("Add", "Sub") or (op == "Div" and node.inputs[1] is not const):
+                    space.homogeneous &= not np.any(const.values) and op != "Div"
+                    space.zero_preserving &= not np.any(const.values)
+                stack.append((node.outputs[0], axis))
+            elif op != "Shape":
+                why = f": {skipped[node.name]}" if node.name in skipped else ""
+                space.freeze(f"past a Concat/Split/Transpose, reaches {op} '{node.name}'{why}")
+                return
 
 
 def _is_depthwise(layer: Layer) -> bool:

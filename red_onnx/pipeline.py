@@ -53,6 +53,10 @@ def resolve_passes(passes: Iterable[str] | str | None) -> list[str]:
     return [p for p in PLANNED if p in names]
 
 
+def _not_utf8(err: UnicodeDecodeError) -> InputError:
+    return InputError(f"the model holds text that is not valid UTF-8 (a name or doc string: {err.reason})")
+
+
 def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
              passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = 8, allocation: int = 16,
              input_shapes: dict[str, tuple[int, ...]] | None = None, probe_inputs: dict[str, np.ndarray] | None = None,
@@ -135,6 +139,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
                 result = module.run(ctx)
             except (InputError, VerificationError):
                 raise
+            except UnicodeDecodeError as err:  # a pass that exports the graph meets a broken name
+                raise _not_utf8(err) from None
             except Exception as err:
                 raise RuntimeError(f"pass '{name}' failed: {err}") from err
             if name == fold.NAME and moved:
@@ -145,8 +151,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
         try:
             model_out = model_io.to_model(ctx.graph, original)
         except UnicodeDecodeError as err:
-            raise InputError(f"the model holds text that is not valid UTF-8 (a name or doc string: {err.reason})") \
-                from None
+            raise _not_utf8(err) from None
         if model_io.proto_size(model_out) < model_io.TWO_GB:  # over 2 GB the checker cannot serialize it
             try:
                 onnx.checker.check_model(model_out, full_check=False)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from graphs import (G, assert_same, check_exact, inits, left_alone_reasons, merge0, merge_counts, node,
+from graphs import (G, assert_same, attr, check_exact, inits, left_alone_reasons, merge0, merge_counts, node,
                     plant, rand_layer, removed, view_weight)
 from red_onnx.coupling import channel_spaces
 from red_onnx.layers import input_specs, tensor_shapes
@@ -147,7 +147,7 @@ def test_shape_op_does_not_freeze():
 
 
 @pytest.mark.parametrize("case, reason", [
-    ("concat", "Concat"), ("split", "Split"), ("transpose", "Transpose"), ("grouped", "grouped"),
+    ("concat_self", "Concat"), ("split", "Split"), ("transpose_then_pool", "Transpose"), ("grouped", "grouped"),
     ("softmax", "Softmax"), ("mulconst_bad_shape", "Mul"), ("reduce_channels", "ReduceMean"),
     ("output", "graph output")])
 def test_frozen_reasons(case, reason):
@@ -156,14 +156,17 @@ def test_frozen_reasons(case, reason):
     x = g.input("x", ["N", 3, 8, 8])
     h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
     cin = 8
-    if case == "concat":
-        h = g.node("Concat", [h, x], axis=1)
-        cin = 11
-    elif case == "split":
+    if case == "concat_self":
+        h = g.node("Concat", [h, g.node("Relu", [h])], axis=1)
+        cin = 16
+    elif case == "split":  # into equal parts: merging would unbalance them
         h = g.node("Split", [h], n_out=2, axis=1)[0]
         cin = 4
-    elif case == "transpose":
-        h = g.node("Transpose", [h], perm=[0, 1, 3, 2])
+    elif case == "transpose_then_pool":  # a pool over the wrong axes once the channels moved
+        h = g.node("Transpose", [g.node("Transpose", [h], perm=[0, 2, 1, 3])], perm=[0, 2, 1, 3])
+        h = g.node("MaxPool", [g.node("Transpose", [h], perm=[0, 2, 3, 1])], kernel_shape=[2, 2])
+        h = g.node("Transpose", [h], perm=[0, 3, 1, 2])
+        cin = 7
     elif case == "softmax":
         h = g.node("Softmax", [h], axis=1)
     elif case == "mulconst_bad_shape":
@@ -172,7 +175,9 @@ def test_frozen_reasons(case, reason):
         h = g.node("Mul", [h, g.node("ReduceMean", [h], axes=[1], keepdims=1)])
     elif case == "output":
         g.output(h)
-    if case == "grouped":
+    if case == "transpose_then_pool":
+        g.output(g.conv(h, *rand_layer(rng, 4, cin, 1), name="conv2"))
+    elif case == "grouped":
         g.output(g.conv(h, *rand_layer(rng, 4, 4, 3), name="conv2", group=2))
     else:
         g.output(g.conv(h, *rand_layer(rng, 4, cin, 3), name="conv2"))
@@ -407,3 +412,84 @@ def test_resize_with_scales_keeps_space():
     def path(g, h):
         return g.node("Resize", [g.node("Relu", [h]), "", g.const([1, 1, 2, 2])], mode="nearest")
     check_exact(model_of(path, plan=MULT), {"conv1": 1})
+
+
+# --------------------------------------------------------------------------------------------- #
+# Concat, Split, Transpose: offsets, segments, a moved channel axis
+
+
+def test_concat_offsets_merge_in_every_input():
+    """Two planted producers concatenated on the channel axis (with the input between them): each
+    merges at its own offset of the consumer's input channels."""
+    rng = np.random.default_rng(21)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="convA")])
+    b = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 6, 3, 3), [(4, 0, 1.0), (5, 2, 1.0)]), name="convB")])
+    h = g.node("MaxPool", [g.node("Concat", [a, x, b], axis=1)], kernel_shape=[2, 2])
+    g.output(g.conv(h, *rand_layer(rng, 4, 17, 3), name="conv2"))
+    model = g.model()
+    s = spaces(model)
+    assert s["convA"].frozen is None and s["convB"].frozen is None
+    assert [(c.layer.name, c.shift, c.total) for c in s["convB"].consumers] == [("conv2", 11, 17)]
+    check_exact(model, {"convA": 1, "convB": 2})
+
+
+def test_concat_to_graph_output_freezes():
+    rng = np.random.default_rng(22)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Concat", [g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")]), x], axis=1)
+    g.output(h)
+    g.output(g.conv(h, *rand_layer(rng, 4, 11, 3), name="conv2"))
+    model = g.model()
+    assert "graph output" in spaces(model)["conv1"].frozen
+    check_exact(model, {})
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("plan, expected", [([(6, 4, 1.0)], {"conv1": 1}), ([(5, 1, 1.0)], {})])
+def test_split_segments(opset, plan, expected):
+    """Split [3, 5]: a duplicate inside one segment merges and the sizes follow; one across the
+    segments does not."""
+    rng = np.random.default_rng(23)
+    g = G(opset=opset)
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name="conv1")])
+    if opset >= 13:
+        parts = g.node("Split", [h, g.const(np.array([3, 5]), "sizes", dtype=np.int64)], n_out=2, axis=1)
+    else:
+        parts = g.node("Split", [h], name="split", n_out=2, axis=1, split=[3, 5])
+    g.output(g.conv(parts[0], *rand_layer(rng, 4, 3, 3), name="convP"))
+    g.output(g.conv(g.node("Relu", [parts[1]]), *rand_layer(rng, 4, 5, 1), name="convQ"))
+    model = g.model()
+    assert spaces(model)["conv1"].frozen is None
+    result, _ = check_exact(model, expected)
+    sizes = inits(result)["sizes"].tolist() if opset >= 13 else list(attr(node(result, "split"), "split"))
+    assert sizes == ([3, 4] if expected else [3, 5])
+
+
+def test_transpose_to_matmul_on_the_last_axis():
+    """NCHW → NHWC → MatMul over channels: the MatMul's weight rows are the consumer's columns."""
+    rng = np.random.default_rng(24)
+    g = G()
+    x = g.input("x", ["N", 3, 6, 6])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), MULT), name="conv1")])
+    t = g.node("Sigmoid", [g.node("Transpose", [h], perm=[0, 2, 3, 1])])
+    g.output(g.matmul(t, rng.standard_normal((5, 8)).astype(np.float32), name="mm"))
+    model = g.model()
+    space = spaces(model)["conv1"]
+    assert space.frozen is None and not space.homogeneous  # the Sigmoid: duplicates only
+    assert [(c.layer.name, c.axis) for c in space.consumers] == [("mm", 3)]
+    check_exact(model, {})
+    check_exact(model_transpose_dup(), {"conv1": 1})
+
+
+def model_transpose_dup():
+    rng = np.random.default_rng(25)
+    g = G()
+    x = g.input("x", ["N", 3, 6, 6])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), MULT), name="conv1")])
+    t = g.node("Transpose", [g.node("Transpose", [h], perm=[0, 1, 3, 2])], perm=[0, 2, 3, 1])
+    g.output(g.matmul(t, rng.standard_normal((5, 8)).astype(np.float32), name="mm"))
+    return g.model()

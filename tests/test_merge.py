@@ -528,3 +528,67 @@ def test_digits_tolerance_within_budget_on_fresh_probes(name):
     # the batched model computes the same as per sample (dynamic batch survives)
     yb1 = np.concatenate([b.run(None, {"input": x[k:k + 1]})[0] for k in range(3)])
     np.testing.assert_allclose(yb[:3], yb1, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- #
+# random Concat / Split graphs (hypothesis): merges at offsets and inside segments only
+
+
+def _expected_removed(plan, c: int, segments: np.ndarray) -> int:
+    """Channels an exact merge removes: per segment, all dead ones and all but one per direction."""
+    cls = np.arange(c)
+    dead = np.zeros(c, bool)
+    for j, root, s in plan:
+        if s == 0.0:
+            dead[j] = True
+        else:
+            cls[j] = root
+    removed = int(dead.sum())
+    for seg in np.unique(segments):
+        live = np.flatnonzero((segments == seg) & ~dead)
+        removed += len(live) - len(np.unique(cls[live]))
+    return removed
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["concat", "split"]), st.sampled_from(["Relu", "LeakyRelu", "MaxPool"]),
+       st.integers(3, 7), st.integers(3, 7), st.booleans())
+def test_random_concat_split_graphs(seed, kind, act, ca, cb, with_input):
+    rng = np.random.default_rng(seed)
+    g = G(seed)
+    x = g.input("x", ["N", 3, 8, 8])
+    plans = [random_plan(rng, ca, int(rng.integers(0, ca))), random_plan(rng, cb, int(rng.integers(0, cb)))]
+    expected = {}
+    if kind == "concat":
+        branches = []
+        for name, c, plan in (("A", ca, plans[0]), ("B", cb, plans[1])):
+            branches.append(g.act(g.conv(x, *plant(*rand_layer(rng, c, 3, 3), plan), name=name), act))
+            if _expected_removed(plan, c, np.zeros(c)):
+                expected[name] = _expected_removed(plan, c, np.zeros(c))
+        inputs = branches + ([g.act(x, act)] if with_input else [])
+        order = [int(i) for i in rng.permutation(len(inputs))]
+        h = g.node("Concat", [inputs[i] for i in order], axis=1)
+        g.output(g.conv(g.node("Relu", [h]), *rand_layer(rng, 4, ca + cb + 3 * with_input, 3), name="head"))
+    else:
+        c = ca + cb
+        plan = random_plan(rng, c, int(rng.integers(0, c)))
+        h = g.act(g.conv(x, *plant(*rand_layer(rng, c, 3, 3), plan), name="P"), act)
+        parts = g.node("Split", [h, g.const(np.array([ca, cb]), dtype=np.int64)], n_out=2, axis=1)
+        g.output(g.conv(parts[0], *rand_layer(rng, 4, ca, 3), name="headA"))
+        g.output(g.conv(g.node("Relu", [parts[1]]), *rand_layer(rng, 4, cb, 1), name="headB"))
+        n = _expected_removed(plan, c, np.repeat([0, 1], [ca, cb]))
+        expected = {"P": n} if n else {}
+    check_exact(g.model(), expected)
+
+
+def test_split_segment_of_dead_channels_keeps_one():
+    rng = np.random.default_rng(31)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    w, b = rand_layer(rng, 6, 3, 3)
+    w[:2], b[:2] = 0.0, 0.0  # segment 0 carries only zeros through the ReLU
+    parts = g.node("Split", [g.node("Relu", [g.conv(x, w, b, name="P")]), g.const(np.array([2, 4]), dtype=np.int64)],
+                   n_out=2, axis=1)
+    g.output(g.conv(parts[0], *rand_layer(rng, 4, 2, 3), name="headA"))
+    g.output(g.conv(parts[1], *rand_layer(rng, 4, 4, 3), name="headB"))
+    check_exact(g.model(), {"P": 1})

@@ -25,6 +25,7 @@ import numpy as np
 from ..budget import Candidate
 from ..context import Context, PassResult
 from ..coupling import Space, channel_spaces
+from ..layers import tensor_shapes
 from ..model_io import to_model
 
 NAME = "merge"
@@ -39,23 +40,38 @@ def run(ctx: Context) -> PassResult:
         spent = _spend(ctx)
         counts["near_merges_accepted"] = len(spent.accepted)
         counts["deviation_allocated"] = round(spent.deviation_after, 6)
-    rows = []
-    for space in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude):
-        if space.frozen:
-            rows.append({"name": space.name, "channels": space.channels, "left_alone": space.frozen})
-            continue
-        root, scale, dead = exact_plan(space)
-        merged = int(np.sum(root != np.arange(space.channels)))
-        if merged or dead.any():
-            rows.append({"name": space.name, "channels": space.channels,
-                         "channels_after": space.channels - merged - int(dead.sum()),
-                         "merged": merged, "dead": int(dead.sum())})
-            apply_merges(space, root, scale, dead)
-            counts["channels_merged"] += merged
-            counts["dead_removed"] += int(dead.sum())
+    _refresh_shapes(ctx)  # channel counts change as layers merge; Concat offsets need the current ones
+    rows, done = [], set()
+    while True:  # a merge before a Concat moves the offsets of the spaces after it: look again
+        for space in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude):
+            if space.name in done:
+                continue
+            done.add(space.name)
+            if space.frozen:
+                rows.append({"name": space.name, "channels": space.channels, "left_alone": space.frozen})
+                continue
+            root, scale, dead = exact_plan(space)
+            merged = int(np.sum(root != np.arange(space.channels)))
+            if merged or dead.any():
+                rows.append({"name": space.name, "channels": space.channels,
+                             "channels_after": space.channels - merged - int(dead.sum()),
+                             "merged": merged, "dead": int(dead.sum())})
+                apply_merges(space, root, scale, dead)
+                counts["channels_merged"] += merged
+                counts["dead_removed"] += int(dead.sum())
+                if space.concats:
+                    _refresh_shapes(ctx)
+                    break
+        else:
+            break
     counts["spaces_frozen"] = sum(1 for r in rows if "left_alone" in r)
     modified = bool(counts["channels_merged"] or counts["dead_removed"])
     return PassResult(NAME, modified, dict(counts), rows, time.perf_counter() - start)
+
+
+def _refresh_shapes(ctx: Context) -> None:
+    specs = {t.name: (ctx.shapes[t.name], t.dtype) for t in ctx.graph.inputs if t.name in ctx.shapes}
+    ctx.shapes.update(tensor_shapes(to_model(ctx.graph.copy(), ctx.template), specs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +86,11 @@ def exact_plan(space: Space, rtol: float = EXACT_RTOL) -> tuple[np.ndarray, np.n
     norms = np.linalg.norm(rows, axis=1)
     dead = (norms == 0) if space.zero_preserving else np.zeros(c, bool)
     root, scale = np.arange(c), np.ones(c)
+    segments = space.segments if space.segments is not None else np.zeros(c, int)
+    for seg in np.unique(segments):  # a segment (or space) keeps a channel: no zero-width tensors
+        members = np.flatnonzero(segments == seg)
+        if dead[members].all():
+            dead[members[0]] = False
     live = np.flatnonzero(~dead & (norms > 0))
     if len(live) < 2:
         return root, scale, dead
@@ -112,11 +133,13 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
     alive = ~dead
     mixing[np.flatnonzero(alive), new_index[root[alive]]] = scale[alive]
     for consumer in space.consumers:
+        lo, hi, shift, total = consumer.span(c)
         w = consumer.layer.get_weight()
-        o = w.shape[0]
-        w3 = w.reshape(o, c, -1).astype(np.float64)
-        merged = np.einsum("ocb,ck->okb", w3, mixing, optimize=True)
-        consumer.layer.set_weight(merged.reshape((o, len(keep) * consumer.block) + w.shape[2:]))
+        w3 = consumer.columns(c)
+        cols = np.flatnonzero((keep >= lo) & (keep < hi))  # kept channels of this range (merges stay in it)
+        merged = np.einsum("ocb,ck->okb", w3[:, lo + shift:hi + shift], mixing[lo:hi, cols], optimize=True)
+        w3 = np.concatenate([w3[:, :lo + shift], merged, w3[:, hi + shift:]], axis=1)
+        consumer.layer.set_weight(w3.reshape((w.shape[0], w3.shape[1] * consumer.block) + w.shape[2:]))
     for producer in space.producers:
         producer.set_weight(producer.get_weight()[keep])
         if producer.bias is not None and producer.bias.values.size == c:
@@ -125,6 +148,12 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
         param.tensor.values = np.take(param.tensor.values, keep, axis=param.axis)
     for node in space.depthwise:
         node.attrs["group"] = len(keep)
+    for node, sizes, ranges in space.splits:
+        counts = [int(np.sum((keep >= lo) & (keep < hi))) for lo, hi in ranges]
+        if sizes is not None:
+            sizes.values = np.asarray(counts, dtype=sizes.values.dtype).reshape(sizes.values.shape)
+        else:
+            node.attrs["split"] = counts
     for target, block in space.reshapes:
         values = target.values.copy()
         values[values == c * block] = len(keep) * block
@@ -179,17 +208,19 @@ def _exercised(ctx: Context, spaces: list[Space]) -> list[np.ndarray]:
     """
     from .. import verify
 
-    names = [space.consumers[0].layer.node.inputs[0].name for space in spaces]
+    names = list(dict.fromkeys(c.layer.node.inputs[0].name for space in spaces for c in space.consumers))
     model = to_model(ctx.graph.copy(), ctx.template)
-    sess = verify.session(model, list(dict.fromkeys(names)))
-    order = list(dict.fromkeys(names))
+    sess = verify.session(model, names)
     level = [np.zeros(space.channels) for space in spaces]
     for probe in ctx.budget.probes:
-        outputs = dict(zip(order, sess.run(None, probe)))
-        for k, (space, name) in enumerate(zip(spaces, names)):
-            x = np.abs(outputs[name].astype(np.float64))
-            x = np.moveaxis(x.reshape(x.shape[0], space.channels, -1), 1, 0).reshape(space.channels, -1)
-            level[k] += x.mean(axis=1)
+        outputs = dict(zip(names, sess.run(None, probe)))
+        for k, space in enumerate(spaces):
+            seen = np.zeros(space.channels)  # the most any consumer sees of each channel
+            for consumer in space.consumers:
+                lo, hi, shift, total = consumer.span(space.channels)
+                x = np.moveaxis(np.abs(outputs[consumer.layer.node.inputs[0].name].astype(np.float64)), consumer.axis, 0)
+                seen[lo:hi] = np.maximum(seen[lo:hi], x.reshape(total, -1)[lo + shift:hi + shift].mean(axis=1))
+            level[k] += seen
     return [lv > EXERCISED * max(float(np.median(lv)), 1e-30) for lv in level]
 
 
@@ -241,7 +272,7 @@ def _channel_saving(space: Space, shapes: dict) -> tuple[int, int, int]:
         nbytes += row * w.dtype.itemsize
     for consumer in space.consumers:
         w = consumer.layer.get_weight()
-        col = w.shape[0] * int(np.prod(w.shape[1:])) // space.channels
+        col = w.shape[0] * int(np.prod(w.shape[1:])) // consumer.span(space.channels)[3]
         out_shape = shapes.get(consumer.layer.node.outputs[0].name)
         spatial = int(np.prod(out_shape[2:])) if out_shape and consumer.layer.op == "Conv" else 1
         macs += spatial * col
