@@ -40,7 +40,7 @@ def run(ctx: Context) -> PassResult:
         spent = _spend(ctx)
         counts["near_merges_accepted"] = len(spent.accepted)
         counts["deviation_allocated"] = round(spent.deviation_after, 6)
-    _refresh_shapes(ctx)  # channel counts change as layers merge; Concat offsets need the current ones
+    _refresh_shapes(ctx)
     rows, done = [], set()
     while True:  # a merge before a Concat moves the offsets of the spaces after it: look again
         for space in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude):
@@ -70,6 +70,9 @@ def run(ctx: Context) -> PassResult:
 
 
 def _refresh_shapes(ctx: Context) -> None:
+    """Current tensor shapes (channel counts change as layers merge); only Concat offsets need them."""
+    if not any(node.op == "Concat" for node in ctx.graph.nodes):
+        return
     specs = {t.name: (ctx.shapes[t.name], t.dtype) for t in ctx.graph.inputs if t.name in ctx.shapes}
     ctx.shapes.update(tensor_shapes(to_model(ctx.graph.copy(), ctx.template), specs))
 
