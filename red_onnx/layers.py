@@ -290,9 +290,9 @@ def input_specs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | 
 
 def tensor_shapes(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...], np.dtype]]
                   ) -> dict[str, tuple[int, ...]]:
-    """Static shapes of the model's tensors at the given input shapes (onnx shape inference)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
+    """Static shapes of the model's tensors at the given input shapes (onnx shape inference, on a
+    copy whose large initializers keep their type and dims but not their data)."""
+    fixed = weightless(model)
     for inp in fixed.graph.input:
         if inp.name in specs:
             shape = specs[inp.name][0]
@@ -312,6 +312,20 @@ def tensor_shapes(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...]
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
+
+
+def weightless(model: onnx.ModelProto, keep: int = 1024) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers over ``keep`` elements have dims and type but no data
+    (enough for shape inference; small ones such as shape vectors keep their values)."""
+    from .model_io import without_initializers
+
+    out = without_initializers(model)
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) <= keep:
+            out.graph.initializer.add().CopyFrom(init)
+        else:
+            out.graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type)
+    return out
 
 
 def _np_dtype(data_type: int):

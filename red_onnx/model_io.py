@@ -41,11 +41,33 @@ def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise InputError(f"{path}: not a readable ONNX model ({_short(err)})") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{where}: not an ONNX model (empty graph)")
-    try:  # over 2 GB protobuf cannot serialize the model in memory: the checker reads the file
-        onnx.checker.check_model(model if proto_size(model) < TWO_GB or where == "model" else where, full_check=False)
+    bad = _invalid_text(model)
+    if bad is not None:
+        raise InputError(f"{where}: the model holds text that is not valid UTF-8 ({bad!r})")
+    try:  # a file is checked from disk: serializing the loaded model would cost two more copies
+        onnx.checker.check_model(where if where != "model" else model, full_check=False)
     except Exception as err:
         raise InputError(f"{where}: invalid ONNX model: {_short(err)}") from None
     return model
+
+
+def _invalid_text(message) -> bytes | None:
+    """The first string field (a name, a doc string) that is not valid UTF-8: protobuf returns those
+    as bytes. Tensor data fields are bytes by type and are not looked at."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    for field, value in message.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == F.LABEL_REPEATED
+        if field.type == F.TYPE_STRING:
+            for text in (value if repeated else [value]):
+                if isinstance(text, bytes):
+                    return text
+        elif field.type == F.TYPE_MESSAGE:
+            for item in (value if repeated else [value]):
+                bad = _invalid_text(item)
+                if bad is not None:
+                    return bad
+    return None
 
 
 def _short(err: Exception) -> str:
@@ -99,11 +121,51 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 
 def proto_size(model: onnx.ModelProto) -> int:
-    """The protobuf's size; above 2 GB (where protobuf refuses to measure) the initializers' bytes."""
-    try:
-        return model.ByteSize()
-    except Exception:
-        return sum(len(t.raw_data) or int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+    """The protobuf's serialized size, computed tensor by tensor (``model.ByteSize()`` serializes
+    the whole model, a copy as large as the model, and refuses above 2 GB)."""
+    skeleton = without_initializers(model)
+    inits = sum(1 + _varint_len(n) + n for n in (t.ByteSize() for t in model.graph.initializer))
+    if not model.HasField("graph"):
+        return skeleton.ByteSize()
+    graph_before = skeleton.graph.ByteSize()
+    return skeleton.ByteSize() + inits + _varint_len(graph_before + inits) - _varint_len(graph_before)
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its main graph's initializers (everything else kept)."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    if model.HasField("graph"):
+        _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    return skeleton
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model`` on a copy whose large initializers hold one element: the checker
+    then validates the graph (schemas, names, order) without a serialized copy of every weight,
+    at any model size."""
+    light = without_initializers(model)
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) > 1024 and init.data_location != onnx.TensorProto.EXTERNAL:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            light.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, dtype), init.name))
+        else:
+            light.graph.initializer.add().CopyFrom(init)
+    onnx.checker.check_model(light, full_check=False)
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.type == field.TYPE_MESSAGE or hasattr(value, "extend"):  # a message or a repeated field
+            getattr(dst, field.name).MergeFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (int(n).bit_length() + 6) // 7)
 
 
 def fits_in_protobuf(model: onnx.ModelProto) -> bool:

@@ -17,7 +17,7 @@ from . import model_io, verify
 from .budget import Budget, make_probes
 from .context import Context, PassResult
 from .errors import InputError, VerificationError
-from .layers import QUANTIZED_OPS, analyze, find_layers, input_specs, tensor_shapes
+from .layers import QUANTIZED_OPS, analyze, find_layers, input_specs, tensor_shapes, weightless
 from .passes import AVAILABLE, PLANNED, fold
 from .passes import hash as hash_pass
 from .passes.hash import INDEX_TYPES
@@ -121,6 +121,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
     moved = fold.constants_to_initializers(canonical)
     _check_weights(canonical)
     shapes = tensor_shapes(original, specs)
+    # from here on the input's weights live in `canonical` only (same function): `original` keeps
+    # what to_model restores (opset, inputs, metadata, initializer names), not a second copy of them
+    original = weightless(original, keep=0)
 
     def build(margin: float, keep_dense: frozenset[str] = frozenset()
               ) -> tuple[onnx.ModelProto, list[PassResult], Context]:
@@ -152,11 +155,10 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
             model_out = model_io.to_model(ctx.graph, original)
         except UnicodeDecodeError as err:
             raise _not_utf8(err) from None
-        if model_io.proto_size(model_out) < model_io.TWO_GB:  # over 2 GB the checker cannot serialize it
-            try:
-                onnx.checker.check_model(model_out, full_check=False)
-            except Exception as err:
-                raise RuntimeError(f"the rewritten model fails onnx.checker: {err}") from err
+        try:
+            model_io.check_structure(model_out)
+        except Exception as err:
+            raise RuntimeError(f"the rewritten model fails onnx.checker: {err}") from err
         return model_out, results, ctx
 
     def build_verified(keep_dense: frozenset[str] = frozenset()):
@@ -186,7 +188,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
     keep_dense: frozenset[str] = frozenset()
     while latency_check and (separated := _separated(results)):
         log("timing the result against the input (latency guard)")
-        t_in, t_out, ratio = verify.latency_ratio(original, result_model, probes.verification[0])
+        t_in, t_out, ratio = verify.latency_ratio(canonical, result_model, probes.verification[0])
         undone = report.latency.get("separations_undone", 0)
         report.latency = {"input_ms": round(t_in * 1e3, 4), "result_ms": round(t_out * 1e3, 4),
                           "ratio": round(ratio, 4), "separations_undone": undone}

@@ -12,8 +12,6 @@ maximum over outputs and samples.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 
 import numpy as np
@@ -22,7 +20,7 @@ import onnxruntime as ort
 
 from .errors import InputError
 from .layers import LINEAR_OPS
-from .model_io import TWO_GB, proto_size
+from .model_io import without_initializers
 
 SQUASHING_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
 
@@ -54,20 +52,45 @@ def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: 
 
     ``outputs`` names the tensors to return (graph outputs or intermediate tensors).
     """
+    light, arrays = _split_weights(model)
     if outputs is not None and outputs != [o.name for o in model.graph.output]:
-        model = _with_outputs(model, outputs)
+        light = _with_outputs(light, outputs)
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors are reported by red_onnx, in one line
-    if proto_size(model) < TWO_GB:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory() as tmp:  # over 2 GB: protobuf cannot serialize it in one piece
-        path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if not optimize:  # prepacked weight copies would double the memory of a verification session
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+    options.add_external_initializers(list(arrays), values)
+    sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess._red_onnx_weights = (arrays, values)  # onnxruntime reads these buffers in place: keep them alive
+    return sess
+
+
+#: Initializers with more elements reach onnxruntime as arrays, read in place, not as protobuf bytes.
+IN_PLACE_MIN = 1024
+
+
+def _split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model with its large initializers as external placeholders, and those initializers as
+    arrays: serializing the whole model would cost a copy of every weight (and fail over 2 GB)."""
+    light = without_initializers(model)
+    arrays = {}
+    for init in model.graph.initializer:
+        array = None
+        if int(np.prod(init.dims)) > IN_PLACE_MIN and init.data_location != onnx.TensorProto.EXTERNAL:
+            array = onnx.numpy_helper.to_array(init)
+        if array is None or array.dtype.kind not in "fiub":
+            light.graph.initializer.add().CopyFrom(init)
+            continue
+        placeholder = light.graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type,
+                                                  data_location=onnx.TensorProto.EXTERNAL)
+        placeholder.external_data.add(key="location", value="in-memory")
+        arrays[init.name] = np.ascontiguousarray(array)
+    return light, arrays
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
