@@ -536,3 +536,28 @@ def test_property_planted_exact(seed, group, og, ig, nd, kmax, zero_row_p, strid
     assert p.macs_per_pixel_after == (
         p.depthwise_channels * np.prod(kshape)
         + og * group * p.depthwise_channels // p.pointwise_group)
+
+
+# --------------------------------------------------------------------------- #
+# latency guard (pipeline)
+# --------------------------------------------------------------------------- #
+def test_latency_guard_undoes_separations(monkeypatch):
+    """Where onnxruntime runs the result slower, every separation is undone and the report says so;
+    with the guard off the same conv is separated."""
+    import red_onnx
+    from red_onnx import verify
+
+    rng = np.random.default_rng(40)
+    w, _ = planted_weight(rng, 32, 8, (3, 3), d=2)
+    model = make_conv_model((1, 8, 16, 16), w, None, pads=[1, 1, 1, 1])
+    _, off = red_onnx.compress(model, tolerance=0, passes=["separate"], latency_check=False)
+    assert off.macs_after < 0.5 * off.macs_before and not off.latency
+
+    monkeypatch.setattr(verify, "latency_ratio", lambda a, b, feeds: (1e-3, 2e-3, 2.0))
+    result, rep = red_onnx.compress(model, tolerance=0, passes=["separate"])
+    assert rep.macs_after == rep.macs_before and rep.verified
+    assert [n.op_type for n in result.graph.node] == ["Conv"]
+    assert rep.latency["separations_undone"] == 1 and rep.latency["ratio"] == 2.0
+    assert any("latency guard" in note for note in rep.notes)
+    row = next(r for r in rep.layers if r["name"] == "conv0")
+    assert "latency guard" in row["separate"]["kept_dense"]
