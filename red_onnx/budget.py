@@ -142,9 +142,12 @@ class Budget:
         self.patience = patience
         self.history: list[Spent] = []
 
-    def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize) -> Spent:
+    def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize,
+              arrays: dict[str, np.ndarray] | None = None) -> Spent:
         """Choose among ``candidates`` for ``model`` (an onnx.ModelProto whose initializers the
-        materialized edits replace, by name). Returns what was accepted."""
+        materialized edits replace, by name; with ``arrays``, a light model from
+        :func:`red_onnx.model_io.to_light_model` and its weights). Returns what was accepted."""
+        arrays = arrays or {}
         from . import verify
 
         accepted: dict[str, Candidate] = {}
@@ -153,7 +156,7 @@ class Budget:
         for c in top.values():
             editable |= set(c.tensors or materialize([c]))
         editable = sorted(editable)
-        sess, base, names = self._session(model, editable)
+        sess, base, names = self._session(model, editable, arrays)
         run = _probe_runner(sess, self.probes, base)
         evaluations = 0
 
@@ -205,7 +208,7 @@ class Budget:
         index = [self.reference_names.index(n) for n in names]
         return [[sample[i] for i in index] for sample in self.reference]
 
-    def _session(self, model: Any, editable: list[str]):
+    def _session(self, model: Any, editable: list[str], arrays: dict[str, np.ndarray]):
         """One session for all evaluations: the editable initializers become graph inputs."""
         import onnx
 
@@ -217,7 +220,7 @@ class Budget:
         base = {}
         for name in editable:
             tensor = inits.pop(name)
-            base[name] = onnx.numpy_helper.to_array(tensor)
+            base[name] = arrays[name] if name in arrays else onnx.numpy_helper.to_array(tensor)
             copy.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
         kept = [t for t in copy.graph.initializer if t.name in inits]
         del copy.graph.initializer[:]
@@ -225,7 +228,7 @@ class Budget:
         produced = {o for n in copy.graph.node for o in n.output}
         names = [m if m in produced else o for m, o in zip(self.measured, self.graph_outputs)]
         # the reference holds the measured tensors; an output whose logits vanished is compared as is
-        return verify.session(copy, names), base, names
+        return verify.session(copy, names, arrays={k: v for k, v in arrays.items() if k in inits}), base, names
 
 
 def _probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]

@@ -80,6 +80,42 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+#: Initializers with more elements reach onnxruntime sessions as arrays, read in place.
+IN_PLACE_MIN = 1024
+IN_MEMORY = "in-memory"  # the external-data location of a placeholder whose array is passed alongside
+
+
+def placeholder(tensor: onnx.TensorProto, dims) -> None:
+    """Turn ``tensor`` into an external-data placeholder (dims and type, no data) for a session
+    that receives its array separately (onnxruntime's external initializers)."""
+    tensor.ClearField("raw_data")
+    del tensor.dims[:]
+    tensor.dims.extend(int(d) for d in dims)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    tensor.external_data.add(key="location", value=IN_MEMORY)
+
+
+def to_light_model(graph: gs.Graph, template: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """:func:`to_model` without copying the large weights: the model holds placeholders, and the
+    arrays (the graph's own, not copies) come back beside it for :func:`red_onnx.verify.session`."""
+    big = {t.name: t for t in graph.tensors().values()
+           if isinstance(t, gs.Constant) and t.shape is not None and int(np.prod(t.shape)) > IN_PLACE_MIN
+           and t.values.dtype.kind in "fiub"}
+    arrays = {name: t.values for name, t in big.items()}
+    for name, t in big.items():
+        t.values = np.zeros(0, arrays[name].dtype)
+    try:
+        model = to_model(graph, template)
+    finally:
+        for name, t in big.items():
+            t.values = arrays[name]
+    for init in model.graph.initializer:
+        if init.name in arrays:
+            placeholder(init, arrays[init.name].shape)
+    return model, {init.name: arrays[init.name] for init in model.graph.initializer if init.name in arrays}
+
+
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph, restoring every model-level field of ``template`` that the export drops.
 

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from . import model_io, verify
 from .budget import Budget, make_probes
@@ -171,7 +172,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
             log("verifying on fresh probes")
             try:
                 dev, per_output = _verify(model_out, measured, graph_outputs, ref_names, reference,
-                                          probes.verification)
+                                          probes.verification, _graph_arrays(ctx.graph))
             except Exception as err:  # a rewritten model onnxruntime cannot run: a bug, never written
                 dev, per_output = float("inf"), [float("inf")] * len(graph_outputs)
                 report.notes.append(f"onnxruntime could not run the result ({str(err).splitlines()[0][:200]})")
@@ -238,12 +239,19 @@ def _separated(results: list[PassResult]) -> frozenset[str]:
                      if "depthwise_channels" in r)
 
 
+def _graph_arrays(graph) -> dict[str, np.ndarray]:
+    """The graph's large weights as they are: the verification session reads them in place."""
+    return {t.name: t.values for t in graph.tensors().values() if isinstance(t, gs.Constant)
+            and t.shape is not None and int(np.prod(t.shape)) > model_io.IN_PLACE_MIN}
+
+
 def _verify(result_model: onnx.ModelProto, measured: list[str], graph_outputs: list[str], ref_names: list[str],
-            reference: list[list[np.ndarray]], probes: list[dict]) -> tuple[float, list[float]]:
+            reference: list[list[np.ndarray]], probes: list[dict],
+            arrays: dict[str, np.ndarray] | None = None) -> tuple[float, list[float]]:
     """Deviation of the result from the input model's outputs on the verification probes."""
     produced = {o for n in result_model.graph.node for o in n.output} | {i.name for i in result_model.graph.input}
     chosen = [m if m in produced else o for m, o in zip(measured, graph_outputs)]
-    outputs = verify.run(verify.session(result_model, chosen), probes)
+    outputs = verify.run(verify.session(result_model, chosen, arrays=arrays), probes)
     index = [ref_names.index(c) for c in chosen]
     return verify.deviation([[sample[i] for i in index] for sample in reference], outputs)
 

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from .errors import InputError
 from .layers import LINEAR_OPS
-from .model_io import without_initializers
+from .model_io import IN_PLACE_MIN, placeholder, without_initializers
 
 SQUASHING_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
 
@@ -47,12 +47,14 @@ def _is_linear(node: onnx.NodeProto | None, producer: dict) -> bool:
 
 
 def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: bool = False,
-            threads: int = 0) -> ort.InferenceSession:
+            threads: int = 0, arrays: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """A CPU session; all graph optimizations off unless ``optimize`` (then: ORT_ENABLE_ALL).
 
-    ``outputs`` names the tensors to return (graph outputs or intermediate tensors).
+    ``outputs`` names the tensors to return (graph outputs or intermediate tensors). ``arrays``:
+    the weights of a model from :func:`red_onnx.model_io.to_light_model` (or any initializers to
+    read from these arrays instead of the model).
     """
-    light, arrays = _split_weights(model)
+    light, arrays = _split_weights(model, arrays or {})
     if outputs is not None and outputs != [o.name for o in model.graph.output]:
         light = _with_outputs(light, outputs)
     options = ort.SessionOptions()
@@ -70,25 +72,20 @@ def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: 
     return sess
 
 
-#: Initializers with more elements reach onnxruntime as arrays, read in place, not as protobuf bytes.
-IN_PLACE_MIN = 1024
-
-
-def _split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def _split_weights(model: onnx.ModelProto, given: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model with its large initializers as external placeholders, and those initializers as
-    arrays: serializing the whole model would cost a copy of every weight (and fail over 2 GB)."""
+    arrays (``given`` ones as they are): serializing the whole model would cost a copy of every
+    weight (and fail over 2 GB)."""
     light = without_initializers(model)
     arrays = {}
     for init in model.graph.initializer:
-        array = None
-        if int(np.prod(init.dims)) > IN_PLACE_MIN and init.data_location != onnx.TensorProto.EXTERNAL:
+        array = given.get(init.name)
+        if array is None and int(np.prod(init.dims)) > IN_PLACE_MIN and init.data_location != onnx.TensorProto.EXTERNAL:
             array = onnx.numpy_helper.to_array(init)
         if array is None or array.dtype.kind not in "fiub":
             light.graph.initializer.add().CopyFrom(init)
             continue
-        placeholder = light.graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type,
-                                                  data_location=onnx.TensorProto.EXTERNAL)
-        placeholder.external_data.add(key="location", value="in-memory")
+        placeholder(light.graph.initializer.add(name=init.name, data_type=init.data_type), array.shape)
         arrays[init.name] = np.ascontiguousarray(array)
     return light, arrays
 

@@ -27,7 +27,7 @@ from ..budget import Candidate
 from ..context import Context, PassResult
 from ..kde import hash_channels
 from ..layers import Layer, find_layers, unique_name
-from ..model_io import to_model
+from ..model_io import to_light_model
 
 NAME = "hash"
 #: Bandwidth factors searched (× Silverman's bandwidth of the normalised weights).
@@ -46,8 +46,9 @@ def run(ctx: Context) -> PassResult:
     if ctx.budget is not None and ctx.tolerance > 0 and INDEX_TYPES[ctx.codebook]:
         candidates, hashed = _propose(ctx)
         if candidates:
-            spent = ctx.budget.spend(to_model(ctx.graph.copy(), ctx.template), candidates,
-                                     lambda chosen: {c.data[0]: hashed[c.key] for c in chosen})
+            model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
+            spent = ctx.budget.spend(model, candidates, lambda chosen: {c.data[0]: hashed[c.key] for c in chosen},
+                                     arrays)
             tensors = ctx.graph.tensors()
             for c in spent.accepted:
                 name, factor, entries, error, scales = c.data

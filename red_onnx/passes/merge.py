@@ -26,7 +26,7 @@ from ..budget import Candidate
 from ..context import Context, PassResult
 from ..coupling import Space, channel_spaces
 from ..layers import tensor_shapes
-from ..model_io import to_model
+from ..model_io import to_light_model
 
 NAME = "merge"
 EXACT_RTOL = 1e-5  # relative distance under which two rows are equal up to float rounding
@@ -74,7 +74,7 @@ def _refresh_shapes(ctx: Context) -> None:
     if not any(node.op == "Concat" for node in ctx.graph.nodes):
         return
     specs = {t.name: (ctx.shapes[t.name], t.dtype) for t in ctx.graph.inputs if t.name in ctx.shapes}
-    ctx.shapes.update(tensor_shapes(to_model(ctx.graph.copy(), ctx.template), specs))
+    ctx.shapes.update(tensor_shapes(to_light_model(ctx.graph.copy(), ctx.template)[0], specs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +193,8 @@ def _spend(ctx: Context):
             edits.update(_cluster_edits(spaces[k], info[k], [(c.data[1], c.data[2]) for c in cands]))
         return edits
 
-    model = to_model(ctx.graph.copy(), ctx.template)
-    spent = ctx.budget.spend(model, candidates, materialize)
+    model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
+    spent = ctx.budget.spend(model, candidates, materialize, arrays)
     tensors = {t.name: t for t in ctx.graph.tensors().values() if hasattr(t, "values")}
     for name, values in materialize(spent.accepted).items():
         tensors[name].values = values
@@ -212,8 +212,8 @@ def _exercised(ctx: Context, spaces: list[Space]) -> list[np.ndarray]:
     from .. import verify
 
     names = list(dict.fromkeys(c.layer.node.inputs[0].name for space in spaces for c in space.consumers))
-    model = to_model(ctx.graph.copy(), ctx.template)
-    sess = verify.session(model, names)
+    model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
+    sess = verify.session(model, names, arrays=arrays)
     level = [np.zeros(space.channels) for space in spaces]
     for probe in ctx.budget.probes:
         outputs = dict(zip(names, sess.run(None, probe)))

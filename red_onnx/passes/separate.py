@@ -616,7 +616,7 @@ def run(ctx):
     import time
 
     from ..context import PassResult
-    from ..model_io import to_model
+    from ..model_io import to_light_model
 
     start = time.perf_counter()
     counts = {"separated": 0}
@@ -627,7 +627,8 @@ def run(ctx):
             return {c.data[0]: lowrank_weight(weights[c.data[0]], c.data[2], c.data[1]) for c in chosen}
 
         if candidates:
-            spent = ctx.budget.spend(to_model(ctx.graph.copy(), ctx.template), candidates, materialize)
+            model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
+            spent = ctx.budget.spend(model, candidates, materialize, arrays)
             tensors = ctx.graph.tensors()
             for name, values in materialize(spent.accepted).items():
                 tensors[name].values = values
