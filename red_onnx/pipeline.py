@@ -12,7 +12,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from . import model_io, verify
 from .budget import Budget, make_probes
@@ -152,44 +151,44 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
                 result.modified = True
             results.append(result)
         results += _finish(ctx, names)
-        try:
-            model_out = model_io.to_model(ctx.graph, original)
+        try:  # weights stay in the graph's arrays until the result is accepted: no second copy
+            light, arrays = model_io.to_light_model(ctx.graph, original)
         except UnicodeDecodeError as err:
             raise _not_utf8(err) from None
         try:
-            model_io.check_structure(model_out)
+            model_io.check_structure(light)
         except Exception as err:
             raise RuntimeError(f"the rewritten model fails onnx.checker: {err}") from err
-        return model_out, results, ctx
+        return light, arrays, results, ctx
 
     def build_verified(keep_dense: frozenset[str] = frozenset()):
         """Build at decreasing margins until the fresh probes agree."""
         dev, per_output, allowed = 0.0, [], 0.0
         for margin in BACKOFF if budget is not None else (0.0,):
-            model_out, results, ctx = build(margin, keep_dense)
+            light, arrays, results, ctx = build(margin, keep_dense)
             if not verify_result:
-                return model_out, results, ctx, None, [], False
+                return light, arrays, results, ctx, None, [], False
             log("verifying on fresh probes")
             try:
-                dev, per_output = _verify(model_out, measured, graph_outputs, ref_names, reference,
-                                          probes.verification, _graph_arrays(ctx.graph))
+                dev, per_output = _verify(light, measured, graph_outputs, ref_names, reference,
+                                          probes.verification, arrays)
             except Exception as err:  # a rewritten model onnxruntime cannot run: a bug, never written
                 dev, per_output = float("inf"), [float("inf")] * len(graph_outputs)
                 report.notes.append(f"onnxruntime could not run the result ({str(err).splitlines()[0][:200]})")
             allowed = tolerance if margin > 0 else max(tolerance, _rounding(original))
             if dev <= allowed:
-                return model_out, results, ctx, dev, per_output, True
+                return light, arrays, results, ctx, dev, per_output, True
             if margin > 0:
                 report.notes.append(f"lossy edits chosen at {margin:g}x the tolerance deviated {dev:.3g} on "
                                     "fresh probes; backed off")
         raise VerificationError(f"the rewritten model deviates by {dev:.3g} from the input model on fresh "
                                 f"probes (allowed {allowed:g}); nothing written. This is a bug: please report it")
 
-    result_model, results, ctx, dev, per_output, report.verified = build_verified()
+    light, arrays, results, ctx, dev, per_output, report.verified = build_verified()
     keep_dense: frozenset[str] = frozenset()
     while latency_check and (separated := _separated(results)):
         log("timing the result against the input (latency guard)")
-        t_in, t_out, ratio = verify.latency_ratio(canonical, result_model, probes.verification[0])
+        t_in, t_out, ratio = verify.latency_ratio(canonical, light, probes.verification[0], arrays_b=arrays)
         undone = report.latency.get("separations_undone", 0)
         report.latency = {"input_ms": round(t_in * 1e3, 4), "result_ms": round(t_out * 1e3, 4),
                           "ratio": round(ratio, 4), "separations_undone": undone}
@@ -199,7 +198,12 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
         report.latency["separations_undone"] = undone + len(separated)
         report.notes.append(f"latency guard: with {len(separated)} conv(s) separated the result ran {ratio:.2f}x "
                             "the input's time in onnxruntime; those separations undone")
-        result_model, results, ctx, dev, per_output, report.verified = build_verified(keep_dense)
+        light, arrays, results, ctx, dev, per_output, report.verified = build_verified(keep_dense)
+    del light, arrays
+    try:
+        result_model = model_io.to_model(ctx.graph, original)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(err) from None
     if verify_result:
         report.output_deviation = dev
         report.deviation_per_output = dict(zip(graph_outputs, per_output))
@@ -237,12 +241,6 @@ def _finish(ctx: Context, names: list[str]) -> list[PassResult]:
 def _separated(results: list[PassResult]) -> frozenset[str]:
     return frozenset(r["name"] for res in results if res.name == "separate" for r in res.layers
                      if "depthwise_channels" in r)
-
-
-def _graph_arrays(graph) -> dict[str, np.ndarray]:
-    """The graph's large weights as they are: the verification session reads them in place."""
-    return {t.name: t.values for t in graph.tensors().values() if isinstance(t, gs.Constant)
-            and t.shape is not None and int(np.prod(t.shape)) > model_io.IN_PLACE_MIN}
 
 
 def _verify(result_model: onnx.ModelProto, measured: list[str], graph_outputs: list[str], ref_names: list[str],

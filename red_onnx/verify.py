@@ -162,10 +162,12 @@ def deviation(references: list[list[np.ndarray]], results: list[list[np.ndarray]
 
 
 def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                  pairs: int = 30) -> tuple[float, float, float]:
+                  pairs: int = 30, arrays_b: dict[str, np.ndarray] | None = None) -> tuple[float, float, float]:
     """(median seconds of a, of b, median of per-pair ratios b/a): one thread, optimizations on,
-    interleaved pairs so that drifts in machine load hit both alike."""
-    sa, sb = session(model_a, optimize=True, threads=1), session(model_b, optimize=True, threads=1)
+    interleaved pairs so that drifts in machine load hit both alike. ``arrays_b``: the weights of a
+    light ``model_b`` (see :func:`session`)."""
+    sa = session(model_a, optimize=True, threads=1)
+    sb = session(model_b, optimize=True, threads=1, arrays=arrays_b)
     for s in (sa, sb):
         s.run(None, feeds)
     ta, tb = [], []
