@@ -262,10 +262,8 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
     try:
         tmp_model = tmpdir / out.name
         if external_data:
-            model = _copy(model)  # save_model moves tensors to external data in place
             data_name = out.name + ".data"
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            _save_external(model, tmp_model, tmpdir / data_name)
             _fsync(tmpdir / data_name)
             _fsync(tmp_model)
             if (tmpdir / data_name).exists():
@@ -281,10 +279,32 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
             tmpdir.rmdir()
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
+def _save_external(model: onnx.ModelProto, path: Path, data_path: Path, threshold: int = 1024) -> None:
+    """Write the initializers over ``threshold`` bytes to ``data_path`` one tensor at a time (never a
+    copy of the whole model), then the model proto that points at them to ``path``."""
+    light = without_initializers(model)
+    with open(data_path, "wb") as data:
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL or _raw_nbytes(init) <= threshold:
+                light.graph.initializer.add().CopyFrom(init)
+                continue
+            raw = init.raw_data if init.HasField("raw_data") else onnx.numpy_helper.to_array(init).tobytes()
+            offset = data.tell()
+            data.write(raw)
+            tensor = light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims,
+                                                 data_location=onnx.TensorProto.EXTERNAL, doc_string=init.doc_string)
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                tensor.external_data.add(key=key, value=value)
+    onnx.save_model(light, str(path))
+
+
+def _raw_nbytes(init: onnx.TensorProto) -> int:
+    """Bytes of a numeric tensor's data (0 for strings and unknown types: they stay inline)."""
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+    except (KeyError, ValueError, TypeError):
+        return 0
+    return int(np.prod(init.dims)) * dtype.itemsize if dtype.kind in "fiucb" else 0
 
 
 def _fsync(path: Path) -> None:
