@@ -300,7 +300,7 @@ def _bytes_section(by_model: dict, baselines: list[dict]) -> list[str]:
         hashed = next((r for r in ok if r["passes"] == "hash" and r["setting"] == 0.01), None)
         secs = next((p["seconds"] for p in (hashed or {}).get("red_onnx_report", {}).get("passes", [])
                      if p["name"] == "hash"), None)
-        speed = f"{secs:.1f} s, {b['params'] / secs / 1e6:.1f} M weights/s" if secs else ""
+        speed = f"{secs:.1f} s, {b['params'] / secs:,.0f} weights/s" if secs else ""
         cells = [f"{b['bytes']:,}"]
         cells += ([f"{best['bytes']:,}", f"{b['bytes'] / best['bytes']:.2f}", f"tol {best['setting']:g} [{best['passes']}]",
                    f"{_f(b.get('session_s'), '.3f')} → {_f(best.get('session_s'), '.3f')}"] if best else ["none", "", "", ""])
