@@ -642,3 +642,20 @@ def test_entry_targets_per_codebook_setting():
     assert hash_pass._entry_targets(1_000_000, "uint8") == [256]
     assert hash_pass._entry_targets(1_000_000, "auto") == [31_250, 256]  # codebook = 1/16 of uint16 indices
     assert hash_pass._entry_targets(4096, "auto") == [256]  # a uint16 codebook would cost too much
+
+
+def test_auto_prefers_uint8_with_channel_scales_over_uint16():
+    """40 values times a power of two per channel: over 256 distinct values in all, 40 per channel
+    scale. uint8 indices + per-channel scales fit, so auto must not fall back to uint16."""
+    rng = np.random.default_rng(12)
+    w = few_values(rng, (64, 128), pow2=True)
+    assert len(np.unique(w)) > 256
+    b = Builder(seed=12)
+    x = b.input("x", ["N", 128])
+    b.output(b.node("Gemm", [x, b.init(w, "W")], name="fc", transB=1), ["N", 64])
+    model = b.model()
+    for setting in ("uint8", "auto"):
+        result, _ = red_onnx.compress(model, tolerance=0, codebook=setting)
+        enc = encoded(result)["fc"]
+        assert enc["indices"].dtype == np.uint8 and enc["scales"] is not None, setting
+        assert_bits_equal(layer_weights(result)["fc"], w, "fc")

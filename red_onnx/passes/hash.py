@@ -197,15 +197,16 @@ def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, 
     stored = constant.values
     if stored.size < MIN_ELEMENTS or stored.dtype not in (np.float16, np.float32, np.float64):
         return None
-    limit = INDEX_TYPES[setting][-1][0]
-    scales = None
-    if len(_distinct_bits(stored)) > limit and layer is not None:
-        split = _split_scales(layer, hint, limit)
-        if split is None:
-            return None
-        stored, scales = split
-    bits = _distinct_bits(stored)
-    if len(bits) > limit:
+    bits, scales = _distinct_bits(stored), None
+    for limit, _ in INDEX_TYPES[setting]:  # the narrowest index that fits, per-channel scales if needed
+        if len(bits) <= limit:
+            break
+        split = _split_scales(layer, hint, limit) if layer is not None else None
+        if split is not None and len(_distinct_bits(split[0])) <= limit:
+            stored, scales = split
+            bits = _distinct_bits(stored)
+            break
+    else:
         return None
     codebook = bits.view(stored.dtype)
     index_type = next(t for n, t in INDEX_TYPES[setting] if len(codebook) <= n)
