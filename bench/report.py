@@ -189,6 +189,13 @@ def write_markdown(results: dict, path: Path, plot_dir: Path) -> None:
                   "shared the machine with the other run), combined with `bench.report --combine`: " +
                   "; ".join(f"{', '.join(p['models'])} ({p['wall_seconds'] / 60:.0f} min, commit {p['git_commit']})"
                             for p in results["parallel_runs"]) + ".", ""]
+    reruns = {}
+    for r in rows:
+        if r.get("rerun_commit"):
+            reruns.setdefault((r["passes"], r["rerun_commit"]), set()).add(r["model"])
+    for (passes, commit), models in reruns.items():
+        lines += [f"Rows \"{passes}\" of {', '.join(sorted(models))} were re-measured at commit {commit} "
+                  "(`python -m bench.rerun_rows`), after a fix that changes only them.", ""]
     pk = env["packages"]
     red = env["red_onnx"]
     red_state = (f"red_onnx {red.get('version')} (passes: {', '.join(red['passes']) or 'none yet: canonicalization only'})"
