@@ -12,8 +12,8 @@ both directions, through the ops the handler registry knows:
 * its **path ops** sit in between; their per-channel parameters (BN statistics, PRelu slopes,
   depthwise kernels) join each channel's identity.
 
-* a **Concat** on the channel axis places the space at an offset of its output, a **Split** on it
-  cuts the space into segments (merges stay inside one; the split sizes follow), a **Transpose**
+* a **Concat** on the channel axis places the space at an offset of its output, a **Split** or a
+  **Slice** on it cuts the space into segments (merges stay inside one; sizes and bounds follow), a **Transpose**
   moves the channel axis (to the last axis for a MatMul, say); past them the space may go through
   parameter-free elementwise ops only, to its consumers.
 
@@ -91,6 +91,7 @@ class Space:
     reshapes: list[tuple[gs.Constant, int]] = field(default_factory=list)  # (shape constant, block)
     segments: np.ndarray | None = None  # Split: segment of each channel (merges stay inside one)
     splits: list[tuple[gs.Node, Any, list[tuple[int, int]]]] = field(default_factory=list)  # (Split, sizes, ranges)
+    slices: list[tuple[gs.Constant, gs.Constant, int, int, int]] = field(default_factory=list)  # starts, ends, k, lo, hi
     tensors: set[str] = field(default_factory=set)  # names of the tensors that carry it (before any Concat, …)
     concats: list[tuple[gs.Node, str]] = field(default_factory=list)  # (Concat, the input it entered by)
     homogeneous: bool = True
@@ -280,7 +281,10 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skip
         return _to_features(node, tensor, space, shapes)
     if op == "Shape":
         return []  # reads the shape only
-    if op in ("Concat", "Split", "Transpose") and not backward:
+    if op == "Slice" and not backward and _slice_axes(node, tensor, shapes) is not None \
+            and 1 not in _slice_axes(node, tensor, shapes):
+        return [node.outputs[0]]  # a spatial crop keeps the channels
+    if op in ("Concat", "Split", "Transpose", "Slice") and not backward:
         tails = _ENTRIES[op](node, tensor, space, shapes)
         for out, span in tails:
             _tail(out, span, space, by_node, skipped, shapes, graph_outputs)
@@ -357,7 +361,40 @@ def _transpose_entry(node, tensor, space, shapes):
     return [(node.outputs[0], _Span(perm.index(1), 0, space.channels, 0, space.channels))]
 
 
-_ENTRIES = {"Concat": _concat_entry, "Split": _split_entry, "Transpose": _transpose_entry}
+def _slice_axes(node, tensor, shapes) -> list[int] | None:
+    """The axes a Slice (opset 10+, constant inputs) cuts, or None."""
+    rank = _rank(tensor, shapes)
+    inputs = [t for t in node.inputs[1:]]
+    if rank is None or len(inputs) < 2 or not all(isinstance(t, gs.Constant) for t in inputs if t.name):
+        return None
+    axes = inputs[2].values if len(inputs) > 2 and inputs[2].name else np.arange(inputs[0].values.size)
+    return [int(a) % rank for a in np.atleast_1d(axes)]
+
+
+def _slice_entry(node, tensor, space, shapes):
+    axes = _slice_axes(node, tensor, shapes)
+    if axes is None:
+        space.freeze(f"Slice '{node.name}' with computed bounds")
+        return []
+    k = axes.index(1)
+    starts, ends = node.inputs[1], node.inputs[2]
+    steps = node.inputs[4] if len(node.inputs) > 4 and node.inputs[4].name else None
+    if (steps is not None and int(np.atleast_1d(steps.values)[k]) != 1) or len(starts.outputs) > 1 \
+            or len(ends.outputs) > 1 or space.segments is not None:
+        space.freeze(f"Slice '{node.name}' with a step, shared bounds, or a second cut")
+        return []
+    c = space.channels
+    lo, hi = (int(np.clip(v + c if v < 0 else v, 0, c)) for v in
+              (int(np.atleast_1d(starts.values)[k]), int(np.atleast_1d(ends.values)[k])))
+    if hi <= lo:
+        space.freeze(f"Slice '{node.name}' selects no channel")
+        return []
+    space.segments = ((np.arange(c) >= lo) & (np.arange(c) < hi)).astype(int)
+    space.slices.append((starts, ends, k, lo, hi))
+    return [(node.outputs[0], _Span(1, lo, hi, -lo, hi - lo))]
+
+
+_ENTRIES = {"Concat": _concat_entry, "Split": _split_entry, "Transpose": _transpose_entry, "Slice": _slice_entry}
 ELEMENTWISE_ONLY = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize", "Upsample"}
 
 

@@ -493,3 +493,36 @@ def model_transpose_dup():
     t = g.node("Transpose", [g.node("Transpose", [h], perm=[0, 1, 3, 2])], perm=[0, 2, 3, 1])
     g.output(g.matmul(t, rng.standard_normal((5, 8)).astype(np.float32), name="mm"))
     return g.model()
+
+
+@pytest.mark.parametrize("plan, expected, bounds", [
+    ([(5, 3, 1.0)], {"conv1": 1}, [2, 5]),   # both inside the slice: merged, the end moves
+    ([(7, 3, 1.0)], {}, [2, 6]),             # one inside, one outside: left
+    ([(1, 0, 1.0)], {"conv1": 1}, [1, 5]),   # both before it: merged, both bounds move
+])
+def test_slice_segments(plan, expected, bounds):
+    rng = np.random.default_rng(26)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name="conv1")])
+    s = g.node("Slice", [h, g.const(np.array([2]), "starts", dtype=np.int64),
+                         g.const(np.array([6]), "ends", dtype=np.int64), g.const(np.array([1]), "axes", dtype=np.int64)])
+    g.output(g.conv(s, *rand_layer(rng, 4, 4, 3), name="conv2"))
+    g.output(g.conv(h, *rand_layer(rng, 3, 8, 1), name="conv3"))  # every channel is used somewhere
+    model = g.model()
+    assert spaces(model)["conv1"].frozen is None
+    result, _ = check_exact(model, expected)
+    assert [int(inits(result)["starts"][0]), int(inits(result)["ends"][0])] == bounds
+
+
+def test_spatial_slice_keeps_the_space():
+    rng = np.random.default_rng(27)
+    g = G()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    s = g.node("Slice", [h, g.const(np.array([1, 0]), dtype=np.int64), g.const(np.array([7, 6]), dtype=np.int64),
+                         g.const(np.array([2, -1]), dtype=np.int64)])
+    g.output(g.conv(s, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    model = g.model()
+    assert spaces(model)["conv1"].frozen is None
+    check_exact(model, {"conv1": 1})

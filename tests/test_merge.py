@@ -556,7 +556,7 @@ def _expected_removed(plan, c: int, segments: np.ndarray) -> int:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 2**31 - 1), st.sampled_from(["concat", "split"]), st.sampled_from(["Relu", "LeakyRelu", "MaxPool"]),
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["concat", "split", "slice"]), st.sampled_from(["Relu", "LeakyRelu", "MaxPool"]),
        st.integers(3, 7), st.integers(3, 7), st.booleans())
 def test_random_concat_split_graphs(seed, kind, act, ca, cb, with_input):
     rng = np.random.default_rng(seed)
@@ -574,6 +574,15 @@ def test_random_concat_split_graphs(seed, kind, act, ca, cb, with_input):
         order = [int(i) for i in rng.permutation(len(inputs))]
         h = g.node("Concat", [inputs[i] for i in order], axis=1)
         g.output(g.conv(g.node("Relu", [h]), *rand_layer(rng, 4, ca + cb + 3 * with_input, 3), name="head"))
+    elif kind == "slice":  # channels [ca, ca + cb) to one consumer, all of them to another
+        c = ca + cb
+        plan = random_plan(rng, c, int(rng.integers(0, c)))
+        h = g.act(g.conv(x, *plant(*rand_layer(rng, c, 3, 3), plan), name="P"), act)
+        bounds = [g.const(np.array([v]), dtype=np.int64) for v in (ca, c + 5 if with_input else c, 1)]
+        g.output(g.conv(g.node("Slice", [h, *bounds]), *rand_layer(rng, 4, cb, 3), name="headA"))
+        g.output(g.conv(h, *rand_layer(rng, 4, c, 1), name="headB"))
+        n = _expected_removed(plan, c, np.repeat([0, 1], [ca, cb]))
+        expected = {"P": n} if n else {}
     else:
         c = ca + cb
         plan = random_plan(rng, c, int(rng.integers(0, c)))

@@ -157,6 +157,12 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
             sizes.values = np.asarray(counts, dtype=sizes.values.dtype).reshape(sizes.values.shape)
         else:
             node.attrs["split"] = counts
+    for starts, ends, k, lo, hi in space.slices:
+        first = int(np.sum(keep < lo))
+        for const, value in ((starts, first), (ends, first + int(np.sum((keep >= lo) & (keep < hi))))):
+            values = np.atleast_1d(const.values).copy()
+            values[k] = value
+            const.values = values.reshape(const.values.shape).astype(const.values.dtype)
     for target, block in space.reshapes:
         values = target.values.copy()
         values[values == c * block] = len(keep) * block
