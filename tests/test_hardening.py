@@ -805,8 +805,10 @@ def _subprocess_env() -> dict:
 def test_interrupted_run_leaves_nothing(tmp_path, mlp40, signum):
     out = tmp_path / "out"
     out.mkdir()
+    # a shell's background job inherits SIGINT ignored, and Python keeps it so: the child gets the default
     proc = subprocess.Popen([sys.executable, "-m", "red_onnx", str(mlp40), str(out / "o.onnx"), "--tolerance", "0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_subprocess_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     started = threading.Event()
 
