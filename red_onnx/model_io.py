@@ -183,7 +183,7 @@ def check_structure(model: onnx.ModelProto) -> None:
     light = without_initializers(model)
     for init in model.graph.initializer:
         in_memory = any(e.key == "location" and e.value == IN_MEMORY for e in init.external_data)
-        if in_memory or (int(np.prod(init.dims)) > 1024 and init.data_location != onnx.TensorProto.EXTERNAL):
+        if in_memory or (_raw_nbytes(init) > 4096 and init.data_location != onnx.TensorProto.EXTERNAL):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
             light.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, dtype), init.name))
         else:
