@@ -116,6 +116,16 @@ def to_light_model(graph: gs.Graph, template: onnx.ModelProto) -> tuple[onnx.Mod
     return model, {init.name: arrays[init.name] for init in model.graph.initializer if init.name in arrays}
 
 
+def to_full_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """:func:`to_model` for a large graph: the weights are written into the exported model one
+    tensor at a time (the exporter would hold two copies of all of them at once)."""
+    model, arrays = to_light_model(graph, template)
+    for init in model.graph.initializer:
+        if init.name in arrays:
+            init.CopyFrom(onnx.numpy_helper.from_array(arrays[init.name], init.name))
+    return model
+
+
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export a graph, restoring every model-level field of ``template`` that the export drops.
 

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from . import model_io, verify
 from .budget import Budget, make_probes
@@ -200,8 +201,12 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
                             "the input's time in onnxruntime; those separations undone")
         light, arrays, results, ctx, dev, per_output, report.verified = build_verified(keep_dense)
     del light, arrays
+    for tensor in ctx.graph.tensors().values():  # the graph takes its own copy of every weight ...
+        if isinstance(tensor, gs.Constant):
+            tensor.values  # noqa: B018 (loads a lazily imported weight)
+    canonical = None  # ... so the input's copy can go before the result is exported
     try:
-        result_model = model_io.to_model(ctx.graph, original)
+        result_model = model_io.to_full_model(ctx.graph, original)
     except UnicodeDecodeError as err:
         raise _not_utf8(err) from None
     if verify_result:
