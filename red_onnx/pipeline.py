@@ -117,14 +117,18 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
                             measured, graph_outputs)
         del ref_session
 
-    canonical = onnx.ModelProto()
-    canonical.CopyFrom(original)
-    moved = fold.constants_to_initializers(canonical)
-    _check_weights(canonical)
     shapes = tensor_shapes(original, specs)
     # from here on the input's weights live in `canonical` only (same function): `original` keeps
     # what to_model restores (opset, inputs, metadata, initializer names), not a second copy of them
-    original = weightless(original, keep=0)
+    template = weightless(original, keep=0)
+    if isinstance(model, onnx.ModelProto):  # the caller's object is never modified
+        canonical = onnx.ModelProto()
+        canonical.CopyFrom(original)
+    else:  # read from a file here: ours to canonicalize in place
+        canonical = original
+    original = template
+    moved = fold.constants_to_initializers(canonical)
+    _check_weights(canonical)
 
     def build(margin: float, keep_dense: frozenset[str] = frozenset()
               ) -> tuple[onnx.ModelProto, list[PassResult], Context]:

@@ -833,7 +833,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, mlp40, signum):
     stderr = "".join(lines)
     assert proc.returncode != 0, stderr
     assert "Traceback" not in stderr, stderr
-    assert "interrupted" in stderr and "nothing written" in stderr, stderr
+    assert "interrupted" in stderr and "nothing written" in stderr, (proc.returncode, stderr)
     assert folder_entries(out) == [], f"left behind: {folder_entries(out)}"
 
 
