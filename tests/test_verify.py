@@ -232,3 +232,13 @@ def test_compress_reports_deviation_per_graph_output():
     assert list(report.deviation_per_output) == [o.name for o in model.graph.output]
     assert all(0 <= d <= 1e-5 for d in report.deviation_per_output.values())
     assert report.output_deviation == max(report.deviation_per_output.values())
+
+
+def test_latency_one_session_at_a_time_agrees():
+    """The path for models over 2 GB (each model timed alone) measures the same thing."""
+    from red_onnx import verify
+
+    model = onnx.load("models/digits_cnn.onnx")
+    feeds = {model.graph.input[0].name: np.zeros((1, 1, 8, 8), np.float32)}
+    t_a, t_b, ratio = verify.latency_ratio(model, model, feeds, pairs=20, one_at_a_time=True)
+    assert t_a > 0 and t_b > 0 and 0.5 < ratio < 2.0
