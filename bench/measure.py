@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .common import relative_deviation, session
 

@@ -63,6 +63,11 @@ def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: 
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors are reported by red_onnx, in one line
+    if sum(a.nbytes for a in arrays.values()) < IN_PLACE_BYTES:  # serialized whole, as onnxruntime expects
+        for init in light.graph.initializer:
+            if init.name in arrays:
+                init.CopyFrom(onnx.numpy_helper.from_array(arrays[init.name], init.name))
+        return ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
     if not optimize:  # prepacked weight copies would double the memory of a verification session
         options.add_session_config_entry("session.disable_prepacking", "1")
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
@@ -70,6 +75,11 @@ def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: 
     sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
     sess._red_onnx_weights = (arrays, values)  # onnxruntime reads these buffers in place: keep them alive
     return sess
+
+
+#: Weights above this many bytes reach onnxruntime as external initializers instead of inside the
+#: serialized model (which protobuf cannot hold past 2 GB, and which costs copies of every weight).
+IN_PLACE_BYTES = 2**30
 
 
 def _split_weights(model: onnx.ModelProto, given: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

@@ -672,7 +672,7 @@ def test_external_data_input_is_read(tmp_path, capsys, monkeypatch):
     model = external_model()
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
-    path = save_external(model, tmp_path / "in" / "m.onnx", "m.weights")
+    save_external(model, tmp_path / "in" / "m.onnx", "m.weights")
     data_before = (tmp_path / "in" / "m.weights").read_bytes()
     monkeypatch.chdir(tmp_path / "out")  # external data is found beside the model, not in the cwd
     rc, out, err = cli(capsys, Path("..") / "in" / "m.onnx", "o.onnx", "--report", "r.json")

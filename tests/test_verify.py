@@ -242,3 +242,18 @@ def test_latency_one_session_at_a_time_agrees():
     feeds = {model.graph.input[0].name: np.zeros((1, 1, 8, 8), np.float32)}
     t_a, t_b, ratio = verify.latency_ratio(model, model, feeds, pairs=20, one_at_a_time=True)
     assert t_a > 0 and t_b > 0 and 0.5 < ratio < 2.0
+
+
+def test_in_place_weights_path_agrees(monkeypatch):
+    """The session path of models over IN_PLACE_BYTES (weights as external initializers, read from
+    the graph's arrays) chooses and verifies exactly what the serialized path does."""
+    import red_onnx
+    from red_onnx import verify
+
+    model = onnx.load("models/digits_resnet.onnx")
+    kwargs = dict(tolerance=0.05, probe_ranges={"input": (0.0, 1.0)})
+    plain, plain_report = red_onnx.compress(model, **kwargs)
+    monkeypatch.setattr(verify, "IN_PLACE_BYTES", 0)
+    in_place, report = red_onnx.compress(model, **kwargs)
+    assert report.verified and plain_report.verified
+    assert in_place.SerializeToString() == plain.SerializeToString()
