@@ -107,6 +107,8 @@ class Candidate:
 
 
 Materialize = Callable[[list[Candidate]], dict[str, np.ndarray]]
+#: probes the measured ranking uses (of the allocation probes): ranking needs ratios, not the max
+RANKING_PROBES = 4
 
 
 @dataclass
@@ -143,10 +145,14 @@ class Budget:
         self.history: list[Spent] = []
 
     def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize,
-              arrays: dict[str, np.ndarray] | None = None) -> Spent:
+              arrays: dict[str, np.ndarray] | None = None, measured_ranking: bool = False) -> Spent:
         """Choose among ``candidates`` for ``model`` (an onnx.ModelProto whose initializers the
         materialized edits replace, by name; with ``arrays``, a light model from
-        :func:`red_onnx.model_io.to_light_model` and its weights). Returns what was accepted."""
+        :func:`red_onnx.model_io.to_light_model` and its weights). Returns what was accepted.
+
+        ``measured_ranking``: rank by measured deviations instead of the candidates' estimates
+        (see :meth:`_spend_measured`); for many slots whose estimates say little about the
+        output (hashing: weight error is a poor proxy across layers)."""
         arrays = arrays or {}
         from . import verify
 
@@ -169,6 +175,20 @@ class Budget:
         slots: dict[str, list[Candidate]] = {}
         for c in sorted(candidates, key=lambda c: c.level):
             slots.setdefault(c.slot, []).append(c)
+        if measured_ranking and before <= self.target:
+            ranking = _probe_runner(sess, self.probes[:RANKING_PROBES], base)
+            reference = self.reference_for(names)[:RANKING_PROBES]
+
+            def measure_ranking(chosen: list[Candidate]) -> float:
+                nonlocal evaluations
+                evaluations += 1
+                return verify.deviation(reference, ranking({**base, **materialize(chosen)}))[0]
+
+            accepted, current = self._spend_measured(slots, measure, measure_ranking, before,
+                                                     lambda: evaluations < self.max_evaluations)
+            spent = Spent(list(accepted.values()), before, current, evaluations)
+            self.history.append(spent)
+            return spent
         frontier = {slot: 0 for slot in slots}  # index of the next level to try
         batch, rejects, current = 8, 0, before
         while frontier and evaluations < self.max_evaluations and before <= self.target:
@@ -194,6 +214,78 @@ class Budget:
         spent = Spent(list(accepted.values()), before, current, evaluations)
         self.history.append(spent)
         return spent
+
+    def _spend_measured(self, slots: dict[str, list[Candidate]], measure: Callable, measure_ranking: Callable,
+                        before: float, left: Callable[[], bool]) -> tuple[dict[str, Candidate], float]:
+        """Rank by measurement, then search the ranked sequence.
+
+        1. Each slot's most aggressive level is measured alone (on the first ``RANKING_PROBES``
+           probes): its deviation ``d`` gives the slot's added deviation ``a = sqrt(max(d² − d₀²,
+           0))`` (``d₀``: the deviation before), and level ``i`` is estimated at
+           ``a · error_i / error_top``.
+        2. Independent edits add in quadrature, so a greedy sequence of steps (a slot to a higher
+           level) by saving per added squared deviation predicts ``sqrt(d₀² + Σ a²)`` at each step.
+        3. The longest prefix that measures under the target is found by bisection, starting at
+           the predicted one; then up to ``patience`` later steps are tried one by one.
+        """
+        before_ranking = measure_ranking([])
+        added = {}
+        for slot, levels in slots.items():
+            top = levels[-1]
+            d = measure_ranking([top])
+            a = float(np.sqrt(max(d * d - before_ranking * before_ranking, 0.0)))
+            added[slot] = [a * (c.error / top.error if top.error > 0 else 1.0) for c in levels]
+        # greedy sequence of steps (slot, level index), by marginal saving per marginal squared deviation
+        level = {slot: -1 for slot in slots}
+        steps, predicted, total = [], [], before * before
+        while True:
+            best = None
+            for slot, levels in slots.items():
+                s0 = levels[level[slot]].saving if level[slot] >= 0 else (0, 0, 0)
+                a0 = added[slot][level[slot]] if level[slot] >= 0 else 0.0
+                for i in range(level[slot] + 1, len(levels)):
+                    gain = tuple(x - y for x, y in zip(levels[i].saving, s0))
+                    if not any(g > 0 for g in gain):
+                        continue
+                    cost = max(added[slot][i] ** 2 - a0 ** 2, 1e-24)
+                    value = tuple(g / cost for g in gain)
+                    if best is None or value > best[0]:
+                        best = (value, slot, i, cost)
+            if best is None:
+                break
+            _, slot, i, cost = best
+            level[slot] = i
+            total += cost
+            steps.append((slot, i, cost))
+            predicted.append(float(np.sqrt(total)))
+
+        def state(k: int) -> dict[str, Candidate]:
+            chosen = {}
+            for slot, i, _ in steps[:k]:
+                chosen[slot] = slots[slot][i]
+            return chosen
+
+        fits = {0: before}
+        lo, hi = 0, len(steps) + 1  # the prefix of lo steps fits, the one of hi does not (n + 1: none)
+        guess = sum(1 for p in predicted if p <= self.target)
+        while hi - lo > 1 and left():
+            k = min(max(guess, lo + 1), hi - 1)
+            dev = measure(list(state(k).values()))
+            if dev <= self.target:
+                lo, fits[k] = k, dev
+            else:
+                hi = k
+            guess = (lo + hi) // 2
+        accepted, current = state(lo), fits[lo]
+        for slot, i, cost in steps[lo + 1:lo + 1 + self.patience]:  # the step at lo overshot: try the next
+            if slot in accepted and slots[slot].index(accepted[slot]) >= i or not left() \
+                    or current * current + cost > self.target * self.target:  # predicted not to fit
+                continue
+            trial = {**accepted, slot: slots[slot][i]}
+            dev = measure(list(trial.values()))
+            if dev <= self.target:
+                accepted, current = trial, dev
+        return accepted, current
 
     @staticmethod
     def _value(levels: list[Candidate], index: int, taken: Candidate | None) -> tuple[float, float, float]:

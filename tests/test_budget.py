@@ -305,3 +305,51 @@ def test_higher_level_replaces_lower_in_slot():
     edits = Edits(w)
     spent = make_budget(w, 0.01, probes).spend(mm_model(w), cands, edits)
     assert sorted(c.key for c in spent.accepted) == ["r1l1", "r2l1", "r3l1"]
+
+
+# --------------------------------------------------------------------------------------------- #
+# measured ranking
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_measured_ranking_fits_and_takes_one_level_per_slot(seed):
+    """measured_ranking=True: the accepted set fits on the allocation probes (recomputed here), and
+    each slot contributes one level."""
+    rng = np.random.default_rng(seed)
+    k, n = 10, 5
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    probes = uniform_probes(rng, k, 8)
+    cands = [Candidate(f"r{r}l{lv}", f"row{r}", (s * n, s * n, 4 * s * n), (1 - f) * float(np.linalg.norm(w[r])),
+                       level=lv, data=("scale_row", r, f))
+             for r in range(k) for lv, (f, s) in enumerate([(0.8, 1), (0.4, 2), (0.0, 3)])]
+    tol = float(rng.uniform(0.1, 0.4))
+    edits = Edits(w)
+    budget = make_budget(w, tol, probes)
+    spent = budget.spend(mm_model(w), cands, edits, measured_ranking=True)
+    assert spent.accepted
+    slots = [c.slot for c in spent.accepted]
+    assert len(slots) == len(set(slots))
+    for call in edits.calls:
+        assert len({c.slot for c in call}) == len(call)
+    dev = measured(w, edits(spent.accepted).get("W"), probes)
+    assert dev <= 0.8 * tol + 1e-12
+    assert dev == pytest.approx(spent.deviation_after, rel=1e-6, abs=1e-9)
+    assert spent.evaluations <= budget.max_evaluations
+
+
+def test_measured_ranking_sees_through_misleading_estimates():
+    """16 rows, all estimated equally harmful; the 8 rows scaled by 1e-3 are harmless in fact and
+    the others save a little more. Ranked by measurement, all harmless rows are taken (and no
+    other) in about one evaluation per slot plus a bisection."""
+    rng = np.random.default_rng(11)
+    k = 16
+    w = rng.standard_normal((k, 4)).astype(np.float32)
+    harmless = set(range(0, k, 2))
+    for r in harmless:
+        w[r] *= np.float32(1e-3)
+    probes = uniform_probes(rng, k, 8)
+    cands = [Candidate(f"z{r}", f"s{r}", (4, 4, 16 + (r not in harmless)), 1.0, data=("zero_row", r))
+             for r in range(k)]
+    spent = make_budget(w, 0.05, probes).spend(mm_model(w), cands, Edits(w), measured_ranking=True)
+    assert {c.key for c in spent.accepted} == {f"z{r}" for r in harmless}
+    assert spent.evaluations <= 1 + 1 + k + 2 * int(np.log2(k)) + 2
