@@ -195,7 +195,7 @@ def write_markdown(results: dict, path: Path, plot_dir: Path) -> None:
             reruns.setdefault((r["passes"], r["rerun_commit"]), set()).add(r["model"])
     for (passes, commit), models in reruns.items():
         lines += [f"Rows \"{passes}\" of {', '.join(sorted(models))} were re-measured at commit {commit} "
-                  "(`python -m bench.rerun_rows`), after a fix that changes only them.", ""]
+                  "(`python -m bench.rerun_rows`), after a change that affects only the rerun row sets.", ""]
     pk = env["packages"]
     red = env["red_onnx"]
     red_state = (f"red_onnx {red.get('version')} (passes: {', '.join(red['passes']) or 'none yet: canonicalization only'})"

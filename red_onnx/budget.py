@@ -225,8 +225,10 @@ class Budget:
            ``a · error_i / error_top``.
         2. Independent edits add in quadrature, so a greedy sequence of steps (a slot to a higher
            level) by saving per added squared deviation predicts ``sqrt(d₀² + Σ a²)`` at each step.
-        3. The longest prefix that measures under the target is found by bisection, starting at
-           the predicted one; then up to ``patience`` later steps are tried one by one.
+        3. The longest prefix that measures under the target is searched for, each guess being
+           the longest prefix predicted to fit once the predictions are rescaled by the last
+           measured/predicted ratio (bisection when a guess leaves the bracket); then up to
+           ``patience`` later steps, each predicted to fit, are tried one by one.
         """
         before_ranking = measure_ranking([])
         added = {}
@@ -267,15 +269,16 @@ class Budget:
 
         fits = {0: before}
         lo, hi = 0, len(steps) + 1  # the prefix of lo steps fits, the one of hi does not (n + 1: none)
-        guess = sum(1 for p in predicted if p <= self.target)
+        scale = 1.0  # measured / predicted deviation at the last prefix measured
         while hi - lo > 1 and left():
-            k = min(max(guess, lo + 1), hi - 1)
+            guess = sum(1 for p in predicted if p * scale <= self.target)
+            k = guess if lo < guess < hi else (lo + hi) // 2
             dev = measure(list(state(k).values()))
             if dev <= self.target:
                 lo, fits[k] = k, dev
             else:
                 hi = k
-            guess = (lo + hi) // 2
+            scale = dev / predicted[k - 1] if predicted[k - 1] > 0 else 1.0
         accepted, current = state(lo), fits[lo]
         for slot, i, cost in steps[lo + 1:lo + 1 + self.patience]:  # the step at lo overshot: try the next
             if slot in accepted and slots[slot].index(accepted[slot]) >= i or not left() \

@@ -68,6 +68,7 @@ __all__ = [
     "basins",
     "hash_values",
     "hash_channels",
+    "channel_bandwidth",
     "silverman_bandwidth",
     "scott_bandwidth",
 ]
@@ -841,6 +842,26 @@ def _scales(flat, scale):
     return s.astype(flat.dtype)
 
 
+def _normalise(w, per_channel, scale):
+    """(per-row scales, rows with a nonzero scale, normalised values of those rows)."""
+    if w.ndim == 0:
+        return np.ones((), w.dtype), np.ones(1, np.bool_), w.reshape(1, 1)
+    flat = w.reshape(w.shape[0], w.size // max(w.shape[0], 1))
+    if per_channel and flat.size:
+        s = _scales(flat, scale)
+        rows = s != 0
+        u = (flat / s[:, None] if rows.all() else flat[rows] / s[rows, None]).astype(w.dtype, copy=False)
+        return s, rows, u
+    return np.ones(w.shape[0], w.dtype), np.ones(w.shape[0], np.bool_), flat
+
+
+def channel_bandwidth(weight: np.ndarray, per_channel: bool, *, scale: str = "maxabs") -> float:
+    """Silverman's bandwidth of the values :func:`hash_channels` pools (its ``h`` at factor 1)."""
+    _, _, u = _normalise(np.asarray(weight), per_channel, scale)
+    _, work, _, _ = _prepare(u)
+    return silverman_bandwidth(work) if work.size else 1.0
+
+
 def hash_channels(
     weight: np.ndarray,
     bandwidth_factor: float,
@@ -849,6 +870,7 @@ def hash_channels(
     scale: str = "maxabs",
     grid_size: int | None = None,
     return_indices: bool = False,
+    reference_bandwidth: float | None = None,
 ):
     """Hash a weight tensor with one codebook shared by its output channels (axis 0).
 
@@ -861,6 +883,9 @@ def hash_channels(
     point at the codebook entry of least magnitude).  Without ``per_channel`` the whole tensor
     is hashed with ``s = 1`` (``scales`` are ones), i.e. ``hash_values(w, f * silverman(w))``.
 
+    ``reference_bandwidth``: Silverman's bandwidth of the pooled values if already known
+    (:func:`channel_bandwidth`), so that a search over factors computes it once.
+
     Returns ``(hashed, codebook, scales)`` (``scales`` shape ``(C,)``, or ``()`` for a 0-d
     weight), plus ``indices`` (int32, shape of ``weight``) if ``return_indices``.
     """
@@ -870,22 +895,11 @@ def hash_channels(
     f = float(bandwidth_factor)
     if not (f > 0.0 and math.isfinite(f)):
         raise ValueError(f"bandwidth_factor must be a positive finite number, got {bandwidth_factor!r}")
-    if w.ndim == 0:
-        s = np.ones((), w.dtype)
-        rows = np.ones(1, np.bool_)
-        u = w.reshape(1, 1)
-    else:
-        flat = w.reshape(w.shape[0], w.size // max(w.shape[0], 1))
-        if per_channel and flat.size:
-            s = _scales(flat, scale)
-            rows = s != 0
-            u = (flat / s[:, None] if rows.all() else flat[rows] / s[rows, None]).astype(w.dtype, copy=False)
-        else:
-            s = np.ones(w.shape[0], w.dtype)
-            rows = np.ones(w.shape[0], np.bool_)
-            u = flat
+    s, rows, u = _normalise(w, per_channel, scale)
     _, work, lo, hi = _prepare(u)
-    h = f * silverman_bandwidth(work) if work.size else 1.0
+    if reference_bandwidth is None:
+        reference_bandwidth = silverman_bandwidth(work) if work.size else 1.0
+    h = f * reference_bandwidth
     lab, modes = _hash_flat(work, lo, hi, h, grid_size, labels="compact")
     if modes.size == 0 and not rows.all():  # only all-zero channels: any codebook will do
         modes = np.zeros(1)

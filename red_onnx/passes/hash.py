@@ -25,13 +25,15 @@ import onnx_graphsurgeon as gs
 
 from ..budget import Candidate
 from ..context import Context, PassResult
-from ..kde import hash_channels
+from ..kde import channel_bandwidth, hash_channels
 from ..layers import Layer, find_layers, unique_name
 from ..model_io import to_light_model
 
 NAME = "hash"
 #: Bandwidth factors searched (× Silverman's bandwidth of the normalised weights).
 FACTOR_RANGE = (1e-4, 4.0)
+PRECISION = 1.05  # the factor found is within this ratio of the smallest that fits
+MAX_PROBES = 24
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
 INDEX_TYPES = {"uint8": ((256, np.uint8),), "auto": ((256, np.uint8), (65536, np.uint16)), "off": ()}
 #: per-channel normalisation of the hashed weights (bench/hash_study.md: max-abs gives about 30%
@@ -99,25 +101,45 @@ def _entry_targets(size: int, setting: str) -> list[int]:
     return targets + ([256] if 1 in widths else [])
 
 
-def fitting_hash(w: np.ndarray, limit: int, steps: int = 12):
+def fitting_hash(w: np.ndarray, limit: int, start: float = 0.03):
     """``(factor, hash_channels(w, factor))`` for about the smallest bandwidth factor in
-    [FACTOR_RANGE] whose codebook has at most ``limit`` entries (bisection on log f; the number of
-    modes falls as the bandwidth grows), or None if even the widest does not fit."""
-    lo, hi = FACTOR_RANGE
-    result = hash_channels(w, lo, per_channel=True, scale=SCALE)
-    if len(result[1]) <= limit:
-        return lo, result
-    best = hi, hash_channels(w, hi, per_channel=True, scale=SCALE)
-    if len(best[1][1]) > limit:
-        return None
-    for _ in range(steps):
-        mid = float(np.sqrt(lo * hi))
-        result = hash_channels(w, mid, per_channel=True, scale=SCALE)
-        if len(result[1]) <= limit:
-            hi, best = mid, (mid, result)
+    [FACTOR_RANGE] whose codebook has at most ``limit`` entries (to within a factor PRECISION),
+    or None if even the widest does not fit.
+
+    The number of modes n(f) falls as the bandwidth grows, about as 1/f: each probe aims at the
+    crossing n = limit, interpolated in log f / log n between the nearest probes that do not fit
+    (lo) and that fit (hi), at PRECISION^(±1/2) around it so that one more probe can close the
+    bracket; a probe outside the bracket falls back to its geometric middle."""
+    f_min, f_max = FACTOR_RANGE
+    reference = channel_bandwidth(w, True, scale=SCALE)
+    results, counts = {}, {}
+    lo = hi = None  # largest factor known not to fit, smallest known to fit
+    f = min(max(start, f_min), f_max)
+    for _ in range(MAX_PROBES):
+        results[f] = hash_channels(w, f, per_channel=True, scale=SCALE, reference_bandwidth=reference)
+        counts[f] = len(results[f][1])
+        if counts[f] <= limit:
+            hi = f if hi is None else min(hi, f)
         else:
-            lo = mid
-    return best
+            lo = f if lo is None else max(lo, f)
+        if hi is not None and (hi <= f_min or lo is not None and hi <= lo * PRECISION):
+            return hi, results[hi]
+        if hi is None and lo >= f_max:
+            return None
+        if lo is not None and hi is not None:  # log-log interpolation across the bracket
+            t = np.log(counts[lo] / limit) / max(np.log(counts[lo] / counts[hi]), 1e-12)
+            estimate = lo * (hi / lo) ** t
+        else:  # one side known: n ∝ 1/f
+            estimate = f * counts[f] / limit
+        below, above = estimate / PRECISION ** 0.5, estimate * PRECISION ** 0.5
+        f = above if lo is not None and lo >= below else below if hi is not None and hi <= above else above
+        low, high = (lo or f_min / 2), (hi or f_max * 2)
+        if not low < f < high or f in counts:
+            f = float(np.sqrt(low * high)) if lo is not None and hi is not None else f
+        f = float(min(max(f, f_min), f_max))
+        if f in counts:
+            f = float(np.sqrt(lo * hi)) if lo is not None and hi is not None else (f_min if hi is not None else f_max)
+    return (hi, results[hi]) if hi is not None else None
 
 
 def _encoded_bytes(w: np.ndarray, entries: int, setting: str) -> int:
