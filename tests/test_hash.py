@@ -659,3 +659,43 @@ def test_auto_prefers_uint8_with_channel_scales_over_uint16():
         enc = encoded(result)["fc"]
         assert enc["indices"].dtype == np.uint8 and enc["scales"] is not None, setting
         assert_bits_equal(layer_weights(result)["fc"], w, "fc")
+
+
+@pytest.mark.parametrize("kind", ["conv", "gemm_t1", "matmul"])
+def test_max_abs_hashed_weight_is_stored_exactly(kind):
+    """A weight hashed with max-abs channel scales, hashed = fl(u·s), is stored as uint8 indices,
+    its codebook and s, decoding to the same bits. w/s alone does not give back u for every value
+    (float division), so encode snaps w/s to the codebook the hash pass hands over, and checks."""
+    import onnx_graphsurgeon as gs
+
+    from red_onnx.context import Context
+
+    rng = np.random.default_rng(3)
+    n, k = 48, 64
+    b = Builder(seed=3)
+    x = b.input("x", ["N", k, 5, 5] if kind == "conv" else ["N", k])
+    w = rng.standard_normal((n, k, 3, 3) if kind == "conv" else (n, k)).astype(np.float32)
+    w *= rng.uniform(0.01, 3.0, (n,) + (1,) * (w.ndim - 1)).astype(np.float32)
+    _, (hashed, codebook, scales) = hash_pass.fitting_hash(w, 256)
+    assert hash_pass.SCALE == "maxabs" and len(codebook) <= 256
+    quotient = hashed.reshape(n, -1) / scales[:, None]
+    assert len(np.unique(quotient)) > 256, "division recovers u here: the test shows nothing"
+    stored = {"conv": hashed, "gemm_t1": hashed, "matmul": hashed.T.copy()}[kind]
+    if kind == "conv":
+        y = b.node("Conv", [x, b.init(stored, "W")], name="layer", pads=[1, 1, 1, 1])
+    elif kind == "gemm_t1":
+        y = b.node("Gemm", [x, b.init(stored, "W")], name="layer", transB=1)
+    else:
+        y = b.node("MatMul", [x, b.init(stored, "W")], name="layer")
+    b.output(y, ["N", n, 5, 5] if kind == "conv" else ["N", n])
+    model = b.model()
+    for hint, expect in (((scales, codebook), True), (scales, False)):
+        ctx = Context(graph=gs.import_onnx(model), template=model, shapes={}, scale_hints={"W": hint})
+        result = hash_pass.encode(ctx)
+        assert (result.counts["weights_encoded"] == 1) is expect
+        if expect:
+            out = gs.export_onnx(ctx.graph)
+            c = encoded(out)["layer"]
+            assert c["indices"].dtype == np.uint8 and c["scales"] is not None
+            assert_bits_equal(layer_weights(out)["layer"], stored)
+            assert_same_outputs(model, out)

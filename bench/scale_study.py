@@ -1,0 +1,81 @@
+"""Which per-channel scale should the hash pass normalise by? A whole-model study.
+
+Every linear layer with at least MIN_ELEMENTS weights is hashed to at most 256 codebook entries
+(the smallest bandwidth that fits, as the hash pass offers for uint8 indices) with each channel
+normalised by its max-abs, by the power of two above it, or by its standard deviation; as a
+reference, uniform per-channel 8-bit rounding (w ≈ s·round(w/s), s = max|w|/127). The table gives
+the mean relative weight error and the model's metric with every such layer replaced at once.
+
+    python -m bench.scale_study [--models a,b]   # prints markdown (also written to bench/scale_study.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from red_onnx.kde import hash_channels
+from red_onnx.layers import find_layers
+from red_onnx.passes import hash as hash_pass
+
+from . import zoo
+
+SCALES = ("maxabs", "pow2", "std", "uniform int8")
+
+
+def hashed(w: np.ndarray, scale: str) -> np.ndarray:
+    if scale == "uniform int8":
+        flat = w.reshape(w.shape[0], -1)
+        s = np.abs(flat).max(axis=1, keepdims=True) / 127
+        s[s == 0] = 1
+        return (np.round(flat / s) * s).reshape(w.shape).astype(w.dtype)
+    default, hash_pass.SCALE = hash_pass.SCALE, scale
+    try:
+        return hash_pass.fitting_hash(w, 256)[1][0]
+    finally:
+        hash_pass.SCALE = default
+
+
+def study(name: str) -> list[str]:
+    bm = zoo.get(name)
+    path = bm.build()
+    cells = []
+    for scale in SCALES:
+        graph = gs.import_onnx(onnx.load(str(path)))
+        errors = []
+        for layer in find_layers(graph)[0]:
+            w = layer.get_weight()
+            if w.size < hash_pass.MIN_ELEMENTS:
+                continue
+            v = hashed(w, scale)
+            errors.append(float(np.linalg.norm(v - w) / np.linalg.norm(w)))
+            layer.weight.values = layer.stored(v)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "m.onnx"
+            onnx.save(gs.export_onnx(graph), str(out))
+            metric = bm.evaluate(out)[bm.primary]
+        cells.append(f"{np.mean(errors):.4f} / {metric:.4f}")
+    original = bm.evaluate(path)[bm.primary]
+    return [f"| {name} | {bm.primary} {original:.4f} | {len(errors)} | " + " | ".join(cells) + " |"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="digits_resnet,mtcnn_onet,captcha_crnn,mobilenet_v2")
+    args = parser.parse_args()
+    lines = [__doc__.splitlines()[0], "",
+             "Each cell: mean relative weight error / the model's metric, every layer hashed at once.", "",
+             "| model | original | layers | " + " | ".join(SCALES) + " |", "|---" * (3 + len(SCALES)) + "|"]
+    for name in args.models.split(","):
+        lines += study(name)
+        print(lines[-1], flush=True)
+    Path(__file__).with_name("scale_study.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
