@@ -523,6 +523,7 @@ def test_hashing_digits_under_the_budget(hashed_digits, name):
         lo, hi = hash_pass.FACTOR_RANGE
         assert lo <= row["bandwidth_factor"] <= hi
         assert isinstance(row["modes"], int) and 1 <= row["modes"] <= 256
+        assert row["distinct_before"] > row["modes"]  # hashing reduced the distinct values
         assert 0 < row["weight_error"] < 1
         assert layer in enc, f"{layer} was hashed but is not stored as a codebook"
         c = enc[layer]

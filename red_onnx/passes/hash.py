@@ -56,11 +56,11 @@ def run(ctx: Context) -> PassResult:
                                      arrays, measured_ranking=True)
             tensors = ctx.graph.tensors()
             for c in spent.accepted:
-                name, factor, entries, error, scales = c.data
+                name, factor, entries, error, scales, distinct = c.data
                 tensors[name].values = hashed[c.key]
                 ctx.scale_hints[name] = (scales, codebooks[c.key])  # hashed = fl(codebook[i] · scale)
                 rows.append({"name": c.slot.split(":", 1)[1], "bandwidth_factor": factor, "modes": entries,
-                             "weight_error": round(error, 6)})
+                             "distinct_before": distinct, "weight_error": round(error, 6)})
             counts["layers_hashed"] = len(spent.accepted)
             counts["deviation_allocated"] = round(spent.deviation_after, 6)
     return PassResult(NAME, counts["layers_hashed"] > 0, counts, rows, time.perf_counter() - start)
@@ -89,7 +89,7 @@ def _propose(ctx: Context) -> tuple[list[Candidate], dict[str, np.ndarray], dict
             key = f"hash:{layer.name}:{level}"
             hashed[key], codebooks[key] = layer.stored(values), codebook
             candidates.append(Candidate(key, f"hash:{layer.name}", (0, 0, saving), error, level,
-                                        (layer.weight.name, factor, len(codebook), error, scales)))
+                                        (layer.weight.name, factor, len(codebook), error, scales, before)))
     return candidates, hashed, codebooks
 
 
