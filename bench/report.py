@@ -192,10 +192,13 @@ def write_markdown(results: dict, path: Path, plot_dir: Path) -> None:
     reruns = {}
     for r in rows:
         if r.get("rerun_commit"):
-            reruns.setdefault((r["passes"], r["rerun_commit"]), set()).add(r["model"])
-    for (passes, commit), models in reruns.items():
-        lines += [f"Rows \"{passes}\" of {', '.join(sorted(models))} were re-measured at commit {commit} "
-                  "(`python -m bench.rerun_rows`), after a change that affects only the rerun row sets.", ""]
+            sets = reruns.setdefault(r["rerun_commit"], (set(), set()))
+            sets[0].add(r["passes"])
+            sets[1].add(r["model"])
+    for commit, (passes, models) in reruns.items():
+        lines += [f"Rows {', '.join(repr(p) for p in sorted(passes))} of {', '.join(sorted(models))} were re-measured "
+                  f"at commit {commit} (`python -m bench.rerun_rows`), after a change that affects only those "
+                  "rows; the other rows are from the run described below.", ""]
     pk = env["packages"]
     red = env["red_onnx"]
     red_state = (f"red_onnx {red.get('version')} (passes: {', '.join(red['passes']) or 'none yet: canonicalization only'})"
