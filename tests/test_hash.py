@@ -700,3 +700,14 @@ def test_max_abs_hashed_weight_is_stored_exactly(kind):
             assert c["indices"].dtype == np.uint8 and c["scales"] is not None
             assert_bits_equal(layer_weights(out)["layer"], stored)
             assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("variant", ["few", "pow2"])
+def test_layers_storable_exactly_are_not_hashed(variant):
+    """A weight that is already few-valued (per power-of-two channel scale too) is stored exactly
+    at uint8: hashing it would add error and save no bytes, so even a large tolerance leaves it."""
+    model = build("conv", variant)
+    result, report = red_onnx.compress(model, tolerance=0.3, passes=["hash"])
+    assert pass_row(report, "hash")["layers_hashed"] == 0
+    assert set(encoded(result)) == {"layer"}
+    assert_same_outputs(model, result)

@@ -78,8 +78,8 @@ def _propose(ctx: Context) -> tuple[list[Candidate], dict[str, np.ndarray], dict
         norm = float(np.linalg.norm(w))
         before = len(np.unique(w))
         for level, limit in enumerate(_entry_targets(w.size, ctx.codebook)):
-            if before <= limit:
-                continue  # encode stores it at this width as it is
+            if before <= limit or _split_scales(layer, ctx.scale_hints.get(layer.weight.name), limit):
+                continue  # encode stores it at this width as it is (exactly, maybe with channel scales)
             found = fitting_hash(w, limit)
             if found is None:
                 continue
