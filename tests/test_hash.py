@@ -662,11 +662,14 @@ def test_auto_prefers_uint8_with_channel_scales_over_uint16():
         assert_bits_equal(layer_weights(result)["fc"], w, "fc")
 
 
+@pytest.mark.parametrize("entries", [256, 768])
 @pytest.mark.parametrize("kind", ["conv", "gemm_t1", "matmul"])
-def test_max_abs_hashed_weight_is_stored_exactly(kind):
-    """A weight hashed with max-abs channel scales, hashed = fl(u·s), is stored as uint8 indices,
-    its codebook and s, decoding to the same bits. w/s alone does not give back u for every value
-    (float division), so encode snaps w/s to the codebook the hash pass hands over, and checks."""
+def test_max_abs_hashed_weight_is_stored_exactly(kind, entries):
+    """A weight hashed with max-abs channel scales, hashed = fl(u·s), is stored as uint8 (uint16
+    for 768 entries) indices, its codebook and s, decoding to the same bits. w/s alone does not
+    give back u for every value (float division), so encode snaps w/s to the codebook the hash
+    pass hands over, and checks. At uint16 the raw values also fit 65536 entries, but such a
+    codebook (one entry per weight, nearly) does not pay: the split must be chosen."""
     import onnx_graphsurgeon as gs
 
     from red_onnx.context import Context
@@ -677,10 +680,11 @@ def test_max_abs_hashed_weight_is_stored_exactly(kind):
     x = b.input("x", ["N", k, 5, 5] if kind == "conv" else ["N", k])
     w = rng.standard_normal((n, k, 3, 3) if kind == "conv" else (n, k)).astype(np.float32)
     w *= rng.uniform(0.01, 3.0, (n,) + (1,) * (w.ndim - 1)).astype(np.float32)
-    _, (hashed, codebook, scales) = hash_pass.fitting_hash(w, 256)
-    assert hash_pass.SCALE == "maxabs" and len(codebook) <= 256
+    _, (hashed, codebook, scales) = hash_pass.fitting_hash(w, entries)
+    assert hash_pass.SCALE == "maxabs" and len(codebook) <= entries
     quotient = hashed.reshape(n, -1) / scales[:, None]
-    assert len(np.unique(quotient)) > 256, "division recovers u here: the test shows nothing"
+    assert len(np.unique(quotient)) > entries, "division recovers u here: the test shows nothing"
+    assert len(np.unique(hashed)) <= 65536
     stored = {"conv": hashed, "gemm_t1": hashed, "matmul": hashed.T.copy()}[kind]
     if kind == "conv":
         y = b.node("Conv", [x, b.init(stored, "W")], name="layer", pads=[1, 1, 1, 1])
@@ -690,14 +694,15 @@ def test_max_abs_hashed_weight_is_stored_exactly(kind):
         y = b.node("MatMul", [x, b.init(stored, "W")], name="layer")
     b.output(y, ["N", n, 5, 5] if kind == "conv" else ["N", n])
     model = b.model()
-    for hint, expect in (((scales, codebook), True), (scales, False)):
-        ctx = Context(graph=gs.import_onnx(model), template=model, shapes={}, scale_hints={"W": hint})
+    for hint, expect in (((scales, codebook), True), (scales, entries > 256)):  # uint16 absorbs the ulp variants
+        ctx = Context(graph=gs.import_onnx(model), template=model, shapes={}, scale_hints={"W": hint},
+                      codebook="uint8" if entries <= 256 else "auto")
         result = hash_pass.encode(ctx)
         assert (result.counts["weights_encoded"] == 1) is expect
         if expect:
             out = gs.export_onnx(ctx.graph)
             c = encoded(out)["layer"]
-            assert c["indices"].dtype == np.uint8 and c["scales"] is not None
+            assert c["indices"].dtype == (np.uint8 if entries <= 256 else np.uint16) and c["scales"] is not None
             assert_bits_equal(layer_weights(out)["layer"], stored)
             assert_same_outputs(model, out)
 

@@ -243,14 +243,14 @@ def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, 
     stored = constant.values
     if stored.size < MIN_ELEMENTS or stored.dtype not in (np.float16, np.float32, np.float64):
         return None
-    bits, scales = _distinct_bits(stored), None
-    for limit, _ in INDEX_TYPES[setting]:  # the narrowest index that fits, per-channel scales if needed
-        if len(bits) <= limit:
-            break
+    raw = _distinct_bits(stored)
+    for limit, _ in INDEX_TYPES[setting]:  # the narrowest index that fits, then the smaller codebook
+        options = [(raw, stored, None)] if len(raw) <= limit else []
         split = _split_scales(layer, hint, limit) if layer is not None else None
-        if split is not None and len(_distinct_bits(split[0])) <= limit:
-            stored, scales = split
-            bits = _distinct_bits(stored)
+        if split is not None:
+            options.append((_distinct_bits(split[0]), *split))
+        if options:
+            bits, stored, scales = min(options, key=lambda o: len(o[0]) + (o[2].size if o[2] is not None else 0))
             break
     else:
         return None
