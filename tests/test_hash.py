@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from hypothesis import given, settings, strategies as st
 
 import red_onnx
 from red_onnx import kde
@@ -716,3 +717,28 @@ def test_layers_storable_exactly_are_not_hashed(variant):
     assert pass_row(report, "hash")["layers_hashed"] == 0
     assert set(encoded(result)) == {"layer"}
     assert_same_outputs(model, result)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), kind=st.sampled_from(["normal", "cauchy", "few", "laplace"]),
+       limit=st.sampled_from([4, 16, 256, 1000]), rows=st.integers(1, 40))
+def test_fitting_hash_property(seed, kind, limit, rows):
+    """For any tensor: the codebook fits the limit, and 10% less bandwidth does not (unless the
+    factor is the smallest searched); None only if even the widest bandwidth does not fit."""
+    rng = np.random.default_rng(seed)
+    shape = (rows, 200)
+    w = {"normal": lambda: rng.standard_normal(shape), "cauchy": lambda: rng.standard_cauchy(shape),
+         "few": lambda: rng.choice(rng.standard_normal(7), shape), "laplace": lambda: rng.laplace(size=shape)}[kind]()
+    w = w.astype(np.float32)
+    found = hash_pass.fitting_hash(w, limit)
+    f_min, f_max = hash_pass.FACTOR_RANGE
+
+    def entries(f):
+        return len(kde.hash_channels(w, f, per_channel=True, scale=hash_pass.SCALE)[1])
+
+    if found is None:
+        assert entries(f_max) > limit
+        return
+    factor, (values, codebook, scales) = found
+    assert len(codebook) <= limit and f_min <= factor <= f_max
+    assert factor == f_min or entries(factor / 1.1) > limit

@@ -3,9 +3,10 @@
 Hashing: per layer, each output channel is normalised by its max-abs s_c, the normalised values
 of all channels are pooled into one Gaussian KDE with bandwidth h = f·Silverman, every value moves
 to the representative u of its basin, and the hashed weight is fl(u·s_c)
-(:func:`red_onnx.kde.hash_channels`), exactly what the stored codebook form computes. Each layer offers the budget, per index width, the smallest
-bandwidth factor f whose codebook fits that width (bytes only drop at a width boundary, while the
-error grows with f); the budget spends on hashing only what the MAC-saving passes left.
+(:func:`red_onnx.kde.hash_channels`), exactly what the stored codebook form computes. Each layer
+offers the budget, per index width, the smallest bandwidth factor f whose codebook fits that width
+(bytes only drop at a width boundary, while the error grows with f); the budget ranks the layers
+by their measured deviation and spends on hashing only what the MAC-saving passes left.
 
 Storage (:func:`encode`, the pipeline's last step, exact): a layer whose weight takes at most 256
 distinct values per channel scale (65 536 with ``codebook="auto"``) is stored as
@@ -33,7 +34,7 @@ NAME = "hash"
 #: Bandwidth factors searched (× Silverman's bandwidth of the normalised weights).
 FACTOR_RANGE = (1e-4, 4.0)
 PRECISION = 1.05  # the factor found is within this ratio of the smallest that fits
-MAX_PROBES = 24
+MAX_PROBES = 24  # KDE runs per search at most (3 to 5 in practice)
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
 INDEX_TYPES = {"uint8": ((256, np.uint8),), "auto": ((256, np.uint8), (65536, np.uint16)), "off": ()}
 #: per-channel normalisation of the hashed weights (bench/hash_study.md: max-abs gives about 30%
@@ -109,7 +110,9 @@ def fitting_hash(w: np.ndarray, limit: int, start: float = 0.03):
     The number of modes n(f) falls as the bandwidth grows, about as 1/f: each probe aims at the
     crossing n = limit, interpolated in log f / log n between the nearest probes that do not fit
     (lo) and that fit (hi), at PRECISION^(±1/2) around it so that one more probe can close the
-    bracket; a probe outside the bracket falls back to its geometric middle."""
+    bracket, kept inside the middle half of the bracket (so that it shrinks even where n is a
+    step function of f). Until both sides are known, each probe moves at least 4x (n can be
+    nearly flat in f: values with few duplicates)."""
     f_min, f_max = FACTOR_RANGE
     reference = channel_bandwidth(w, True, scale=SCALE)
     results, counts = {}, {}
@@ -129,15 +132,17 @@ def fitting_hash(w: np.ndarray, limit: int, start: float = 0.03):
         if lo is not None and hi is not None:  # log-log interpolation across the bracket
             t = np.log(counts[lo] / limit) / max(np.log(counts[lo] / counts[hi]), 1e-12)
             estimate = lo * (hi / lo) ** t
-        else:  # one side known: n ∝ 1/f
-            estimate = f * counts[f] / limit
+        elif hi is not None:  # only fitting probes so far: n ∝ 1/f, at least 4x narrower
+            estimate = min(f * counts[f] / limit, hi / 4)
+        else:  # only probes that do not fit: at least 4x wider
+            estimate = max(f * counts[f] / limit, lo * 4)
         below, above = estimate / PRECISION ** 0.5, estimate * PRECISION ** 0.5
+        # just past the crossing, on the side not yet known closely
         f = above if lo is not None and lo >= below else below if hi is not None and hi <= above else above
-        low, high = (lo or f_min / 2), (hi or f_max * 2)
-        if not low < f < high or f in counts:
-            f = float(np.sqrt(low * high)) if lo is not None and hi is not None else f
+        if lo is not None and hi is not None:  # inside the middle half of the bracket (in log f)
+            f = float(np.clip(f, lo * (hi / lo) ** 0.25, lo * (hi / lo) ** 0.75))
         f = float(min(max(f, f_min), f_max))
-        if f in counts:
+        if f in counts:  # no progress: split the bracket, or try the end of the range
             f = float(np.sqrt(lo * hi)) if lo is not None and hi is not None else (f_min if hi is not None else f_max)
     return (hi, results[hi]) if hi is not None else None
 
