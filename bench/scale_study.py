@@ -19,7 +19,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from red_onnx.kde import hash_channels
 from red_onnx.layers import find_layers
 from red_onnx.passes import hash as hash_pass
 
