@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 
@@ -33,6 +32,7 @@ class Context:
     budget: Any = None  # budget.Budget, for lossy passes
     keep_dense: frozenset[str] = frozenset()  # convs the latency guard keeps as they are
     latency_check: bool = True  # optimise rewrites for onnxruntime CPU latency (guard on)
-    scale_hints: dict[str, np.ndarray] = field(default_factory=dict)  # weight → per-channel factor folded in
+    # weight → per-channel factor folded in (fold), or (scales, codebook) of its hashed values (hash)
+    scale_hints: dict[str, Any] = field(default_factory=dict)
     codebook: str = "uint8"  # codebook index types allowed: "uint8", "auto" (also uint16) or "off"
     log: Callable[[str], None] = lambda message: None

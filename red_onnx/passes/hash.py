@@ -244,7 +244,7 @@ def _distinct_bits(values: np.ndarray) -> np.ndarray:
 
 
 def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, setting: str,
-                   hint: np.ndarray | None) -> dict | None:
+                   hint) -> dict | None:
     stored = constant.values
     if stored.size < MIN_ELEMENTS or stored.dtype not in (np.float16, np.float32, np.float64):
         return None
