@@ -1,9 +1,9 @@
-"""Which per-channel scale should the hash pass normalise by? A whole-model study.
+"""Which per-channel scale and basin representative should the hash pass use? A whole-model study.
 
 Every linear layer with at least MIN_ELEMENTS weights is hashed to at most 256 codebook entries
 (the smallest bandwidth that fits, as the hash pass offers for uint8 indices) with each channel
-normalised by its max-abs, by the power of two above it, or by its standard deviation; as a
-reference, uniform per-channel 8-bit rounding (w ≈ s·round(w/s), s = max|w|/127). The table gives
+normalised by its max-abs (each value moved to its basin's mode, as RED does, or to the basin's
+mean), by the power of two above it, or by its standard deviation; as a reference, uniform per-channel 8-bit rounding (w ≈ s·round(w/s), s = max|w|/127). The table gives
 the mean relative weight error and the model's metric with every such layer replaced at once.
 
     python -m bench.scale_study [--models a,b]   # prints markdown (also written to bench/scale_study.md)
@@ -24,7 +24,7 @@ from red_onnx.passes import hash as hash_pass
 
 from . import zoo
 
-SCALES = ("maxabs", "pow2", "std", "uniform int8")
+SCALES = ("maxabs", "maxabs, basin mean", "pow2", "std", "uniform int8")
 
 
 def hashed(w: np.ndarray, scale: str) -> np.ndarray:
@@ -33,11 +33,13 @@ def hashed(w: np.ndarray, scale: str) -> np.ndarray:
         s = np.abs(flat).max(axis=1, keepdims=True) / 127
         s[s == 0] = 1
         return (np.round(flat / s) * s).reshape(w.shape).astype(w.dtype)
-    default, hash_pass.SCALE = hash_pass.SCALE, scale
+    scale, _, mean = scale.partition(", ")
+    defaults = hash_pass.SCALE, hash_pass.REPRESENTATIVE
+    hash_pass.SCALE, hash_pass.REPRESENTATIVE = scale, "mean" if mean else "mode"
     try:
         return hash_pass.fitting_hash(w, 256)[1][0]
     finally:
-        hash_pass.SCALE = default
+        hash_pass.SCALE, hash_pass.REPRESENTATIVE = defaults
 
 
 def study(name: str) -> list[str]:

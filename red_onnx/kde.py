@@ -41,6 +41,11 @@ without members (when ``h`` is about the spacing of the values a maximum can fal
 are absorbed: between two consecutive non-empty basins only the deepest edge (lowest
 density, leftmost on ties) is kept.
 
+``representative="mean"`` replaces that by the basin's mean, ``mode + mean(x - mode)`` in
+float64 rounded to the dtype: the same basins (the same number of distinct values, the same
+duplicates), the least squared error for them (one Lloyd step from the KDE's partition); a
+basin of one distinct value still keeps it exactly.
+
 Speed (one core): min/max (numpy), binning (numba), then one numba pass that finds every
 value's basin from a table over half-step sub-cells (one edge comparison only in sub-cells
 within rounding of an edge) and the members nearest to the peaks (only for values in the
@@ -783,38 +788,74 @@ def basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -
     return b.modes, b.edges
 
 
-def _hash_flat(work, lo, hi, h, grid_size, labels):
+def _hash_flat(work, lo, hi, h, grid_size, labels, representative="mode"):
     """Hashed values (dtype of ``work``) or basin indices (``labels`` True: int32; "compact":
-    uint8/uint16/int32, the smallest that fits), and the float64 modes."""
+    uint8/uint16/int32, the smallest that fits), and the float64 representatives."""
     if work.size == 0:
         return (np.empty(0, np.int32) if labels else work.copy()), np.empty(0)
     info, lab, index = _analyze(work, lo, hi, h, grid_size, int32=labels is True)
+    reps = info.modes
+    if representative == "mean":
+        reps = _basin_means(work, lab, index, reps)
+    elif representative != "mode":
+        raise ValueError(f"representative must be 'mode' or 'mean', got {representative!r}")
     if labels:
         if index is not None:
             _gather(index.astype(lab.dtype), lab, lab)
-        return lab, info.modes
-    reps = info.modes.astype(work.dtype)
+        return lab, reps
+    table = reps.astype(work.dtype)
     if index is not None:
-        reps = reps[index]
+        table = table[index]
     out = np.empty_like(work)
-    _gather(reps, lab, out)
-    return out, info.modes
+    _gather(table, lab, out)
+    return out, reps
+
+
+@njit(cache=True, nogil=True)
+def _offset_sums(x, lab, ref, acc, cnt):
+    """acc[b] += x[i] - ref[b], cnt[b] += 1 over the values i of label b."""
+    for i in range(x.size):
+        b = lab[i]
+        acc[b] += x[i] - ref[b]
+        cnt[b] += 1.0
+
+
+def _basin_means(work, lab, index, modes):
+    """Mean of each basin's members, as ``mode + mean(x - mode)`` in float64 (so a basin of one
+    distinct value keeps that value exactly)."""
+    ref = modes if index is None else modes[index]
+    acc, cnt = np.zeros(ref.size), np.zeros(ref.size)
+    _offset_sums(work, lab, ref, acc, cnt)
+    if index is not None:
+        acc = np.bincount(index, weights=acc, minlength=modes.size)
+        cnt = np.bincount(index, weights=cnt, minlength=modes.size)
+    return modes + acc / np.maximum(cnt, 1.0)
 
 
 def hash_values(
-    values: np.ndarray, bandwidth: float, grid_size: int | None = None, *, return_indices: bool = False
+    values: np.ndarray,
+    bandwidth: float,
+    grid_size: int | None = None,
+    *,
+    return_indices: bool = False,
+    representative: str = "mode",
 ):
     """Replace every value by the representative of its KDE basin.
 
+    ``representative``: ``"mode"`` (RED: the member nearest to the basin's density peak) or
+    ``"mean"`` (the basin's mean, rounded to the dtype: one Lloyd step from the KDE's partition,
+    the least squared error for the same basins).
+
     Returns ``(hashed, codebook)``: ``hashed`` has the shape and dtype of ``values``,
-    ``codebook`` holds its sorted distinct values (same dtype), one per non-empty basin.
+    ``codebook`` holds its sorted distinct values (same dtype), one per non-empty basin (means:
+    non-decreasing, two may round to the same value).
     ``return_indices=True`` adds ``indices`` (int32, shape of ``values``) with
     ``hashed == codebook[indices]``.
     """
     a, work, lo, hi = _prepare(values)
     h = _check_bandwidth(bandwidth)
-    out, modes = _hash_flat(work, lo, hi, h, grid_size, return_indices)
-    codebook = modes.astype(a.dtype)
+    out, reps = _hash_flat(work, lo, hi, h, grid_size, return_indices, representative)
+    codebook = reps.astype(a.dtype)
     if return_indices:
         idx = out.reshape(a.shape)
         return codebook[idx], codebook, idx
@@ -871,6 +912,7 @@ def hash_channels(
     grid_size: int | None = None,
     return_indices: bool = False,
     reference_bandwidth: float | None = None,
+    representative: str = "mode",
 ):
     """Hash a weight tensor with one codebook shared by its output channels (axis 0).
 
@@ -882,6 +924,8 @@ def hash_channels(
     channel gets ``s_c = 0`` (it stays exactly zero and is left out of the KDE; its indices
     point at the codebook entry of least magnitude).  Without ``per_channel`` the whole tensor
     is hashed with ``s = 1`` (``scales`` are ones), i.e. ``hash_values(w, f * silverman(w))``.
+
+    ``representative``: as in :func:`hash_values`.
 
     ``reference_bandwidth``: Silverman's bandwidth of the pooled values if already known
     (:func:`channel_bandwidth`), so that a search over factors computes it once.
@@ -900,7 +944,7 @@ def hash_channels(
     if reference_bandwidth is None:
         reference_bandwidth = silverman_bandwidth(work) if work.size else 1.0
     h = f * reference_bandwidth
-    lab, modes = _hash_flat(work, lo, hi, h, grid_size, labels="compact")
+    lab, modes = _hash_flat(work, lo, hi, h, grid_size, "compact", representative)
     if modes.size == 0 and not rows.all():  # only all-zero channels: any codebook will do
         modes = np.zeros(1)
     codebook = modes.astype(w.dtype)

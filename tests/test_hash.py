@@ -634,8 +634,10 @@ def test_fitting_hash_is_the_smallest_bandwidth_that_fits(limit):
     w = np.random.default_rng(limit).standard_normal((64, 300)).astype(np.float32)
     factor, (values, codebook, scales) = hash_pass.fitting_hash(w, limit)
     assert len(codebook) <= limit
-    np.testing.assert_array_equal(values, kde.hash_channels(w, factor, per_channel=True, scale=hash_pass.SCALE)[0])
-    narrower = kde.hash_channels(w, factor / 1.1, per_channel=True, scale=hash_pass.SCALE)[1]
+    np.testing.assert_array_equal(values, kde.hash_channels(w, factor, per_channel=True, scale=hash_pass.SCALE,
+                                                          representative=hash_pass.REPRESENTATIVE)[0])
+    narrower = kde.hash_channels(w, factor / 1.1, per_channel=True, scale=hash_pass.SCALE,
+                                 representative=hash_pass.REPRESENTATIVE)[1]
     assert len(narrower) > limit
 
 

@@ -312,6 +312,32 @@ def test_hash_properties(x, log_h, dtype):
     assert np.array_equal(kde.hash_values(x[perm], h)[0], hashed[perm])
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=arrays, log_h=st.floats(-4, 2), dtype=st.sampled_from([np.float32, np.float64]))
+def test_mean_representative_properties(x, log_h, dtype):
+    """The same basins as the mode; each value is replaced by its basin's mean (to the dtype's
+    rounding), which never has more squared error than the mode; a one-valued basin keeps its value."""
+    x = x.astype(dtype)
+    h = 10.0**log_h
+    _, modes, idx = kde.hash_values(x, h, return_indices=True)
+    hashed, means, idx_mean = kde.hash_values(x, h, return_indices=True, representative="mean")
+    assert np.array_equal(idx_mean, idx) and hashed.dtype == dtype and means.size == modes.size
+    assert np.array_equal(kde.hash_values(x, h, representative="mean")[0], hashed)
+    x64 = x.astype(np.float64)
+    for k in range(means.size):
+        members = x64[idx == k]
+        if np.unique(members).size == 1:
+            assert means[k] == members[0]
+        else:
+            fi = np.finfo(dtype)  # rounding to the dtype (subnormals too), and summation error in float64
+            tol = 2 * fi.eps * abs(members.mean()) + fi.smallest_subnormal + 4 * members.size * 2.0**-52 * np.abs(members).max()
+            assert abs(means[k] - members.mean()) <= tol
+    eps = 4 * np.finfo(dtype).eps * np.abs(x64).max()
+    assert np.sum((hashed - x64) ** 2) <= np.sum((modes[idx] - x64) ** 2) + x.size * eps**2 + 1e-300
+    with pytest.raises(ValueError, match="representative"):
+        kde.hash_values(x, h, representative="median")
+
+
 @settings(max_examples=40, deadline=None)
 @given(x=arrays, log_h=st.floats(-3, 1))
 def test_sparse_lattice_matches_dense(x, log_h):
@@ -351,13 +377,15 @@ def _onnxruntime_gather_mul(codebook, idx, scales_b):
     return sess.run(None, {"s": scales_b})[0]
 
 
+@pytest.mark.parametrize("representative", ["mode", "mean"])
 @pytest.mark.parametrize("scale", ["maxabs", "std", "pow2"])
-def test_hash_channels_is_gather_times_scale_bit_for_bit(scale):
+def test_hash_channels_is_gather_times_scale_bit_for_bit(scale, representative):
     rng = np.random.default_rng(7)
     w = (rng.standard_normal((16, 8, 3, 3)) * rng.uniform(0.01, 3.0, (16, 1, 1, 1))).astype(np.float32)
     w[3] = 0.0  # an all-zero channel
     w[5, 0, 0, 0] = 0.0
-    hashed, codebook, scales, idx = kde.hash_channels(w, 0.1, per_channel=True, scale=scale, return_indices=True)
+    hashed, codebook, scales, idx = kde.hash_channels(w, 0.1, per_channel=True, scale=scale, return_indices=True,
+                                                      representative=representative)
     assert hashed.dtype == codebook.dtype == scales.dtype == np.float32 and scales.shape == (16,)
     assert scales[3] == 0 and np.all(scales[np.arange(16) != 3] > 0)
     assert idx.shape == w.shape and idx.dtype == np.int32
@@ -367,7 +395,7 @@ def test_hash_channels_is_gather_times_scale_bit_for_bit(scale):
     assert np.all(hashed[3] == 0) and 10 < codebook.size < 200
     err = np.linalg.norm((hashed - w).reshape(16, -1), axis=1)
     assert np.all(err <= 0.1 * np.linalg.norm(w.reshape(16, -1), axis=1))  # every channel keeps its scale
-    h2, c2, s2 = kde.hash_channels(w, 0.1, per_channel=True, scale=scale)
+    h2, c2, s2 = kde.hash_channels(w, 0.1, per_channel=True, scale=scale, representative=representative)
     assert np.array_equal(h2, hashed) and np.array_equal(c2, codebook) and np.array_equal(s2, scales)
 
 
