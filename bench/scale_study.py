@@ -3,8 +3,9 @@
 Every linear layer with at least MIN_ELEMENTS weights is hashed to at most 256 codebook entries
 (the smallest bandwidth that fits, as the hash pass offers for uint8 indices) with each channel
 normalised by its max-abs (each value moved to its basin's mode, as RED does, or to the basin's
-mean), by the power of two above it, or by its standard deviation; as a reference, uniform per-channel 8-bit rounding (w ≈ s·round(w/s), s = max|w|/127). The table gives
-the mean relative weight error and the model's metric with every such layer replaced at once.
+mean), by the power of two above it, or by its standard deviation; as a reference, uniform
+per-channel 8-bit rounding (w ≈ s·round(w/s), s = max|w|/127). The table gives the mean relative
+weight error and the model's metric with every such layer replaced at once.
 
     python -m bench.scale_study [--models a,b]   # prints markdown (also written to bench/scale_study.md)
 """
