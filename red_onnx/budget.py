@@ -329,15 +329,17 @@ class Budget:
 def _probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
                   ) -> Callable[[dict[str, np.ndarray]], list[list[np.ndarray]]]:
     """A function of the weight feeds returning each probe's outputs, running all probes as one
-    batch where the model allows it (its outputs split per sample equal the one-by-one run)."""
+    batch where the model allows it (its outputs split per sample equal the one-by-one run, checked
+    on the first and the last probe)."""
 
-    def one_by_one(feeds):
-        return [sess.run(None, {**probe, **feeds}) for probe in probes]
+    def one_by_one(feeds, subset=probes):
+        return [sess.run(None, {**probe, **feeds}) for probe in subset]
 
     if len(probes) < 2 or any(x.shape[:1] != (1,) for p in probes for x in p.values()):
         return one_by_one
     stacked = {name: np.concatenate([p[name] for p in probes]) for name in probes[0]}
-    single = one_by_one(weights)
+    ends = [0, len(probes) - 1]
+    single = one_by_one(weights, [probes[k] for k in ends])
     try:
         batched = sess.run(None, {**stacked, **weights})
     except Exception:  # a fixed batch size somewhere: one by one
@@ -350,10 +352,12 @@ def _probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
             return one_by_one
         axes.append(candidates[0])
 
+    def split(outputs, samples):
+        return [[np.take(y, [k], axis=a) for y, a in zip(outputs, axes)] for k in samples]
+
     def batch(feeds):
-        outputs = sess.run(None, {**stacked, **feeds})
-        return [[np.take(y, [k], axis=a) for y, a in zip(outputs, axes)] for k in range(len(probes))]
+        return split(sess.run(None, {**stacked, **feeds}), range(len(probes)))
 
     from .verify import deviation
 
-    return batch if deviation(single, batch(weights))[0] <= 1e-4 else one_by_one
+    return batch if deviation(single, split(batched, ends))[0] <= 1e-4 else one_by_one

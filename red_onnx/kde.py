@@ -73,7 +73,7 @@ __all__ = [
     "basins",
     "hash_values",
     "hash_channels",
-    "channel_bandwidth",
+    "PooledChannels",
     "silverman_bandwidth",
     "scott_bandwidth",
 ]
@@ -896,11 +896,40 @@ def _normalise(w, per_channel, scale):
     return np.ones(w.shape[0], w.dtype), np.ones(w.shape[0], np.bool_), flat
 
 
-def channel_bandwidth(weight: np.ndarray, per_channel: bool, *, scale: str = "maxabs") -> float:
-    """Silverman's bandwidth of the values :func:`hash_channels` pools (its ``h`` at factor 1)."""
-    _, _, u = _normalise(np.asarray(weight), per_channel, scale)
-    _, work, _, _ = _prepare(u)
-    return silverman_bandwidth(work) if work.size else 1.0
+def _count_nonempty(sorted_work, lo, hi, h, grid_size):
+    """Number of non-empty basins of ``sorted_work`` (sorted ascending) at bandwidth ``h``: the
+    codebook size of :func:`_hash_flat`, from the edges alone (a value ``v`` is in basin
+    ``#{e : edges[e] <= v}``, as ``_analyze`` assigns it), without labelling every value."""
+    n = sorted_work.size
+    if n == 0 or h >= 2.0 * (hi - lo):
+        return min(n, 1)
+    lat = _plan(sorted_work, lo, hi, h, grid_size)
+    d, _, s0, s1, slat, sparse = _lattice_density(sorted_work, lat, h, lo, hi)
+    pk, e2, ev, npk, ned = _extrema(d, s0, s1, slat)
+    if lat.size > 0:
+        edges = lat.origin + lat.step * (0.5 * e2)
+    else:
+        fl, ce = sparse
+        edges = _assemble_sparse(lat.u, lat.cstart, lat.mat, fl, ce, pk, e2, ev, npk, ned, lat.origin, lat.step)[1]
+    below = np.searchsorted(sorted_work, edges, side="left")  # values in basins 0..e
+    return int(np.count_nonzero(np.diff(below, prepend=0, append=n)))
+
+
+class PooledChannels:
+    """The values :func:`hash_channels` pools for one weight, prepared once for a search over
+    bandwidth factors: ``reference`` is their Silverman bandwidth (the ``h`` of factor 1) and
+    :meth:`codebook_size` the number of entries ``hash_channels(weight, factor, ...)`` gives."""
+
+    def __init__(self, weight: np.ndarray, per_channel: bool, *, scale: str = "maxabs"):
+        _, rows, u = _normalise(np.asarray(weight), per_channel, scale)
+        _, work, self._lo, self._hi = _prepare(u)
+        self._sorted = np.sort(work)
+        self._all_zero_rows = not rows.all()
+        self.reference = silverman_bandwidth(work) if work.size else 1.0
+
+    def codebook_size(self, factor: float) -> int:
+        n = _count_nonempty(self._sorted, self._lo, self._hi, float(factor) * self.reference, None)
+        return max(n, 1) if self._all_zero_rows else n
 
 
 def hash_channels(
@@ -928,7 +957,7 @@ def hash_channels(
     ``representative``: as in :func:`hash_values`.
 
     ``reference_bandwidth``: Silverman's bandwidth of the pooled values if already known
-    (:func:`channel_bandwidth`), so that a search over factors computes it once.
+    (:class:`PooledChannels`), so that a search over factors computes it once.
 
     Returns ``(hashed, codebook, scales)`` (``scales`` shape ``(C,)``, or ``()`` for a 0-d
     weight), plus ``indices`` (int32, shape of ``weight``) if ``return_indices``.

@@ -353,3 +353,35 @@ def test_measured_ranking_sees_through_misleading_estimates():
     spent = make_budget(w, 0.05, probes).spend(mm_model(w), cands, Edits(w), measured_ranking=True)
     assert {c.key for c in spent.accepted} == {f"z{r}" for r in harmless}
     assert spent.evaluations <= 1 + 1 + k + 2 * int(np.log2(k)) + 2
+
+
+class CountingSession:
+    def __init__(self, sess):
+        self.sess, self.runs = sess, 0
+
+    def run(self, names, feeds):
+        self.runs += 1
+        return self.sess.run(names, feeds)
+
+
+@pytest.mark.parametrize("mixes_batch", [False, True])
+def test_probe_runner_batches_only_where_samples_stay_apart(mixes_batch):
+    """All probes run as one batch unless the model mixes samples (here y = x - mean over the
+    batch); either way each probe's outputs equal its own run."""
+    from red_onnx.budget import _probe_runner
+
+    g = G()
+    x = g.input("x", ["N", 4])
+    y = g.node("MatMul", [x, g.const(np.random.default_rng(0).standard_normal((4, 3)))])
+    if mixes_batch:
+        y = g.node("Sub", [y, g.node("ReduceMean", [y], axes=[0], keepdims=1)])
+    g.node("Identity", [y], outputs=["y"])
+    g.output("y")
+    sess = CountingSession(session(g.model()))
+    probes = uniform_probes(np.random.default_rng(1), 4, 5)
+    run = _probe_runner(sess, probes, {})
+    sess.runs = 0
+    got = run({})
+    assert sess.runs == (5 if mixes_batch else 1)
+    for out, probe in zip(got, probes):
+        np.testing.assert_allclose(out[0], sess.sess.run(None, probe)[0], rtol=1e-5, atol=1e-6)

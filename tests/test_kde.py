@@ -420,3 +420,18 @@ def test_hash_channels_identity_and_per_tensor():
         kde.hash_channels(w, 0.0, per_channel=True)
     with pytest.raises(ValueError, match="scale"):
         kde.hash_channels(w, 0.1, per_channel=True, scale="nope")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=arrays, rows=st.integers(1, 6), log_f=st.floats(-5, 1), scale=st.sampled_from(["maxabs", "pow2"]),
+       dtype=st.sampled_from([np.float32, np.float64]), zero_row=st.booleans())
+def test_pooled_codebook_size_is_hash_channels_codebook_size(x, rows, log_f, scale, dtype, zero_row):
+    """The count a bandwidth search probes with equals the codebook the weight then gets."""
+    w = np.resize(x, (rows, max(x.size // rows, 1))).astype(dtype)
+    if zero_row:
+        w[0] = 0
+    pooled = kde.PooledChannels(w, True, scale=scale)
+    f = 10.0**log_f
+    hashed, codebook, _ = kde.hash_channels(w, f, per_channel=True, scale=scale, reference_bandwidth=pooled.reference)
+    assert pooled.codebook_size(f) == codebook.size
+    assert np.array_equal(hashed, kde.hash_channels(w, f, per_channel=True, scale=scale)[0])

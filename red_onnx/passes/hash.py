@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from ..budget import Candidate
 from ..context import Context, PassResult
-from ..kde import channel_bandwidth, hash_channels
+from ..kde import PooledChannels, hash_channels
 from ..layers import Layer, find_layers, unique_name
 from ..model_io import to_light_model
 
@@ -117,22 +117,26 @@ def fitting_hash(w: np.ndarray, limit: int, start: float = 0.03):
     (lo) and that fit (hi), at PRECISION^(±1/2) around it so that one more probe can close the
     bracket, kept inside the middle half of the bracket (so that it shrinks even where n is a
     step function of f). Until both sides are known, each probe moves at least 4x (n can be
-    nearly flat in f: values with few duplicates)."""
+    nearly flat in f: values with few duplicates). Probes only count the basins; the weight is
+    hashed once, at the factor found."""
     f_min, f_max = FACTOR_RANGE
-    reference = channel_bandwidth(w, True, scale=SCALE)
-    results, counts = {}, {}
+    pooled = PooledChannels(w, True, scale=SCALE)
+
+    def result(f):
+        return f, hash_channels(w, f, per_channel=True, scale=SCALE, reference_bandwidth=pooled.reference,
+                                representative=REPRESENTATIVE)
+
+    counts = {}
     lo = hi = None  # largest factor known not to fit, smallest known to fit
     f = min(max(start, f_min), f_max)
     for _ in range(MAX_PROBES):
-        results[f] = hash_channels(w, f, per_channel=True, scale=SCALE, reference_bandwidth=reference,
-                                   representative=REPRESENTATIVE)
-        counts[f] = len(results[f][1])
+        counts[f] = pooled.codebook_size(f)
         if counts[f] <= limit:
             hi = f if hi is None else min(hi, f)
         else:
             lo = f if lo is None else max(lo, f)
         if hi is not None and (hi <= f_min or lo is not None and hi <= lo * PRECISION):
-            return hi, results[hi]
+            return result(hi)
         if hi is None and lo >= f_max:
             return None
         if lo is not None and hi is not None:  # log-log interpolation across the bracket
@@ -150,7 +154,7 @@ def fitting_hash(w: np.ndarray, limit: int, start: float = 0.03):
         f = float(min(max(f, f_min), f_max))
         if f in counts:  # no progress: split the bracket, or try the end of the range
             f = float(np.sqrt(lo * hi)) if lo is not None and hi is not None else (f_min if hi is not None else f_max)
-    return (hi, results[hi]) if hi is not None else None
+    return result(hi) if hi is not None else None
 
 
 def _encoded_bytes(w: np.ndarray, entries: int, setting: str) -> int:
