@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from red_onnx.cli import DEFAULT_TOLERANCE
+
 from .common import REPO_DIR
 from .families.base import WITHIN_ONE_POINT, within_one_point
 
@@ -298,15 +300,15 @@ def _bytes_section(by_model: dict, baselines: list[dict]) -> list[str]:
     """File size: smallest red_onnx file within 1 point, the default tolerance, session creation, hash speed."""
     lines = ["", "## File size (uncompressed bytes) and session creation", "",
              "Smallest red_onnx file within 1 point of the primary metric, and the full pipeline at the CLI's "
-             "default tolerance 0.01. **session s**: median of 3 onnxruntime session creations (all graph "
+             f"default tolerance {DEFAULT_TOLERANCE:g}. **session s**: median of 3 onnxruntime session creations (all graph "
              "optimizations on; the codebook chains are folded there). **hash pass**: the hash pass's own seconds "
              "(budget checks included) in the hash-only row at 0.01, as model weights per second.", "",
              "| model | original | smallest within 1 pt | × smaller | its setting | session s (orig → it) "
-             "| default 0.01 [all] | hash pass at 0.01 |", "|---|---|---|---|---|---|---|---|"]
+             f"| default {DEFAULT_TOLERANCE:g} [all] | hash pass at 0.01 |", "|---|---|---|---|---|---|---|---|"]
     for b in baselines:
         ok = [r for r in by_model[b["model"]] if r["tool"] == "red_onnx" and r["status"] == "ok"]
         best = min((r for r in ok if within(r, b)), key=lambda r: r["bytes"], default=None)
-        default = next((r for r in ok if r["passes"] == "all" and r["setting"] == 0.01), None)
+        default = next((r for r in ok if r["passes"] == "all" and r["setting"] == DEFAULT_TOLERANCE), None)
         hashed = next((r for r in ok if r["passes"] == "hash" and r["setting"] == 0.01), None)
         secs = next((p["seconds"] for p in (hashed or {}).get("red_onnx_report", {}).get("passes", [])
                      if p["name"] == "hash"), None)

@@ -35,8 +35,8 @@ class Plan:
     tool_timeout_s: float
 
 
-FULL = Plan(False, (0.0, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3), (0.05, 0.1, 0.2, 0.3, 0.5), True, (0.0, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.03),
-            40, 16, 1800.0)
+FULL = Plan(False, (0.0, 0.003, 0.005, 0.01, 0.03, 0.1, 0.2, 0.3), (0.05, 0.1, 0.2, 0.3, 0.5), True,
+            (0.0, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.03), 40, 16, 1800.0)
 QUICK = Plan(True, (0.0, 0.03), (0.1, 0.3), False, (), 10, 8, 600.0)
 
 
@@ -73,8 +73,9 @@ class ModelBench:
 
     # ------------------------------------------------------------------------------------------ rows
 
-    def red_onnx_rows(self, info: dict, only: set[str] | None = None) -> list[dict]:
-        """One row per variant (label) and tolerance; ``only``: just these labels."""
+    def red_onnx_rows(self, info: dict, only: set[str] | None = None,
+                      only_tolerances: set[float] | None = None) -> list[dict]:
+        """One row per variant (label) and tolerance; ``only``: just these labels and tolerances."""
         rows = []
         variants = [(None, None, self.plan.tolerances)]
         variants += [([p], None, self.plan.tolerances) for p in info["passes"]] if self.plan.ablation else []
@@ -88,6 +89,8 @@ class ModelBench:
             if only is not None and label not in only:
                 continue
             for tol in tolerances:
+                if only_tolerances is not None and tol not in only_tolerances:
+                    continue
                 out = self.out_dir / f"red_onnx-{''.join(ch if ch.isalnum() else '_' for ch in label)}-{tol:g}.onnx"
                 shapes = {k: list(v.shape) for k, v in self.one.items()}
                 out.unlink(missing_ok=True)
