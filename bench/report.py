@@ -194,13 +194,17 @@ def write_markdown(results: dict, path: Path, plot_dir: Path) -> None:
     reruns = {}
     for r in rows:
         if r.get("rerun_commit"):
-            sets = reruns.setdefault(r["rerun_commit"], (set(), set()))
+            sets = reruns.setdefault(r["rerun_commit"], (set(), set(), set()))
             sets[0].add(r["passes"])
             sets[1].add(r["model"])
-    for commit, (passes, models) in reruns.items():
-        lines += [f"Rows {', '.join(repr(p) for p in sorted(passes))} of {', '.join(sorted(models))} were re-measured "
-                  f"at commit {commit} (`python -m bench.rerun_rows`), after a change that affects only those "
-                  "rows; the other rows are from the run described below.", ""]
+            sets[2].add(r["setting"])
+    for commit, (passes, models, settings) in reruns.items():
+        at = {s for r in rows if r["passes"] in passes and r["model"] in models and r["tool"] == "red_onnx"
+              for s in [r["setting"]]}
+        only = f" at tolerance {', '.join(f'{t:g}' for t in sorted(settings))}" if settings != at else ""
+        lines += [f"Rows {', '.join(repr(p) for p in sorted(passes))}{only} of {', '.join(sorted(models))} were "
+                  f"re-measured at commit {commit} (`python -m bench.rerun_rows`), after a change that affects only "
+                  "those rows; the other rows are from the run described below.", ""]
     pk = env["packages"]
     red = env["red_onnx"]
     red_state = (f"red_onnx {red.get('version')} (passes: {', '.join(red['passes']) or 'none yet: canonicalization only'})"
