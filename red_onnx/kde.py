@@ -50,7 +50,9 @@ Speed (one core): min/max (numpy), binning (numba), then one numba pass that fin
 value's basin from a table over half-step sub-cells (one edge comparison only in sub-cells
 within rounding of an edge) and the members nearest to the peaks (only for values in the
 few sub-cells that can hold them), then a gather of the representatives.  Sparse lattices
-(heavy tails) sort the values once and use binary search instead.
+(heavy tails) sort the values once and use binary search instead.  A bandwidth search only
+needs the number of non-empty basins: :class:`PooledChannels` sorts the values once and counts
+them from the edges by binary search, without labelling every value.
 """
 
 from __future__ import annotations

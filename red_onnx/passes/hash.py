@@ -5,10 +5,10 @@ of all channels are pooled into one Gaussian KDE with bandwidth h = f·Silverman
 minima cut the values into basins, every value moves to its basin's representative u (the basin's
 mean: RED takes the mode, but the mean has the least squared error for the same basins), and the
 hashed weight is fl(u·s_c) (:func:`red_onnx.kde.hash_channels`), exactly what the stored codebook
-form computes. Each layer
-offers the budget, per index width, the smallest bandwidth factor f whose codebook fits that width
-(bytes only drop at a width boundary, while the error grows with f); the budget ranks the layers
-by their measured deviation and spends on hashing only what the MAC-saving passes left.
+form computes. Each layer offers the budget, per index width, the smallest bandwidth factor f whose
+codebook fits that width (bytes only drop at a width boundary, while the error grows with f); the
+budget ranks the layers by their measured deviation and spends on hashing only what the MAC-saving
+passes left.
 
 Storage (:func:`encode`, the pipeline's last step, exact): a layer whose weight takes at most 256
 distinct values per channel scale (65 536 with ``codebook="auto"``) is stored as
