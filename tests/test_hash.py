@@ -744,3 +744,22 @@ def test_fitting_hash_property(seed, kind, limit, rows):
     factor, (values, codebook, scales) = found
     assert len(codebook) <= limit and f_min <= factor <= f_max
     assert factor == f_min or entries(factor / 1.1) > limit
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_snap_and_indices_lookups(dtype):
+    """_snap gives a nearest codebook entry (the lower on ties), _indices each value's position in
+    the sorted bit patterns (-0.0 and +0.0 apart), for values on, between and beyond the entries."""
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 300):
+        codebook = np.unique(np.concatenate([(rng.standard_t(2, n) * 3).astype(dtype), np.array([0.0], dtype)]))
+        values = np.concatenate([rng.choice(codebook, 200), (rng.standard_t(2, 200) * 4).astype(dtype),
+                                 [codebook[0] - 1, codebook[-1] + 1, np.float64(codebook[0]) / 2]]).astype(dtype)
+        snapped = hash_pass._snap(values, codebook).astype(np.float64)
+        v, c = values.astype(np.float64), codebook.astype(np.float64)
+        dist = np.abs(v[:, None] - c[None, :])
+        nearest = c[np.argmin(dist, axis=1)]  # argmin: the lower entry on ties
+        np.testing.assert_array_equal(snapped, nearest)
+        stored = np.concatenate([rng.choice(codebook, 100), np.array([0.0, -0.0, -0.0], dtype)])
+        bits = hash_pass._distinct_bits(stored)
+        np.testing.assert_array_equal(hash_pass._indices(stored, bits), np.searchsorted(bits, hash_pass._bits(stored)))

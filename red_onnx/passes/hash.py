@@ -25,6 +25,7 @@ import time
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from numba import njit
 
 from ..budget import Candidate
 from ..context import Context, PassResult
@@ -227,19 +228,71 @@ def _split_scales(layer: Layer, hint, limit: int):
             normalised[scales == 0] = codebook[np.argmin(np.abs(codebook))]
         else:
             scales = np.where(scales != 0, scales, 1).astype(view.dtype)
-        if len(_distinct_bits(normalised)) <= limit and \
-                np.array_equal(_bits(normalised * scales[:, None]), _bits(flat)):
+        if codebook is not None and len(codebook):  # snapped: every value is an entry
+            fits = len(codebook) <= limit
+        else:
+            fits = _distinct_bits(normalised, limit) is not None
+        if fits and np.array_equal(_bits(normalised * scales[:, None]), _bits(flat)):
             return layer.stored(normalised.reshape(view.shape)), scales.reshape(shape)
     return None
 
 
+@njit(cache=True, nogil=True)
+def _nearest_entries(values, table, out):
+    """out[i] = index of the entry of the sorted ``table`` nearest to values[i] (ties: the lower),
+    as searchsorted's right neighbour and its left one compared, but O(1) per value: a bucket
+    table over [table[0], table[-1]] gives each value a start a step or two from its place."""
+    n = table.size
+    lo, hi = float(table[0]), float(table[n - 1])
+    buckets = 2 * n
+    inv = (buckets - 1) / (hi - lo) if hi > lo else 0.0
+    start = np.empty(buckets, np.int64)
+    j = 0
+    for k in range(buckets):  # first entry at or above the bucket's left end
+        while j < n and (float(table[j]) - lo) * inv < k:
+            j += 1
+        start[k] = j
+    for i in range(values.size):
+        v = float(values[i])
+        if n == 1 or v <= lo:
+            out[i] = 0
+            continue
+        if v >= hi:
+            out[i] = n - 1
+            continue
+        # entries before start[k] have (t - lo) * inv < k <= (v - lo) * inv, hence t < v (monotone)
+        j = start[min(int((v - lo) * inv), buckets - 1)]
+        while j < n and float(table[j]) < v:
+            j += 1
+        right = min(max(j, 1), n - 1)
+        left = right - 1
+        out[i] = left if abs(v - float(table[left])) <= abs(float(table[right]) - v) else right
+
+
+def _wide(values: np.ndarray) -> np.ndarray:
+    """1-D, contiguous, float16 widened to float32 (exactly; numba has no float16)."""
+    return np.ascontiguousarray(values, np.float32 if values.dtype == np.float16 else values.dtype).reshape(-1)
+
+
 def _snap(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     """Each value replaced by its nearest entry of the sorted ``codebook``."""
-    right = np.clip(np.searchsorted(codebook, values), 1, len(codebook) - 1) if len(codebook) > 1 \
-        else np.zeros(values.shape, np.int64)
-    left = np.maximum(right - 1, 0)
-    pick = np.where(np.abs(values - codebook[left]) <= np.abs(codebook[right] - values), left, right)
-    return codebook[pick]
+    pick = np.empty(values.size, np.int64)
+    _nearest_entries(_wide(values), _wide(codebook), pick)
+    return codebook[pick].reshape(values.shape)
+
+
+def _indices(stored: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """Position of each stored value's bit pattern in ``bits`` (sorted distinct patterns of them):
+    looked up by value, then by pattern where the value is ambiguous (-0.0 and +0.0)."""
+    codebook = bits.view(stored.dtype)
+    order = np.argsort(codebook, kind="stable")
+    idx = np.empty(stored.size, np.int64)
+    _nearest_entries(_wide(stored), _wide(codebook[order]), idx)
+    idx = order[idx]
+    query = _bits(np.ascontiguousarray(stored)).reshape(-1)
+    wrong = np.flatnonzero(bits[idx] != query)
+    idx[wrong] = np.searchsorted(bits, query[wrong])
+    return idx.reshape(stored.shape)
 
 
 def _bits(values: np.ndarray) -> np.ndarray:
@@ -247,10 +300,15 @@ def _bits(values: np.ndarray) -> np.ndarray:
     return values.view(np.dtype(f"u{values.dtype.itemsize}"))
 
 
-def _distinct_bits(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct bit patterns (a sort: np.unique on large integer arrays was ~100x slower)."""
-    b = np.sort(_bits(np.ascontiguousarray(values)), axis=None)
-    return b[np.concatenate(([True], b[1:] != b[:-1]))] if b.size else b
+def _distinct_bits(values: np.ndarray, limit: int | None = None) -> np.ndarray | None:
+    """Sorted distinct bit patterns (a sort: np.unique on large integer arrays was ~100x slower);
+    None if there are more than ``limit`` (found on a prefix where it can be: a shorter sort)."""
+    b = _bits(np.ascontiguousarray(values)).reshape(-1)
+    if limit is not None and b.size > 8 * limit and _distinct_bits(b[:8 * limit]).size > limit:
+        return None
+    b = np.sort(b)
+    b = b[np.concatenate(([True], b[1:] != b[:-1]))] if b.size else b
+    return None if limit is not None and b.size > limit else b
 
 
 def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, setting: str,
@@ -258,9 +316,10 @@ def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, 
     stored = constant.values
     if stored.size < MIN_ELEMENTS or stored.dtype not in (np.float16, np.float32, np.float64):
         return None
-    raw = _distinct_bits(stored)
+    widest = INDEX_TYPES[setting][-1][0]
+    raw = _distinct_bits(stored, widest)
     for limit, _ in INDEX_TYPES[setting]:  # the narrowest index that fits, then the smaller codebook
-        options = [(raw, stored, None)] if len(raw) <= limit else []
+        options = [(raw, stored, None)] if raw is not None and len(raw) <= limit else []
         split = _split_scales(layer, hint, limit) if layer is not None else None
         if split is not None:
             options.append((_distinct_bits(split[0]), *split))
@@ -271,7 +330,7 @@ def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, 
         return None
     codebook = bits.view(stored.dtype)
     index_type = next(t for n, t in INDEX_TYPES[setting] if len(codebook) <= n)
-    indices = np.searchsorted(bits, _bits(stored)).astype(index_type)
+    indices = _indices(stored, bits).astype(index_type)
     before = constant.values.nbytes
     after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
     if after + NODE_OVERHEAD >= before:
