@@ -1,6 +1,6 @@
 """Speed of KDE hashing (density + basins + assignment) on one core.
 
-    python -m bench.kde_speed                 # 50M float32 weights
+    python -m bench.kde_speed                 # 50M float32 weights (also written to bench/kde_speed.md)
     python -m bench.kde_speed --n 5000000     # smaller
 
 Times, on a normal-mixture float32 tensor with h = Silverman's bandwidth:
@@ -13,8 +13,10 @@ Times, on a normal-mixture float32 tensor with h = Silverman's bandwidth:
 * scipy: ``gaussian_kde`` evaluated on the same lattice, timed on a 1e5-value subsample and
   extrapolated linearly to the full size (it is O(n * grid)); assignment not included.
 
-Also measured: numba basin assignment vs ``np.searchsorted``, and the direct vs FFT
-convolution crossover that sets ``red_onnx.kde._FFT_RATIO``.
+Also measured: the basin count alone (``kde.PooledChannels.codebook_size``, what each probe of
+the hash pass's bandwidth search computes; the values sorted once beforehand), numba basin
+assignment vs ``np.searchsorted``, and the direct vs FFT convolution crossover that sets
+``red_onnx.kde._FFT_RATIO``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ["NUMBA_NUM_THREADS"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -125,7 +128,14 @@ def main(argv=None) -> None:
     lat = kde._plan(x, lo, hi, h, None)
     numpy_s = wall_cpu(lambda: numpy_hash(x, h, lat.origin, lat.step, lat.size), 1)
 
+    pooled = kde.PooledChannels(x, per_channel=False)
+    factor = h / pooled.reference
+    assert pooled.codebook_size(factor) == len(codebook)
+    count_s = wall_cpu(lambda: pooled.codebook_size(factor), args.repeat)
+
     rows = [("numba (red_onnx.kde.hash_values)", args.n, numba_s, ""),
+            ("basin count only (kde.PooledChannels.codebook_size)", args.n, count_s,
+             "a bandwidth-search probe; the one sort per weight not included"),
             ("numpy (histogram + convolve + searchsorted)", args.n, numpy_s, "")]
     try:
         from scipy.stats import gaussian_kde
@@ -156,24 +166,33 @@ def main(argv=None) -> None:
     # basin assignment alone: np.searchsorted + take instead of the numba lookup
     search_s = best_of(lambda: reps[np.searchsorted(info.edges, x, side="right")], 1, time.process_time)
 
-    print(f"# KDE hashing speed, 1 core (NUMBA_NUM_THREADS=1), {args.n:,} float32 weights\n")
-    print(f"bandwidth h = {h:.4g} (Silverman, {silverman_s:.2f} s, not included below), lattice {lat.size} "
-          f"points (step {lat.step:.3g}), {len(codebook)} modes")
-    print(f"numba JIT compile (cold cache, all kernels for float32): {compile_s:.2f} s; import {import_s:.2f} s; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
-    print("| method | weights | wall s | CPU s | weights/s (wall) | weights/s (CPU) | note |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    lines = []
+
+    def out(text=""):
+        print(text)
+        lines.append(text)
+
+    out(f"# KDE hashing speed, 1 core (NUMBA_NUM_THREADS=1), {args.n:,} float32 weights\n")
+    out(f"bandwidth h = {h:.4g} (Silverman, {silverman_s:.2f} s, not included below), lattice {lat.size} "
+        f"points (step {lat.step:.3g}), {len(codebook)} modes")
+    out(f"numba JIT compile (cold cache, all kernels for float32): {compile_s:.2f} s; import {import_s:.2f} s; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+    out("| method | weights | wall s | CPU s | weights/s (wall) | weights/s (CPU) | note |")
+    out("|---|---:|---:|---:|---:|---:|---|")
     for name, n, (wall, cpu), note in rows:
-        print(f"| {name} | {n:,} | {wall:.3f} | {cpu:.3f} | {n / wall:,.0f} | {n / cpu:,.0f} | {note} |")
-    print("\nnumba path, CPU seconds by phase:\n")
-    print("| phase | CPU s |")
-    print("|---|---:|")
+        out(f"| {name} | {n:,} | {wall:.3f} | {cpu:.3f} | {n / wall:,.0f} | {n / cpu:,.0f} | {note} |")
+    out("\nnumba path, CPU seconds by phase:\n")
+    out("| phase | CPU s |")
+    out("|---|---:|")
     for name, t in c.items():
-        print(f"| {name} | {t:.3f} |")
-    print(f"\nassignment by np.searchsorted(edges, x) + take instead: {search_s:.3f} CPU s "
-          f"(numba lookup: part of the third phase)")
-    print(f"direct/FFT crossover constant (FFT s per n log2 n / direct s per MAC): {crossover(kde):.1f} "
-          f"(kde._FFT_RATIO = {kde._FFT_RATIO})")
+        out(f"| {name} | {t:.3f} |")
+    out(f"\nassignment by np.searchsorted(edges, x) + take instead: {search_s:.3f} CPU s "
+        f"(numba lookup: part of the third phase)")
+    out(f"direct/FFT crossover constant (FFT s per n log2 n / direct s per MAC): {crossover(kde):.1f} "
+        f"(kde._FFT_RATIO = {kde._FFT_RATIO})")
+
+    if args.n == 50_000_000:
+        Path(__file__).with_name("kde_speed.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
