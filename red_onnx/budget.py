@@ -190,9 +190,10 @@ class Budget:
             self.history.append(spent)
             return spent
         frontier = {slot: 0 for slot in slots}  # index of the next level to try
+        value = {slot: self._value(slots[slot], 0, None) for slot in slots}  # of each slot's next level
         batch, rejects, current = 8, 0, before
         while frontier and evaluations < self.max_evaluations and before <= self.target:
-            ranked = sorted(frontier, key=lambda s: self._value(slots[s], frontier[s], accepted.get(s)), reverse=True)
+            ranked = sorted(frontier, key=value.__getitem__, reverse=True)
             take = [slots[s][frontier[s]] for s in ranked[:batch]]
             trial = {**accepted, **{c.slot: c for c in take}}
             dev = measure(list(trial.values()))
@@ -202,6 +203,8 @@ class Budget:
                     frontier[c.slot] += 1
                     if frontier[c.slot] >= len(slots[c.slot]):
                         del frontier[c.slot]
+                    else:
+                        value[c.slot] = self._value(slots[c.slot], frontier[c.slot], c)
                 batch *= 2
                 rejects = 0
             elif len(take) == 1:

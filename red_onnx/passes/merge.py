@@ -305,13 +305,19 @@ def _cluster_edits(space: Space, info: dict, pairs: list[tuple[int, int]]) -> di
         a, b = find(j), find(i)
         if a != b:
             parent[max(a, b)] = min(a, b)
-    roots = np.array([find(x) for x in range(c)])
+    roots = parent.copy()
+    while True:  # path doubling: every channel's root (the smallest member of its cluster)
+        up = roots[roots]
+        if np.array_equal(up, roots):
+            break
+        roots = up
     rows = info["rows"].copy()
     weights = info["weights"]
-    for r in np.unique(roots):
-        members = np.flatnonzero(roots == r)
-        if len(members) < 2:
-            continue
+    order = np.argsort(roots, kind="stable")  # clusters by root, members ascending
+    starts = np.flatnonzero(np.diff(roots[order], prepend=-1))
+    sizes = np.diff(starts, append=c)
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+        members = order[start:start + size]
         w = weights[members][:, None]
         if space.homogeneous:
             norms = np.linalg.norm(rows[members], axis=1, keepdims=True)
