@@ -223,14 +223,12 @@ def _split_scales(layer: Layer, hint, limit: int):
         scales = scales.astype(view.dtype)
         with np.errstate(divide="ignore", invalid="ignore"):
             normalised = (flat / np.where(scales != 0, scales, 1)[:, None]).astype(view.dtype)
-        if codebook is not None and len(codebook):
+        if codebook is not None and len(codebook):  # snapped: every value is an entry
             normalised = _snap(normalised, np.sort(codebook.astype(view.dtype)))
             normalised[scales == 0] = codebook[np.argmin(np.abs(codebook))]
-        else:
-            scales = np.where(scales != 0, scales, 1).astype(view.dtype)
-        if codebook is not None and len(codebook):  # snapped: every value is an entry
             fits = len(codebook) <= limit
         else:
+            scales = np.where(scales != 0, scales, 1).astype(view.dtype)
             fits = _distinct_bits(normalised, limit) is not None
         if fits and np.array_equal(_bits(normalised * scales[:, None]), _bits(flat)):
             return layer.stored(normalised.reshape(view.shape)), scales.reshape(shape)

@@ -305,7 +305,7 @@ def _cluster_edits(space: Space, info: dict, pairs: list[tuple[int, int]]) -> di
         a, b = find(j), find(i)
         if a != b:
             parent[max(a, b)] = min(a, b)
-    roots = parent.copy()
+    roots = parent
     while True:  # path doubling: every channel's root (the smallest member of its cluster)
         up = roots[roots]
         if np.array_equal(up, roots):
