@@ -338,6 +338,55 @@ def test_mean_representative_properties(x, log_h, dtype):
         kde.hash_values(x, h, representative="median")
 
 
+def _lloyd_oracle(x, centres):
+    """Plain Lloyd: every value to its nearest centre (ties at a midpoint: the upper), centres to
+    their cells' means (empty cells dropped), until the assignment repeats."""
+    c, previous = np.unique(centres), None
+    while True:
+        cell = np.searchsorted(0.5 * (c[1:] + c[:-1]), x, side="right")
+        if previous is not None and np.array_equal(cell, previous):
+            return c
+        used = np.unique(cell)
+        c = np.array([x[cell == k].mean() for k in used])
+        previous = np.searchsorted(used, cell)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=arrays, log_h=st.floats(-4, 2), dtype=st.sampled_from([np.float32, np.float64]))
+def test_lloyd_representative_properties(x, log_h, dtype):
+    """Lloyd from the basin means: the centres a plain Lloyd loop reaches from the same start, at
+    most as many entries and never more squared error than the means, each value at its nearest
+    entry, a one-valued cell exact."""
+    x = x.astype(dtype)
+    h = 10.0**log_h
+    mean_hashed, means, _ = kde.hash_values(x, h, return_indices=True, representative="mean")
+    hashed, centres, idx = kde.hash_values(x, h, return_indices=True, representative="lloyd")
+    assert hashed.dtype == dtype and centres.size <= means.size
+    assert np.array_equal(kde.hash_values(x, h, representative="lloyd")[0], hashed)
+    x64 = x.astype(np.float64)
+    oracle = _lloyd_oracle(x64, np.unique(means.astype(np.float64)))
+    fi = np.finfo(dtype)
+    tol = 4 * fi.eps * np.abs(x64).max() + fi.smallest_subnormal
+    assert oracle.size == centres.size and np.allclose(centres, oracle, rtol=0, atol=tol)
+    for k in range(centres.size):
+        members = x64[idx == k]
+        assert members.size and (np.unique(members).size > 1 or centres[k] == members[0])
+    nearest = np.abs(x64[:, None] - centres.astype(np.float64)[None, :]).min(1)
+    assert np.all(np.abs(hashed - x64) <= nearest + 2 * tol)
+    mean_sse = np.sum((mean_hashed - x64) ** 2)
+    assert np.sum((hashed - x64) ** 2) <= mean_sse * (1 + 8 * fi.eps) + x.size * tol**2 + 1e-300
+
+
+def test_lloyd_lowers_error_on_heavy_tails():
+    """Where the KDE's basins fit badly (Laplace values, one bandwidth for the whole range), Lloyd
+    keeps the number of entries and cuts the error several times."""
+    x = np.random.default_rng(0).laplace(size=20_000)
+    mean_err = np.linalg.norm(kde.hash_values(x, 0.05, representative="mean")[0] - x)
+    hashed, centres = kde.hash_values(x, 0.05, representative="lloyd")
+    assert centres.size == kde.hash_values(x, 0.05, representative="mean")[1].size
+    assert np.linalg.norm(hashed - x) < 0.3 * mean_err
+
+
 @settings(max_examples=40, deadline=None)
 @given(x=arrays, log_h=st.floats(-3, 1))
 def test_sparse_lattice_matches_dense(x, log_h):
@@ -377,7 +426,7 @@ def _onnxruntime_gather_mul(codebook, idx, scales_b):
     return sess.run(None, {"s": scales_b})[0]
 
 
-@pytest.mark.parametrize("representative", ["mode", "mean"])
+@pytest.mark.parametrize("representative", ["mode", "mean", "lloyd"])
 @pytest.mark.parametrize("scale", ["maxabs", "std", "pow2"])
 def test_hash_channels_is_gather_times_scale_bit_for_bit(scale, representative):
     rng = np.random.default_rng(7)

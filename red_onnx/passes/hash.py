@@ -2,8 +2,9 @@
 
 Hashing: per layer, each output channel is normalised by its max-abs s_c, the normalised values
 of all channels are pooled into one Gaussian KDE with bandwidth h = f·Silverman, the density's
-minima cut the values into basins, every value moves to its basin's representative u (the basin's
-mean: RED takes the mode, but the mean has the least squared error for the same basins), and the
+minima cut the values into basins, and every value moves to a representative u: RED takes its
+basin's mode; here the basins' means are refined by Lloyd's 1-D k-means (the KDE fixes how many
+entries and where they start, Lloyd lowers their squared error: bench/scale_study.md). The
 hashed weight is fl(u·s_c) (:func:`red_onnx.kde.hash_channels`), exactly what the stored codebook
 form computes. Each layer offers the budget, per index width, the smallest bandwidth factor f whose
 codebook fits that width (bytes only drop at a width boundary, while the error grows with f); the
@@ -45,7 +46,7 @@ INDEX_TYPES = {"uint8": ((256, np.uint8),), "auto": ((256, np.uint8), (65536, np
 SCALE = "maxabs"
 #: basin representative (bench/scale_study.md: every MobileNetV2 layer at 256 entries keeps top-1
 #: agreement 0.953 with the basin mean, 0.928 with RED's mode; 0.925 for uniform int8)
-REPRESENTATIVE = "mean"
+REPRESENTATIVE = "lloyd"
 MIN_ELEMENTS = 1024  # smaller weights are not worth a codebook
 NODE_OVERHEAD = 512  # bytes the Cast/Gather/Mul nodes and names add to the file, about
 
