@@ -16,7 +16,7 @@ from .passes import PLANNED
 
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
 #: The CLI's error budget, chosen on the benchmark (README: "The default tolerance").
-DEFAULT_TOLERANCE = 0.005
+DEFAULT_TOLERANCE = 0.003
 
 EPILOG = """exit codes:
   0  written (or nothing to do: written unchanged)

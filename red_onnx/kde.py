@@ -811,7 +811,8 @@ def _hash_flat(work, lo, hi, h, grid_size, labels, representative="mode"):
         raise ValueError(f"representative must be 'mode', 'mean' or 'lloyd', got {representative!r}")
     if representative == "lloyd":
         reps, starts = _lloyd(work, reps)
-        lab = np.searchsorted(starts[1:], work, side="right").astype(_label_dtype(reps.size, labels is True))
+        lab = np.empty(work.size, _label_dtype(reps.size, labels is True))
+        _cells_of(work, starts, lab)
         index = None
     if labels:
         if index is not None:
@@ -902,6 +903,32 @@ def _lloyd_cells(xs, prefix, bounds, steps):
         b[m] = xs.size
         k = m
     return b[:k].copy()
+
+
+@njit(cache=True, nogil=True)
+def _cells_of(x, starts, out):
+    """out[i] = the last k with starts[k] <= x[i] (``starts`` ascending, starts[0] <= min x), as
+    ``searchsorted(starts[1:], x, "right")`` but O(1) per value: a table over 2k equal buckets
+    of [starts[0], starts[-1]] gives each value the first start at or above its bucket."""
+    k = starts.size
+    lo, hi = starts[0], starts[k - 1]
+    buckets = 2 * k
+    inv = (buckets - 1) / (hi - lo) if hi > lo else 0.0
+    first = np.empty(buckets, np.int64)
+    j = 0
+    for b in range(buckets):
+        while j < k and (starts[j] - lo) * inv < b:
+            j += 1
+        first[b] = j
+    for i in range(x.size):
+        v = x[i]
+        if v >= hi:
+            out[i] = k - 1
+            continue
+        j = first[min(int((v - lo) * inv), buckets - 1)]  # starts before j are < v (monotone)
+        while j < k and starts[j] <= v:
+            j += 1
+        out[i] = j - 1
 
 
 @njit(cache=True, nogil=True)
