@@ -378,6 +378,19 @@ def test_lloyd_representative_properties(x, log_h, dtype):
     assert np.sum((hashed - x64) ** 2) <= mean_sse * (1 + 8 * fi.eps) + x.size * tol**2 + 1e-300
 
 
+@pytest.mark.parametrize("k", [1, 2, 7, 300])
+def test_cells_of_matches_searchsorted(k):
+    """The bucket lookup that labels Lloyd's cells agrees with binary search, values on the cell
+    starts and at both ends included."""
+    rng = np.random.default_rng(k)
+    x = (rng.laplace(size=5000) * 0.1).astype(np.float32)
+    starts = np.unique(np.concatenate(([x.min()], rng.choice(x, k - 1)))).astype(np.float64)
+    x = np.concatenate((x, starts.astype(np.float32), [x.max()]))
+    out = np.empty(x.size, np.int32)
+    kde._cells_of(x, starts, out)
+    assert np.array_equal(out, np.searchsorted(starts[1:], x, side="right"))
+
+
 def test_lloyd_lowers_error_on_heavy_tails():
     """Where the KDE's basins fit badly (Laplace values, one bandwidth for the whole range), Lloyd
     keeps the number of entries and cuts the error several times."""
