@@ -883,7 +883,7 @@ def _lloyd_cells(xs, prefix, bounds, steps):
         changed = False
         for j in range(1, k):
             mid = 0.5 * (c[j - 1] + c[j])
-            lo, hi = b[j - 1], b[j + 1]  # xs[lo] <= c[j-1] <= mid <= c[j] <= xs[hi - 1]
+            lo, hi = b[j - 1], b[j + 1]  # bracket: cut j-1 (just moved, mid_{j-1} < mid), xs[hi-1] >= c[j] >= mid
             while lo < hi:  # first index with xs >= mid
                 m = (lo + hi) // 2
                 if xs[m] < mid:
