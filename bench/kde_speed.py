@@ -8,6 +8,8 @@ Times, on a normal-mixture float32 tensor with h = Silverman's bandwidth:
 * numba: ``red_onnx.kde.hash_values`` (min/max, linear binning, direct convolution, extrema,
   basin lookup + nearest-member reduction, gather), best of ``--repeat`` runs, after a warm-up;
   the JIT compile time (cold cache, in a fresh cache folder) is reported separately;
+* numba + Lloyd: the same with ``representative="lloyd"``, what the hash pass uses (adds the basin
+  means, a sort of the values, the Lloyd steps and a lookup of each value's cell);
 * numpy: ``np.histogram`` binning + ``np.convolve`` + extrema + ``np.searchsorted`` + take,
   on the same lattice (its representatives are lattice peaks, not member values);
 * scipy: ``gaussian_kde`` evaluated on the same lattice, timed on a 1e5-value subsample and
@@ -123,6 +125,7 @@ def main(argv=None) -> None:
 
     hashed, codebook = kde.hash_values(x, h)
     numba_s = wall_cpu(lambda: kde.hash_values(x, h), args.repeat)
+    lloyd_s = wall_cpu(lambda: kde.hash_values(x, h, representative="lloyd"), args.repeat)
 
     lo, hi = float(x.min()), float(x.max())
     lat = kde._plan(x, lo, hi, h, None)
@@ -134,6 +137,8 @@ def main(argv=None) -> None:
     count_s = wall_cpu(lambda: pooled.codebook_size(factor), args.repeat)
 
     rows = [("numba (red_onnx.kde.hash_values)", args.n, numba_s, ""),
+            ("numba + Lloyd centres (representative=\"lloyd\", the hash pass's)", args.n, lloyd_s,
+             "+ basin means, a sort, the Lloyd steps and a cell lookup per value"),
             ("basin count only (kde.PooledChannels.codebook_size)", args.n, count_s,
              "a bandwidth-search probe; the one sort per weight not included"),
             ("numpy (histogram + convolve + searchsorted)", args.n, numpy_s, "")]
