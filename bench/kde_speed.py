@@ -8,8 +8,9 @@ Times, on a normal-mixture float32 tensor with h = Silverman's bandwidth:
 * numba: ``red_onnx.kde.hash_values`` (min/max, linear binning, direct convolution, extrema,
   basin lookup + nearest-member reduction, gather), best of ``--repeat`` runs, after a warm-up;
   the JIT compile time (cold cache, in a fresh cache folder) is reported separately;
-* numba + Lloyd: the same with ``representative="lloyd"``, what the hash pass uses (adds the basin
-  means, a sort of the values, the Lloyd steps and a lookup of each value's cell);
+* numba + Lloyd: the same with ``representative="lloyd"``, what the hash pass uses (the KDE's
+  edges only, then a sort of the values, prefix sums, the Lloyd steps from the basins and a lookup
+  of each value's cell);
 * numpy: ``np.histogram`` binning + ``np.convolve`` + extrema + ``np.searchsorted`` + take,
   on the same lattice (its representatives are lattice peaks, not member values);
 * scipy: ``gaussian_kde`` evaluated on the same lattice, timed on a 1e5-value subsample and
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
 
     rows = [("numba (red_onnx.kde.hash_values)", args.n, numba_s, ""),
             ("numba + Lloyd centres (representative=\"lloyd\", the hash pass's)", args.n, lloyd_s,
-             "+ basin means, a sort, the Lloyd steps and a cell lookup per value"),
+             "+ a sort, prefix sums, the Lloyd steps from the basins, a cell lookup per value"),
             ("basin count only (kde.PooledChannels.codebook_size)", args.n, count_s,
              "a bandwidth-search probe; the one sort per weight not included"),
             ("numpy (histogram + convolve + searchsorted)", args.n, numpy_s, "")]

@@ -801,19 +801,18 @@ def basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -
 def _hash_flat(work, lo, hi, h, grid_size, labels, representative="mode"):
     """Hashed values (dtype of ``work``) or basin indices (``labels`` True: int32; "compact":
     uint8/uint16/int32, the smallest that fits), and the float64 representatives."""
+    if representative not in ("mode", "mean", "lloyd"):
+        raise ValueError(f"representative must be 'mode', 'mean' or 'lloyd', got {representative!r}")
     if work.size == 0:
         return (np.empty(0, np.int32) if labels else work.copy()), np.empty(0)
-    info, lab, index = _analyze(work, lo, hi, h, grid_size, int32=labels is True)
-    reps = info.modes
-    if representative in ("mean", "lloyd"):
-        reps = _basin_means(work, lab, index, reps)
-    elif representative != "mode":
-        raise ValueError(f"representative must be 'mode', 'mean' or 'lloyd', got {representative!r}")
     if representative == "lloyd":
-        reps, starts = _lloyd(work, reps)
+        reps, starts = _lloyd(work, _kde_edges(work, lo, hi, h, grid_size))
         lab = np.empty(work.size, _label_dtype(reps.size, labels is True))
         _cells_of(work, starts, lab)
         index = None
+    else:
+        info, lab, index = _analyze(work, lo, hi, h, grid_size, int32=labels is True)
+        reps = info.modes if representative == "mode" else _basin_means(work, lab, index, info.modes)
     if labels:
         if index is not None:
             _gather(index.astype(lab.dtype), lab, lab)
@@ -850,16 +849,27 @@ def _basin_means(work, lab, index, modes):
 LLOYD_STEPS = 1000  #: at most (244 of the 247 layer hashes the pass makes on 4 bench models stop before)
 
 
-def _lloyd(work, centres):
-    """Lloyd's 1-D k-means from ``centres``: ``(sorted final centres, float64; the smallest value
-    of each centre's cell, ascending)``. A value ``x`` belongs to the last cell whose smallest
-    value is ``<= x``."""
+def _lloyd(work, edges):
+    """Lloyd's 1-D k-means from the KDE's basins (cut at ``edges``): ``(sorted final centres,
+    float64; the smallest value of each centre's cell, ascending)``. A value ``x`` belongs to the
+    last cell whose smallest value is ``<= x``."""
     xs = np.sort(work)
-    prefix = np.concatenate(([0.0], np.cumsum(xs, dtype=np.float64)))
-    c = np.unique(centres)
-    bounds = np.concatenate(([0], np.searchsorted(xs, 0.5 * (c[1:] + c[:-1]), side="left"), [xs.size]))
-    starts = _lloyd_cells(xs, prefix, bounds, LLOYD_STEPS)
+    prefix = np.empty(xs.size + 1)
+    _prefix_sums(xs, prefix)
+    bounds = np.concatenate(([0], np.searchsorted(xs, edges, side="left"), [xs.size]))
+    # one step more: the first only moves the cuts from the basin edges to the means' midpoints
+    starts = _lloyd_cells(xs, prefix, bounds, LLOYD_STEPS + 1)
     return _cell_means(xs, starts), xs[starts].astype(np.float64)
+
+
+@njit(cache=True, nogil=True)
+def _prefix_sums(xs, out):
+    """out[0] = 0, out[i + 1] = xs[0] + ... + xs[i] in float64 (as np.cumsum)."""
+    acc = 0.0
+    out[0] = 0.0
+    for i in range(xs.size):
+        acc += float(xs[i])
+        out[i + 1] = acc
 
 
 @njit(cache=True, nogil=True)
@@ -908,11 +918,12 @@ def _lloyd_cells(xs, prefix, bounds, steps):
 @njit(cache=True, nogil=True)
 def _cells_of(x, starts, out):
     """out[i] = the last k with starts[k] <= x[i] (``starts`` ascending, starts[0] <= min x), as
-    ``searchsorted(starts[1:], x, "right")`` but O(1) per value: a table over 2k equal buckets
-    of [starts[0], starts[-1]] gives each value the first start at or above its bucket."""
+    ``searchsorted(starts[1:], x, "right")`` but O(1) per value: a table over max(2k, 1024) equal
+    buckets of [starts[0], starts[-1]] gives each value the first start at or above its bucket
+    (few starts per bucket: the scan after it is short and predictable)."""
     k = starts.size
     lo, hi = starts[0], starts[k - 1]
-    buckets = 2 * k
+    buckets = max(2 * k, 1024)
     inv = (buckets - 1) / (hi - lo) if hi > lo else 0.0
     first = np.empty(buckets, np.int64)
     j = 0
@@ -1011,23 +1022,26 @@ def _normalise(w, per_channel, scale):
     return np.ones(w.shape[0], w.dtype), np.ones(w.shape[0], np.bool_), flat
 
 
-def _count_nonempty(sorted_work, lo, hi, h, grid_size):
-    """Number of non-empty basins of ``sorted_work`` (sorted ascending) at bandwidth ``h``: the
-    codebook size of :func:`_hash_flat`, from the edges alone (a value ``v`` is in basin
-    ``#{e : edges[e] <= v}``, as ``_analyze`` assigns it), without labelling every value."""
-    n = sorted_work.size
-    if n == 0 or h >= 2.0 * (hi - lo):
-        return min(n, 1)
-    lat = _plan(sorted_work, lo, hi, h, grid_size)
-    d, _, s0, s1, slat, sparse = _lattice_density(sorted_work, lat, h, lo, hi)
+def _kde_edges(work, lo, hi, h, grid_size):
+    """The density's minima, ascending, those of empty basins included: a value ``v`` is in basin
+    ``#{e : edges[e] <= v}``, as ``_analyze`` assigns it (dropping the edges of empty basins
+    moves no value). Empty when the KDE is unimodal (``h >= 2 * range``)."""
+    if work.size == 0 or h >= 2.0 * (hi - lo):
+        return np.empty(0)
+    lat = _plan(work, lo, hi, h, grid_size)
+    d, _, s0, s1, slat, sparse = _lattice_density(work, lat, h, lo, hi)
     pk, e2, ev, npk, ned = _extrema(d, s0, s1, slat)
     if lat.size > 0:
-        edges = lat.origin + lat.step * (0.5 * e2)
-    else:
-        fl, ce = sparse
-        edges = _assemble_sparse(lat.u, lat.cstart, lat.mat, fl, ce, pk, e2, ev, npk, ned, lat.origin, lat.step)[1]
-    below = np.searchsorted(sorted_work, edges, side="left")  # values in basins 0..e
-    return int(np.count_nonzero(np.diff(below, prepend=0, append=n)))
+        return lat.origin + lat.step * (0.5 * e2)
+    fl, ce = sparse
+    return _assemble_sparse(lat.u, lat.cstart, lat.mat, fl, ce, pk, e2, ev, npk, ned, lat.origin, lat.step)[1]
+
+
+def _count_nonempty(sorted_work, lo, hi, h, grid_size):
+    """Number of non-empty basins of ``sorted_work`` (sorted ascending) at bandwidth ``h``: the
+    codebook size of :func:`_hash_flat`, from the edges alone, without labelling every value."""
+    below = np.searchsorted(sorted_work, _kde_edges(sorted_work, lo, hi, h, grid_size), side="left")
+    return int(np.count_nonzero(np.diff(below, prepend=0, append=sorted_work.size)))
 
 
 class PooledChannels:
