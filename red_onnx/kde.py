@@ -9,9 +9,11 @@ It is computed on a lattice ``t_k = t_0 + k*D``:
      so the result does not depend on the order of the values);
   2. discrete convolution ``f_k ∝ sum_j c_{k-j} g_j`` with the Gaussian sampled at
      ``j*D``, truncated at ``|j*D| <= T*h`` (``T = TRUNCATION = 5``; ``g_R / g_0 = 3.7e-6``).
-     Direct (numba, skipping empty bins) when ``nnz(c) * (2R+1) <= 2 * nfft * log2(nfft)``,
-     numpy FFT otherwise (crossover measured by ``bench/kde_speed.py``); with the default
-     lattice the kernel has 41 taps and the direct path is taken.
+     Direct (numba: skipping empty bins where fewer than 1 in 5 are non-empty, else one tap at
+     a time over cache-sized tiles, vectorized, about 5x faster per product) when its cost in
+     products of the sparse loop, ``min(nnz(c), size/5) * (2R+1)``, is at most
+     ``2 * nfft * log2(nfft)``; numpy FFT otherwise (crossover measured by
+     ``bench/kde_speed.py``). With the default lattice the kernel has 41 taps: direct.
 
 Default lattice: ``D = min(h/4, range/1024)``, covering ``[min - T*h, max + T*h]`` but at most
 ``MAX_PAD`` steps beyond the values (further out the density is monotone: no extrema).  When
@@ -106,10 +108,15 @@ UNIMODAL_CAP = 64.0
 _MIN_STEP = 2.0**-1000
 #: lattice positions stay below this so that they are exact in float64 / int64
 _MAX_POSITION = float(2**50)
-#: FFT convolution when nnz * taps > _FFT_RATIO * nfft * log2(nfft) (measured: bench/kde_speed.py)
+#: FFT convolution when min(nnz, size / _SPARSE_RATIO) * taps > _FFT_RATIO * nfft * log2(nfft)
+#: (the direct loops' cost in products of the sparse loop; measured: bench/kde_speed.py)
 _FFT_RATIO = 2.0
 #: FFT output below this fraction of its maximum is rounding noise: set to 0
 _FFT_FLOOR = 1e-12
+#: the direct convolution skips empty bins where fewer than 1 in _SPARSE_RATIO are non-empty; else
+#: the vectorized tap loop runs, about that much faster per product (4-7x measured, one core)
+_SPARSE_RATIO = 5
+_TILE = 2048  # outputs per tile of the tap loop (a tile and its inputs stay in cache)
 
 
 class Basins(NamedTuple):
@@ -200,6 +207,30 @@ def _convolve_direct(w, g, R):
             hi = M - 1
         for i in range(lo, hi + 1):
             out[i] += c * g[i - j + R]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _convolve_taps(w, g, R):
+    """:func:`_convolve_direct` for mostly non-empty bins, bit for bit: every out_i adds the same
+    products in the same order (j ascending, i.e. taps from the last), zeros included (adding +0.0
+    to a non-negative sum changes nothing). One tap at a time over a tile of outputs that stays in
+    cache: contiguous slices, which the compiler vectorizes (5-7x faster on dense bins)."""
+    M = w.size
+    out = np.zeros(M)
+    for b0 in range(0, M, _TILE):
+        b1 = min(b0 + _TILE, M)
+        for t in range(2 * R, -1, -1):
+            gt = g[t]
+            off = R - t  # out_i += w_{i+off} g_t
+            lo = max(b0, -off)
+            n = min(b1, M - off) - lo
+            if n <= 0:
+                continue
+            dst = out[lo:lo + n]
+            src = w[lo + off:lo + off + n]
+            for k in range(n):
+                dst[k] += src[k] * gt
     return out
 
 
@@ -565,8 +596,9 @@ def _kernel(h, step, R):
 def _convolve(w, g, R):
     nnz = int(np.count_nonzero(w))
     nfft = 1 << (w.size + 2 * R).bit_length()
-    if nnz * (2 * R + 1) <= _FFT_RATIO * nfft * math.log2(nfft):
-        return _convolve_direct(w, g, R)
+    sparse = nnz * _SPARSE_RATIO < w.size
+    if min(nnz, w.size / _SPARSE_RATIO) * (2 * R + 1) <= _FFT_RATIO * nfft * math.log2(nfft):
+        return _convolve_direct(w, g, R) if sparse else _convolve_taps(w, g, R)
     full = np.fft.irfft(np.fft.rfft(w, nfft) * np.fft.rfft(g, nfft), nfft)
     out = full[R : R + w.size]
     out[out < _FFT_FLOOR * out.max()] = 0.0

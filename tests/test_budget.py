@@ -385,3 +385,23 @@ def test_probe_runner_batches_only_where_samples_stay_apart(mixes_batch):
     assert sess.runs == (5 if mixes_batch else 1)
     for out, probe in zip(got, probes):
         np.testing.assert_allclose(out[0], sess.sess.run(None, probe)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("measured_ranking", [False, True])
+def test_screening_probes_never_accept_what_the_other_probes_reject(measured_ranking):
+    """Candidates are screened on the first few probes (a lower bound of the deviation); zeroing
+    row 0 is invisible there (x₀ = 0 on them) and large on the others, so it must be rejected,
+    while a harmless edit is taken."""
+    rng = np.random.default_rng(5)
+    k, n = 6, 3
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    probes = uniform_probes(rng, k, 8)
+    for p in probes[:4]:
+        p["x"][0, 0] = 0.0
+    cands = [Candidate("hidden", "row0", (n, n, 4 * n), 0.0, data=("zero_row", 0)),
+             Candidate("harmless", "row1", (n, n, 4 * n), 1.0, data=("scale_row", 1, 0.999))]
+    edits = Edits(w)
+    spent = make_budget(w, 0.05, probes).spend(mm_model(w), cands, edits, measured_ranking=measured_ranking)
+    assert measured(w, edits([cands[0]])["W"], probes[:4]) == 0.0 < 0.04 < measured(w, edits([cands[0]])["W"], probes)
+    assert [c.key for c in spent.accepted] == ["harmless"]
+    assert measured(w, edits(spent.accepted)["W"], probes) <= 0.04
