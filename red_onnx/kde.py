@@ -839,8 +839,12 @@ def _hash_flat(work, lo, hi, h, grid_size, labels, representative="mode"):
         return (np.empty(0, np.int32) if labels else work.copy()), np.empty(0)
     if representative == "lloyd":
         reps, starts = _lloyd(work, _kde_edges(work, lo, hi, h, grid_size))
+        if not labels:  # each value's cell entry written directly
+            out = np.empty_like(work)
+            _cells_of(work, starts, np.empty(0, np.int32), reps.astype(work.dtype), out)
+            return out, reps
         lab = np.empty(work.size, _label_dtype(reps.size, labels is True))
-        _cells_of(work, starts, lab)
+        _cells_of(work, starts, lab, reps[:0], reps[:0])
         index = None
     else:
         info, lab, index = _analyze(work, lo, hi, h, grid_size, int32=labels is True)
@@ -886,27 +890,58 @@ def _lloyd(work, edges):
     float64; the smallest value of each centre's cell, ascending)``. A value ``x`` belongs to the
     last cell whose smallest value is ``<= x``."""
     xs = np.sort(work)
-    prefix = np.empty(xs.size + 1)
+    prefix = np.empty(xs.size // PREFIX_BLOCK + 1)
     _prefix_sums(xs, prefix)
-    bounds = np.concatenate(([0], np.searchsorted(xs, edges, side="left"), [xs.size]))
+    bounds = np.concatenate(([0], _first_at_least(xs, edges), [xs.size]))
     # one step more: the first only moves the cuts from the basin edges to the means' midpoints
     starts = _lloyd_cells(xs, prefix, bounds, LLOYD_STEPS + 1)
     return _cell_means(xs, starts), xs[starts].astype(np.float64)
 
 
 @njit(cache=True, nogil=True)
+def _first_at_least(xs, keys):
+    """For each key, the first index i with xs[i] >= key (``xs`` sorted), compared in float64: as
+    ``np.searchsorted(xs, keys, "left")``, which would first copy float32 ``xs`` to float64."""
+    out = np.empty(keys.size, np.int64)
+    for j in range(keys.size):
+        lo, hi = 0, xs.size
+        while lo < hi:
+            m = (lo + hi) // 2
+            if float(xs[m]) < keys[j]:
+                lo = m + 1
+            else:
+                hi = m
+        out[j] = lo
+    return out
+
+
+PREFIX_BLOCK = 64  #: prefix sums are kept every PREFIX_BLOCK values (1/64 of the memory)
+
+
+@njit(cache=True, nogil=True)
 def _prefix_sums(xs, out):
-    """out[0] = 0, out[i + 1] = xs[0] + ... + xs[i] in float64 (as np.cumsum)."""
+    """out[b] = xs[0] + ... + xs[b·PREFIX_BLOCK − 1], summed in order in float64."""
     acc = 0.0
     out[0] = 0.0
     for i in range(xs.size):
         acc += float(xs[i])
-        out[i + 1] = acc
+        if (i + 1) % PREFIX_BLOCK == 0:
+            out[(i + 1) // PREFIX_BLOCK] = acc
+
+
+@njit(cache=True, nogil=True)
+def _prefix_at(xs, prefix, i):
+    """xs[0] + ... + xs[i − 1], the same float64 additions in the same order as one running sum."""
+    b = i // PREFIX_BLOCK
+    acc = prefix[b]
+    for t in range(b * PREFIX_BLOCK, i):
+        acc += float(xs[t])
+    return acc
 
 
 @njit(cache=True, nogil=True)
 def _lloyd_cells(xs, prefix, bounds, steps):
-    """Lloyd steps on sorted ``xs`` (``prefix``: its cumulative sums, float64) from the cells
+    """Lloyd steps on sorted ``xs`` (``prefix``: its blocked cumulative sums) from the cells
     ``xs[bounds[j]:bounds[j+1]]``, until no cell changes: each centre moves to its cell's mean
     (empty cells are dropped), then each cut to the midpoint of its two centres, found by binary
     search between the two cells' old ends (the new midpoint lies within them). Returns the
@@ -921,7 +956,7 @@ def _lloyd_cells(xs, prefix, bounds, steps):
     c = np.empty(k)
     for _ in range(steps):
         for j in range(k):
-            c[j] = (prefix[b[j + 1]] - prefix[b[j]]) / (b[j + 1] - b[j])
+            c[j] = (_prefix_at(xs, prefix, b[j + 1]) - _prefix_at(xs, prefix, b[j])) / (b[j + 1] - b[j])
         changed = False
         for j in range(1, k):
             mid = 0.5 * (c[j - 1] + c[j])
@@ -948,11 +983,13 @@ def _lloyd_cells(xs, prefix, bounds, steps):
 
 
 @njit(cache=True, nogil=True)
-def _cells_of(x, starts, out):
+def _cells_of(x, starts, out, entries, values):
     """out[i] = the last k with starts[k] <= x[i] (``starts`` ascending, starts[0] <= min x), as
     ``searchsorted(starts[1:], x, "right")`` but O(1) per value: a table over max(2k, 1024) equal
     buckets of [starts[0], starts[-1]] gives each value the first start at or above its bucket
-    (few starts per bucket: the scan after it is short and predictable)."""
+    (few starts per bucket: the scan after it is short and predictable). With ``values``
+    non-empty, values[i] = entries[k] is written instead of out[i]."""
+    direct = values.size > 0
     k = starts.size
     lo, hi = starts[0], starts[k - 1]
     buckets = max(2 * k, 1024)
@@ -966,12 +1003,15 @@ def _cells_of(x, starts, out):
     for i in range(x.size):
         v = x[i]
         if v >= hi:
-            out[i] = k - 1
-            continue
-        j = first[min(int((v - lo) * inv), buckets - 1)]  # starts before j are < v (monotone)
-        while j < k and starts[j] <= v:
-            j += 1
-        out[i] = j - 1
+            j = k
+        else:
+            j = first[min(int((v - lo) * inv), buckets - 1)]  # starts before j are < v (monotone)
+            while j < k and starts[j] <= v:
+                j += 1
+        if direct:
+            values[i] = entries[j - 1]
+        else:
+            out[i] = j - 1
 
 
 @njit(cache=True, nogil=True)
@@ -1072,7 +1112,7 @@ def _kde_edges(work, lo, hi, h, grid_size):
 def _count_nonempty(sorted_work, lo, hi, h, grid_size):
     """Number of non-empty basins of ``sorted_work`` (sorted ascending) at bandwidth ``h``: the
     codebook size of :func:`_hash_flat`, from the edges alone, without labelling every value."""
-    below = np.searchsorted(sorted_work, _kde_edges(sorted_work, lo, hi, h, grid_size), side="left")
+    below = _first_at_least(sorted_work, _kde_edges(sorted_work, lo, hi, h, grid_size))
     return int(np.count_nonzero(np.diff(below, prepend=0, append=sorted_work.size)))
 
 

@@ -400,8 +400,28 @@ def test_cells_of_matches_searchsorted(k):
     starts = np.unique(np.concatenate(([x.min()], rng.choice(x, k - 1)))).astype(np.float64)
     x = np.concatenate((x, starts.astype(np.float32), [x.max()]))
     out = np.empty(x.size, np.int32)
-    kde._cells_of(x, starts, out)
+    entries = np.arange(starts.size, dtype=np.float32) * 3 + 1
+    kde._cells_of(x, starts, out, entries[:0], entries[:0])
     assert np.array_equal(out, np.searchsorted(starts[1:], x, side="right"))
+    values = np.empty_like(x)
+    kde._cells_of(x, starts, out[:0], entries, values)  # the entries written directly
+    assert np.array_equal(values, entries[out])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lloyd_search_helpers_match_numpy(dtype):
+    """The blocked prefix sums give the running float64 sum at every index bit for bit, and the
+    binary search in float64 agrees with np.searchsorted (ties and both ends included)."""
+    rng = np.random.default_rng(3)
+    xs = np.sort(rng.standard_normal(1000).astype(dtype))  # not a multiple of the block
+    xs[500:600] = xs[500]
+    blocks = np.empty(xs.size // kde.PREFIX_BLOCK + 1)
+    kde._prefix_sums(xs, blocks)
+    running = np.concatenate(([0.0], np.cumsum(xs.astype(np.float64))))
+    assert all(kde._prefix_at(xs, blocks, i) == running[i] for i in range(xs.size + 1))
+    keys = np.sort(np.concatenate((rng.standard_normal(50), xs[[0, 500, 999]].astype(np.float64), [-10.0, 10.0],
+                                   np.nextafter(xs[[500]].astype(np.float64), -1))))
+    assert np.array_equal(kde._first_at_least(xs, keys), np.searchsorted(xs, keys, side="left"))
 
 
 def test_lloyd_lowers_error_on_heavy_tails():
