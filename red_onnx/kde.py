@@ -953,12 +953,22 @@ def _lloyd_cells(xs, prefix, bounds, steps):
             k += 1
     bounds[k] = xs.size
     b = bounds[: k + 1].copy()
+    pb = np.empty(k + 1)  # the prefix sum at each cut, recomputed only where the cut moves
+    for j in range(k + 1):
+        pb[j] = _prefix_at(xs, prefix, b[j])
     c = np.empty(k)
+    moved = np.ones(k + 1, np.bool_)  # cuts that moved in the last step: only their cells' centres change
+    fresh = np.empty(k, np.bool_)
     for _ in range(steps):
         for j in range(k):
-            c[j] = (_prefix_at(xs, prefix, b[j + 1]) - _prefix_at(xs, prefix, b[j])) / (b[j + 1] - b[j])
+            fresh[j] = moved[j] or moved[j + 1]
+            if fresh[j]:
+                c[j] = (pb[j + 1] - pb[j]) / (b[j + 1] - b[j])
         changed = False
+        moved[:] = False
         for j in range(1, k):
+            if not (fresh[j - 1] or fresh[j]):
+                continue  # both centres as in the last step: so is the midpoint, and the cut
             mid = 0.5 * (c[j - 1] + c[j])
             lo, hi = b[j - 1], b[j + 1]  # bracket: cut j-1 (just moved, mid_{j-1} < mid), xs[hi-1] >= c[j] >= mid
             while lo < hi:  # first index with xs >= mid
@@ -969,15 +979,22 @@ def _lloyd_cells(xs, prefix, bounds, steps):
                     hi = m
             if lo != b[j]:
                 changed = True
-            b[j] = lo
+                moved[j] = True
+                b[j] = lo
+                pb[j] = _prefix_at(xs, prefix, lo)
         if not changed:
             break
         m = 0  # drop cells left empty
+        total = pb[k]
         for j in range(k):
             if b[j + 1] > b[j]:
                 b[m] = b[j]
+                pb[m] = pb[j]
                 m += 1
         b[m] = xs.size
+        pb[m] = total
+        if m < k:  # cells renumbered: recompute every centre
+            moved[:] = True
         k = m
     return b[:k].copy()
 
