@@ -51,7 +51,7 @@ basin of one distinct value still keeps it exactly.
 ``representative="lloyd"`` starts from those means and runs Lloyd's algorithm (1-D k-means):
 each value to its nearest centre (cells cut at the midpoints), each centre to its cell's mean,
 until the cells stop changing (at most ``LLOYD_STEPS`` steps; on the sorted values with prefix
-sums a step costs O(k log n) for k centres).  The KDE fixes the number of entries and where
+sums a step costs O(log n) per cut next to a centre that moved).  The KDE fixes the number of entries and where
 they start; Lloyd moves them to a local minimum of the squared error (at most as many entries,
 never more error than the means of the KDE's basins).  Final means are ``first member +
 mean(x - first member)`` in float64, so a cell of one distinct value keeps it exactly.
