@@ -188,7 +188,8 @@ class Budget:
                 return screened
             return verify.deviation(reference, run({**base, **materialize(chosen)}))[0]
 
-        before = measure([])
+        before = (verify.deviation(reference, run.unedited)[0] if hasattr(run, "unedited") and not materialize([])
+                  else measure([]))
         slots: dict[str, list[Candidate]] = {}
         for c in sorted(candidates, key=lambda c: c.level):
             slots.setdefault(c.slot, []).append(c)
@@ -372,4 +373,7 @@ def _probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
 
     from .verify import deviation
 
-    return batch if deviation(single, split(batched, ends))[0] <= 1e-4 else one_by_one
+    if deviation(single, split(batched, ends))[0] > 1e-4:
+        return one_by_one
+    batch.unedited = split(batched, range(len(probes)))  # the outputs with ``weights``, already run
+    return batch

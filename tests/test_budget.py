@@ -244,7 +244,7 @@ def test_exceeded_baseline_accepts_nothing():
     assert spent.accepted == []
     assert spent.deviation_before == pytest.approx(0.5, rel=1e-4)
     assert spent.deviation_after == spent.deviation_before
-    assert spent.evaluations == 1
+    assert spent.evaluations <= 1  # the baseline only (free when the batch check already ran it)
 
 
 def test_no_candidates():
