@@ -405,3 +405,21 @@ def test_screening_probes_never_accept_what_the_other_probes_reject(measured_ran
     assert measured(w, edits([cands[0]])["W"], probes[:4]) == 0.0 < 0.04 < measured(w, edits([cands[0]])["W"], probes)
     assert [c.key for c in spent.accepted] == ["harmless"]
     assert measured(w, edits(spent.accepted)["W"], probes) <= 0.04
+
+
+@pytest.mark.parametrize("outputs, few", [(5, 4), (300, 4), (400, 3), (1000, 1)])
+def test_ranking_and_screening_probes_hold_enough_output_values(monkeypatch, outputs, few):
+    """The ranking and the screen run the fewest probes (at most 4) whose outputs hold 1000
+    values: one for a classifier's 1000 logits, four for small outputs."""
+    import red_onnx.budget as budget_module
+
+    sizes = []
+    runner = budget_module._probe_runner
+    monkeypatch.setattr(budget_module, "_probe_runner", lambda sess, probes, w: sizes.append(len(probes))
+                        or runner(sess, probes, w))
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((6, outputs)).astype(np.float32)
+    probes = uniform_probes(rng, 6, 8)
+    cands = [Candidate(f"z{r}", f"s{r}", (1, 1, 4), 1.0, data=("scale_row", r, 0.999)) for r in range(6)]
+    make_budget(w, 0.05, probes).spend(mm_model(w), cands, Edits(w), measured_ranking=True)
+    assert sizes == [8, few] if few < 8 else [8]
