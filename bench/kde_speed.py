@@ -10,7 +10,7 @@ Times, on a normal-mixture float32 tensor with h = Silverman's bandwidth:
   the JIT compile time (cold cache, in a fresh cache folder) is reported separately;
 * numba + Lloyd: the same with ``representative="lloyd"``, what the hash pass uses (the KDE's
   edges only, then a sort of the values, prefix sums, the Lloyd steps from the basins and a lookup
-  of each value's cell);
+  of each value's cell), also at a bandwidth halved until the codebook has 200 entries or more;
 * numpy: ``np.histogram`` binning + ``np.convolve`` + extrema + ``np.searchsorted`` + take,
   on the same lattice (its representatives are lattice peaks, not member values);
 * scipy: ``gaussian_kde`` evaluated on the same lattice, timed on a 1e5-value subsample and
@@ -127,12 +127,19 @@ def main(argv=None) -> None:
     hashed, codebook = kde.hash_values(x, h)
     numba_s = wall_cpu(lambda: kde.hash_values(x, h), args.repeat)
     lloyd_s = wall_cpu(lambda: kde.hash_values(x, h, representative="lloyd"), args.repeat)
+    # the same with about 256 entries, as a uint8 codebook has (more cells: more Lloyd steps, and a
+    # bucket lookup instead of a count per value): the bandwidth halved until it has that many
+    pooled = kde.PooledChannels(x, per_channel=False)
+    h256 = h
+    while pooled.codebook_size(h256 / pooled.reference) < 200:
+        h256 /= 2
+    entries = kde.hash_values(x, h256, representative="lloyd")[1].size
+    lloyd256_s = wall_cpu(lambda: kde.hash_values(x, h256, representative="lloyd"), args.repeat)
 
     lo, hi = float(x.min()), float(x.max())
     lat = kde._plan(x, lo, hi, h, None)
     numpy_s = wall_cpu(lambda: numpy_hash(x, h, lat.origin, lat.step, lat.size), 1)
 
-    pooled = kde.PooledChannels(x, per_channel=False)
     factor = h / pooled.reference
     assert pooled.codebook_size(factor) == len(codebook)
     count_s = wall_cpu(lambda: pooled.codebook_size(factor), args.repeat)
@@ -140,6 +147,8 @@ def main(argv=None) -> None:
     rows = [("numba (red_onnx.kde.hash_values)", args.n, numba_s, ""),
             ("numba + Lloyd centres (representative=\"lloyd\", the hash pass's)", args.n, lloyd_s,
              "+ a sort, prefix sums, the Lloyd steps from the basins, a cell lookup per value"),
+            (f"numba + Lloyd centres, {entries} entries (h/{h / h256:g})", args.n, lloyd256_s,
+             "about as many entries as a uint8 codebook holds"),
             ("basin count only (kde.PooledChannels.codebook_size)", args.n, count_s,
              "a bandwidth-search probe; the one sort per weight not included"),
             ("numpy (histogram + convolve + searchsorted)", args.n, numpy_s, "")]

@@ -999,17 +999,32 @@ def _lloyd_cells(xs, prefix, bounds, steps):
     return b[:k].copy()
 
 
+_COUNT_CELLS = 12  #: up to this many cells, counting beats the bucket table (2-3x on 50 M values)
+
+
 @njit(cache=True, nogil=True)
 def _cells_of(x, starts, out, entries, values):
     """out[i] = the last k with starts[k] <= x[i] (``starts`` ascending, starts[0] <= min x), as
-    ``searchsorted(starts[1:], x, "right")`` but O(1) per value: a table over max(2k, 1024) equal
+    ``searchsorted(starts[1:], x, "right")`` but O(1) per value: a table over max(8k, 1024) equal
     buckets of [starts[0], starts[-1]] gives each value the first start at or above its bucket
-    (few starts per bucket: the scan after it is short and predictable). With ``values``
-    non-empty, values[i] = entries[k] is written instead of out[i]."""
+    (few starts per bucket: the scan after it is short and predictable); up to _COUNT_CELLS
+    cells, a count of the starts <= x[i]. With ``values`` non-empty, values[i] = entries[k] is
+    written instead of out[i]."""
     direct = values.size > 0
     k = starts.size
+    if k <= _COUNT_CELLS:  # few cells: count the starts at or below each value, no branches
+        for i in range(x.size):
+            v = x[i]
+            j = 0
+            for t in range(1, k):
+                j += starts[t] <= v
+            if direct:
+                values[i] = entries[j]
+            else:
+                out[i] = j
+        return
     lo, hi = starts[0], starts[k - 1]
-    buckets = max(2 * k, 1024)
+    buckets = max(8 * k, 1024)
     inv = (buckets - 1) / (hi - lo) if hi > lo else 0.0
     first = np.empty(buckets, np.int64)
     j = 0
