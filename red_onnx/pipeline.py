@@ -5,6 +5,7 @@ The pipeline owns the model, the probes and the onnxruntime sessions; passes get
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -28,12 +29,24 @@ from .report import Report
 ROUNDING = {onnx.TensorProto.FLOAT: 1e-5, onnx.TensorProto.DOUBLE: 1e-5,
             onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 1e-2}
 STANDARD_DOMAINS = ("", "ai.onnx")
-#: Fractions of the tolerance the lossy passes may allocate, tried in turn until the fresh
-#: verification probes agree; the last (0) keeps exact rewrites only.
-BACKOFF = (0.8, 0.5, 0.25, 0.1, 0.0)
+#: Fraction of the tolerance the lossy passes first allocate; after a build whose fresh
+#: verification probes disagree, :func:`next_margin` shrinks it, at most LOSSY_BUILDS times in all,
+#: then exact rewrites only (margin 0).
+FIRST_MARGIN = 0.8
+LOSSY_BUILDS = 4
 #: The latency guard undoes separations when the result is slower than the input by more than this
 #: factor (onnxruntime's timing noise, one thread, median of interleaved pairs).
 LATENCY_SLACK = 1.03
+
+
+def next_margin(margin: float, deviation: float, tolerance: float) -> float:
+    """The margin after a build at ``margin`` deviated ``deviation`` (over ``tolerance``) on the
+    fresh probes: scaled by the overshoot with 10% to spare, ``margin · 0.9 · tolerance /
+    deviation`` (the deviation grows about linearly with the budget spent), and at most 0.9x the
+    last, so that edits whose deviation does not scale still back off; half if it is not finite."""
+    if not math.isfinite(deviation):
+        return margin / 2
+    return margin * min(0.9 * tolerance / deviation, 0.9)
 
 
 def resolve_passes(passes: Iterable[str] | str | None) -> list[str]:
@@ -169,7 +182,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
     def build_verified(keep_dense: frozenset[str] = frozenset()):
         """Build at decreasing margins until the fresh probes agree."""
         dev, per_output, allowed = 0.0, [], 0.0
-        for margin in BACKOFF if budget is not None else (0.0,):
+        margin, lossy = (FIRST_MARGIN, LOSSY_BUILDS) if budget is not None else (0.0, 0)
+        while True:
             light, arrays, results, ctx = build(margin, keep_dense)
             if not verify_result:
                 return light, arrays, results, ctx, None, [], False
@@ -183,9 +197,12 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
             allowed = tolerance if margin > 0 else max(tolerance, _rounding(original))
             if dev <= allowed:
                 return light, arrays, results, ctx, dev, per_output, True
-            if margin > 0:
-                report.notes.append(f"lossy edits chosen at {margin:g}x the tolerance deviated {dev:.3g} on "
-                                    "fresh probes; backed off")
+            if margin == 0:
+                break
+            report.notes.append(f"lossy edits chosen at {margin:.2g}x the tolerance deviated {dev:.3g} on "
+                                "fresh probes; backed off")
+            lossy -= 1
+            margin = next_margin(margin, dev, tolerance) if lossy > 0 else 0.0
         raise VerificationError(f"the rewritten model deviates by {dev:.3g} from the input model on fresh "
                                 f"probes (allowed {allowed:g}); nothing written. This is a bug: please report it")
 

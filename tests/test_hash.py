@@ -791,3 +791,15 @@ def test_verification_backs_off_when_fresh_probes_disagree():
     worst = max(rel_l2(run(model, {"x": x})[0], run(result, {"x": x})[0]) for x in fresh)
     assert worst <= tolerance
     assert worst == pytest.approx(report.output_deviation, rel=1e-3, abs=1e-9)
+
+
+def test_next_margin_scales_with_the_overshoot():
+    """After a failed verification the margin shrinks by the overshoot (with 10% to spare), by at
+    least 0.9x, and by half when the deviation is not finite."""
+    from red_onnx.pipeline import next_margin
+
+    assert next_margin(0.8, 0.0052, 0.005) == pytest.approx(0.8 * 0.9 * 0.005 / 0.0052)
+    assert next_margin(0.8, 0.0101, 0.01) == pytest.approx(0.8 * 0.9 * 0.01 / 0.0101)
+    assert next_margin(0.8, 0.01000001, 0.01) == pytest.approx(0.72)  # at least 0.9x smaller
+    assert next_margin(0.5, 0.03, 0.01) == pytest.approx(0.15)
+    assert next_margin(0.8, float("inf"), 0.01) == 0.4
