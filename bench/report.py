@@ -191,20 +191,24 @@ def write_markdown(results: dict, path: Path, plot_dir: Path) -> None:
                   "shared the machine with the other run), combined with `bench.report --combine`: " +
                   "; ".join(f"{', '.join(p['models'])} ({p['wall_seconds'] / 60:.0f} min, commit {p['git_commit']})"
                             for p in results["parallel_runs"]) + ".", ""]
-    reruns = {}
+    reruns = {}  # commit -> passes -> model -> tolerances re-measured
     for r in rows:
         if r.get("rerun_commit"):
-            sets = reruns.setdefault(r["rerun_commit"], (set(), set(), set()))
-            sets[0].add(r["passes"])
-            sets[1].add(r["model"])
-            sets[2].add(r["setting"])
-    for commit, (passes, models, settings) in reruns.items():
-        at = {s for r in rows if r["passes"] in passes and r["model"] in models and r["tool"] == "red_onnx"
-              for s in [r["setting"]]}
-        only = f" at tolerance {', '.join(f'{t:g}' for t in sorted(settings))}" if settings != at else ""
-        lines += [f"Rows {', '.join(repr(p) for p in sorted(passes))}{only} of {', '.join(sorted(models))} were "
-                  f"re-measured at commit {commit} (`python -m bench.rerun_rows`), after a change that affects only "
-                  "those rows; the other rows are from the run described below.", ""]
+            reruns.setdefault(r["rerun_commit"], {}).setdefault(r["passes"], {}).setdefault(r["model"], set()).add(
+                r["setting"])
+    for commit, by_passes in reruns.items():
+        parts = []
+        for passes, by_model in sorted(by_passes.items()):
+            groups = {}  # the same tolerances: one phrase for their models
+            for model, settings in sorted(by_model.items()):
+                every = settings == {r["setting"] for r in rows if r["passes"] == passes and r["model"] == model
+                                     and r["tool"] == "red_onnx"}
+                groups.setdefault("" if every else tuple(sorted(settings)), []).append(model)
+            for settings, models in groups.items():
+                at = f" at tolerance {', '.join(f'{t:g}' for t in settings)}" if settings else ""
+                parts.append(f"{passes!r}{at} of {', '.join(models)}")
+        lines += [f"Rows {'; '.join(parts)} were re-measured at commit {commit} (`python -m bench.rerun_rows`), after "
+                  "a change that affects only those rows; the other rows are from the run described below.", ""]
     pk = env["packages"]
     red = env["red_onnx"]
     red_state = (f"red_onnx {red.get('version')} (passes: {', '.join(red['passes']) or 'none yet: canonicalization only'})"
