@@ -109,9 +109,9 @@ class Candidate:
 Materialize = Callable[[list[Candidate]], dict[str, np.ndarray]]
 #: probes the measured ranking and the screening of candidate sets use (the first allocation probes):
 #: ranking needs ratios, not the max; the fewest (up to RANKING_PROBES) whose measured outputs hold
-#: RANKING_VALUES values, so that a
-#: model with large outputs (an image classifier's 1000 logits) ranks on one probe: a quarter of
-#: the model runs, same choices on MobileNetV2 at tolerance 0.01 and a 1.5% smaller file at 0.003
+#: RANKING_VALUES values, so that a model with large outputs (an image classifier's 1000 logits)
+#: ranks on one probe: a quarter of the model runs, same choices on MobileNetV2 at tolerance 0.01
+#: and a 1.5% smaller file at 0.003
 RANKING_PROBES = 4
 RANKING_VALUES = 1000
 
