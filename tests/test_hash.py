@@ -644,8 +644,12 @@ def test_fitting_hash_is_the_smallest_bandwidth_that_fits(limit):
 def test_entry_targets_per_codebook_setting():
     assert hash_pass._entry_targets(1_000_000, "off") == []
     assert hash_pass._entry_targets(1_000_000, "uint8") == [256]
-    assert hash_pass._entry_targets(1_000_000, "auto") == [31_250, 256]  # codebook = 1/16 of uint16 indices
-    assert hash_pass._entry_targets(4096, "auto") == [256]  # a uint16 codebook would cost too much
+    # codebook = 1/4 and 1/16 of the uint16 indices' bytes, at most 65536 entries
+    assert hash_pass._entry_targets(1_000_000, "auto") == [65_536, 31_250, 256]
+    assert hash_pass._entry_targets(100_000, "auto") == [12_500, 3_125, 256]
+    assert hash_pass._entry_targets(4_000_000, "auto") == [65_536, 256]
+    assert hash_pass._entry_targets(4096, "auto") == [512, 256]
+    assert hash_pass._entry_targets(2048, "auto") == [256]  # a uint16 codebook would cost too much
 
 
 def test_auto_prefers_uint8_with_channel_scales_over_uint16():
@@ -723,16 +727,21 @@ def test_layers_storable_exactly_are_not_hashed(variant):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), kind=st.sampled_from(["normal", "cauchy", "few", "laplace"]),
-       limit=st.sampled_from([4, 16, 256, 1000]), rows=st.integers(1, 40))
-def test_fitting_hash_property(seed, kind, limit, rows):
+       limit=st.sampled_from([4, 16, 256, 1000]), rows=st.integers(1, 40), shared=st.booleans())
+def test_fitting_hash_property(seed, kind, limit, rows, shared):
     """For any tensor: the codebook fits the limit, and 10% less bandwidth does not (unless the
-    factor is the smallest searched); None only if even the widest bandwidth does not fit."""
+    factor is the smallest searched); None only if even the widest bandwidth does not fit. Also
+    when the search starts from the counts of a search at 4x the limit (as the pass shares them)."""
     rng = np.random.default_rng(seed)
     shape = (rows, 200)
     w = {"normal": lambda: rng.standard_normal(shape), "cauchy": lambda: rng.standard_cauchy(shape),
          "few": lambda: rng.choice(rng.standard_normal(7), shape), "laplace": lambda: rng.laplace(size=shape)}[kind]()
     w = w.astype(np.float32)
-    found = hash_pass.fitting_hash(w, limit)
+    counts = {}
+    if shared:
+        hash_pass.fitting_hash(w, 4 * limit, counts=counts)
+        assert counts
+    found = hash_pass.fitting_hash(w, limit, counts=counts)
     f_min, f_max = hash_pass.FACTOR_RANGE
 
     def entries(f):
