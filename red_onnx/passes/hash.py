@@ -6,10 +6,10 @@ minima cut the values into basins, and every value moves to a representative u: 
 basin's mode; here the basins' means are refined by Lloyd's 1-D k-means (the KDE fixes how many
 entries and where they start, Lloyd lowers their squared error: bench/scale_study.md). The
 hashed weight is fl(u·s_c) (:func:`red_onnx.kde.hash_channels`), exactly what the stored codebook
-form computes. Each layer offers the budget, per index width, the smallest bandwidth factor f whose
-codebook fits that width (bytes only drop at a width boundary, while the error grows with f); the
-budget ranks the layers by their measured deviation and spends on hashing only what the MAC-saving
-passes left.
+form computes. Each layer offers the budget, per codebook size (N/8 and N/32 entries with uint16
+indices, N weights; 256 with uint8), the smallest bandwidth factor f whose codebook fits it (a
+wider one saves almost no more bytes, while the error grows with f); the budget ranks the layers
+by their measured deviation and spends on hashing only what the MAC-saving passes left.
 
 Storage (:func:`encode`, the pipeline's last step, exact): a layer whose weight takes at most 256
 distinct values per channel scale (65 536 with ``codebook="auto"``) is stored as
