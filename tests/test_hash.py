@@ -641,6 +641,28 @@ def test_fitting_hash_is_the_smallest_bandwidth_that_fits(limit):
     assert len(narrower) > limit
 
 
+def test_layers_searched_in_threads_give_the_serial_candidates(monkeypatch):
+    """_propose searches layers in threads: the candidates (keys, savings, errors, factors) and the
+    hashed weights are those of a one-thread search, bit for bit."""
+    import onnx_graphsurgeon as gs
+    from red_onnx.context import Context
+
+    model = onnx.load(DIGITS["resnet"])
+
+    def propose(cores):
+        monkeypatch.setattr(hash_pass, "_cores", lambda: cores)
+        ctx = Context(graph=gs.import_onnx(model), template=model, shapes={}, scale_hints={}, codebook="auto")
+        return hash_pass._propose(ctx)
+
+    serial, threaded = propose(1), propose(4)
+    assert len(serial[0]) > 4  # several layers, several levels
+    assert [(c.key, c.saving, c.error, c.data[1:4]) for c in serial[0]] == \
+        [(c.key, c.saving, c.error, c.data[1:4]) for c in threaded[0]]
+    for key in serial[1]:
+        assert_bits_equal(serial[1][key], threaded[1][key], key)
+        assert_bits_equal(serial[2][key], threaded[2][key], key)
+
+
 def test_entry_targets_per_codebook_setting():
     assert hash_pass._entry_targets(1_000_000, "off") == []
     assert hash_pass._entry_targets(1_000_000, "uint8") == [256]

@@ -21,7 +21,9 @@ in standard ops; onnxruntime folds the chain at session creation, so inference s
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -76,32 +78,47 @@ def run(ctx: Context) -> PassResult:
 
 
 def _propose(ctx: Context) -> tuple[list[Candidate], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per layer and index width (uint16 with ``--codebook auto``, then uint8), the smallest
-    bandwidth whose codebook fits the width's entry target: a wider bandwidth adds error and
-    saves (almost) no more bytes."""
+    """Per layer and codebook size (:func:`_entry_targets`), the smallest bandwidth whose codebook
+    fits: a wider bandwidth adds error and saves (almost) no more bytes. The layers are searched in
+    threads (the KDE kernels release the GIL); each layer's result does not depend on the others."""
+    layers = find_layers(ctx.graph, ctx.exclude)[0]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(layers), _cores()))) as pool:
+        per_layer = list(pool.map(lambda layer: _layer_candidates(ctx, layer), layers))
     candidates, hashed, codebooks = [], {}, {}
-    for layer in find_layers(ctx.graph, ctx.exclude)[0]:
-        w = layer.get_weight()
-        if w.size < MIN_ELEMENTS or w.dtype not in (np.float16, np.float32, np.float64):
-            continue
-        norm = float(np.linalg.norm(w))
-        before = len(np.unique(w))
-        pooled, counts = None, {}  # shared by the searches at each limit
-        for level, limit in enumerate(_entry_targets(w.size, ctx.codebook)):
-            if before <= limit or _split_scales(layer, ctx.scale_hints.get(layer.weight.name), limit):
-                continue  # encode stores it at this width as it is (exactly, maybe with channel scales)
-            pooled = pooled or PooledChannels(w, True, scale=SCALE)
-            found = fitting_hash(w, limit, pooled=pooled, counts=counts)
-            if found is None:
-                continue
-            factor, (values, codebook, scales) = found
-            saving = w.nbytes - _encoded_bytes(w, len(codebook), ctx.codebook)
-            error = float(np.linalg.norm(values - w)) / norm if norm else 0.0
-            key = f"hash:{layer.name}:{level}"
-            hashed[key], codebooks[key] = layer.stored(values), codebook
-            candidates.append(Candidate(key, f"hash:{layer.name}", (0, 0, saving), error, level,
-                                        (layer.weight.name, factor, len(codebook), error, scales, before)))
+    for found in per_layer:
+        for c, values, codebook in found:
+            candidates.append(c)
+            hashed[c.key], codebooks[c.key] = values, codebook
     return candidates, hashed, codebooks
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _layer_candidates(ctx: Context, layer: Layer) -> list[tuple[Candidate, np.ndarray, np.ndarray]]:
+    """One layer's candidates, each with its hashed weight (stored layout) and codebook."""
+    w = layer.get_weight()
+    if w.size < MIN_ELEMENTS or w.dtype not in (np.float16, np.float32, np.float64):
+        return []
+    norm = float(np.linalg.norm(w))
+    before = len(np.unique(w))
+    pooled, counts, out = None, {}, []  # shared by the searches at each limit
+    for level, limit in enumerate(_entry_targets(w.size, ctx.codebook)):
+        if before <= limit or _split_scales(layer, ctx.scale_hints.get(layer.weight.name), limit):
+            continue  # encode stores it at this width as it is (exactly, maybe with channel scales)
+        pooled = pooled or PooledChannels(w, True, scale=SCALE)
+        found = fitting_hash(w, limit, pooled=pooled, counts=counts)
+        if found is None:
+            continue
+        factor, (values, codebook, scales) = found
+        saving = w.nbytes - _encoded_bytes(w, len(codebook), ctx.codebook)
+        error = float(np.linalg.norm(values - w)) / norm if norm else 0.0
+        c = Candidate(f"hash:{layer.name}:{level}", f"hash:{layer.name}", (0, 0, saving), error, level,
+                      (layer.weight.name, factor, len(codebook), error, scales, before))
+        out.append((c, layer.stored(values), codebook))
+    return out
 
 
 def _entry_targets(size: int, setting: str) -> list[int]:
