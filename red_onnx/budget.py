@@ -241,7 +241,8 @@ class Budget:
            level) by saving per added squared deviation predicts ``sqrt(d₀² + Σ a²)`` at each step.
         3. The longest prefix that measures under the target is searched for, each guess being
            the longest prefix predicted to fit once the predictions are rescaled by the last
-           measured/predicted ratio (bisection when a guess leaves the bracket); then up to
+           measured/predicted ratio; a guess outside the bracket is moved to the step next to
+           it, and where that too contradicts the prediction, bisection follows; then up to
            ``patience`` later steps, each predicted to fit, are tried one by one.
         """
         before_ranking = measure_ranking([])
@@ -284,9 +285,15 @@ class Budget:
         fits = {0: before}
         lo, hi = 0, len(steps) + 1  # the prefix of lo steps fits, the one of hi does not (n + 1: none)
         scale = 1.0  # measured / predicted deviation at the last prefix measured
+        edge = False  # the last guess left the bracket and was moved to its edge
         while hi - lo > 1 and left():
             guess = sum(1 for p in predicted if p * scale <= self.target)
-            k = guess if lo < guess < hi else (lo + hi) // 2
+            if lo < guess < hi:
+                k, edge = guess, False
+            elif not edge:  # predicted to end at a measured prefix: check the step next to it
+                k, edge = (lo + 1 if guess <= lo else hi - 1), True
+            else:  # the prediction failed there: bisection
+                k, edge = (lo + hi) // 2, False
             dev = measure(list(state(k).values()))
             if dev <= self.target:
                 lo, fits[k] = k, dev

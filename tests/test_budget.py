@@ -355,6 +355,26 @@ def test_measured_ranking_sees_through_misleading_estimates():
     assert spent.evaluations <= 1 + 1 + k + 2 * int(np.log2(k)) + 2
 
 
+def test_measured_ranking_checks_only_the_next_step_when_predictions_hold():
+    """Rows of W orthogonal and one probe: zeroing rows adds exactly in quadrature, so the ranking
+    predicts every prefix exactly. The search measures the predicted prefix and the step after
+    it (which overshoots), not a bisection of the rest: the ranking runs plus two."""
+    k = 32
+    rng = np.random.default_rng(5)
+    q, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    w = (q * np.linspace(0.05, 1.0, k)[:, None]).astype(np.float32)  # row norms 0.05 .. 1
+    probes = [{"x": np.ones((1, k), np.float32)}]
+    cands = [Candidate(f"z{r}", f"s{r}", (1, 1, 4), 1.0, data=("zero_row", r)) for r in range(k)]
+    budget = make_budget(w, 0.25, probes)
+    spent = budget.spend(mm_model(w), cands, Edits(w), measured_ranking=True)
+    norms = np.linalg.norm(w, axis=1)
+    fit = int(np.sum(np.sqrt(np.cumsum(norms**2)) / np.linalg.norm(norms) <= 0.8 * 0.25))
+    assert 2 < fit < k - 2
+    assert {c.key for c in spent.accepted} == {f"z{r}" for r in range(fit)}  # the smallest rows
+    # the baseline (all probes, ranking probes), each slot alone, the predicted prefix, the next step
+    assert spent.evaluations <= 2 + k + 2
+
+
 class CountingSession:
     def __init__(self, sess):
         self.sess, self.runs = sess, 0
