@@ -7,12 +7,20 @@ luck is still caught.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from .errors import InputError
+
+#: The error budget when none is given (CLI and library alike): the largest of the benchmark grid at
+#: which every benchmark model kept its task metric within 1 point (README: "The default tolerance").
+DEFAULT_TOLERANCE = 0.003
+#: Fresh verification probes, run as one batch where the model allows: with none of N above the
+#: tolerance, the share of inputs above it is below 3/N at 95 % confidence (the rule of three).
+DEFAULT_CHECK = 64
 
 Specs = dict[str, tuple[tuple[int, ...], np.dtype]]
 Feeds = dict[str, np.ndarray]
@@ -114,6 +122,8 @@ Materialize = Callable[[list[Candidate]], dict[str, np.ndarray]]
 #: and a 1.5% smaller file at 0.003
 RANKING_PROBES = 4
 RANKING_VALUES = 1000
+#: A long spend says where it is at most this often.
+PROGRESS_SECONDS = 5.0
 
 
 @dataclass
@@ -137,14 +147,16 @@ class Budget:
 
     def __init__(self, tolerance: float, probes: list[Feeds], reference: list[list[np.ndarray]],
                  reference_names: list[str], measured: list[str], graph_outputs: list[str], margin: float = 0.8,
-                 max_evaluations: int = 200, patience: int = 24):
+                 max_evaluations: int = 200, patience: int = 24, log: Callable[[str], None] | None = None):
         self.tolerance = tolerance
         self.target = margin * tolerance
         self.probes = probes
         self.reference = reference  # per probe: the input model's tensors named by ``reference_names``
         self.reference_names = reference_names
-        self.measured = measured  # per graph output, the tensor measured (its logits where it has them)
-        self.graph_outputs = graph_outputs
+        self.measured = measured  # the tensors measured (verify.measure_plan: parts, logits) ...
+        self.graph_outputs = graph_outputs  # ... and, aligned, the graph output each belongs to
+        self.log = log or (lambda message: None)
+        self._said = time.perf_counter()
         self.max_evaluations = max_evaluations
         self.patience = patience
         self.history: list[Spent] = []
@@ -168,11 +180,11 @@ class Budget:
             editable |= set(c.tensors or materialize([c]))
         editable = sorted(editable)
         sess, base, names = self._session(model, editable, arrays)
-        run = _probe_runner(sess, self.probes, base)
+        run = probe_runner(sess, self.probes, base)
         reference = self.reference_for(names)
         per_probe = max(sum(y.size for y in reference[0]), 1)
         count = min(RANKING_PROBES, -(-RANKING_VALUES // per_probe), len(self.probes))
-        few = _probe_runner(sess, self.probes[:count], base) if count < len(self.probes) else run
+        few = probe_runner(sess, self.probes[:count], base) if count < len(self.probes) else run
         evaluations = 0
 
         def measure_few(chosen: list[Candidate], screening: bool = False) -> float:
@@ -185,6 +197,10 @@ class Budget:
             bound: an edit over the target there is rejected without the full run."""
             nonlocal evaluations
             evaluations += 1
+            if time.perf_counter() - self._said > PROGRESS_SECONDS:
+                self._said = time.perf_counter()
+                self.log(f"  budget: {evaluations} measurements of {len(candidates)} candidates so far "
+                         f"(target {self.target:.3g})")
             if few is not run and (screened := measure_few(chosen, screening=True)) > self.target:
                 return screened
             return verify.deviation(reference, run({**base, **materialize(chosen)}))[0]
@@ -320,6 +336,11 @@ class Budget:
         err = max(c.error - prev_error, 1e-12)
         return tuple((s - p) / err for s, p in zip(c.saving, prev_saving))
 
+    def add_probes(self, probes: list[Feeds], reference: list[list[np.ndarray]]) -> None:
+        """More allocation probes (with the input model's outputs on them, as ``reference``)."""
+        self.probes = self.probes + probes
+        self.reference = self.reference + reference
+
     def reference_for(self, names: list[str]) -> list[list[np.ndarray]]:
         index = [self.reference_names.index(n) for n in names]
         return [[sample[i] for i in index] for sample in self.reference]
@@ -342,12 +363,12 @@ class Budget:
         del copy.graph.initializer[:]
         copy.graph.initializer.extend(kept)
         produced = {o for n in copy.graph.node for o in n.output}
-        names = [m if m in produced else o for m, o in zip(self.measured, self.graph_outputs)]
-        # the reference holds the measured tensors; an output whose logits vanished is compared as is
+        names = list(dict.fromkeys(m if m in produced else o for m, o in zip(self.measured, self.graph_outputs)))
+        # the reference holds the measured tensors; an output whose parts or logits vanished is compared as is
         return verify.session(copy, names, arrays={k: v for k, v in arrays.items() if k in inits}), base, names
 
 
-def _probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
+def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
                   ) -> Callable[[dict[str, np.ndarray]], list[list[np.ndarray]]]:
     """A function of the weight feeds returning each probe's outputs, running all probes as one
     batch where the model allows it (its outputs split per sample equal the one-by-one run, checked

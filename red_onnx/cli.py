@@ -13,10 +13,9 @@ import numpy as np
 from . import __version__, model_io
 from .errors import InputError, VerificationError
 from .passes import PLANNED
+from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE
 
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
-#: The CLI's error budget, chosen on the benchmark (README: "The default tolerance").
-DEFAULT_TOLERANCE = 0.003
 
 EPILOG = """exit codes:
   0  written (or nothing to do: written unchanged)
@@ -42,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="error budget of the lossy steps: max relative L2 deviation of any output on any probe "
                    f"(0 = lossless, exact rewrites only; default {DEFAULT_TOLERANCE:g}, the largest at which every "
                    "benchmark model kept its task metric within 1 point: see README)")
-    p.add_argument("--check", type=int, default=8, metavar="N", help="fresh verification probes (default 8)")
+    p.add_argument("--check", type=int, default=DEFAULT_CHECK, metavar="N",
+                   help=f"fresh verification probes, run in one batch where the model allows (default {DEFAULT_CHECK}: "
+                   f"none above the tolerance means fewer than 3/N of such inputs are, at 95%% confidence)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random probes (default 0)")
     p.add_argument("--no-verify", action="store_true", help="skip verification (then only exact rewrites are made)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",

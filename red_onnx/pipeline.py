@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import model_io, verify
-from .budget import Budget, make_probes
+from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE, Budget, make_probes, probe_runner, random_probes
 from .context import Context, PassResult
 from .errors import InputError, VerificationError
 from .layers import QUANTIZED_OPS, analyze, find_layers, input_specs, tensor_shapes, weightless
@@ -34,6 +34,8 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 #: then exact rewrites only (margin 0).
 FIRST_MARGIN = 0.8
 LOSSY_BUILDS = 4
+#: After a failed build, at most this many of its worst fresh probes join the allocation probes.
+TAIL_PROBES = 8
 #: The latency guard undoes separations when the result is slower than the input by more than this
 #: factor (onnxruntime's timing noise, one thread, median of interleaved pairs).
 LATENCY_SLACK = 1.03
@@ -71,8 +73,9 @@ def _not_utf8(err: UnicodeDecodeError) -> InputError:
     return InputError(f"the model holds text that is not valid UTF-8 (a name or doc string: {err.reason})")
 
 
-def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
-             passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = 8, allocation: int = 16,
+def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFAULT_TOLERANCE,
+             passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = DEFAULT_CHECK,
+             allocation: int = 16,
              input_shapes: dict[str, tuple[int, ...]] | None = None, probe_inputs: dict[str, np.ndarray] | None = None,
              probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
              verify_result: bool = True, latency_check: bool = True, codebook: str = "uint8",
@@ -116,18 +119,19 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
     report.bytes_before = model_io.model_bytes(original)
     report.op_counts_before = dict(before.op_counts)
 
-    measured = verify.measured_tensors(original)
+    plan = verify.measure_plan(original)
+    measured, owners = verify.measured_tensors(original)
     graph_outputs = [o.name for o in original.graph.output]
     ref_names = list(dict.fromkeys(measured + graph_outputs))
     probes = make_probes(specs, seed, allocation, check, probe_ranges, probe_inputs)
     reference, budget = None, None
     if verify_result:  # one session on the input model for both probe sets
-        log("running the input model on probes")
+        log(f"running the input model on {len(probes.allocation)} + {len(probes.verification)} probes")
         ref_session = verify.input_session(original, ref_names)
-        reference = verify.run_input(ref_session, probes.verification)
+        reference = _run_all(ref_session, probes.verification, input_model=True)
         if tolerance > 0:
-            budget = Budget(tolerance, probes.allocation, verify.run_input(ref_session, probes.allocation), ref_names,
-                            measured, graph_outputs)
+            budget = Budget(tolerance, probes.allocation, _run_all(ref_session, probes.allocation, input_model=True),
+                            ref_names, measured, owners, log=log)
         del ref_session
 
     shapes = tensor_shapes(original, specs)
@@ -181,32 +185,40 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
 
     def build_verified(keep_dense: frozenset[str] = frozenset()):
         """Build at decreasing margins until the fresh probes agree."""
-        dev, per_output, allowed = 0.0, [], 0.0
+        nonlocal reference
+        dev, checked, allowed, attempt = 0.0, None, 0.0, 0
         margin, lossy = (FIRST_MARGIN, LOSSY_BUILDS) if budget is not None else (0.0, 0)
         while True:
+            attempt += 1
+            log(f"build {attempt} of at most {attempt + lossy}: " + (
+                f"lossy edits up to {margin:.2g}x the tolerance" if margin > 0 else "exact rewrites only"))
             light, arrays, results, ctx = build(margin, keep_dense)
             if not verify_result:
-                return light, arrays, results, ctx, None, [], False
-            log("verifying on fresh probes")
-            try:
-                dev, per_output = _verify(light, measured, graph_outputs, ref_names, reference,
-                                          probes.verification, arrays)
-            except Exception as err:  # a rewritten model onnxruntime cannot run: a bug, never written
-                dev, per_output = float("inf"), [float("inf")] * len(graph_outputs)
-                report.notes.append(f"onnxruntime could not run the result ({str(err).splitlines()[0][:200]})")
+                return light, arrays, results, ctx, None, False
+            log(f"verifying build {attempt} on {len(probes.verification)} fresh probes")
+            checked = _verify(light, measured, owners, ref_names, reference, probes.verification, arrays, report)
+            dev = checked.max
             allowed = tolerance if margin > 0 else max(tolerance, _rounding(original))
             if dev <= allowed:
-                return light, arrays, results, ctx, dev, per_output, True
+                return light, arrays, results, ctx, checked, True
             if margin == 0:
                 break
-            report.notes.append(f"lossy edits chosen at {margin:.2g}x the tolerance deviated {dev:.3g} on "
-                                "fresh probes; backed off")
             lossy -= 1
-            margin = next_margin(margin, dev, tolerance) if lossy > 0 else 0.0
+            note = (f"build {attempt}: lossy edits chosen at {margin:.2g}x the tolerance deviated {dev:.3g} on "
+                    f"{checked.n} fresh probes (tolerance {tolerance:g}); backed off")
+            if probe_inputs is None and lossy > 0:  # random probes: learn the tail, verify on new ones
+                learned = _learn_tail(checked, budget, probes, reference, margin * tolerance)
+                reference = _fresh_verification(canonical, ref_names, probes, specs, probe_ranges, seed, attempt)
+                note += f" with its {learned} worst probe(s) added to the allocation probes and new fresh probes"
+                margin = margin * 0.9
+            else:
+                margin = next_margin(margin, dev, tolerance) if lossy > 0 else 0.0
+            report.notes.append(note)
+            log(note)
         raise VerificationError(f"the rewritten model deviates by {dev:.3g} from the input model on fresh "
                                 f"probes (allowed {allowed:g}); nothing written. This is a bug: please report it")
 
-    light, arrays, results, ctx, dev, per_output, report.verified = build_verified()
+    light, arrays, results, ctx, checked, report.verified = build_verified()
     keep_dense: frozenset[str] = frozenset()
     while latency_check and (separated := _separated(results)):
         log("timing the result against the input (latency guard)")
@@ -220,7 +232,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
         report.latency["separations_undone"] = undone + len(separated)
         report.notes.append(f"latency guard: with {len(separated)} conv(s) separated the result ran {ratio:.2f}x "
                             "the input's time in onnxruntime; those separations undone")
-        light, arrays, results, ctx, dev, per_output, report.verified = build_verified(keep_dense)
+        light, arrays, results, ctx, checked, report.verified = build_verified(keep_dense)
     del light, arrays
     for tensor in ctx.graph.tensors().values():  # the graph takes its own copy of every weight ...
         if isinstance(tensor, gs.Constant):
@@ -230,9 +242,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = 0.0,
         result_model = model_io.to_full_model(ctx.graph, original)
     except UnicodeDecodeError as err:
         raise _not_utf8(err) from None
-    if verify_result:
-        report.output_deviation = dev
-        report.deviation_per_output = dict(zip(graph_outputs, per_output))
+    if checked is not None:
+        _report_verification(report, checked, plan, tolerance if tolerance > 0 else _rounding(original))
 
     after = analyze(result_model, specs)
     report.params_after, report.macs_after = after.params, after.macs
@@ -269,15 +280,70 @@ def _separated(results: list[PassResult]) -> frozenset[str]:
                      if "depthwise_channels" in r)
 
 
-def _verify(result_model: onnx.ModelProto, measured: list[str], graph_outputs: list[str], ref_names: list[str],
-            reference: list[list[np.ndarray]], probes: list[dict],
-            arrays: dict[str, np.ndarray] | None = None) -> tuple[float, list[float]]:
-    """Deviation of the result from the input model's outputs on the verification probes."""
+def _learn_tail(checked: verify.Verification, budget: Budget, probes, reference, target: float) -> int:
+    """Move the fresh probes that deviated over ``target`` (the worst ``TAIL_PROBES``) to the
+    budget's allocation probes, with their reference outputs: the next build spends with them."""
+    worst = checked.per_sample.max(axis=1)
+    chosen = [int(k) for k in np.argsort(-worst)[:TAIL_PROBES] if worst[k] > target]
+    budget.add_probes([probes.verification[k] for k in chosen], [reference[k] for k in chosen])
+    return len(chosen)
+
+
+def _fresh_verification(model: onnx.ModelProto, ref_names: list[str], probes, specs, ranges, seed: int,
+                        attempt: int) -> list[list[np.ndarray]]:
+    """Replace the verification probes by new draws (a probe that chose a build never verifies it);
+    returns the input model's outputs on them."""
+    rng = np.random.default_rng([seed, attempt])
+    probes.verification = random_probes(specs, len(probes.verification), rng, ranges)
+    return _run_all(verify.input_session(model, ref_names), probes.verification, input_model=True)
+
+
+def _run_all(sess, probes: list[dict], input_model: bool = False) -> list[list[np.ndarray]]:
+    """Every probe's outputs, in one batch where the model allows it (see :func:`probe_runner`)."""
+    try:
+        run = probe_runner(sess, probes, {})
+        return run.unedited if hasattr(run, "unedited") else run({})
+    except Exception as err:
+        if not input_model:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"onnxruntime cannot run the input model on probes of its input shapes ({first})") from None
+
+
+def _verify(result_model: onnx.ModelProto, measured: list[str], owners: list[str], ref_names: list[str],
+            reference: list[list[np.ndarray]], probes: list[dict], arrays: dict[str, np.ndarray] | None,
+            report: Report) -> verify.Verification:
+    """Deviation of the result from the input model on the verification probes. A measured tensor
+    the rewrite no longer has is replaced by its graph output; a result onnxruntime cannot run
+    deviates infinitely (a bug: it is never written)."""
     produced = {o for n in result_model.graph.node for o in n.output} | {i.name for i in result_model.graph.input}
-    chosen = [m if m in produced else o for m, o in zip(measured, graph_outputs)]
-    outputs = verify.run(verify.session(result_model, chosen, arrays=arrays), probes)
-    index = [ref_names.index(c) for c in chosen]
-    return verify.deviation([[sample[i] for i in index] for sample in reference], outputs)
+    columns = list(dict.fromkeys((m, o) if m in produced else (o, o) for m, o in zip(measured, owners)))
+    chosen = list(dict.fromkeys(c for c, _ in columns))
+    try:
+        outputs = _run_all(verify.session(result_model, chosen, arrays=arrays), probes)
+    except Exception as err:
+        report.notes.append(f"onnxruntime could not run the result ({str(err).splitlines()[0][:200]})")
+        return verify.Verification(np.full((len(probes), 1), np.inf), [owners[0]], [owners[0]])
+    index = [ref_names.index(c) for c, _ in columns]
+    at = [chosen.index(c) for c, _ in columns]
+    d = verify.sample_deviations([[sample[i] for i in index] for sample in reference],
+                                 [[sample[i] for i in at] for sample in outputs])
+    return verify.Verification(d, [c for c, _ in columns], [o for _, o in columns])
+
+
+def _report_verification(report: Report, checked: verify.Verification, plan: list[verify.Measured],
+                         allowed: float) -> None:
+    """The deviation, per output and per measured tensor, and what the probes support."""
+    report.output_deviation = checked.max
+    report.deviation_per_output = checked.per_output()
+    per_tensor = checked.per_tensor()
+    report.measured = {m.output: {"label": m.label, "tensors": {
+        t: {"what": w, "deviation": per_tensor.get(t)} for t, w in zip(m.tensors, m.what)}} for m in plan}
+    for m in plan:
+        if any(t not in per_tensor for t in m.tensors):  # renamed by the rewrite: the output itself stood in
+            report.measured[m.output]["label"] += " (the output itself where the rewrite renamed a tensor)"
+    report.verification = {"probes": checked.n, "max": checked.max, "p95": checked.percentile(95),
+                           "promise": verify.promise(checked.n, max(allowed, checked.max))}
 
 
 def _rounding(model: onnx.ModelProto) -> float:

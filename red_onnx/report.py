@@ -18,6 +18,9 @@ class Report:
     bytes_after: int = 0
     output_deviation: float | None = None  # on the fresh verification probes; None with --no-verify
     deviation_per_output: dict[str, float] = field(default_factory=dict)
+    # per graph output: what its deviation was measured on ({"label", "tensors": {name: {"what", "deviation"}}})
+    measured: dict[str, dict[str, Any]] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)  # probes, max, p95, promise
     tolerance: float = 0.0
     verified: bool = False
     seconds: float = 0.0
@@ -55,9 +58,14 @@ class Report:
         if self.output_deviation is None:
             lines.append("deviation: not verified (--no-verify)")
         else:
-            lines.append(f"deviation: {self.output_deviation:.3g} on fresh probes (tolerance {self.tolerance:g})")
-            if len(self.deviation_per_output) > 1:
-                lines.extend(f"  {name}: {d:.3g}" for name, d in self.deviation_per_output.items())
+            n = self.verification.get("probes", 0)
+            lines.append(f"deviation: {self.output_deviation:.3g} max, {self.verification.get('p95', 0.0):.3g} "
+                         f"95th percentile, on {n} fresh probes (tolerance {self.tolerance:g})")
+            for name, d in self.deviation_per_output.items():
+                label = self.measured.get(name, {}).get("label", "the output itself")
+                lines.append(f"  {name}: {d:.3g}, measured on {label}")
+            if self.verification.get("promise"):
+                lines.append(f"  {self.verification['promise']}")
         if self.latency:
             lines.append(f"latency (onnxruntime, 1 thread): {self.latency['input_ms']:.3g} ms -> "
                          f"{self.latency['result_ms']:.3g} ms")

@@ -5,45 +5,100 @@ Deviation of a result y' from a reference y, per probe sample and per graph outp
     d = ||y' − y||₂ / ||y||₂   (float64; ||y' − y||₂ itself where ||y||₂ = 0)
 
 Entries where both are the same non-finite value are ignored; any other non-finite entry makes d
-infinite. Where a graph output is a Softmax, LogSoftmax or Sigmoid of a linear layer, its input (the
-logits) is measured instead: a saturated squashing hides damage. The model's deviation is the
-maximum over outputs and samples.
+infinite. An output is measured on the tensors :func:`measure_plan` names (each part of a Concat on
+its own; the logits of a Softmax, LogSoftmax or Sigmoid besides its output); its deviation is the
+maximum over them. The model's deviation is the maximum over outputs and samples.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from .errors import InputError
-from .layers import LINEAR_OPS
 from .model_io import IN_PLACE_MIN, TWO_GB, model_bytes, placeholder, without_initializers
 
 SQUASHING_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
+#: Ops that only move values (their output holds their first input's values): followed back from a graph output.
+SHAPE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+#: At most this many tensors per graph output; beyond, the output is measured as a whole.
+MAX_PARTS = 32
 
 
-def measured_tensors(model: onnx.ModelProto) -> list[str]:
-    """For each graph output, the name of the tensor whose deviation is measured."""
+@dataclass(frozen=True)
+class Measured:
+    """What one graph output's deviation is measured on: tensors of the input model, each with what it is.
+
+    The output's deviation is the maximum of their deviations. A Concat (reached through ``SHAPE_OPS``)
+    is measured part by part, so a small part is not hidden by a large one; a Softmax, LogSoftmax or
+    Sigmoid is measured both on its input (the logits: a saturated squashing hides damage) and on its
+    output (where the logits are large, a small relative change of them can be a large one of the
+    probabilities)."""
+
+    output: str
+    tensors: tuple[str, ...]
+    what: tuple[str, ...]  # per tensor, in words
+
+    @property
+    def label(self) -> str:
+        if self.tensors == (self.output,):
+            return "the output itself"
+        return f"max over {len(self.tensors)}: " + "; ".join(self.what) if len(self.tensors) > 1 else self.what[0]
+
+
+def measure_plan(model: onnx.ModelProto) -> list[Measured]:
+    """Per graph output, the tensors whose deviation is measured (see :class:`Measured`)."""
     producer = {name: node for node in model.graph.node for name in node.output}
-    names = []
+    constants = {t.name for t in model.graph.initializer} | {
+        n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    plan = []
     for out in model.graph.output:
-        node = producer.get(out.name)
-        if node is not None and node.op_type in SQUASHING_OPS and _is_linear(producer.get(node.input[0]), producer):
-            names.append(node.input[0])
-        else:
-            names.append(out.name)
-    return names
+        parts: dict[str, str] = {}
+        _collect(out.name, "", producer, constants, parts, depth=0)
+        if not parts or len(parts) > MAX_PARTS:
+            parts = {out.name: "the output itself"}
+        plan.append(Measured(out.name, tuple(parts), tuple(parts.values())))
+    return plan
 
 
-def _is_linear(node: onnx.NodeProto | None, producer: dict) -> bool:
-    if node is None:
-        return False
-    if node.op_type == "Add":  # MatMul + bias
-        return any(_is_linear(producer.get(i), {}) for i in node.input)
-    return node.op_type in LINEAR_OPS
+def _collect(name: str, where: str, producer: dict, constants: set[str], parts: dict[str, str], depth: int) -> None:
+    """Add the tensors that measure ``name`` to ``parts`` (tensor: what it is; ``where``: its place in the output)."""
+    node, source = producer.get(name), name
+    while node is not None and node.op_type in SHAPE_OPS and node.input:
+        source = node.input[0]
+        node = producer.get(source)
+    if node is None or depth > 8 or node.op_type not in ("Concat", *SQUASHING_OPS):
+        parts.setdefault(name, f"part {where.strip()}" if where else "the output itself")
+        return
+    if node.op_type == "Concat":
+        inputs = [i for i in node.input if i and i not in constants]
+        for k, part in enumerate(inputs):
+            _collect(part, f"{where} {k + 1}/{len(inputs)} of Concat '{node.name or source}'", producer, constants,
+                     parts, depth + 1)
+        return
+    here = f" (part {where.strip()})" if where else ""
+    parts.setdefault(name, f"{node.op_type} '{node.name or source}' output{here}")
+    logits = node.input[0]
+    if logits not in constants:
+        inner: dict[str, str] = {}
+        _collect(logits, where, producer, constants, inner, depth + 1)
+        for tensor, what in inner.items():
+            if what.startswith(("part", "the output")):
+                what = f"logits before {node.op_type} '{node.name or source}'{here}"
+            parts.setdefault(tensor, what)
+
+
+def measured_tensors(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The measured tensors of all outputs as two aligned lists: tensor, and the graph output it belongs to."""
+    tensors, owners = [], []
+    for m in measure_plan(model):
+        tensors += m.tensors
+        owners += [m.output] * len(m.tensors)
+    return tensors, owners
 
 
 def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: bool = False,
@@ -101,17 +156,14 @@ def _split_weights(model: onnx.ModelProto, given: dict[str, np.ndarray]) -> tupl
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """The model returning the tensors ``names``: graph outputs, or intermediate tensors (declared
+    without a type, which onnxruntime infers)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     known = {o.name: o for o in copy.graph.output}
-    elem = {o.name: o.type.tensor_type.elem_type for o in copy.graph.output}
     del copy.graph.output[:]
-    for i, name in enumerate(names):
-        if name in known:
-            copy.graph.output.append(known[name])
-        else:  # an intermediate tensor: its type is the graph output's it stands for
-            ref = list(elem.values())[min(i, len(elem) - 1)]
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, ref, None))
+    for name in names:
+        copy.graph.output.append(known[name] if name in known else onnx.ValueInfoProto(name=name))
     return copy
 
 
@@ -167,14 +219,57 @@ def sample_deviation(reference: np.ndarray, result: np.ndarray) -> float:
     return float(diff / norm) if norm > 0 else float(diff * scale)
 
 
+def sample_deviations(references: list[list[np.ndarray]], results: list[list[np.ndarray]]) -> np.ndarray:
+    """Deviation per probe sample (rows) and measured tensor (columns); NaN counts as infinite."""
+    columns = len(references[0]) if references else 0
+    d = np.array([[sample_deviation(y, y2) for y, y2 in zip(ref, res)] for ref, res in zip(references, results)],
+                 dtype=np.float64).reshape(len(references), columns)
+    d[np.isnan(d)] = np.inf
+    return d
+
+
 def deviation(references: list[list[np.ndarray]], results: list[list[np.ndarray]]) -> tuple[float, list[float]]:
     """(max deviation, max deviation per output) over samples, for outputs listed per sample."""
-    per_output = [0.0] * len(references[0]) if references else []
-    for ref, res in zip(references, results):
-        for k, (y, y2) in enumerate(zip(ref, res)):
-            d = sample_deviation(y, y2)
-            per_output[k] = max(per_output[k], d if d == d else float("inf"))
+    d = sample_deviations(references, results)
+    per_output = [float(v) for v in d.max(axis=0)] if d.size else [0.0] * d.shape[1]
     return (max(per_output) if per_output else 0.0), per_output
+
+
+@dataclass
+class Verification:
+    """A result's deviation on ``n`` fresh probes: per sample and measured tensor, grouped by graph output."""
+
+    per_sample: np.ndarray  # samples × measured tensors
+    tensors: list[str]
+    owners: list[str]  # per measured tensor, the graph output it belongs to
+
+    @property
+    def n(self) -> int:
+        return self.per_sample.shape[0]
+
+    @property
+    def max(self) -> float:
+        return float(self.per_sample.max()) if self.per_sample.size else 0.0
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile over probes of each probe's worst output (linear interpolation)."""
+        worst = self.per_sample.max(axis=1) if self.per_sample.size else np.zeros(1)
+        return float(np.percentile(worst, q))
+
+    def per_output(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        for owner, d in zip(self.owners, self.per_sample.max(axis=0) if self.per_sample.size else []):
+            result[owner] = max(result.get(owner, 0.0), float(d))
+        return result
+
+    def per_tensor(self) -> dict[str, float]:
+        return {t: float(d) for t, d in zip(self.tensors, self.per_sample.max(axis=0))} if self.per_sample.size else {}
+
+
+def promise(n: int, bound: float) -> str:
+    """What ``n`` fresh probes, none above ``bound``, support (the rule of three: 0 of n at 95 % confidence)."""
+    return (f"on {n} fresh probes from the probe distribution no output deviated more than {bound:.3g}; the share of "
+            f"such inputs above {bound:.3g} is below {min(3 / n, 1):.1%} with 95% confidence")
 
 
 def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict[str, np.ndarray],

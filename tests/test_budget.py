@@ -385,10 +385,10 @@ class CountingSession:
 
 
 @pytest.mark.parametrize("mixes_batch", [False, True])
-def test_probe_runner_batches_only_where_samples_stay_apart(mixes_batch):
+def testprobe_runner_batches_only_where_samples_stay_apart(mixes_batch):
     """All probes run as one batch unless the model mixes samples (here y = x - mean over the
     batch); either way each probe's outputs equal its own run."""
-    from red_onnx.budget import _probe_runner
+    from red_onnx.budget import probe_runner
 
     g = G()
     x = g.input("x", ["N", 4])
@@ -399,7 +399,7 @@ def test_probe_runner_batches_only_where_samples_stay_apart(mixes_batch):
     g.output("y")
     sess = CountingSession(session(g.model()))
     probes = uniform_probes(np.random.default_rng(1), 4, 5)
-    run = _probe_runner(sess, probes, {})
+    run = probe_runner(sess, probes, {})
     sess.runs = 0
     got = run({})
     assert sess.runs == (5 if mixes_batch else 1)
@@ -434,8 +434,8 @@ def test_ranking_and_screening_probes_hold_enough_output_values(monkeypatch, out
     import red_onnx.budget as budget_module
 
     sizes = []
-    runner = budget_module._probe_runner
-    monkeypatch.setattr(budget_module, "_probe_runner", lambda sess, probes, w: sizes.append(len(probes))
+    runner = budget_module.probe_runner
+    monkeypatch.setattr(budget_module, "probe_runner", lambda sess, probes, w: sizes.append(len(probes))
                         or runner(sess, probes, w))
     rng = np.random.default_rng(2)
     w = rng.standard_normal((6, outputs)).astype(np.float32)

@@ -512,13 +512,15 @@ def test_digits_exact_merge_changes_nothing(name):
 @pytest.mark.parametrize("name", DIGITS)
 def test_digits_tolerance_within_budget_on_fresh_probes(name):
     """At tolerance 0.1 (probes uniform in [0, 1], the models' input range), the result is smaller,
-    verified, and stays within the tolerance on fresh probes drawn the same way (other seed)."""
+    verified, and stays within the tolerance on fresh probes drawn the same way (other seed). (The
+    digits CNN's merges deviate over 0.1 on some of the 64 verification probes: it saves bytes only.)"""
     model = _model(name)
     result, report = red_onnx.compress(model, tolerance=0.1, probe_ranges={"input": (0, 1)})
     onnx.checker.check_model(result, full_check=True)
     assert report.verified
     assert report.output_deviation <= 0.1
-    assert report.bytes_after < report.bytes_before and report.macs_after < report.macs_before
+    assert report.bytes_after < report.bytes_before and report.macs_after <= report.macs_before
+    assert report.macs_after < report.macs_before or name == "digits_cnn"
     a, b = session(model), session(result)
     x = np.random.default_rng(2024).uniform(0, 1, (32, 1, 8, 8)).astype(np.float32)
     ya, yb = a.run(None, {"input": x})[0], b.run(None, {"input": x})[0]

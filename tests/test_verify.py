@@ -139,26 +139,26 @@ def squashed(op: str = "Softmax", kind: str = "gemm") -> tuple[Builder, onnx.Mod
 
 
 @pytest.mark.parametrize("op", ["Softmax", "LogSoftmax", "Sigmoid"])
-@pytest.mark.parametrize("kind", ["gemm", "matmul_add"])
-def test_measured_tensor_is_the_logits(op, kind):
+@pytest.mark.parametrize("kind", ["gemm", "matmul_add", "relu", "input"])
+def test_squashed_output_is_measured_on_its_logits_and_itself(op, kind):
     _, model, logits = squashed(op, kind)
-    assert verify.measured_tensors(model) == [logits]
+    out = model.graph.output[0].name
+    (plan,) = verify.measure_plan(model)
+    assert plan.output == out and plan.tensors == (out, logits)
+    assert plan.what[1].startswith(f"logits before {op}") and plan.what[0].startswith(f"{op} ")
+    assert verify.measured_tensors(model) == ([out, logits], [out, out])
 
 
-@pytest.mark.parametrize("kind", ["relu", "input"])
-def test_measured_tensor_is_the_output_when_not_a_squashed_linear_layer(kind):
-    _, model, _ = squashed("Softmax", kind)
-    assert verify.measured_tensors(model) == [model.graph.output[0].name]
-
-
-def test_measured_tensors_one_per_output():
+def test_measured_tensors_per_output():
     b = Builder(seed=4)
     x = b.input("x", ["N", 3, 4, 4])
     c = b.conv(x, 3, 2)
     b.output(b.node("Sigmoid", [c]), ["N", 2, 4, 4])
     b.output(b.relu(c), ["N", 2, 4, 4])
     model = b.model()
-    assert verify.measured_tensors(model) == [c, model.graph.output[1].name]
+    sig, relu = (o.name for o in model.graph.output)
+    assert verify.measured_tensors(model) == ([sig, c, relu], [sig, sig, relu])
+    assert verify.measure_plan(model)[1].label == "the output itself"
 
 
 def saturated_classifier() -> tuple[Builder, onnx.ModelProto, str, str]:
@@ -192,12 +192,12 @@ def test_saturated_softmax_deviation_measured_on_logits():
     on_probs, _ = verify.deviation(verify.run(verify.session(model), probes), verify.run(verify.session(other), probes))
     assert on_probs < 1e-6
     # ... the logits do, and they are what is measured
-    measured = verify.measured_tensors(model)
-    assert measured == [logits]
+    measured, _ = verify.measured_tensors(model)
+    assert measured == [probs, logits]
     on_logits, per_output = verify.deviation(verify.run(verify.session(model, measured), probes),
                                              verify.run(verify.session(other, measured), probes))
     assert on_logits > 1e-3
-    assert per_output == [on_logits]
+    assert per_output[0] < 1e-6 and per_output[1] == on_logits
 
 
 def test_compress_verifies_on_logits(monkeypatch):
@@ -257,3 +257,98 @@ def test_in_place_weights_path_agrees(monkeypatch):
     in_place, report = red_onnx.compress(model, **kwargs)
     assert report.verified and plain_report.verified
     assert in_place.SerializeToString() == plain.SerializeToString()
+
+
+# --------------------------------------------------------------------------------------------- #
+# a detector-style output: box coordinates concatenated with sigmoid scores
+
+
+def detector(seed: int = 11) -> onnx.ModelProto:
+    """Boxes (hundreds of pixels) and sigmoid class scores (0..1) from one feature map, reshaped,
+    transposed and concatenated into one output [N, anchors, 4 + classes], as YOLOv8 exports do."""
+    b = Builder(seed=seed)
+    x = b.input("x", ["N", 3, 4, 4])
+    feat = b.relu(b.conv(x, 3, 8, name="stem"))
+    box = b.conv(feat, 8, 4, k=1, name="box_head")
+    box = b.node("Mul", [box, b.init(np.array(300.0, np.float32), name="stride")])
+    cls_logits = b.conv(feat, 8, 3, k=1, name="cls_head")
+    cls = b.node("Sigmoid", [cls_logits], name="cls_sigmoid")
+    shape = b.init(np.array([0, -1, 16]), name="to_rows", dtype=np.int64)
+    parts = [b.node("Reshape", [t, shape]) for t in (box, cls)]
+    cat = b.node("Concat", parts, name="detections_concat", axis=1)
+    b.node("Transpose", [cat], outputs=["detections"], perm=[0, 2, 1])
+    b.output("detections", ["N", 16, 7])
+    return b.model()
+
+
+def test_concat_parts_are_measured_each():
+    model = detector()
+    (plan,) = verify.measure_plan(model)
+    assert len(plan.tensors) == 3
+    assert "box_head" not in plan.label  # named by the Concat and the Sigmoid
+    assert "1/2 of Concat 'detections_concat'" in plan.what[0]
+    assert plan.what[1].startswith("Sigmoid 'cls_sigmoid' output (part 2/2 of Concat 'detections_concat')")
+    assert plan.what[2].startswith("logits before Sigmoid 'cls_sigmoid'")
+
+
+def _damage_scores(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.name == "cls_head":
+            for t in copy.graph.initializer:
+                if t.name == node.input[1]:
+                    t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * np.float32(factor), t.name))
+    return copy
+
+
+def test_damage_confined_to_the_score_branch_is_caught():
+    """Whole-output relative L2 lets a large change of the scores through (the boxes dominate the
+    norm); the per-part measure sees it."""
+    model = detector()
+    damaged = _damage_scores(model, 1.5)
+    rng = np.random.default_rng(12)
+    probes = [random_feeds(model, rng, batch=1) for _ in range(8)]
+    whole, _ = verify.deviation(verify.run(verify.session(model), probes), verify.run(verify.session(damaged), probes))
+    measured, _ = verify.measured_tensors(model)
+    parts, _ = verify.deviation(verify.run(verify.session(model, measured), probes),
+                                verify.run(verify.session(damaged, measured), probes))
+    assert whole < 0.003 < 0.1 < parts
+
+
+def test_compress_fails_a_pass_that_damages_only_the_scores(monkeypatch):
+    model = detector()
+    original_run = fold.run
+
+    def damaging_run(ctx):
+        result = original_run(ctx)
+        for node in ctx.graph.nodes:
+            if node.name == "cls_head":
+                node.inputs[1].values = node.inputs[1].values * np.float32(1.05)
+        return result
+
+    result, report = red_onnx.compress(model, tolerance=0.003, passes=[])
+    assert report.measured["detections"]["label"].startswith("max over 3:")
+    assert set(report.measured["detections"]["tensors"]) == set(verify.measured_tensors(model)[0])
+    monkeypatch.setattr(fold, "run", damaging_run)
+    with pytest.raises(VerificationError):
+        red_onnx.compress(model, tolerance=0.003, passes=[])
+
+
+def test_report_states_the_promise_of_its_probes():
+    model = detector()
+    _, report = red_onnx.compress(model, tolerance=0.01, check=40, passes=[])
+    v = report.verification
+    assert v["probes"] == 40 and v["max"] == report.output_deviation and 0 <= v["p95"] <= v["max"]
+    assert "on 40 fresh probes" in v["promise"] and "below 7.5%" in v["promise"]
+    assert "95th percentile, on 40 fresh probes" in report.table()
+
+
+def test_library_and_cli_share_the_default_tolerance():
+    import inspect
+
+    from red_onnx import budget, cli
+
+    default = inspect.signature(red_onnx.compress).parameters["tolerance"].default
+    assert default == budget.DEFAULT_TOLERANCE == cli.build_parser().get_default("tolerance") > 0
+    assert inspect.signature(red_onnx.compress).parameters["check"].default == cli.build_parser().get_default("check")
