@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from red_onnx.layers import find_layers
-from red_onnx.passes import hash as hash_pass
+from red_onnx.passes import codebook as codebook_pass, hash as hash_pass
 
 from . import measure, zoo
 from .common import session
@@ -58,7 +58,7 @@ def study(name: str) -> list[str]:
         errors = []
         for layer in find_layers(graph)[0]:
             w = layer.get_weight()
-            if w.size < hash_pass.MIN_ELEMENTS:
+            if w.size < codebook_pass.MIN_ELEMENTS:
                 continue
             v = hashed(w, scale)
             errors.append(float(np.linalg.norm(v - w) / np.linalg.norm(w)))

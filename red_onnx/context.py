@@ -1,12 +1,27 @@
-"""What the pipeline hands to every pass, and what every pass hands back."""
+"""What the pipeline hands to every pass (:class:`Context`), and what every pass hands back
+(:class:`PassResult`, with a :class:`LeftAlone` record for everything it did not rewrite)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from .budget import Budget, Candidate, Spent
+
+
+@dataclass(frozen=True)
+class LeftAlone:
+    """A node, layer or channel space a pass did not rewrite, and why (one line, for people)."""
+
+    name: str
+    reason: str
+    pass_name: str = ""
 
 
 @dataclass
@@ -17,22 +32,57 @@ class PassResult:
     modified: bool = False
     counts: dict[str, Any] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer rows: {"name": ..., ...}
+    left_alone: list[LeftAlone] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)  # names of the layers whose nodes it replaced
     seconds: float = 0.0
+
+    def leave(self, name: str, reason: str) -> None:
+        self.left_alone.append(LeftAlone(name, reason, self.name))
 
 
 @dataclass
 class Context:
-    """The model being rewritten and everything a pass may need; passes build no sessions of their own."""
+    """One build's model and everything a pass may need.
+
+    Each build gets its own Context: ``graph`` and ``shapes`` are this build's to change (a pass
+    that changes channel counts refreshes ``shapes``); the input model's analysis is never shared
+    mutably. Passes may build onnxruntime sessions on the current graph (the budget and the
+    merge pass's activation statistics do), never on files."""
 
     graph: gs.Graph
-    template: Any  # the input onnx.ModelProto: model-level fields for exporting the graph
-    shapes: dict[str, tuple[int, ...]]  # static tensor shapes of the input model (batch 1)
-    tolerance: float = 0.0
+    template: onnx.ModelProto  # the input model without weights: model-level fields for exporting the graph
+    shapes: dict[str, tuple[int, ...]]  # static tensor shapes (batch 1) of this build's current graph
+    budget: Budget | None = None  # None: exact rewrites only
     exclude: re.Pattern | None = None
-    budget: Any = None  # budget.Budget, for lossy passes
     keep_dense: frozenset[str] = frozenset()  # convs the latency guard keeps as they are
     latency_check: bool = True  # optimise rewrites for onnxruntime CPU latency (guard on)
-    # weight → per-channel factor folded in (fold), or (scales, codebook) of its hashed values (hash)
-    scale_hints: dict[str, Any] = field(default_factory=dict)
     codebook: str = "uint8"  # codebook index types allowed: "uint8", "auto" (also uint16) or "off"
+    # weight → the per-channel factor fold multiplied into it (W' = W · s exactly)
+    fold_scales: dict[str, np.ndarray] = field(default_factory=dict)
+    # weight → (per-channel scales, codebook) of the values hash gave it: W' = fl(codebook[i] · scale)
+    hashed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     log: Callable[[str], None] = lambda message: None
+
+    @property
+    def lossy(self) -> bool:
+        """Whether lossy edits may be proposed (a budget is given)."""
+        return self.budget is not None
+
+    def exact(self) -> Context:
+        """The same build with lossy edits off (the exact re-runs after hashing)."""
+        from dataclasses import replace
+
+        return replace(self, budget=None)
+
+    def spend(self, candidates: list[Candidate], materialize: Callable[[list[Candidate]], dict[str, np.ndarray]],
+              measured_ranking: bool = False) -> Spent:
+        """Let the budget choose among ``candidates`` on the current graph, then write the accepted
+        edits' weights (``materialize``: initializer name → new values) into the graph."""
+        from .model_io import to_light_model
+
+        model, arrays = to_light_model(self.graph.copy(), self.template)
+        spent = self.budget.spend(model, candidates, materialize, arrays, measured_ranking=measured_ranking)
+        tensors = self.graph.tensors()
+        for name, values in materialize(spent.accepted).items():
+            tensors[name].values = values
+        return spent

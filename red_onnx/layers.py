@@ -314,6 +314,17 @@ def tensor_shapes(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...]
     return shapes
 
 
+def refresh_shapes(graph: gs.Graph, template: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Update ``shapes`` to the graph's current tensor shapes (channel counts change as channels are
+    removed); only Concat offsets need them, so a graph without a Concat is left as it is."""
+    from .model_io import to_light_model
+
+    if not any(node.op == "Concat" for node in graph.nodes):
+        return
+    specs = {t.name: (shapes[t.name], t.dtype) for t in graph.inputs if t.name in shapes}
+    shapes.update(tensor_shapes(to_light_model(graph.copy(), template)[0], specs))
+
+
 def weightless(model: onnx.ModelProto, keep: int = 1024) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers over ``keep`` elements have dims and type but no data
     (enough for shape inference; small ones such as shape vectors keep their values)."""

@@ -1,6 +1,9 @@
-"""The pipeline: load → canonicalize → passes → verify against the input model → report.
+"""The pipeline: prepare → build → verify / back off → latency guard → finish → report.
 
-The pipeline owns the model, the probes and the onnxruntime sessions; passes get a Context.
+:func:`compress` reads as those stages. :func:`prepare` loads and analyses the input model once
+(read-only from then on) and runs it on the probes; each build runs the passes of
+:data:`red_onnx.passes.SCHEDULE` on its own copy of the graph and of the shapes; the pipeline
+owns the model, the probes and the reference outputs, and hands each build a Context.
 """
 
 from __future__ import annotations
@@ -9,20 +12,21 @@ import math
 import os
 import re
 import time
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from . import model_io, verify
-from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE, Budget, make_probes, probe_runner, random_probes
+from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE, Budget, Probes, make_probes, probe_runner, random_probes
 from .context import Context, PassResult
 from .errors import InputError, VerificationError
-from .layers import QUANTIZED_OPS, analyze, find_layers, input_specs, tensor_shapes, weightless
-from .passes import AVAILABLE, PLANNED, fold
-from .passes import hash as hash_pass
-from .passes.hash import INDEX_TYPES
+from .layers import QUANTIZED_OPS, Analysis, analyze, find_layers, input_specs, tensor_shapes, weightless
+from .passes import AVAILABLE, PLANNED, SCHEDULE, fold
+from .passes.codebook import INDEX_TYPES
 from .report import Report
 
 #: Relative deviation allowed for exact rewrites, by the model's float type (float rounding).
@@ -73,6 +77,64 @@ def _not_utf8(err: UnicodeDecodeError) -> InputError:
     return InputError(f"the model holds text that is not valid UTF-8 (a name or doc string: {err.reason})")
 
 
+@dataclass
+class Options:
+    """The user's options, checked."""
+
+    tolerance: float
+    passes: list[str]
+    seed: int
+    check: int
+    allocation: int
+    input_shapes: dict[str, tuple[int, ...]] | None
+    probe_inputs: dict[str, np.ndarray] | None
+    probe_ranges: dict[str, tuple[float, float]] | None
+    exclude: re.Pattern | None
+    verify: bool
+    latency_check: bool
+    codebook: str
+    log: Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    """The input model, analysed once; nothing here changes after :func:`prepare`, but the probes
+    and reference outputs that a back-off renews."""
+
+    canonical: onnx.ModelProto | None  # the input's function, Constant nodes as initializers: what builds start from
+    template: onnx.ModelProto  # the input without weights: what exports restore (opset, inputs, metadata)
+    specs: dict
+    shapes: Mapping[str, tuple[int, ...]]  # the input's static shapes (batch 1), read-only
+    before: Analysis
+    plan: list[verify.Measured]  # what each output's deviation is measured on
+    measured: list[str]  # the measured tensors ...
+    owners: list[str]  # ... and the graph output each belongs to
+    ref_names: list[str]  # what the reference outputs hold
+    probes: Probes
+    reference: list[list[np.ndarray]] | None  # the input's outputs on the verification probes
+    budget: Budget | None
+    moved: int  # Constant nodes turned into initializers
+
+
+@dataclass
+class Build:
+    """One build: the rewritten model (light, its weights in ``arrays``), what each pass did, the
+    build's context, and its verification (None with --no-verify)."""
+
+    light: onnx.ModelProto
+    arrays: dict[str, np.ndarray]
+    results: list[PassResult]
+    ctx: Context
+    margin: float
+    checked: verify.Verification | None = None
+    verified: bool = False
+
+    def rewritten_by(self, module_name: str) -> frozenset[str]:
+        """The layers that steps running the pass ``module_name`` replaced (e.g. the separated convs)."""
+        steps = {s.name for s in SCHEDULE if s.module.NAME == module_name}
+        return frozenset(name for r in self.results if r.name in steps for name in r.rewritten)
+
+
 def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFAULT_TOLERANCE,
              passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = DEFAULT_CHECK,
              allocation: int = 16,
@@ -89,7 +151,21 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFA
     ("uint8", "auto" = uint8 or uint16, "off") sets how few-valued weights are stored.
     """
     start = time.perf_counter()
-    log = log or (lambda message: None)
+    opts = _options(tolerance, passes, seed, check, allocation, input_shapes, probe_inputs, probe_ranges, exclude,
+                    verify_result, latency_check, codebook, log)
+    report = Report(tolerance=tolerance)
+    prep = prepare(model, opts, report)
+    build = build_verified(prep, opts, report)
+    if opts.latency_check:
+        build = latency_guard(prep, opts, report, build)
+    result = finish(prep, build)
+    _fill_report(report, prep, build, result, opts)
+    report.seconds = time.perf_counter() - start
+    return result, report
+
+
+def _options(tolerance, passes, seed, check, allocation, input_shapes, probe_inputs, probe_ranges, exclude,
+             verify_result, latency_check, codebook, log) -> Options:
     if tolerance < 0 or not np.isfinite(tolerance):
         raise InputError(f"--tolerance must be a finite number >= 0, got {tolerance}")
     if codebook not in INDEX_TYPES:
@@ -101,19 +177,16 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFA
         pattern = re.compile(exclude) if exclude else None
     except re.error as err:
         raise InputError(f"--exclude: invalid regular expression ({err})") from None
-    log("loading")
-    original = model_io.load(model)
-    report = Report(tolerance=tolerance)
-    specs = input_specs(original, input_shapes)
-    custom = sorted({n.domain for n in original.graph.node if n.domain not in STANDARD_DOMAINS})
-    if any(n.op_type in QUANTIZED_OPS for n in original.graph.node):
-        report.notes.append("the model is already quantized: its quantized layers are left alone")
-    if not verify_result and tolerance > 0:
-        report.notes.append("--no-verify: lossy steps need verification, so only exact rewrites were made")
-        tolerance = 0.0
-    if custom:
-        report.notes.append(f"custom-domain ops ({', '.join(custom)}) are left alone")
+    return Options(tolerance, names, seed, check, allocation, input_shapes, probe_inputs, probe_ranges, pattern,
+                   verify_result, latency_check, codebook, log or (lambda message: None))
 
+
+def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: Report) -> Prepared:
+    """Load and analyse the input, run it on the probes, and canonicalize its constants."""
+    opts.log("loading")
+    original = model_io.load(model)
+    specs = input_specs(original, opts.input_shapes)
+    _notes_on_input(original, opts, report)
     before = analyze(original, specs)
     report.params_before, report.macs_before = before.params, before.macs
     report.bytes_before = model_io.model_bytes(original)
@@ -121,21 +194,20 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFA
 
     plan = verify.measure_plan(original)
     measured, owners = verify.measured_tensors(original)
-    graph_outputs = [o.name for o in original.graph.output]
-    ref_names = list(dict.fromkeys(measured + graph_outputs))
-    probes = make_probes(specs, seed, allocation, check, probe_ranges, probe_inputs)
+    ref_names = list(dict.fromkeys(measured + [o.name for o in original.graph.output]))
+    probes = make_probes(specs, opts.seed, opts.allocation, opts.check, opts.probe_ranges, opts.probe_inputs)
     reference, budget = None, None
-    if verify_result:  # one session on the input model for both probe sets
-        log(f"running the input model on {len(probes.allocation)} + {len(probes.verification)} probes")
+    if opts.verify:  # one session on the input model for both probe sets
+        opts.log(f"running the input model on {len(probes.allocation)} + {len(probes.verification)} probes")
         ref_session = verify.input_session(original, ref_names)
         reference = _run_all(ref_session, probes.verification, input_model=True)
-        if tolerance > 0:
-            budget = Budget(tolerance, probes.allocation, _run_all(ref_session, probes.allocation, input_model=True),
-                            ref_names, measured, owners, log=log)
+        if opts.tolerance > 0:
+            budget = Budget(opts.tolerance, probes.allocation, _run_all(ref_session, probes.allocation, input_model=True),
+                            ref_names, measured, owners, log=opts.log)
         del ref_session
 
     shapes = tensor_shapes(original, specs)
-    # from here on the input's weights live in `canonical` only (same function): `original` keeps
+    # from here on the input's weights live in `canonical` only (same function): `template` keeps
     # what to_model restores (opset, inputs, metadata, initializer names), not a second copy of them
     template = weightless(original, keep=0)
     if isinstance(model, onnx.ModelProto):  # the caller's object is never modified
@@ -143,86 +215,114 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFA
         canonical.CopyFrom(original)
     else:  # read from a file here: ours to canonicalize in place
         canonical = original
-    original = template
     moved = fold.constants_to_initializers(canonical)
     _check_weights(canonical)
+    return Prepared(canonical, template, specs, MappingProxyType(shapes), before, plan, measured, owners, ref_names,
+                    probes, reference, budget, moved)
 
-    def build(margin: float, keep_dense: frozenset[str] = frozenset()
-              ) -> tuple[onnx.ModelProto, list[PassResult], Context]:
-        """Canonicalize and run the passes, lossy ones spending ``margin × tolerance``."""
-        if budget is not None:
-            budget.target = margin * tolerance
-        ctx = Context(graph=model_io.to_graph(canonical), template=original, shapes=shapes,
-                      tolerance=tolerance if margin > 0 else 0.0, exclude=pattern, keep_dense=keep_dense,
-                      latency_check=latency_check,
-                      budget=budget if margin > 0 else None, log=log,
-                      codebook=codebook)
-        results: list[PassResult] = []
-        for name, module in [(fold.NAME, fold)] + [(n, AVAILABLE[n]) for n in names]:
-            log(f"pass {name}")
-            try:
-                result = module.run(ctx)
-            except (InputError, VerificationError):
-                raise
-            except UnicodeDecodeError as err:  # a pass that exports the graph meets a broken name
-                raise _not_utf8(err) from None
-            except Exception as err:
-                raise RuntimeError(f"pass '{name}' failed: {err}") from err
-            if name == fold.NAME and moved:
-                result.counts["constants_to_initializers"] = moved
-                result.modified = True
-            results.append(result)
-        results += _finish(ctx, names)
-        try:  # weights stay in the graph's arrays until the result is accepted: no second copy
-            light, arrays = model_io.to_light_model(ctx.graph, original)
-        except UnicodeDecodeError as err:
-            raise _not_utf8(err) from None
-        try:
-            model_io.check_structure(light)
-        except Exception as err:
-            raise RuntimeError(f"the rewritten model fails onnx.checker: {err}") from err
-        return light, arrays, results, ctx
 
-    def build_verified(keep_dense: frozenset[str] = frozenset()):
-        """Build at decreasing margins until the fresh probes agree."""
-        nonlocal reference
-        dev, checked, allowed, attempt = 0.0, None, 0.0, 0
-        margin, lossy = (FIRST_MARGIN, LOSSY_BUILDS) if budget is not None else (0.0, 0)
-        while True:
-            attempt += 1
-            log(f"build {attempt} of at most {attempt + lossy}: " + (
-                f"lossy edits up to {margin:.2g}x the tolerance" if margin > 0 else "exact rewrites only"))
-            light, arrays, results, ctx = build(margin, keep_dense)
-            if not verify_result:
-                return light, arrays, results, ctx, None, False
-            log(f"verifying build {attempt} on {len(probes.verification)} fresh probes")
-            checked = _verify(light, measured, owners, ref_names, reference, probes.verification, arrays, report)
-            dev = checked.max
-            allowed = tolerance if margin > 0 else max(tolerance, _rounding(original))
-            if dev <= allowed:
-                return light, arrays, results, ctx, checked, True
-            if margin == 0:
-                break
-            lossy -= 1
-            note = (f"build {attempt}: lossy edits chosen at {margin:.2g}x the tolerance deviated {dev:.3g} on "
-                    f"{checked.n} fresh probes (tolerance {tolerance:g}); backed off")
-            if probe_inputs is None and lossy > 0:  # random probes: learn the tail, verify on new ones
-                learned = _learn_tail(checked, budget, probes, reference, margin * tolerance)
-                reference = _fresh_verification(canonical, ref_names, probes, specs, probe_ranges, seed, attempt)
-                note += f" with its {learned} worst probe(s) added to the allocation probes and new fresh probes"
-                margin = margin * 0.9
-            else:
-                margin = next_margin(margin, dev, tolerance) if lossy > 0 else 0.0
-            report.notes.append(note)
-            log(note)
-        raise VerificationError(f"the rewritten model deviates by {dev:.3g} from the input model on fresh "
-                                f"probes (allowed {allowed:g}); nothing written. This is a bug: please report it")
+def _notes_on_input(original: onnx.ModelProto, opts: Options, report: Report) -> None:
+    custom = sorted({n.domain for n in original.graph.node if n.domain not in STANDARD_DOMAINS})
+    if any(n.op_type in QUANTIZED_OPS for n in original.graph.node):
+        report.notes.append("the model is already quantized: its quantized layers are left alone")
+    if not opts.verify and opts.tolerance > 0:
+        report.notes.append("--no-verify: lossy steps need verification, so only exact rewrites were made")
+        opts.tolerance = 0.0
+    if custom:
+        report.notes.append(f"custom-domain ops ({', '.join(custom)}) are left alone")
 
-    light, arrays, results, ctx, checked, report.verified = build_verified()
+
+def build(prep: Prepared, opts: Options, margin: float, keep_dense: frozenset[str] = frozenset()) -> Build:
+    """Run the schedule on a fresh copy of the canonical model, lossy steps spending ``margin ×
+    tolerance`` (none at margin 0); export it light (weights stay in the graph's arrays)."""
+    budget = prep.budget if margin > 0 else None
+    if budget is not None:
+        budget.target = margin * opts.tolerance
+    ctx = Context(graph=model_io.to_graph(prep.canonical), template=prep.template, shapes=dict(prep.shapes),
+                  budget=budget, exclude=opts.exclude, keep_dense=keep_dense, latency_check=opts.latency_check,
+                  codebook=opts.codebook, log=opts.log)
+    results = [_run_step(step, ctx) for step in SCHEDULE if step.wanted(opts.passes)]
+    if prep.moved:
+        results[0].counts["constants_to_initializers"] = prep.moved
+        results[0].modified = True
+    try:
+        light, arrays = model_io.to_light_model(ctx.graph, prep.template)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(err) from None
+    try:
+        model_io.check_structure(light)
+    except Exception as err:
+        raise RuntimeError(f"the rewritten model fails onnx.checker: {err}") from err
+    return Build(light, arrays, results, ctx, margin)
+
+
+def _run_step(step, ctx: Context) -> PassResult:
+    ctx.log(f"pass {step.name}")
+    try:
+        return step.run(ctx)
+    except (InputError, VerificationError):
+        raise
+    except UnicodeDecodeError as err:  # a pass that exports the graph meets a broken name
+        raise _not_utf8(err) from None
+    except Exception as err:
+        raise RuntimeError(f"pass '{step.name}' failed: {err}") from err
+
+
+def build_verified(prep: Prepared, opts: Options, report: Report, keep_dense: frozenset[str] = frozenset()) -> Build:
+    """Build at decreasing margins until the fresh probes agree (see :func:`back_off`)."""
+    margin, lossy = (FIRST_MARGIN, LOSSY_BUILDS) if prep.budget is not None else (0.0, 0)
+    for attempt in range(1, LOSSY_BUILDS + 2):
+        opts.log(f"build {attempt} of at most {attempt + lossy}: " + (
+            f"lossy edits up to {margin:.2g}x the tolerance" if margin > 0 else "exact rewrites only"))
+        attempt_build = build(prep, opts, margin, keep_dense)
+        if not opts.verify:
+            return attempt_build
+        opts.log(f"verifying build {attempt} on {len(prep.probes.verification)} fresh probes")
+        checked = _verify(attempt_build.light, prep, attempt_build.arrays, report)
+        attempt_build.checked = checked
+        allowed = opts.tolerance if margin > 0 else max(opts.tolerance, _rounding(prep.template))
+        if checked.max <= allowed:
+            attempt_build.verified = True
+            return attempt_build
+        if margin == 0:
+            raise VerificationError(f"the rewritten model deviates by {checked.max:.3g} from the input model on fresh "
+                                    f"probes (allowed {allowed:g}); nothing written. This is a bug: please report it")
+        lossy -= 1
+        margin = back_off(prep, opts, report, checked, attempt, margin, lossy)
+    raise AssertionError("unreachable: the last build is exact")
+
+
+def back_off(prep: Prepared, opts: Options, report: Report, checked: verify.Verification, attempt: int,
+             margin: float, lossy: int) -> float:
+    """After a lossy build deviated over the tolerance on its fresh probes: the next margin.
+
+    With random probes, the build's worst fresh probes join the allocation probes and the next
+    build is verified on new draws (a probe that chose a build never verifies it), at 0.9x the
+    margin; with the user's probe samples, the margin shrinks by the overshoot
+    (:func:`next_margin`). No lossy builds left: 0 (exact rewrites only)."""
+    note = (f"build {attempt}: lossy edits chosen at {margin:.2g}x the tolerance deviated {checked.max:.3g} on "
+            f"{checked.n} fresh probes (tolerance {opts.tolerance:g}); backed off")
+    if opts.probe_inputs is None and lossy > 0:
+        learned = _learn_tail(checked, prep.budget, prep.probes, prep.reference, margin * opts.tolerance)
+        prep.reference = _fresh_verification(prep.canonical, prep.ref_names, prep.probes, prep.specs,
+                                             opts.probe_ranges, opts.seed, attempt)
+        note += f" with its {learned} worst probe(s) added to the allocation probes and new fresh probes"
+        margin *= 0.9
+    else:
+        margin = next_margin(margin, checked.max, opts.tolerance) if lossy > 0 else 0.0
+    report.notes.append(note)
+    opts.log(note)
+    return margin
+
+
+def latency_guard(prep: Prepared, opts: Options, report: Report, current: Build) -> Build:
+    """While onnxruntime runs the result slower than the input (beyond LATENCY_SLACK), undo the
+    separations of the last build and rebuild."""
     keep_dense: frozenset[str] = frozenset()
-    while latency_check and (separated := _separated(results)):
-        log("timing the result against the input (latency guard)")
-        t_in, t_out, ratio = verify.latency_ratio(canonical, light, probes.verification[0], arrays_b=arrays)
+    while separated := current.rewritten_by("separate") - keep_dense:
+        opts.log("timing the result against the input (latency guard)")
+        t_in, t_out, ratio = verify.latency_ratio(prep.canonical, current.light, prep.probes.verification[0],
+                                                  arrays_b=current.arrays)
         undone = report.latency.get("separations_undone", 0)
         report.latency = {"input_ms": round(t_in * 1e3, 4), "result_ms": round(t_out * 1e3, 4),
                           "ratio": round(ratio, 4), "separations_undone": undone}
@@ -232,52 +332,37 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFA
         report.latency["separations_undone"] = undone + len(separated)
         report.notes.append(f"latency guard: with {len(separated)} conv(s) separated the result ran {ratio:.2f}x "
                             "the input's time in onnxruntime; those separations undone")
-        light, arrays, results, ctx, checked, report.verified = build_verified(keep_dense)
-    del light, arrays
-    for tensor in ctx.graph.tensors().values():  # the graph takes its own copy of every weight ...
+        current = build_verified(prep, opts, report, keep_dense)
+    return current
+
+
+def finish(prep: Prepared, accepted: Build) -> onnx.ModelProto:
+    """The accepted build as a full model; the input's weights are released first."""
+    for tensor in accepted.ctx.graph.tensors().values():  # the graph takes its own copy of every weight ...
         if isinstance(tensor, gs.Constant):
             tensor.values  # noqa: B018 (loads a lazily imported weight)
-    canonical = None  # ... so the input's copy can go before the result is exported
+    accepted.light = accepted.arrays = None
+    prep.canonical = None  # ... so the input's copy can go before the result is exported
     try:
-        result_model = model_io.to_full_model(ctx.graph, original)
+        return model_io.to_full_model(accepted.ctx.graph, prep.template)
     except UnicodeDecodeError as err:
         raise _not_utf8(err) from None
-    if checked is not None:
-        _report_verification(report, checked, plan, tolerance if tolerance > 0 else _rounding(original))
 
-    after = analyze(result_model, specs)
+
+def _fill_report(report: Report, prep: Prepared, accepted: Build, result: onnx.ModelProto, opts: Options) -> None:
+    report.verified = accepted.verified
+    if accepted.checked is not None:
+        _report_verification(report, accepted.checked, prep.plan,
+                             opts.tolerance if opts.tolerance > 0 else _rounding(prep.template))
+    after = analyze(result, prep.specs)
     report.params_after, report.macs_after = after.params, after.macs
-    report.bytes_after = model_io.model_bytes(result_model)
+    report.bytes_after = model_io.model_bytes(result)
     report.op_counts_after = dict(after.op_counts)
     report.passes = [{"name": r.name, "seconds": round(r.seconds, 4), "modified": r.modified, **r.counts}
-                     for r in results]
-    report.layers = _layer_rows(ctx, before.macs_per_node, after, results)
-
-    report.seconds = time.perf_counter() - start
-    return result_model, report
-
-
-def _finish(ctx: Context, names: list[str]) -> list[PassResult]:
-    """After hashing, the exact merge and separation rules run again on the hashed weights; then
-    few-valued weights are stored as codebooks (last: it turns weights into computed tensors)."""
-    results = []
-    if "hash" in names:
-        ctx.budget = None
-        ctx.tolerance = 0.0
-        for name in ("merge", "separate"):
-            if name in names:
-                ctx.log(f"pass {name} (exact, after hashing)")
-                result = AVAILABLE[name].run(ctx)
-                result.name = f"{name}_after_hash"
-                results.append(result)
-    ctx.log("codebook storage")
-    results.append(hash_pass.encode(ctx))
-    return results
-
-
-def _separated(results: list[PassResult]) -> frozenset[str]:
-    return frozenset(r["name"] for res in results if res.name == "separate" for r in res.layers
-                     if "depthwise_channels" in r)
+                     for r in accepted.results]
+    report.left_alone = [{"name": a.name, "pass": a.pass_name, "reason": a.reason}
+                         for r in accepted.results for a in r.left_alone]
+    report.layers = _layer_rows(accepted.ctx, prep.before.macs_per_node, after, accepted.results)
 
 
 def _learn_tail(checked: verify.Verification, budget: Budget, probes, reference, target: float) -> int:
@@ -310,23 +395,23 @@ def _run_all(sess, probes: list[dict], input_model: bool = False) -> list[list[n
         raise InputError(f"onnxruntime cannot run the input model on probes of its input shapes ({first})") from None
 
 
-def _verify(result_model: onnx.ModelProto, measured: list[str], owners: list[str], ref_names: list[str],
-            reference: list[list[np.ndarray]], probes: list[dict], arrays: dict[str, np.ndarray] | None,
+def _verify(result_model: onnx.ModelProto, prep: Prepared, arrays: dict[str, np.ndarray] | None,
             report: Report) -> verify.Verification:
     """Deviation of the result from the input model on the verification probes. A measured tensor
     the rewrite no longer has is replaced by its graph output; a result onnxruntime cannot run
     deviates infinitely (a bug: it is never written)."""
     produced = {o for n in result_model.graph.node for o in n.output} | {i.name for i in result_model.graph.input}
-    columns = list(dict.fromkeys((m, o) if m in produced else (o, o) for m, o in zip(measured, owners)))
+    columns = list(dict.fromkeys((m, o) if m in produced else (o, o) for m, o in zip(prep.measured, prep.owners)))
     chosen = list(dict.fromkeys(c for c, _ in columns))
+    probes = prep.probes.verification
     try:
         outputs = _run_all(verify.session(result_model, chosen, arrays=arrays), probes)
     except Exception as err:
         report.notes.append(f"onnxruntime could not run the result ({str(err).splitlines()[0][:200]})")
-        return verify.Verification(np.full((len(probes), 1), np.inf), [owners[0]], [owners[0]])
-    index = [ref_names.index(c) for c, _ in columns]
+        return verify.Verification(np.full((len(probes), 1), np.inf), [prep.owners[0]], [prep.owners[0]])
+    index = [prep.ref_names.index(c) for c, _ in columns]
     at = [chosen.index(c) for c, _ in columns]
-    d = verify.sample_deviations([[sample[i] for i in index] for sample in reference],
+    d = verify.sample_deviations([[sample[i] for i in index] for sample in prep.reference],
                                  [[sample[i] for i in at] for sample in outputs])
     return verify.Verification(d, [c for c, _ in columns], [o for _, o in columns])
 
@@ -379,4 +464,6 @@ def _layer_rows(ctx: Context, macs_before: dict[str, int], after, results: list[
         for row in result.layers:
             rows.setdefault(row["name"], {"name": row["name"]}).setdefault(result.name, {}).update(
                 {k: v for k, v in row.items() if k != "name"})
+        for record in result.left_alone:
+            rows.setdefault(record.name, {"name": record.name}).setdefault(result.name, {})["left_alone"] = record.reason
     return list(rows.values())

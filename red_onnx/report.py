@@ -26,6 +26,7 @@ class Report:
     seconds: float = 0.0
     passes: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    left_alone: list[dict[str, str]] = field(default_factory=list)  # {"name", "pass", "reason"}, from every pass
     op_counts_before: dict[str, int] = field(default_factory=dict)
     op_counts_after: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

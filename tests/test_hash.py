@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 import red_onnx
 from red_onnx import kde
-from red_onnx.passes import hash as hash_pass
+from red_onnx.passes import codebook as codebook_pass, hash as hash_pass
 
 from conftest import REPO, Builder, assert_same_outputs, op_counts, random_feeds, rel_l2, run
 
@@ -441,7 +441,7 @@ def test_codebook_off_with_hashing_leaves_digits_plain():
 def test_small_weights_stay_plain(shape, expected):
     n, k = shape
     size = n * k
-    assert (size >= hash_pass.MIN_ELEMENTS) is expected and abs(size - hash_pass.MIN_ELEMENTS) <= 1
+    assert (size >= codebook_pass.MIN_ELEMENTS) is expected and abs(size - codebook_pass.MIN_ELEMENTS) <= 1
     rng = np.random.default_rng(8)
     b = Builder(seed=8)
     w = np.array([-0.5, 0.25, 0.75, 1.5], np.float32)[rng.integers(0, 4, (n, k))]
@@ -515,7 +515,7 @@ def test_hashing_digits_under_the_budget(hashed_digits, name):
     assert 0 < hp["deviation_allocated"] <= 0.05
 
     # per-layer rows of the hash pass, and every hashed layer stored as a codebook
-    hashed_rows = {r["name"]: r["hash"] for r in report.layers if "hash" in r}
+    hashed_rows = {r["name"]: r["hash"] for r in report.layers if "hash" in r and "left_alone" not in r["hash"]}
     assert len(hashed_rows) == hp["layers_hashed"]
     enc = encoded(result)
     nodes = {n.name: n for n in result.graph.node}
@@ -651,7 +651,7 @@ def test_layers_searched_in_threads_give_the_serial_candidates(monkeypatch):
 
     def propose(cores):
         monkeypatch.setattr(hash_pass, "_cores", lambda: cores)
-        ctx = Context(graph=gs.import_onnx(model), template=model, shapes={}, scale_hints={}, codebook="auto")
+        ctx = Context(graph=gs.import_onnx(model), template=model, shapes={}, codebook="auto")
         return hash_pass._propose(ctx)
 
     serial, threaded = propose(1), propose(4)
@@ -723,10 +723,11 @@ def test_max_abs_hashed_weight_is_stored_exactly(kind, entries):
         y = b.node("MatMul", [x, b.init(stored, "W")], name="layer")
     b.output(y, ["N", n, 5, 5] if kind == "conv" else ["N", n])
     model = b.model()
-    for hint, expect in (((scales, codebook), True), (scales, entries > 256)):  # uint16 absorbs the ulp variants
-        ctx = Context(graph=gs.import_onnx(model), template=model, shapes={}, scale_hints={"W": hint},
+    for hint, expect in (({"hashed": {"W": (scales, codebook)}}, True),  # uint16 absorbs the ulp variants
+                         ({"fold_scales": {"W": scales}}, entries > 256)):
+        ctx = Context(graph=gs.import_onnx(model), template=model, shapes={}, **hint,
                       codebook="uint8" if entries <= 256 else "auto")
-        result = hash_pass.encode(ctx)
+        result = codebook_pass.run(ctx)
         assert (result.counts["weights_encoded"] == 1) is expect
         if expect:
             out = gs.export_onnx(ctx.graph)
@@ -786,14 +787,14 @@ def test_snap_and_indices_lookups(dtype):
         codebook = np.unique(np.concatenate([(rng.standard_t(2, n) * 3).astype(dtype), np.array([0.0], dtype)]))
         values = np.concatenate([rng.choice(codebook, 200), (rng.standard_t(2, 200) * 4).astype(dtype),
                                  [codebook[0] - 1, codebook[-1] + 1, np.float64(codebook[0]) / 2]]).astype(dtype)
-        snapped = hash_pass._snap(values, codebook).astype(np.float64)
+        snapped = codebook_pass._snap(values, codebook).astype(np.float64)
         v, c = values.astype(np.float64), codebook.astype(np.float64)
         dist = np.abs(v[:, None] - c[None, :])
         nearest = c[np.argmin(dist, axis=1)]  # argmin: the lower entry on ties
         np.testing.assert_array_equal(snapped, nearest)
         stored = np.concatenate([rng.choice(codebook, 100), np.array([0.0, -0.0, -0.0], dtype)])
-        bits = hash_pass._distinct_bits(stored)
-        np.testing.assert_array_equal(hash_pass._indices(stored, bits), np.searchsorted(bits, hash_pass._bits(stored)))
+        bits = codebook_pass._distinct_bits(stored)
+        np.testing.assert_array_equal(codebook_pass._indices(stored, bits), np.searchsorted(bits, codebook_pass._bits(stored)))
 
 
 def test_verification_backs_off_when_fresh_probes_disagree():

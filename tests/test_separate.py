@@ -560,4 +560,4 @@ def test_latency_guard_undoes_separations(monkeypatch):
     assert rep.latency["separations_undone"] == 1 and rep.latency["ratio"] == 2.0
     assert any("latency guard" in note for note in rep.notes)
     row = next(r for r in rep.layers if r["name"] == "conv0")
-    assert "latency guard" in row["separate"]["kept_dense"]
+    assert "latency guard" in row["separate"]["left_alone"]

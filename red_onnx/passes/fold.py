@@ -76,10 +76,27 @@ def run(ctx: Context) -> PassResult:
             rows.append({"name": layer.name, "folded": step[0]})
         scaled = [s for _, s in folded if np.any(s != 1)]
         if len(scaled) == 1:  # W' = W · s exactly in W's type: a codebook of W with scales s reproduces it
-            ctx.scale_hints[layer.weight.name] = scaled[0]
+            ctx.fold_scales[layer.weight.name] = scaled[0]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    modified = any(counts.values())
-    return PassResult(NAME, modified, counts, rows, time.perf_counter() - start)
+    result = PassResult(NAME, any(counts.values()), counts, rows)
+    for node in graph.nodes:
+        if node.op == "BatchNormalization":
+            result.leave(node.name, _why_not_folded(node, graph))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _why_not_folded(node: gs.Node, graph: gs.Graph) -> str:
+    """Why a BatchNormalization stays (one line)."""
+    x = node.inputs[0]
+    producer = x.inputs[0] if x.inputs else None
+    if producer is None or producer.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
+        return "follows no linear layer to fold into"
+    if len(x.outputs) > 1 or any(t.name == x.name for t in graph.outputs):
+        return f"the output of '{producer.name}' is also used elsewhere"
+    if node.attrs.get("training_mode", 0) or not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
+        return "training mode or non-constant statistics"
+    return f"'{producer.name}' is left alone, or the statistics do not fit its channels"
 
 
 def _name_nodes(graph: gs.Graph) -> None:

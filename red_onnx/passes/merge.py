@@ -22,10 +22,11 @@ from collections import Counter
 
 import numpy as np
 
-from ..budget import Candidate
+from .. import verify
+from ..budget import Candidate, Spent
 from ..context import Context, PassResult
 from ..coupling import Space, channel_spaces
-from ..layers import tensor_shapes
+from ..layers import refresh_shapes
 from ..model_io import to_light_model
 
 NAME = "merge"
@@ -35,20 +36,21 @@ EXERCISED = 0.05  # a channel whose mean |activation| on the probes is under 5% 
 
 def run(ctx: Context) -> PassResult:
     start = time.perf_counter()
+    result = PassResult(NAME)
     counts = Counter()
-    if ctx.budget is not None and ctx.tolerance > 0:
+    if ctx.lossy:
         spent = _spend(ctx)
         counts["near_merges_accepted"] = len(spent.accepted)
         counts["deviation_allocated"] = round(spent.deviation_after, 6)
-    _refresh_shapes(ctx)
-    rows, done = [], set()
+    refresh_shapes(ctx.graph, ctx.template, ctx.shapes)
+    rows, done = result.layers, set()
     while True:  # a merge before a Concat moves the offsets of the spaces after it: look again
         for space in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude):
             if space.name in done:
                 continue
             done.add(space.name)
             if space.frozen:
-                rows.append({"name": space.name, "channels": space.channels, "left_alone": space.frozen})
+                result.leave(space.name, space.frozen)
                 continue
             root, scale, dead = exact_plan(space)
             merged = int(np.sum(root != np.arange(space.channels)))
@@ -60,21 +62,15 @@ def run(ctx: Context) -> PassResult:
                 counts["channels_merged"] += merged
                 counts["dead_removed"] += int(dead.sum())
                 if space.concats:
-                    _refresh_shapes(ctx)
+                    refresh_shapes(ctx.graph, ctx.template, ctx.shapes)
                     break
         else:
             break
-    counts["spaces_frozen"] = sum(1 for r in rows if "left_alone" in r)
-    modified = bool(counts["channels_merged"] or counts["dead_removed"])
-    return PassResult(NAME, modified, dict(counts), rows, time.perf_counter() - start)
-
-
-def _refresh_shapes(ctx: Context) -> None:
-    """Current tensor shapes (channel counts change as layers merge); only Concat offsets need them."""
-    if not any(node.op == "Concat" for node in ctx.graph.nodes):
-        return
-    specs = {t.name: (ctx.shapes[t.name], t.dtype) for t in ctx.graph.inputs if t.name in ctx.shapes}
-    ctx.shapes.update(tensor_shapes(to_light_model(ctx.graph.copy(), ctx.template)[0], specs))
+    counts["spaces_frozen"] = len(result.left_alone)
+    result.counts = dict(counts)
+    result.modified = bool(counts["channels_merged"] or counts["dead_removed"])
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,10 +170,9 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
 # near merges: budget candidates
 
 
-def _spend(ctx: Context):
+def _spend(ctx: Context) -> Spent:
     spaces = [s for s in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude) if not s.frozen and s.consumers]
     if not spaces:
-        from ..budget import Spent
         return Spent([], 0.0, 0.0, 0)
     exercised = _exercised(ctx, spaces)
     candidates = []
@@ -187,7 +182,6 @@ def _spend(ctx: Context):
         candidates += cands
         info[k] = data
     if not candidates:
-        from ..budget import Spent
         return Spent([], 0.0, 0.0, 0)
 
     def materialize(chosen: list[Candidate]) -> dict[str, np.ndarray]:
@@ -199,12 +193,7 @@ def _spend(ctx: Context):
             edits.update(_cluster_edits(spaces[k], info[k], [(c.data[1], c.data[2]) for c in cands]))
         return edits
 
-    model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
-    spent = ctx.budget.spend(model, candidates, materialize, arrays)
-    tensors = {t.name: t for t in ctx.graph.tensors().values() if hasattr(t, "values")}
-    for name, values in materialize(spent.accepted).items():
-        tensors[name].values = values
-    return spent
+    return ctx.spend(candidates, materialize)
 
 
 def _exercised(ctx: Context, spaces: list[Space]) -> list[np.ndarray]:
@@ -215,8 +204,6 @@ def _exercised(ctx: Context, spaces: list[Space]) -> list[np.ndarray]:
     Measured: on the captcha CRNN, merges of such channels cost 0 on uniform-noise probes and 2
     points of exact-match accuracy on real captchas.
     """
-    from .. import verify
-
     names = list(dict.fromkeys(c.layer.node.inputs[0].name for space in spaces for c in space.consumers))
     model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
     sess = verify.session(model, names, arrays=arrays)

@@ -38,11 +38,16 @@ Layout decisions:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from ..budget import Candidate
+from ..context import Context, PassResult
+from ..layers import find_layers
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -561,10 +566,12 @@ DEPTHWISE_ALIGN = 8
 LADDER_ERRORS = tuple(float(e) for e in np.geomspace(1e-3, 0.6, 68))  # steps of ~10%
 
 
-def _convs(ctx):
-    """(layer, weight, group, output pixels) of every conv this pass may rewrite."""
-    from ..layers import find_layers
+#: Why a conv the latency guard undid stays dense.
+KEPT_BY_GUARD = "the latency guard undid its separation: onnxruntime ran the result slower than the input"
 
+
+def _convs(ctx: Context):
+    """(layer, weight, group, output pixels) of every conv this pass may rewrite."""
     layers, _ = find_layers(ctx.graph, ctx.exclude)
     for layer in layers:
         if layer.op != "Conv" or layer.node.name in ctx.keep_dense:
@@ -580,9 +587,7 @@ def _convs(ctx):
         yield layer, weight, group, pixels
 
 
-def _propose(ctx):
-    from ..budget import Candidate
-
+def _propose(ctx: Context):
     candidates, weights = [], {}
     for layer, weight, group, pixels in _convs(ctx):
         before = _macs_before(weight.shape)
@@ -611,31 +616,25 @@ def _params_after(weight: np.ndarray, ranks: np.ndarray, group: int) -> int:
     return u * int(np.prod(weight.shape[2:])) + weight.shape[0] * u // max(group, 1)
 
 
-def run(ctx):
+def run(ctx: Context) -> PassResult:
     """Exact separation of every conv where it pays; low-rank candidates spend the budget first."""
-    import time
-
-    from ..context import PassResult
-    from ..model_io import to_light_model
-
     start = time.perf_counter()
-    counts = {"separated": 0}
-    if ctx.budget is not None and ctx.tolerance > 0:
+    result = PassResult(NAME)
+    counts = result.counts
+    counts["separated"] = 0
+    if ctx.lossy:
         candidates, weights = _propose(ctx)
 
         def materialize(chosen):
             return {c.data[0]: lowrank_weight(weights[c.data[0]], c.data[2], c.data[1]) for c in chosen}
 
         if candidates:
-            model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
-            spent = ctx.budget.spend(model, candidates, materialize, arrays)
-            tensors = ctx.graph.tensors()
-            for name, values in materialize(spent.accepted).items():
-                tensors[name].values = values
+            spent = ctx.spend(candidates, materialize)
             counts["lowrank_accepted"] = len(spent.accepted)
             counts["deviation_allocated"] = round(spent.deviation_after, 6)
-    rows = [{"name": name, "kept_dense": "the latency guard undid its separation: onnxruntime ran the result "
-             "slower than the input"} for name in sorted(ctx.keep_dense)]
+    rows = result.layers
+    for name in sorted(ctx.keep_dense):
+        result.leave(name, KEPT_BY_GUARD)
     for layer, weight, group, pixels in list(_convs(ctx)):
         plan = plan_exact(weight, group)
         if ctx.latency_check:
@@ -645,15 +644,18 @@ def run(ctx):
                "u_mean": round(float(np.mean(np.concatenate(plan.u))), 2),
                "u_max": int(max(u.max() for u in plan.u))}
         if not _exact_per_output(weight, plan):
-            row.update(kept_dense="its kernels span too wide a range of scales to factor exactly")
+            result.leave(layer.name, "its kernels span too wide a range of scales to factor exactly")
             row["macs_after"] = row["macs_before"]
         elif plan.macs_per_pixel_after > (1 - MIN_SAVING) * plan.macs_per_pixel_before:
-            row.update(kept_dense=f"saves {plan.saving:.0%} of MACs, under the {MIN_SAVING:.0%} that pays")
+            result.leave(layer.name, f"saves {plan.saving:.0%} of MACs, under the {MIN_SAVING:.0%} that pays")
             row["macs_after"] = row["macs_before"]
         else:
             apply_plan(ctx.graph, layer.node, plan)
             row.update(gather=plan.uses_gather, depthwise_channels=plan.depthwise_channels)
+            result.rewritten.append(layer.name)
             counts["separated"] += 1
         rows.append(row)
     ctx.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return PassResult(NAME, counts["separated"] > 0, counts, rows, time.perf_counter() - start)
+    result.modified = counts["separated"] > 0
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,56 @@
+"""The pipeline's stages: builds, back-off and what a rebuild starts from."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+import red_onnx
+from red_onnx import pipeline
+
+from conftest import Builder
+
+
+def concat_with_duplicates() -> onnx.ModelProto:
+    """conv A (channels 2, 3 duplicate 0, 1 exactly, channels 4, 5 nearly) → Relu → Concat with
+    conv B → conv C → output: A's merges move the Concat's offsets, and the analysis of every
+    build must start from the input model's widths."""
+    b = Builder(seed=21)
+    x = b.input("x", ["N", 3, 6, 6])
+    w = b.weight((6, 3, 3, 3))
+    w[2:4] = w[:2]
+    w[4:6] = w[:2] * (1 + 1e-4 * b.rng.standard_normal((2, 3, 3, 3)))
+    bias = b.rng.standard_normal(6).astype(np.float32)
+    bias[2:6] = np.tile(bias[:2], 2)
+    a = b.relu(b.node("Conv", [x, b.init(w), b.init(bias)], name="conv_a", kernel_shape=[3, 3], pads=[1] * 4))
+    c2 = b.relu(b.conv(x, 3, 5, name="conv_b"))
+    cat = b.node("Concat", [a, c2], name="cat", axis=1)
+    b.output(b.conv(cat, 11, 4, name="conv_c"), ["N", 4, 6, 6])
+    return b.model()
+
+
+def _merged(report) -> int:
+    return sum(p.get("channels_merged", 0) for p in report.passes if p["name"] == "merge")
+
+
+def test_a_rebuild_merges_what_the_first_build_merged(monkeypatch):
+    """A back-off rebuilds from the input model's shapes, not from the previous build's merged
+    widths (which froze every space past the Concat and lost the merges)."""
+    model = concat_with_duplicates()
+    _, plain = red_onnx.compress(model, tolerance=0.01, passes=["merge"])
+    assert _merged(plain) == 4 and not any("backed off" in n for n in plain.notes)
+
+    real_verify, calls = pipeline._verify, []
+
+    def fail_first(*args, **kwargs):
+        checked = real_verify(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # as if the first build had overshot on its fresh probes
+            checked.per_sample = checked.per_sample + 1.0
+        return checked
+
+    monkeypatch.setattr(pipeline, "_verify", fail_first)
+    result, report = red_onnx.compress(model, tolerance=0.01, passes=["merge"])
+    assert len(calls) == 2 and any("backed off" in n for n in report.notes)
+    assert _merged(report) == 4
+    assert report.params_after == plain.params_after
