@@ -60,7 +60,6 @@ def tail(original: onnx.ModelProto, result: onnx.ModelProto, probes: list[dict])
 
 def check_model(name: str, tolerances, n_probes: int, seed: int) -> list[dict]:
     import red_onnx
-    from red_onnx import model_io
     from red_onnx.budget import random_probes
     from red_onnx.layers import input_specs
 

@@ -17,6 +17,12 @@ both directions, through the ops the handler registry knows:
   moves the channel axis (to the last axis for a MatMul, say); past them the space may go through
   parameter-free elementwise ops only, to its consumers.
 
+Each op the flood follows is one :class:`Handler` in the registry (``HANDLERS``, filled by
+:func:`register`): how a space passes through it (``through``), how it passes past a Concat,
+Split, Slice or Transpose (``tail``: only parameter-free elementwise ops there), and, by hooks on the
+space, how the op's attributes or constants change when channels are removed (Split sizes, Slice
+bounds, Reshape targets, depthwise group counts). :func:`remove_channels` is the one write side
+that every pass removing channels calls. Supporting a new op is one handler and its test.
 Anything the registry does not know (graph outputs, grouped convs, …) freezes the space, with the
 reason. Merging j into i with scale s is exact when every producer has
 row_j = s·row_i, every path op has equal parameters for i and j, and either s = 1 or every path op is
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -79,6 +85,11 @@ class ChannelParam:
     axis: int  # its channel axis
 
 
+#: Called by :func:`remove_channels` with (kept channel indices, channels before): an op's
+#: attributes or constants follow the new channel count.
+Resize = Callable[[np.ndarray, int], None]
+
+
 @dataclass
 class Space:
     """One channel space (see the module docstring)."""
@@ -87,11 +98,9 @@ class Space:
     producers: list[Layer] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     params: list[ChannelParam] = field(default_factory=list)
-    depthwise: list[gs.Node] = field(default_factory=list)  # their ``group`` follows the channel count
-    reshapes: list[tuple[gs.Constant, int]] = field(default_factory=list)  # (shape constant, block)
-    segments: np.ndarray | None = None  # Split: segment of each channel (merges stay inside one)
-    splits: list[tuple[gs.Node, Any, list[tuple[int, int]]]] = field(default_factory=list)  # (Split, sizes, ranges)
-    slices: list[tuple[gs.Constant, gs.Constant, int, int, int]] = field(default_factory=list)  # starts, ends, k, lo, hi
+    depthwise: list[gs.Node] = field(default_factory=list)  # depthwise convs on the path
+    resizes: list[Resize] = field(default_factory=list)  # registered by the handlers
+    segments: np.ndarray | None = None  # Split / Slice: segment of each channel (merges stay inside one)
     tensors: set[str] = field(default_factory=set)  # names of the tensors that carry it (before any Concat, …)
     concats: list[tuple[gs.Node, str]] = field(default_factory=list)  # (Concat, the input it entered by)
     homogeneous: bool = True
@@ -130,6 +139,50 @@ class Space:
             total[lo:hi] += (c.columns(self.channels)[:, lo + shift:hi + shift] ** 2).sum(axis=(0, 2))
         return np.sqrt(total)
 
+    def pass_unary(self, op: str, node: gs.Node) -> None:
+        """The space goes through a unary op: it stays homogeneous / zero-preserving only if the op is."""
+        homogeneous, zero = UNARY[op]
+        if op == "Clip":
+            lo, hi = _clip_bounds(node)
+            zero = lo <= 0 <= hi
+        self.homogeneous &= homogeneous
+        self.zero_preserving &= bool(zero)
+
+    def pass_constant(self, op: str, node: gs.Node, const: gs.Constant) -> None:
+        """The space goes through ``op`` with a constant: an offset or a division by the space breaks
+        homogeneity, a non-zero offset breaks zero preservation."""
+        if op in ("Add", "Sub") or (op == "Div" and node.inputs[1] is not const):
+            self.homogeneous &= not np.any(const.values) and op != "Div"
+            self.zero_preserving &= not np.any(const.values)
+
+
+def remove_channels(space: Space, keep: np.ndarray, mixing: np.ndarray) -> None:
+    """Remove every channel of ``space`` but ``keep`` (sorted indices), everywhere at once.
+
+    Each consumer's input columns become ``W[:, kept] = Σ_c W[:, c] · mixing[c, kept]`` (a
+    removed channel's contribution moved onto the kept ones: mixing row c holds how channel c is
+    carried by them; a zero row drops it); producers keep their rows ``keep``, per-channel path
+    parameters their entries ``keep``, and every op on the path follows the new count (the
+    handlers' resize hooks)."""
+    c = space.channels
+    for consumer in space.consumers:
+        lo, hi, shift, total = consumer.span(c)
+        w = consumer.layer.get_weight()
+        w3 = consumer.columns(c)
+        cols = np.flatnonzero((keep >= lo) & (keep < hi))  # kept channels of this range (merges stay in it)
+        merged = np.einsum("ocb,ck->okb", w3[:, lo + shift:hi + shift], mixing[lo:hi, cols], optimize=True)
+        w3 = np.concatenate([w3[:, :lo + shift], merged, w3[:, hi + shift:]], axis=1)
+        consumer.layer.set_weight(w3.reshape((w.shape[0], w3.shape[1] * consumer.block) + w.shape[2:]))
+    for producer in space.producers:
+        producer.set_weight(producer.get_weight()[keep])
+        if producer.bias is not None and producer.bias.values.size == c:
+            producer.bias.values = np.take(producer.bias.values, keep, axis=producer.bias.values.ndim - 1)
+    for param in space.params:
+        param.tensor.values = np.take(param.tensor.values, keep, axis=param.axis)
+    for resize in space.resizes:
+        resize(keep, c)
+    space.channels = len(keep)
+
 
 def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
                    exclude: re.Pattern | None = None) -> list[Space]:
@@ -137,17 +190,15 @@ def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
     all_layers, skipped = find_layers(graph, exclude)
     layers = [layer for layer in all_layers if not _is_depthwise(layer)]  # depthwise convs are path ops
     by_output = {layer.output.name: layer for layer in layers}
-    by_node = {id(layer.node): layer for layer in all_layers}
-    skipped_names = {s.name: s.reason for s in skipped}
-    graph_outputs = {t.name for t in graph.outputs}
-    graph_inputs = {t.name for t in graph.inputs}
+    walk = Walk({id(layer.node): layer for layer in all_layers}, {s.name: s.reason for s in skipped}, shapes,
+                {t.name for t in graph.outputs}, {t.name for t in graph.inputs})
     seen: set[str] = set()
     spaces = []
     for layer in layers:
         if layer.output.name in seen:
             continue
         space = Space(layer.out_channels)
-        _flood(layer.output, space, seen, by_output, by_node, skipped_names, graph_outputs, graph_inputs, shapes)
+        _flood(layer.output, space, seen, by_output, walk)
         for node, entered in space.concats:  # a second input of the space would be missed: not supported
             if any(t.name in space.tensors and t.name != entered for t in node.inputs):
                 space.freeze(f"Concat '{node.name}' joins the space with itself")
@@ -155,8 +206,22 @@ def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
     return spaces
 
 
-def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, by_node: dict, skipped: dict,
-           graph_outputs: set[str], graph_inputs: set[str], shapes: dict) -> None:
+@dataclass
+class Walk:
+    """What the handlers may read about the graph during one analysis."""
+
+    by_node: dict[int, Layer]  # id(node) → its layer, depthwise convs included
+    skipped: dict[str, str]  # node name → why find_layers left it alone
+    shapes: dict[str, tuple[int, ...]]
+    graph_outputs: set[str]
+    graph_inputs: set[str]
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        shape = self.shapes.get(tensor.name)
+        return len(shape) if shape is not None else None
+
+
+def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, walk: Walk) -> None:
     stack = [start]
     visited_nodes: set[int] = set()
     while stack:
@@ -165,9 +230,9 @@ def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, by
             continue
         seen.add(tensor.name)
         space.tensors.add(tensor.name)
-        if tensor.name in graph_outputs:
+        if tensor.name in walk.graph_outputs:
             space.freeze(f"reaches graph output '{tensor.name}'")
-        if tensor.name in graph_inputs:
+        if tensor.name in walk.graph_inputs:
             space.freeze(f"joins graph input '{tensor.name}'")
         layer = by_output.get(tensor.name)
         if layer is not None:
@@ -181,77 +246,146 @@ def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, by
             node = tensor.inputs[0]
             if id(node) not in visited_nodes:
                 visited_nodes.add(id(node))
-                if node.op in ("MatMul", "Gemm", "Conv", "ConvTranspose") and id(node) not in by_node:
-                    space.freeze(f"produced by {node.op} '{node.name}', left alone: {skipped.get(node.name, '')}")
+                if node.op in LINEAR and id(node) not in walk.by_node:
+                    space.freeze(f"produced by {node.op} '{node.name}', left alone: {walk.skipped.get(node.name, '')}")
                 else:
-                    stack.extend(_through(node, tensor, space, by_node, skipped, shapes, graph_outputs, backward=True))
+                    stack.extend(_through(node, tensor, space, walk, backward=True))
         for node in tensor.outputs:
             if id(node) in visited_nodes:
                 continue
             visited_nodes.add(id(node))
-            stack.extend(_through(node, tensor, space, by_node, skipped, shapes, graph_outputs, backward=False))
+            stack.extend(_through(node, tensor, space, walk, backward=False))
 
 
-def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skipped: dict, shapes: dict,
-             graph_outputs: set[str], backward: bool) -> list[gs.Tensor]:
+def _through(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk, backward: bool) -> list[gs.Tensor]:
     """Register ``node`` met on ``tensor`` and return the tensors it couples into the space."""
-    op = node.op
-    c = space.channels
-    layer = by_node.get(id(node))
+    layer = walk.by_node.get(id(node))
     if layer is not None and _is_depthwise(layer):
-        if layer.out_channels != c:
-            space.freeze(f"depthwise Conv '{node.name}' of another width")
-            return []
-        space.depthwise.append(node)
-        space.params.append(ChannelParam(layer.weight, 0))
-        if layer.bias is not None:
-            space.params.append(ChannelParam(layer.bias, 0))
-            space.homogeneous &= not np.any(layer.bias.values)
-            space.zero_preserving &= not np.any(layer.bias.values)
-        return [layer.output, layer.node.inputs[0]]
-    if op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and not backward:
-        if layer is None:
-            space.freeze(f"feeds {op} '{node.name}' which is left alone: {skipped.get(node.name, 'not a layer')}")
-            return []
-        if layer.node.inputs[0] is not tensor:
-            space.freeze(f"feeds {op} '{node.name}' in a non-data input")
-            return []
-        if layer.group != 1:
-            space.freeze(f"feeds grouped {op} '{node.name}'")
-            return []
-        w = layer.get_weight()
-        if op == "Conv" and w.shape[1] == c:
-            space.consumers.append(Consumer(layer, 1))
-            return []
-        if op in ("Gemm", "MatMul") and w.shape[1] % c == 0 and _features_axis_ok(layer, tensor, shapes, c):
-            space.consumers.append(Consumer(layer, w.shape[1] // c))
-            return []
-        space.freeze(f"feeds {op} '{node.name}' with {w.shape[1]} inputs for {c} channels")
+        return _depthwise(layer, space)
+    if node.op in LINEAR and not backward:
+        return _consumer(node, layer, tensor, space, walk)
+    handler = HANDLERS.get(node.op)
+    if handler is None:
+        space.freeze(f"passes through {node.op} '{node.name}'")
         return []
-    if op in ("Resize", "Upsample") and not _resize_keeps_channels(node):
-        space.freeze(f"{op} '{node.name}' that may resize the channel axis")
+    return handler.through(node, tensor, space, walk, backward)
+
+
+def _depthwise(layer: Layer, space: Space) -> list[gs.Tensor]:
+    """A depthwise conv is a path op: its kernels and bias are per-channel parameters."""
+    node = layer.node
+    if layer.out_channels != space.channels:
+        space.freeze(f"depthwise Conv '{node.name}' of another width")
         return []
-    if op in UNARY:
-        homogeneous, zero = UNARY[op]
-        if op == "Clip":
-            lo, hi = _clip_bounds(node)
-            zero = lo <= 0 <= hi
-        if op == "PRelu":
+    space.depthwise.append(node)
+    space.resizes.append(lambda keep, c: node.attrs.__setitem__("group", len(keep)))
+    space.params.append(ChannelParam(layer.weight, 0))
+    if layer.bias is not None:
+        space.params.append(ChannelParam(layer.bias, 0))
+        space.homogeneous &= not np.any(layer.bias.values)
+        space.zero_preserving &= not np.any(layer.bias.values)
+    return [layer.output, node.inputs[0]]
+
+
+def _consumer(node: gs.Node, layer: Layer | None, tensor: gs.Tensor, space: Space, walk: Walk) -> list[gs.Tensor]:
+    """A linear layer reading the space: its input columns follow the space's channels."""
+    op, c = node.op, space.channels
+    if layer is None:
+        space.freeze(f"feeds {op} '{node.name}' which is left alone: {walk.skipped.get(node.name, 'not a layer')}")
+        return []
+    if layer.node.inputs[0] is not tensor:
+        space.freeze(f"feeds {op} '{node.name}' in a non-data input")
+        return []
+    if layer.group != 1:
+        space.freeze(f"feeds grouped {op} '{node.name}'")
+        return []
+    w = layer.get_weight()
+    if op == "Conv" and w.shape[1] == c:
+        space.consumers.append(Consumer(layer, 1))
+        return []
+    if op in ("Gemm", "MatMul") and w.shape[1] % c == 0 and _features_axis_ok(layer, tensor, walk.shapes, c):
+        space.consumers.append(Consumer(layer, w.shape[1] // c))
+        return []
+    space.freeze(f"feeds {op} '{node.name}' with {w.shape[1]} inputs for {c} channels")
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# the handler registry
+
+
+class Handler:
+    """How a channel space passes through one kind of op. The defaults freeze the space."""
+
+    def through(self, node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk, backward: bool) -> list[gs.Tensor]:
+        """Register ``node`` met on ``tensor`` (coming from its output if ``backward``); return the
+        tensors it couples into the space, or freeze the space with the reason."""
+        space.freeze(f"passes through {node.op} '{node.name}'")
+        return []
+
+    def tail(self, node: gs.Node, tensor: gs.Tensor, axis: int, space: Space, walk: Walk
+             ) -> list[tuple[gs.Tensor, int]] | None:
+        """Past a Concat, Split, Slice or Transpose (the channels on ``axis`` of ``tensor``): the
+        (tensor, channel axis) pairs the space continues on, or None where it cannot go on."""
+        return None
+
+
+#: op type → its handler
+HANDLERS: dict[str, Handler] = {}
+
+
+def register(*ops: str):
+    """Class decorator: an instance of the handler handles ``ops``."""
+
+    def add(cls):
+        for op in ops:
+            HANDLERS[op] = cls()
+        return cls
+
+    return add
+
+
+@register(*UNARY)
+class _Unary(Handler):
+    """Activations and pooling: channel-wise, so the space goes through unchanged."""
+
+    def through(self, node, tensor, space, walk, backward):
+        if node.op in ("Resize", "Upsample") and not _resize_keeps_channels(node):
+            space.freeze(f"{node.op} '{node.name}' that may resize the channel axis")
+            return []
+        if node.op == "PRelu":
             slope = node.inputs[1]
             if not isinstance(slope, gs.Constant):
                 space.freeze(f"PRelu '{node.name}' with a non-constant slope")
                 return []
-            if not _add_param(space, slope, tensor, shapes, f"PRelu '{node.name}'"):
+            if not _add_param(space, slope, tensor, walk.shapes, f"PRelu '{node.name}'"):
                 return []
-        space.homogeneous &= homogeneous
-        space.zero_preserving &= bool(zero)
+        space.pass_unary(node.op, node)
         return [node.outputs[0], node.inputs[0]]
-    if op == "Pad":
+
+    def tail(self, node, tensor, axis, space, walk):
+        op = node.op
+        if (axis != 1 and op in ELEMENTWISE_ONLY) or (op in ("Resize", "Upsample") and not _resize_keeps_channels(node)) \
+                or (op == "PRelu" and not (isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.size == 1)):
+            return None  # pooling moves values across the (now spatial) channel axis; a per-channel slope
+        space.pass_unary(op, node)
+        return [(node.outputs[0], axis)]
+
+
+@register("Pad")
+class _Pad(Handler):
+    def through(self, node, tensor, space, walk, backward):
         if not _zero_pad(node) or _pads_channels(node):
             space.freeze(f"Pad '{node.name}' that is not a spatial zero pad")
             return []
         return [node.outputs[0], node.inputs[0]]
-    if op == "BatchNormalization":
+
+
+@register("BatchNormalization")
+class _BatchNorm(Handler):
+    """Its four statistics are per-channel parameters (equal for channels that merge)."""
+
+    def through(self, node, tensor, space, walk, backward):
         if not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
             space.freeze(f"BatchNormalization '{node.name}' with non-constant parameters")
             return []
@@ -262,39 +396,63 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, by_node: dict, skip
         space.homogeneous = False
         space.zero_preserving = False
         return [node.outputs[0], node.inputs[0]]
-    if op in ("Mul", "Add", "Sub", "Div") and len(node.inputs) == 2:
+
+
+@register("Mul", "Add", "Sub", "Div")
+class _Arithmetic(Handler):
+    """With a per-channel or scalar constant: a path parameter. Between two tensors of the space
+    (a residual Add): both are coupled."""
+
+    def through(self, node, tensor, space, walk, backward):
+        op = node.op
+        if len(node.inputs) != 2:
+            return super().through(node, tensor, space, walk, backward)
         const = [t for t in node.inputs if isinstance(t, gs.Constant)]
         if const:
-            values = const[0].values
-            if not _add_param(space, const[0], tensor, shapes, f"{op} '{node.name}'"):
+            if not _add_param(space, const[0], tensor, walk.shapes, f"{op} '{node.name}'"):
                 return []
-            if op in ("Add", "Sub") or (op == "Div" and node.inputs[1] is not const[0]):
-                space.homogeneous &= not np.any(values) and op != "Div"
-                space.zero_preserving &= not np.any(values)
+            space.pass_constant(op, node, const[0])
             return [node.outputs[0], node.inputs[0] if node.inputs[1] is const[0] else node.inputs[1]]
         if op in ("Mul", "Div"):
             space.homogeneous = False
         return [node.outputs[0], *node.inputs]
-    if op in SPATIAL_REDUCE and _spatial_reduce(node, _rank(tensor, shapes)):
+
+    def tail(self, node, tensor, axis, space, walk):
+        if tensor not in node.inputs or not any(isinstance(t, gs.Constant) and t.values.size == 1 for t in node.inputs):
+            return None
+        space.pass_constant(node.op, node, next(t for t in node.inputs if isinstance(t, gs.Constant)))
+        return [(node.outputs[0], axis)]
+
+
+
+@register(*SPATIAL_REDUCE)
+class _SpatialReduce(Handler):
+    def through(self, node, tensor, space, walk, backward):
+        if not _spatial_reduce(node, walk.rank(tensor)):
+            return super().through(node, tensor, space, walk, backward)
         return [node.outputs[0], node.inputs[0]]
-    if op in ("Flatten", "Reshape") and not backward:
-        return _to_features(node, tensor, space, shapes)
-    if op == "Shape":
-        return []  # reads the shape only
-    if op == "Slice" and not backward and _slice_axes(node, tensor, shapes) is not None \
-            and 1 not in _slice_axes(node, tensor, shapes):
-        return [node.outputs[0]]  # a spatial crop keeps the channels
-    if op in ("Concat", "Split", "Transpose", "Slice") and not backward:
-        tails = _ENTRIES[op](node, tensor, space, shapes)
-        for out, span in tails:
-            _tail(out, span, space, by_node, skipped, shapes, graph_outputs)
+
+
+@register("Flatten", "Reshape")
+class _ToFeatures(Handler):
+    """(N, C, *spatial) → (N, C·B) feeding linear layers: channel c becomes the block of features
+    [c·B, (c+1)·B); a constant Reshape target follows the new count."""
+
+    def through(self, node, tensor, space, walk, backward):
+        if backward:
+            return super().through(node, tensor, space, walk, backward)
+        return _to_features(node, tensor, space, walk.shapes)
+
+
+@register("Shape")
+class _Shape(Handler):
+    """Reads the shape only."""
+
+    def through(self, node, tensor, space, walk, backward):
         return []
-    space.freeze(f"passes through {op} '{node.name}'")
-    return []
 
-
-# ---------------------------------------------------------------------------------------------
-# Concat, Split, Transpose: the space continues at an offset, in segments, or on another axis
+    def tail(self, node, tensor, axis, space, walk):
+        return []
 
 
 @dataclass
@@ -306,64 +464,140 @@ class _Span:
     total: int
 
 
-def _axis(node: gs.Node, tensor: gs.Tensor, shapes: dict, default: int) -> int | None:
-    rank = _rank(tensor, shapes)
+class _Entry(Handler):
+    """An op after which the space continues at an offset, in segments or on another axis: only
+    parameter-free elementwise ops and linear consumers are followed there (:func:`_tail`)."""
+
+    def through(self, node, tensor, space, walk, backward):
+        if backward:
+            return super().through(node, tensor, space, walk, backward)
+        for out, span in self.entry(node, tensor, space, walk):
+            _tail(out, span, space, walk)
+        return []
+
+    def entry(self, node, tensor, space, walk) -> list[tuple[gs.Tensor, _Span]]:
+        raise NotImplementedError
+
+
+@register("Concat")
+class _Concat(_Entry):
+    def entry(self, node, tensor, space, walk):
+        if _axis(node, tensor, walk, 1) != 1:
+            space.freeze(f"Concat '{node.name}' not on the channel axis")
+            return []
+        widths = [walk.shapes.get(t.name) for t in node.inputs]
+        out_shape = walk.shapes.get(node.outputs[0].name)
+        if any(w is None for w in widths) or out_shape is None:
+            space.freeze(f"Concat '{node.name}' with unknown input widths")
+            return []
+        offsets = np.cumsum([0] + [w[1] for w in widths])
+        space.concats.append((node, tensor.name))
+        return [(node.outputs[0], _Span(1, 0, space.channels, int(offsets[k]), int(out_shape[1])))
+                for k, t in enumerate(node.inputs) if t is tensor]
+
+
+@register("Split")
+class _Split(_Entry):
+    def entry(self, node, tensor, space, walk):
+        if _axis(node, tensor, walk, 0) != 1:
+            space.freeze(f"Split '{node.name}' not on the channel axis")
+            return []
+        sizes = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
+        if sizes is not None:
+            if not isinstance(sizes, gs.Constant) or len(sizes.outputs) > 1:
+                space.freeze(f"Split '{node.name}' with computed or shared sizes")
+                return []
+            values = sizes.values.reshape(-1).tolist()
+        elif "split" in node.attrs:
+            values = list(node.attrs["split"])
+        else:
+            space.freeze(f"Split '{node.name}' into equal parts (merging would unbalance them)")
+            return []
+        if space.segments is not None or sum(values) != space.channels or len(values) != len(node.outputs):
+            space.freeze(f"Split '{node.name}' of another width, or a second Split")
+            return []
+        bounds = np.cumsum([0] + values)
+        ranges = [(int(bounds[k]), int(bounds[k + 1])) for k in range(len(values))]
+        space.segments = np.repeat(np.arange(len(values)), values)
+
+        def resize(keep, c):
+            counts = [int(np.sum((keep >= lo) & (keep < hi))) for lo, hi in ranges]
+            if sizes is not None:
+                sizes.values = np.asarray(counts, dtype=sizes.values.dtype).reshape(sizes.values.shape)
+            else:
+                node.attrs["split"] = counts
+
+        space.resizes.append(resize)
+        return [(out, _Span(1, lo, hi, -lo, hi - lo)) for out, (lo, hi) in zip(node.outputs, ranges)]
+
+
+@register("Transpose")
+class _Transpose(_Entry):
+    def entry(self, node, tensor, space, walk):
+        rank = walk.rank(tensor)
+        if rank is None:
+            space.freeze(f"Transpose '{node.name}' of unknown rank")
+            return []
+        return [(node.outputs[0], _Span(_moved(node, rank, 1), 0, space.channels, 0, space.channels))]
+
+    def tail(self, node, tensor, axis, space, walk):
+        rank = walk.rank(tensor)
+        return None if rank is None else [(node.outputs[0], _moved(node, rank, axis))]
+
+
+@register("Slice")
+class _Slice(_Entry):
+    def through(self, node, tensor, space, walk, backward):
+        axes = _slice_axes(node, tensor, walk)
+        if not backward and axes is not None and 1 not in axes:
+            return [node.outputs[0]]  # a spatial crop keeps the channels
+        return super().through(node, tensor, space, walk, backward)
+
+    def entry(self, node, tensor, space, walk):
+        axes = _slice_axes(node, tensor, walk)
+        if axes is None:
+            space.freeze(f"Slice '{node.name}' with computed bounds")
+            return []
+        k = axes.index(1)
+        starts, ends = node.inputs[1], node.inputs[2]
+        steps = node.inputs[4] if len(node.inputs) > 4 and node.inputs[4].name else None
+        if (steps is not None and int(np.atleast_1d(steps.values)[k]) != 1) or len(starts.outputs) > 1 \
+                or len(ends.outputs) > 1 or space.segments is not None:
+            space.freeze(f"Slice '{node.name}' with a step, shared bounds, or a second cut")
+            return []
+        c = space.channels
+        lo, hi = (int(np.clip(v + c if v < 0 else v, 0, c)) for v in
+                  (int(np.atleast_1d(starts.values)[k]), int(np.atleast_1d(ends.values)[k])))
+        if hi <= lo:
+            space.freeze(f"Slice '{node.name}' selects no channel")
+            return []
+        space.segments = ((np.arange(c) >= lo) & (np.arange(c) < hi)).astype(int)
+
+        def resize(keep, channels):
+            first = int(np.sum(keep < lo))
+            for const, value in ((starts, first), (ends, first + int(np.sum((keep >= lo) & (keep < hi))))):
+                values = np.atleast_1d(const.values).copy()
+                values[k] = value
+                const.values = values.reshape(const.values.shape).astype(const.values.dtype)
+
+        space.resizes.append(resize)
+        return [(node.outputs[0], _Span(1, lo, hi, -lo, hi - lo))]
+
+
+def _moved(node: gs.Node, rank: int, axis: int) -> int:
+    """Where a Transpose puts ``axis``."""
+    return list(node.attrs.get("perm", range(rank - 1, -1, -1))).index(axis)
+
+
+def _axis(node: gs.Node, tensor: gs.Tensor, walk: Walk, default: int) -> int | None:
+    rank = walk.rank(tensor)
     axis = node.attrs.get("axis", default)
     return None if rank is None else axis % rank
 
 
-def _concat_entry(node, tensor, space, shapes):
-    if _axis(node, tensor, shapes, 1) != 1:
-        space.freeze(f"Concat '{node.name}' not on the channel axis")
-        return []
-    widths = [shapes.get(t.name) for t in node.inputs]
-    out_shape = shapes.get(node.outputs[0].name)
-    if any(w is None for w in widths) or out_shape is None:
-        space.freeze(f"Concat '{node.name}' with unknown input widths")
-        return []
-    offsets = np.cumsum([0] + [w[1] for w in widths])
-    space.concats.append((node, tensor.name))
-    return [(node.outputs[0], _Span(1, 0, space.channels, int(offsets[k]), int(out_shape[1])))
-            for k, t in enumerate(node.inputs) if t is tensor]
-
-
-def _split_entry(node, tensor, space, shapes):
-    if _axis(node, tensor, shapes, 0) != 1:
-        space.freeze(f"Split '{node.name}' not on the channel axis")
-        return []
-    sizes = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
-    if sizes is not None:
-        if not isinstance(sizes, gs.Constant) or len(sizes.outputs) > 1:
-            space.freeze(f"Split '{node.name}' with computed or shared sizes")
-            return []
-        values = sizes.values.reshape(-1).tolist()
-    elif "split" in node.attrs:
-        values = list(node.attrs["split"])
-    else:
-        space.freeze(f"Split '{node.name}' into equal parts (merging would unbalance them)")
-        return []
-    if space.segments is not None or sum(values) != space.channels or len(values) != len(node.outputs):
-        space.freeze(f"Split '{node.name}' of another width, or a second Split")
-        return []
-    bounds = np.cumsum([0] + values)
-    ranges = [(int(bounds[k]), int(bounds[k + 1])) for k in range(len(values))]
-    space.segments = np.repeat(np.arange(len(values)), values)
-    space.splits.append((node, sizes, ranges))
-    return [(out, _Span(1, lo, hi, -lo, hi - lo)) for out, (lo, hi) in zip(node.outputs, ranges)]
-
-
-def _transpose_entry(node, tensor, space, shapes):
-    rank = _rank(tensor, shapes)
-    if rank is None:
-        space.freeze(f"Transpose '{node.name}' of unknown rank")
-        return []
-    perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
-    return [(node.outputs[0], _Span(perm.index(1), 0, space.channels, 0, space.channels))]
-
-
-def _slice_axes(node, tensor, shapes) -> list[int] | None:
+def _slice_axes(node, tensor, walk: Walk) -> list[int] | None:
     """The axes a Slice (opset 10+, constant inputs) cuts, or None."""
-    rank = _rank(tensor, shapes)
+    rank = walk.rank(tensor)
     inputs = [t for t in node.inputs[1:]]
     if rank is None or len(inputs) < 2 or not all(isinstance(t, gs.Constant) for t in inputs if t.name):
         return None
@@ -371,76 +605,37 @@ def _slice_axes(node, tensor, shapes) -> list[int] | None:
     return [int(a) % rank for a in np.atleast_1d(axes)]
 
 
-def _slice_entry(node, tensor, space, shapes):
-    axes = _slice_axes(node, tensor, shapes)
-    if axes is None:
-        space.freeze(f"Slice '{node.name}' with computed bounds")
-        return []
-    k = axes.index(1)
-    starts, ends = node.inputs[1], node.inputs[2]
-    steps = node.inputs[4] if len(node.inputs) > 4 and node.inputs[4].name else None
-    if (steps is not None and int(np.atleast_1d(steps.values)[k]) != 1) or len(starts.outputs) > 1 \
-            or len(ends.outputs) > 1 or space.segments is not None:
-        space.freeze(f"Slice '{node.name}' with a step, shared bounds, or a second cut")
-        return []
-    c = space.channels
-    lo, hi = (int(np.clip(v + c if v < 0 else v, 0, c)) for v in
-              (int(np.atleast_1d(starts.values)[k]), int(np.atleast_1d(ends.values)[k])))
-    if hi <= lo:
-        space.freeze(f"Slice '{node.name}' selects no channel")
-        return []
-    space.segments = ((np.arange(c) >= lo) & (np.arange(c) < hi)).astype(int)
-    space.slices.append((starts, ends, k, lo, hi))
-    return [(node.outputs[0], _Span(1, lo, hi, -lo, hi - lo))]
-
-
-_ENTRIES = {"Concat": _concat_entry, "Split": _split_entry, "Transpose": _transpose_entry, "Slice": _slice_entry}
 ELEMENTWISE_ONLY = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize", "Upsample"}
 
 
-def _tail(start: gs.Variable, span: _Span, space: Space, by_node: dict, skipped: dict, shapes: dict,
-          graph_outputs: set[str]) -> None:
-    """Follow a space past a Concat/Split/Transpose: parameter-free elementwise ops, Transposes
-    (the channel axis moves), and the linear layers that consume it; anything else freezes."""
+def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
+    """Follow a space past a Concat/Split/Slice/Transpose: the handlers' ``tail`` rules (parameter-free
+    elementwise ops, Transposes), and the linear layers that consume it; anything else freezes."""
     stack = [(start, span.axis)]
     while stack and space.frozen is None:
         tensor, axis = stack.pop()
-        if tensor.name in graph_outputs:
+        if tensor.name in walk.graph_outputs:
             space.freeze(f"reaches graph output '{tensor.name}'")
             return
-        rank = _rank(tensor, shapes)
+        rank = walk.rank(tensor)
         for node in tensor.outputs:
-            op = node.op
-            layer = by_node.get(id(node))
-            if op in ("Conv", "Gemm", "MatMul") and layer is not None and layer.node.inputs[0] is tensor \
+            layer = walk.by_node.get(id(node))
+            if node.op in ("Conv", "Gemm", "MatMul") and layer is not None and layer.node.inputs[0] is tensor \
                     and layer.group == 1 and layer.get_weight().shape[1] == span.total and rank is not None \
-                    and axis == (1 if op == "Conv" else rank - 1) and not layer.node.attrs.get("transA", 0) \
+                    and axis == (1 if node.op == "Conv" else rank - 1) and not layer.node.attrs.get("transA", 0) \
                     and not _is_depthwise(layer):
                 space.consumers.append(Consumer(layer, 1, span.lo, span.hi, span.shift, span.total, axis))
-            elif op == "Transpose" and rank is not None:
-                perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
-                stack.append((node.outputs[0], perm.index(axis)))
-            elif op in UNARY and (axis == 1 or op not in ELEMENTWISE_ONLY) and \
-                    (op != "PRelu" or (isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.size == 1)) \
-                    and (op not in ("Resize", "Upsample") or _resize_keeps_channels(node)):
-                homogeneous, zero = UNARY[op]
-                if op == "Clip":
-                    lo, hi = _clip_bounds(node)
-                    zero = lo <= 0 <= hi
-                space.homogeneous &= homogeneous
-                space.zero_preserving &= bool(zero)
-                stack.append((node.outputs[0], axis))
-            elif op in ("Mul", "Add", "Sub", "Div") and any(
-                    isinstance(t, gs.Constant) and t.values.size == 1 for t in node.inputs) and tensor in node.inputs:
-                const = next(t for t in node.inputs if isinstance(t, gs.Constant))
-                if op in ("Add", "Sub") or (op == "Div" and node.inputs[1] is not const):
-                    space.homogeneous &= not np.any(const.values) and op != "Div"
-                    space.zero_preserving &= not np.any(const.values)
-                stack.append((node.outputs[0], axis))
-            elif op != "Shape":
-                why = f": {skipped[node.name]}" if node.name in skipped else ""
-                space.freeze(f"past a Concat/Split/Transpose, reaches {op} '{node.name}'{why}")
+                continue
+            handler = HANDLERS.get(node.op)
+            nxt = handler.tail(node, tensor, axis, space, walk) if handler is not None else None
+            if nxt is None:
+                why = f": {walk.skipped[node.name]}" if node.name in walk.skipped else ""
+                space.freeze(f"past a Concat/Split/Transpose, reaches {node.op} '{node.name}'{why}")
                 return
+            stack.extend(nxt)
+
+
+LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _is_depthwise(layer: Layer) -> bool:
@@ -475,7 +670,7 @@ def _to_features(node: gs.Node, tensor: gs.Tensor, space: Space, shapes: dict) -
             if len(target.outputs) > 1:
                 space.freeze(f"Reshape '{node.name}' shape constant shared with other nodes")
                 return []
-            space.reshapes.append((target, block))
+            space.resizes.append(lambda keep, c: _resize_target(target, c * block, len(keep) * block))
         elif not _adapts_to_channels(target, space.channels * block):
             space.freeze(f"Reshape '{node.name}' with a computed shape that may fix the feature count")
             return []
@@ -484,6 +679,12 @@ def _to_features(node: gs.Node, tensor: gs.Tensor, space: Space, shapes: dict) -
             space.freeze(f"flattened features feed {consumer.op} '{consumer.name}'")
             return []
     return [out]
+
+
+def _resize_target(target: gs.Constant, before: int, after: int) -> None:
+    values = target.values.copy()
+    values[values == before] = after
+    target.values = values
 
 
 def _adapts_to_channels(target: gs.Tensor, features: int) -> bool:

@@ -442,4 +442,4 @@ def test_ranking_and_screening_probes_hold_enough_output_values(monkeypatch, out
     probes = uniform_probes(rng, 6, 8)
     cands = [Candidate(f"z{r}", f"s{r}", (1, 1, 4), 1.0, data=("scale_row", r, 0.999)) for r in range(6)]
     make_budget(w, 0.05, probes).spend(mm_model(w), cands, Edits(w), measured_ranking=True)
-    assert sizes == [8, few] if few < 8 else [8]
+    assert sizes == ([8, few] if few < 8 else [8])

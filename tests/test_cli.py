@@ -1,19 +1,27 @@
-"""The command line, run as a user runs it: ``python -m red_onnx ...`` in a subprocess."""
+"""The command line as a user runs it. Most runs call ``red_onnx.cli.main`` in this process (the
+same arguments, exit codes and output); a few run ``python -m red_onnx`` or the ``red-onnx``
+console script in a subprocess, where the process is the point (exit status, the installed script)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 
 import red_onnx
+from red_onnx.cli import main
 from red_onnx.passes import AVAILABLE, PLANNED
 
 from conftest import DIGITS_CNN, Builder, assert_preserved, assert_same_outputs, folder_entries, op_counts
@@ -23,15 +31,35 @@ REPORT_KEYS = {"params_before", "params_after", "macs_before", "macs_after", "by
                "output_deviation", "deviation_per_output", "seconds", "passes", "layers"}
 
 
-def cli(*args, cwd=None, lossless: bool = True) -> subprocess.CompletedProcess:
-    """``red-onnx ARGS`` in a subprocess; ``--tolerance 0`` unless the test gives one or ``lossless=False``
-    (the default tolerance is lossy: test_default_tolerance covers it)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+@pytest.fixture(autouse=True)
+def _restore_sigterm():
+    """cli.main installs a SIGTERM handler; give pytest its own back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def cli(*args, cwd=None, lossless: bool = True, process: bool = False):
+    """``red-onnx ARGS``: (returncode, stdout, stderr), in this process unless ``process``;
+    ``--tolerance 0`` unless the test gives one or ``lossless=False`` (the default tolerance is
+    lossy: test_default_tolerance covers it)."""
     args = list(map(str, args))
     if lossless and "--tolerance" not in args:
         args += ["--tolerance", "0"]
-    return subprocess.run([sys.executable, "-m", "red_onnx", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd, env=env)
+    if process:
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        return subprocess.run([sys.executable, "-m", "red_onnx", *args], capture_output=True, text=True,
+                              timeout=120, cwd=cwd, env=env)
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            os.chdir(cwd or here)
+            code = main(args)
+        except SystemExit as exit_:  # argparse: usage errors, --version
+            code = exit_.code
+        finally:
+            os.chdir(here)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_default_tolerance(dirs):
@@ -46,11 +74,11 @@ def test_default_tolerance(dirs):
     assert report["verified"] is True and report["output_deviation"] <= DEFAULT_TOLERANCE
 
 
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+def error_lines(proc) -> list[str]:
     return [line for line in proc.stderr.splitlines() if not LOG_LINE.match(line)]
 
 
-def assert_usage_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+def assert_usage_error(proc, *fragments: str) -> str:
     """Exit 2, one error line on stderr (besides progress lines), no traceback; returns the line."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -140,7 +168,7 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
 def test_digits_cnn_with_report(dirs):
     src, out = dirs
     before = DIGITS_CNN.read_bytes()
-    proc = cli(DIGITS_CNN, out / "small.onnx", "--report", out / "r.json")
+    proc = cli(DIGITS_CNN, out / "small.onnx", "--report", out / "r.json", process=True)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     for word in ("parameters", "MACs", "deviation"):
@@ -204,7 +232,7 @@ def test_quiet_prints_nothing(dirs):
 
 def test_quiet_error_is_one_line(dirs):
     src, out = dirs
-    proc = cli("-q", src / "missing.onnx", out / "o.onnx")
+    proc = cli("-q", src / "missing.onnx", out / "o.onnx", process=True)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("red-onnx: error:")
@@ -214,6 +242,18 @@ def test_version():
     proc = cli("--version")
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"red_onnx {red_onnx.__version__}"
+
+
+SCRIPT = shutil.which("red-onnx", path=str(Path(sys.executable).parent)) or shutil.which("red-onnx")
+
+
+@pytest.mark.skipif(SCRIPT is None, reason="the console script is not installed")
+def test_console_script(dirs):
+    _, out = dirs
+    proc = subprocess.run([SCRIPT, "-q", str(DIGITS_CNN), str(out / "o.onnx"), "--tolerance", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == proc.stderr == "", proc.stderr
+    assert folder_entries(out) == ["o.onnx"]
 
 
 def test_input_shape_option(dirs):

@@ -17,7 +17,7 @@ import pytest
 
 from graphs import (G, assert_same, attr, check_exact, inits, left_alone_reasons, merge0, merge_counts, node,
                     plant, rand_layer, removed, view_weight)
-from red_onnx.coupling import channel_spaces
+from red_onnx.coupling import channel_spaces, remove_channels
 from red_onnx.layers import input_specs, tensor_shapes
 
 DUP = [(5, 1, 1.0)]
@@ -134,8 +134,12 @@ def test_space_reshape_registered():
     g.output(g.gemm(h, *rand_layer(rng, 5, 8 * 16), name="fc"))
     space = spaces(g.model())["conv1"]
     assert space.frozen is None
-    assert [(t.name, block) for t, block in space.reshapes] == [("shape", 16)]
     assert [(c.layer.name, c.block) for c in space.consumers] == [("fc", 16)]
+    # removing channels resizes the Reshape target with them: 6 of 8 channels, blocks of 16
+    shape = next(n for n in space.producers[0].node.outputs[0].outputs[0].outputs[0].outputs if n.op == "Reshape")
+    remove_channels(space, np.arange(6), np.eye(8)[:, :6])
+    np.testing.assert_array_equal(shape.inputs[1].values, [-1, 6 * 16])
+    assert space.channels == 6 and space.consumers[0].layer.get_weight().shape == (5, 6 * 16)
 
 
 def test_shape_op_does_not_freeze():

@@ -9,8 +9,6 @@ Hashing is checked on the two reference models under the shared budget.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -603,10 +601,11 @@ def test_optimized_session_on_hashed_digits(hashed_digits):
 # command line
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    """The CLI, lossless (the default tolerance would hash too)."""
-    return subprocess.run([sys.executable, "-m", "red_onnx", *map(str, args), "--tolerance", "0"],
-                          capture_output=True, text=True, timeout=120)
+def _cli(*args):
+    """The CLI in this process, lossless (the default tolerance would hash too)."""
+    from test_cli import cli
+
+    return cli(*args, "--tolerance", "0")
 
 
 def test_cli_codebook_option(tmp_path):

@@ -14,7 +14,7 @@ from red_onnx import verify
 from red_onnx.errors import InputError, VerificationError
 from red_onnx.passes import fold
 
-from conftest import Builder, random_feeds
+from conftest import DIGITS_CNN, Builder, random_feeds
 
 inf, nan = float("inf"), float("nan")
 
@@ -238,7 +238,7 @@ def test_latency_one_session_at_a_time_agrees():
     """The path for models over 2 GB (each model timed alone) measures the same thing."""
     from red_onnx import verify
 
-    model = onnx.load("models/digits_cnn.onnx")
+    model = onnx.load(str(DIGITS_CNN))
     feeds = {model.graph.input[0].name: np.zeros((1, 1, 8, 8), np.float32)}
     t_a, t_b, ratio = verify.latency_ratio(model, model, feeds, pairs=20, one_at_a_time=True)
     assert t_a > 0 and t_b > 0 and 0.5 < ratio < 2.0

@@ -21,7 +21,6 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 def _mobilenet_v2():
     """torchvision's mobilenet_v2 (width 1.0) with its module names, so its state dict loads as is."""
-    import torch
     from torch import nn
 
     def conv_bn_relu6(cin, cout, k, stride=1, groups=1):

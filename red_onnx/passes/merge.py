@@ -25,7 +25,7 @@ import numpy as np
 from .. import verify
 from ..budget import Candidate, Spent
 from ..context import Context, PassResult
-from ..coupling import Space, channel_spaces
+from ..coupling import Space, channel_spaces, remove_channels
 from ..layers import refresh_shapes
 from ..model_io import to_light_model
 
@@ -123,7 +123,8 @@ def _equal_rows(path: np.ndarray) -> np.ndarray:
 
 
 def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.ndarray) -> None:
-    """Delete every channel that is merged (root ≠ itself) or dead, rewiring the consumers."""
+    """Delete every channel that is merged (root ≠ itself) or dead: channel c's contribution moves
+    onto its root with its scale (:func:`red_onnx.coupling.remove_channels`)."""
     c = space.channels
     keep = np.flatnonzero((root == np.arange(c)) & ~dead)
     new_index = np.full(c, -1)
@@ -131,39 +132,7 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
     mixing = np.zeros((c, len(keep)))  # consumer input c → kept channel, with its scale
     alive = ~dead
     mixing[np.flatnonzero(alive), new_index[root[alive]]] = scale[alive]
-    for consumer in space.consumers:
-        lo, hi, shift, total = consumer.span(c)
-        w = consumer.layer.get_weight()
-        w3 = consumer.columns(c)
-        cols = np.flatnonzero((keep >= lo) & (keep < hi))  # kept channels of this range (merges stay in it)
-        merged = np.einsum("ocb,ck->okb", w3[:, lo + shift:hi + shift], mixing[lo:hi, cols], optimize=True)
-        w3 = np.concatenate([w3[:, :lo + shift], merged, w3[:, hi + shift:]], axis=1)
-        consumer.layer.set_weight(w3.reshape((w.shape[0], w3.shape[1] * consumer.block) + w.shape[2:]))
-    for producer in space.producers:
-        producer.set_weight(producer.get_weight()[keep])
-        if producer.bias is not None and producer.bias.values.size == c:
-            producer.bias.values = np.take(producer.bias.values, keep, axis=producer.bias.values.ndim - 1)
-    for param in space.params:
-        param.tensor.values = np.take(param.tensor.values, keep, axis=param.axis)
-    for node in space.depthwise:
-        node.attrs["group"] = len(keep)
-    for node, sizes, ranges in space.splits:
-        counts = [int(np.sum((keep >= lo) & (keep < hi))) for lo, hi in ranges]
-        if sizes is not None:
-            sizes.values = np.asarray(counts, dtype=sizes.values.dtype).reshape(sizes.values.shape)
-        else:
-            node.attrs["split"] = counts
-    for starts, ends, k, lo, hi in space.slices:
-        first = int(np.sum(keep < lo))
-        for const, value in ((starts, first), (ends, first + int(np.sum((keep >= lo) & (keep < hi))))):
-            values = np.atleast_1d(const.values).copy()
-            values[k] = value
-            const.values = values.reshape(const.values.shape).astype(const.values.dtype)
-    for target, block in space.reshapes:
-        values = target.values.copy()
-        values[values == c * block] = len(keep) * block
-        target.values = values
-    space.channels = len(keep)
+    remove_channels(space, keep, mixing)
 
 
 # ---------------------------------------------------------------------------------------------
