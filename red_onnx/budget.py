@@ -146,15 +146,14 @@ class Budget:
     """
 
     def __init__(self, tolerance: float, probes: list[Feeds], reference: list[list[np.ndarray]],
-                 reference_names: list[str], measured: list[str], graph_outputs: list[str], margin: float = 0.8,
+                 reference_names: list[str], plan: list[Any], margin: float = 0.8,
                  max_evaluations: int = 200, patience: int = 24, log: Callable[[str], None] | None = None):
         self.tolerance = tolerance
         self.target = margin * tolerance
         self.probes = probes
         self.reference = reference  # per probe: the input model's tensors named by ``reference_names``
         self.reference_names = reference_names
-        self.measured = measured  # the tensors measured (verify.measure_plan: parts, logits) ...
-        self.graph_outputs = graph_outputs  # ... and, aligned, the graph output each belongs to
+        self.plan = plan  # what each output's deviation is measured on (verify.measure_plan)
         self.log = log or (lambda message: None)
         self._said = time.perf_counter()
         self.max_evaluations = max_evaluations
@@ -362,10 +361,9 @@ class Budget:
         kept = [t for t in copy.graph.initializer if t.name in inits]
         del copy.graph.initializer[:]
         copy.graph.initializer.extend(kept)
-        produced = {o for n in copy.graph.node for o in n.output}
-        names = list(dict.fromkeys(m if m in produced else o for m, o in zip(self.measured, self.graph_outputs)))
-        # the reference holds the measured tensors; an output whose parts or logits vanished is compared as is
-        return verify.session(copy, names, arrays={k: v for k, v in arrays.items() if k in inits}), base, names
+        pairs = verify.columns(self.plan, copy)  # the rewrite so far may have renamed measured tensors
+        sess = verify.session(copy, [r for _, r, _ in pairs], arrays={k: v for k, v in arrays.items() if k in inits})
+        return sess, base, [t for t, _, _ in pairs]  # the session's outputs hold the reference's tensors, in order
 
 
 def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]

@@ -15,12 +15,14 @@ from .errors import InputError, VerificationError
 from .passes import PLANNED
 from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE
 
-EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
+EXIT_OK, EXIT_VERIFY, EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """exit codes:
-  0  written (or nothing to do: written unchanged)
-  1  verification failed: the result deviates from the input model; nothing written
-  2  bad input or usage (unreadable model, bad option, unwritable output); nothing written
+  0    written (or nothing to do: written unchanged)
+  1    verification failed: the result deviates from the input model; nothing written
+  2    bad input or usage (unreadable model, bad option, unwritable output); nothing written
+  3    internal error (a bug: rerun with --debug and report it); nothing written
+  130  interrupted (Ctrl-C or SIGTERM); nothing written
 """
 
 
@@ -148,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_VERIFY
     except KeyboardInterrupt:
         print("red-onnx: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
         if args.debug:
             traceback.print_exc()
         else:
             print(f"red-onnx: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback, "
                   "and please report it)", file=sys.stderr)
-        return 3
+        return EXIT_BUG

@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layers import Layer, find_layers
+from .layers import LINEAR_OPS, Layer, find_layers
 
 # unary op → (positively homogeneous, maps 0 to 0)
 UNARY = {
@@ -246,7 +246,7 @@ def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, wa
             node = tensor.inputs[0]
             if id(node) not in visited_nodes:
                 visited_nodes.add(id(node))
-                if node.op in LINEAR and id(node) not in walk.by_node:
+                if node.op in LINEAR_OPS and id(node) not in walk.by_node:
                     space.freeze(f"produced by {node.op} '{node.name}', left alone: {walk.skipped.get(node.name, '')}")
                 else:
                     stack.extend(_through(node, tensor, space, walk, backward=True))
@@ -262,7 +262,7 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk, backwar
     layer = walk.by_node.get(id(node))
     if layer is not None and _is_depthwise(layer):
         return _depthwise(layer, space)
-    if node.op in LINEAR and not backward:
+    if node.op in LINEAR_OPS and not backward:
         return _consumer(node, layer, tensor, space, walk)
     handler = HANDLERS.get(node.op)
     if handler is None:
@@ -633,9 +633,6 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
                 space.freeze(f"past a Concat/Split/Transpose, reaches {node.op} '{node.name}'{why}")
                 return
             stack.extend(nxt)
-
-
-LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _is_depthwise(layer: Layer) -> bool:

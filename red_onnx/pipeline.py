@@ -24,7 +24,7 @@ from . import model_io, verify
 from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE, Budget, Probes, make_probes, probe_runner, random_probes
 from .context import Context, PassResult
 from .errors import InputError, VerificationError
-from .layers import QUANTIZED_OPS, Analysis, analyze, find_layers, input_specs, tensor_shapes, weightless
+from .layers import LINEAR_OPS, QUANTIZED_OPS, Analysis, analyze, find_layers, input_specs, tensor_shapes, weightless
 from .passes import AVAILABLE, PLANNED, SCHEDULE, fold
 from .passes.codebook import INDEX_TYPES
 from .report import Report
@@ -107,8 +107,6 @@ class Prepared:
     shapes: Mapping[str, tuple[int, ...]]  # the input's static shapes (batch 1), read-only
     before: Analysis
     plan: list[verify.Measured]  # what each output's deviation is measured on
-    measured: list[str]  # the measured tensors ...
-    owners: list[str]  # ... and the graph output each belongs to
     ref_names: list[str]  # what the reference outputs hold
     probes: Probes
     reference: list[list[np.ndarray]] | None  # the input's outputs on the verification probes
@@ -193,7 +191,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
     report.op_counts_before = dict(before.op_counts)
 
     plan = verify.measure_plan(original)
-    measured, owners = verify.measured_tensors(original)
+    measured, _ = verify.measured_tensors(original)
     ref_names = list(dict.fromkeys(measured + [o.name for o in original.graph.output]))
     probes = make_probes(specs, opts.seed, opts.allocation, opts.check, opts.probe_ranges, opts.probe_inputs)
     reference, budget = None, None
@@ -203,7 +201,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
         reference = _run_all(ref_session, probes.verification, input_model=True)
         if opts.tolerance > 0:
             budget = Budget(opts.tolerance, probes.allocation, _run_all(ref_session, probes.allocation, input_model=True),
-                            ref_names, measured, owners, log=opts.log)
+                            ref_names, plan, log=opts.log)
         del ref_session
 
     shapes = tensor_shapes(original, specs)
@@ -217,7 +215,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
         canonical = original
     moved = fold.constants_to_initializers(canonical)
     _check_weights(canonical)
-    return Prepared(canonical, template, specs, MappingProxyType(shapes), before, plan, measured, owners, ref_names,
+    return Prepared(canonical, template, specs, MappingProxyType(shapes), before, plan, ref_names,
                     probes, reference, budget, moved)
 
 
@@ -397,23 +395,23 @@ def _run_all(sess, probes: list[dict], input_model: bool = False) -> list[list[n
 
 def _verify(result_model: onnx.ModelProto, prep: Prepared, arrays: dict[str, np.ndarray] | None,
             report: Report) -> verify.Verification:
-    """Deviation of the result from the input model on the verification probes. A measured tensor
-    the rewrite no longer has is replaced by its graph output; a result onnxruntime cannot run
-    deviates infinitely (a bug: it is never written)."""
-    produced = {o for n in result_model.graph.node for o in n.output} | {i.name for i in result_model.graph.input}
-    columns = list(dict.fromkeys((m, o) if m in produced else (o, o) for m, o in zip(prep.measured, prep.owners)))
-    chosen = list(dict.fromkeys(c for c, _ in columns))
+    """Deviation of the result from the input model on the verification probes, on the tensors
+    :func:`verify.columns` pairs; a result onnxruntime cannot run deviates infinitely (a bug: it is
+    never written)."""
+    columns = verify.columns(prep.plan, result_model)
+    chosen = list(dict.fromkeys(r for _, r, _ in columns))
     probes = prep.probes.verification
     try:
         outputs = _run_all(verify.session(result_model, chosen, arrays=arrays), probes)
     except Exception as err:
         report.notes.append(f"onnxruntime could not run the result ({str(err).splitlines()[0][:200]})")
-        return verify.Verification(np.full((len(probes), 1), np.inf), [prep.owners[0]], [prep.owners[0]])
-    index = [prep.ref_names.index(c) for c, _ in columns]
-    at = [chosen.index(c) for c, _ in columns]
+        first = prep.plan[0].output
+        return verify.Verification(np.full((len(probes), 1), np.inf), [first], [first])
+    index = [prep.ref_names.index(t) for t, _, _ in columns]
+    at = [chosen.index(r) for _, r, _ in columns]
     d = verify.sample_deviations([[sample[i] for i in index] for sample in prep.reference],
                                  [[sample[i] for i in at] for sample in outputs])
-    return verify.Verification(d, [c for c, _ in columns], [o for _, o in columns])
+    return verify.Verification(d, [t for t, _, _ in columns], [o for _, _, o in columns])
 
 
 def _report_verification(report: Report, checked: verify.Verification, plan: list[verify.Measured],
@@ -425,8 +423,8 @@ def _report_verification(report: Report, checked: verify.Verification, plan: lis
     report.measured = {m.output: {"label": m.label, "tensors": {
         t: {"what": w, "deviation": per_tensor.get(t)} for t, w in zip(m.tensors, m.what)}} for m in plan}
     for m in plan:
-        if any(t not in per_tensor for t in m.tensors):  # renamed by the rewrite: the output itself stood in
-            report.measured[m.output]["label"] += " (the output itself where the rewrite renamed a tensor)"
+        if any(t not in per_tensor for t in m.tensors):  # lost by the rewrite: the output itself stood in
+            report.measured[m.output]["label"] += " (the output itself where the rewrite lost a tensor)"
     report.verification = {"probes": checked.n, "max": checked.max, "p95": checked.percentile(95),
                            "promise": verify.promise(checked.n, max(allowed, checked.max))}
 
@@ -438,7 +436,7 @@ def _rounding(model: onnx.ModelProto) -> float:
 
 def _check_weights(model: onnx.ModelProto) -> None:
     """NaN in a layer's weights is bad input (infinite constants used as masks are legal)."""
-    linear = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    linear = {n.input[1] for n in model.graph.node if n.op_type in LINEAR_OPS
               and len(n.input) > 1}
     for init in model.graph.initializer:
         if init.name in linear and init.data_type in ROUNDING:

@@ -92,6 +92,26 @@ def _collect(name: str, where: str, producer: dict, constants: set[str], parts: 
             parts.setdefault(tensor, what)
 
 
+def columns(plan: list[Measured], model: onnx.ModelProto) -> list[tuple[str, str, str]]:
+    """For each tensor the input's ``plan`` measures: (its name in the input, the tensor of
+    ``model`` that holds it, its graph output), without repeats.
+
+    A rewrite may rename the tensors (fold removes an Identity before a Softmax, moves a bias):
+    where ``model``'s own plan describes an output with the same words, its tensors pair in order;
+    otherwise a tensor ``model`` no longer has is replaced by the graph output, compared whole."""
+    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    own = {m.output: m for m in measure_plan(model)}
+    pairs = []
+    for m in plan:
+        if all(t in produced for t in m.tensors):
+            pairs += [(t, t, m.output) for t in m.tensors]
+        elif m.output in own and own[m.output].what == m.what:
+            pairs += [(t, r, m.output) for t, r in zip(m.tensors, own[m.output].tensors)]
+        else:
+            pairs += [(t, t, m.output) if t in produced else (m.output, m.output, m.output) for t in m.tensors]
+    return list(dict.fromkeys(pairs))
+
+
 def measured_tensors(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """The measured tensors of all outputs as two aligned lists: tensor, and the graph output it belongs to."""
     tensors, owners = [], []

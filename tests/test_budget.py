@@ -33,7 +33,10 @@ def outputs(model, probes):
 
 
 def make_budget(w: np.ndarray, tolerance: float, probes, **kw) -> Budget:
-    return Budget(tolerance, probes, outputs(mm_model(w), probes), ["y"], ["y"], ["y"], **kw)
+    from red_onnx.verify import Measured
+
+    return Budget(tolerance, probes, outputs(mm_model(w), probes), ["y"], [Measured("y", ("y",), ("the output itself",))],
+                  **kw)
 
 
 class Edits:

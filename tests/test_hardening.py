@@ -798,12 +798,10 @@ def mlp40(tmp_path_factory) -> Path:
 
 
 def _subprocess_env() -> dict:
-    return dict(os.environ, PYTHONWARNINGS="ignore")
+    """The child prints a Python traceback of every thread if it crashes (kept in its stderr)."""
+    return dict(os.environ, PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
 
 
-# Known defect: in about 1 of 3 full-suite runs the SIGINT child dies with SIGSEGV instead of
-# printing "interrupted" (never seen when the test runs alone); one rerun, so two crashes in a row fail.
-@pytest.mark.flaky(reruns=1)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_interrupted_run_leaves_nothing(tmp_path, mlp40, signum):
     out = tmp_path / "out"

@@ -352,3 +352,33 @@ def test_library_and_cli_share_the_default_tolerance():
     default = inspect.signature(red_onnx.compress).parameters["tolerance"].default
     assert default == budget.DEFAULT_TOLERANCE == cli.build_parser().get_default("tolerance") > 0
     assert inspect.signature(red_onnx.compress).parameters["check"].default == cli.build_parser().get_default("check")
+
+
+def test_logits_renamed_by_the_rewrite_are_still_measured(monkeypatch):
+    """fold removes an Identity between the logits and the Softmax (PP-OCR's export has one): the
+    result's own logits are paired with the input's, so damage the saturated probabilities hide
+    still fails verification."""
+    b = Builder(seed=5)
+    x = b.input("x", ["N", 6])
+    w = b.init(b.weight((4, 6)), name="fc_w")
+    bias = b.init(np.array([200.0, 0.0, 0.0, 0.0]), name="fc_b")
+    logits = b.node("Identity", [b.node("Gemm", [x, w, bias], name="fc", transB=1)], outputs=["logits"])
+    b.output(b.node("Softmax", [logits], outputs=["probs"], axis=1), ["N", 4])
+    model = b.model()
+    assert verify.measured_tensors(model)[0] == ["probs", "logits"]
+    _, report = red_onnx.compress(model, tolerance=0, passes=[])
+    assert set(report.measured["probs"]["tensors"]) == {"probs", "logits"}
+    assert "lost" not in report.measured["probs"]["label"]
+
+    original_run = fold.run
+
+    def damaging_run(ctx):
+        result = original_run(ctx)
+        for node in ctx.graph.nodes:
+            if node.op == "Gemm":
+                node.inputs[1].values = node.inputs[1].values * np.float32(2.0)
+        return result
+
+    monkeypatch.setattr(fold, "run", damaging_run)
+    with pytest.raises(VerificationError):
+        red_onnx.compress(model, tolerance=0, passes=[])

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from numba import njit
 
 from ..context import Context, PassResult
-from ..layers import Layer, find_layers, unique_name
+from ..layers import LINEAR_OPS, Layer, find_layers, unique_name
 
 NAME = "codebook"
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
@@ -35,7 +35,7 @@ def run(ctx: Context) -> PassResult:
         layers = {id(layer.weight): layer for layer in find_layers(ctx.graph, ctx.exclude)[0]}
         weights = {}
         for node in ctx.graph.nodes:
-            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1 \
+            if node.op in LINEAR_OPS and len(node.inputs) > 1 \
                     and isinstance(node.inputs[1], gs.Constant):
                 weights.setdefault(id(node.inputs[1]), node.inputs[1])
         if ctx.exclude is not None:  # a weight any excluded node reads stays as it is

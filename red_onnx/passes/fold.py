@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..context import Context, PassResult
-from ..layers import Layer, find_layers
+from ..layers import LINEAR_OPS, Layer, find_layers
 
 NAME = "fold"
 
@@ -90,7 +90,7 @@ def _why_not_folded(node: gs.Node, graph: gs.Graph) -> str:
     """Why a BatchNormalization stays (one line)."""
     x = node.inputs[0]
     producer = x.inputs[0] if x.inputs else None
-    if producer is None or producer.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
+    if producer is None or producer.op not in (*LINEAR_OPS, "Add"):
         return "follows no linear layer to fold into"
     if len(x.outputs) > 1 or any(t.name == x.name for t in graph.outputs):
         return f"the output of '{producer.name}' is also used elsewhere"

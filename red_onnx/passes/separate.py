@@ -47,7 +47,7 @@ import onnx_graphsurgeon as gs
 
 from ..budget import Candidate
 from ..context import Context, PassResult
-from ..layers import find_layers
+from ..layers import find_layers, unique_name
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -476,20 +476,14 @@ def lowrank_ladder(weight: np.ndarray, group: int = 1,
 # graph rewrite
 # --------------------------------------------------------------------------- #
 class _Names:
-    """Unique tensor / node names ``{base}/sep_{suffix}`` within a graph."""
+    """Unique tensor / node names ``{base}/sep_{suffix}`` within a graph (:func:`~red_onnx.layers.unique_name`)."""
 
     def __init__(self, graph: gs.Graph, base: str):
         self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
         self.base = base
 
     def __call__(self, suffix: str) -> str:
-        name = f"{self.base}/sep_{suffix}"
-        j = 1
-        while name in self.used:
-            name = f"{self.base}/sep_{suffix}_{j}"
-            j += 1
-        self.used.add(name)
-        return name
+        return unique_name(f"{self.base}/sep_{suffix}", self.used)
 
 
 def apply_plan(graph: gs.Graph, node: gs.Node, plan: SeparationPlan) -> list[gs.Node]:
