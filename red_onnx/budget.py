@@ -196,10 +196,7 @@ class Budget:
             bound: an edit over the target there is rejected without the full run."""
             nonlocal evaluations
             evaluations += 1
-            if time.perf_counter() - self._said > PROGRESS_SECONDS:
-                self._said = time.perf_counter()
-                self.log(f"  budget: {evaluations} measurements of {len(candidates)} candidates so far "
-                         f"(target {self.target:.3g})")
+            self._progress(evaluations, len(candidates))
             if few is not run and (screened := measure_few(chosen, screening=True)) > self.target:
                 return screened
             return verify.deviation(reference, run({**base, **materialize(chosen)}))[0]
@@ -334,6 +331,11 @@ class Budget:
         prev_error = taken.error if taken else 0.0
         err = max(c.error - prev_error, 1e-12)
         return tuple((s - p) / err for s, p in zip(c.saving, prev_saving))
+
+    def _progress(self, evaluations: int, candidates: int) -> None:
+        if time.perf_counter() - self._said > PROGRESS_SECONDS:
+            self._said = time.perf_counter()
+            self.log(f"  budget: {evaluations} measurements of {candidates} candidates so far (target {self.target:.3g})")
 
     def add_probes(self, probes: list[Feeds], reference: list[list[np.ndarray]]) -> None:
         """More allocation probes (with the input model's outputs on them, as ``reference``)."""

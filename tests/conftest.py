@@ -31,10 +31,15 @@ RTOL = 1e-5
 
 
 class Builder:
-    """A tiny graph builder: every method returns the name of the tensor it produced."""
+    """The tests' graph builder: every method returns the name of the tensor it produced.
 
-    def __init__(self, seed: int = 0, name_nodes: bool = True):
+    Layers come with random weights (``conv``, ``gemm``, ``matmul``: sizes given) or with given
+    weights in the view layout of red_onnx.layers, (out, in, *kernel) and (N, K) for Gemm and MatMul
+    (``conv_w``, ``gemm_w``, ``matmul_w``: the builder stores them in the op's own layout)."""
+
+    def __init__(self, seed: int = 0, name_nodes: bool = True, opset: int = 17):
         self.rng = np.random.default_rng(seed)
+        self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -80,6 +85,8 @@ class Builder:
             name = self.fresh(op + "_") if self.name_nodes else ""
         self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
+
+    const = init
 
     def weight(self, shape) -> np.ndarray:
         return self.rng.standard_normal(shape).astype(np.float32) / np.sqrt(max(1, int(np.prod(shape[1:]))))
@@ -137,9 +144,38 @@ class Builder:
     def relu(self, x: str) -> str:
         return self.node("Relu", [x])
 
+    def act(self, x: str, op: str, **attrs) -> str:
+        """An activation (or a 2×2 MaxPool)."""
+        if op == "MaxPool":
+            return self.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+        if op == "LeakyRelu":
+            attrs.setdefault("alpha", 0.1)
+        return self.node(op, [x], **attrs)
+
+    # -- layers from given weights (view layout) ------------------------------------------- #
+    def conv_w(self, x: str, w: np.ndarray, b: np.ndarray | None = None, name: str | None = None,
+               pad: int | None = None, group: int = 1) -> str:
+        k = w.shape[2]
+        pad = k // 2 if pad is None else pad
+        inputs = [x, self.init(w)] + ([self.init(b)] if b is not None else [])
+        return self.node("Conv", inputs, name=name, kernel_shape=[k, k], pads=[pad] * 4, group=group)
+
+    def gemm_w(self, x: str, w: np.ndarray, b: np.ndarray | None = None, name: str | None = None,
+               trans_b: int = 1) -> str:
+        inputs = [x, self.init(w if trans_b else w.T)] + ([self.init(b)] if b is not None else [])
+        return self.node("Gemm", inputs, name=name, transB=trans_b)
+
+    def matmul_w(self, x: str, w: np.ndarray, b: np.ndarray | None = None, name: str | None = None) -> str:
+        y = self.node("MatMul", [x, self.init(w.T)], name=name)
+        if b is not None:
+            y = self.node("Add", [y, self.init(b)], name=(name + "_bias") if name else None)
+        return y
+
     # -- the model ------------------------------------------------------------------------- #
-    def model(self, opset: int = 17, ir_version: int | None = None, extra_opsets=(), check: bool = True
+    def model(self, opset: int | None = None, ir_version: int | None = None, extra_opsets=(), check: bool = True
               ) -> onnx.ModelProto:
+        """The model; outputs declared without a shape get their inferred type (symbolic batch kept)."""
+        opset = self.opset if opset is None else opset
         graph = helper.make_graph(self.nodes, "test_graph", self.inputs, self.outputs, self.initializers,
                                   doc_string="graph doc string")
         opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
@@ -149,6 +185,14 @@ class Builder:
         if ir_version is not None:
             model.ir_version = ir_version
         helper.set_model_props(model, {"classes": "cat,dog,bird", "author": "tests"})
+        if any(not o.type.tensor_type.HasField("shape") for o in model.graph.output):
+            inferred = onnx.shape_inference.infer_shapes(model)
+            known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+            for out in model.graph.output:
+                vi = known.get(out.name)
+                if not out.type.tensor_type.HasField("shape") and vi is not None \
+                        and vi.type.tensor_type.HasField("shape"):
+                    out.type.CopyFrom(vi.type)
         if check:
             onnx.checker.check_model(model, full_check=True)
         return model

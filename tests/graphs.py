@@ -1,8 +1,9 @@
 """Hand-built ONNX graphs with planted redundancy, and the checks the merge/coupling/budget tests share.
 
-Everything here is independent of conftest.py: a small graph builder (:class:`G`), weight helpers
-that plant duplicates / positive multiples / dead channels into a layer's rows, and checks that run
-the original and the compressed model with onnxruntime (all optimizations off) on random inputs.
+Graphs are built with conftest's :class:`Builder` (its ``*_w`` layers take given weights); here:
+weight helpers that plant duplicates / positive multiples / dead channels into a layer's rows, and
+checks that run the original and the compressed model with onnxruntime (all optimizations off) on
+random inputs.
 
 Weights are given in the *view* layout of red_onnx.layers: ``(out, in, *kernel)`` for Conv, ``(N, K)``
 for Gemm and MatMul; the builder stores them in the op's own layout.
@@ -19,90 +20,6 @@ import red_onnx
 
 FLOAT = TensorProto.FLOAT
 RTOL = 1e-5  # relative L2 between a model and its exact rewrite
-
-
-# --------------------------------------------------------------------------------------------- #
-# building graphs
-
-
-class G:
-    """A minimal graph builder; every method returns the name of the tensor it produced."""
-
-    def __init__(self, seed: int = 0, opset: int = 17):
-        self.rng = np.random.default_rng(seed)
-        self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.outputs: list[onnx.ValueInfoProto] = []
-        self._n = 0
-
-    def fresh(self, prefix: str) -> str:
-        self._n += 1
-        return f"{prefix}_{self._n}"
-
-    def input(self, name: str, shape) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, FLOAT, list(shape)))
-        return name
-
-    def output(self, name: str) -> str:
-        self.outputs.append(helper.make_tensor_value_info(name, FLOAT, None))
-        return name
-
-    def const(self, array, name: str | None = None, dtype=np.float32) -> str:
-        name = name or self.fresh("c")
-        self.inits.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
-        return name
-
-    def node(self, op: str, inputs, name: str | None = None, n_out: int = 1, outputs=None, **attrs):
-        name = name or self.fresh(op)
-        outputs = outputs or [f"{name}_y{k}" if n_out > 1 else f"{name}_y" for k in range(n_out)]
-        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, **attrs))
-        return outputs[0] if len(outputs) == 1 else outputs
-
-    # layers: weights in the view layout ---------------------------------------------------- #
-    def conv(self, x: str, w: np.ndarray, b: np.ndarray | None = None, name: str | None = None,
-             pad: int | None = None, group: int = 1) -> str:
-        k = w.shape[2]
-        pad = k // 2 if pad is None else pad
-        inputs = [x, self.const(w)] + ([self.const(b)] if b is not None else [])
-        return self.node("Conv", inputs, name=name, kernel_shape=[k, k], pads=[pad] * 4, group=group)
-
-    def gemm(self, x: str, w: np.ndarray, b: np.ndarray | None = None, name: str | None = None,
-             trans_b: int = 1) -> str:
-        stored = w if trans_b else w.T
-        inputs = [x, self.const(stored)] + ([self.const(b)] if b is not None else [])
-        return self.node("Gemm", inputs, name=name, transB=trans_b)
-
-    def matmul(self, x: str, w: np.ndarray, b: np.ndarray | None = None, name: str | None = None) -> str:
-        y = self.node("MatMul", [x, self.const(w.T)], name=name)
-        if b is not None:
-            y = self.node("Add", [y, self.const(b)], name=(name + "_bias") if name else None)
-        return y
-
-    def act(self, x: str, op: str, **attrs) -> str:
-        if op == "MaxPool":
-            return self.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
-        if op == "LeakyRelu":
-            attrs.setdefault("alpha", 0.1)
-        return self.node(op, [x], **attrs)
-
-    def model(self, check: bool = True) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                  producer_name="red-onnx-merge-tests")
-        model.ir_version = 8
-        # give the outputs their inferred types (symbolic batch kept)
-        inferred = onnx.shape_inference.infer_shapes(model)
-        known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-        for out in model.graph.output:
-            vi = known.get(out.name)
-            if not out.type.tensor_type.HasField("shape") and vi is not None \
-                    and vi.type.tensor_type.HasField("shape"):
-                out.type.CopyFrom(vi.type)
-        if check:
-            onnx.checker.check_model(model, full_check=True)
-        return model
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -245,11 +162,6 @@ def check_exact(model: onnx.ModelProto, expected: dict[str, int], batch: int = 3
     return result, report
 
 
-def left_alone_reasons(report) -> list[str]:
-    """Every ``left_alone`` reason the merge pass reported."""
-    reasons = []
-    for row in report.layers:
-        merge = row.get("merge")
-        if isinstance(merge, dict) and "left_alone" in merge:
-            reasons.append(merge["left_alone"])
-    return reasons
+def merge_reasons(report) -> list[str]:
+    """Every reason the merge pass gave for leaving a channel space alone."""
+    return [a["reason"] for a in report.left_alone if a["pass"] == "merge"]

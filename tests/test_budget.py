@@ -14,13 +14,14 @@ import itertools
 import numpy as np
 import pytest
 
-from graphs import G, session
+from conftest import Builder
+from graphs import session
 from red_onnx import deviation
 from red_onnx.budget import Budget, Candidate, make_probes, random_probes
 
 
 def mm_model(w: np.ndarray):
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", w.shape[0]])
     g.node("MatMul", [x, g.const(w, "W")], name="mm", outputs=["y"])
     g.output("y")
@@ -393,7 +394,7 @@ def testprobe_runner_batches_only_where_samples_stay_apart(mixes_batch):
     batch); either way each probe's outputs equal its own run."""
     from red_onnx.budget import probe_runner
 
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 4])
     y = g.node("MatMul", [x, g.const(np.random.default_rng(0).standard_normal((4, 3)))])
     if mixes_batch:

@@ -15,7 +15,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from graphs import (G, assert_same, attr, check_exact, inits, left_alone_reasons, merge0, merge_counts, node,
+from conftest import Builder
+from graphs import (assert_same, attr, check_exact, inits, merge_reasons, merge0, merge_counts, node,
                     plant, rand_layer, removed, view_weight)
 from red_onnx.coupling import channel_spaces, remove_channels
 from red_onnx.layers import input_specs, tensor_shapes
@@ -33,12 +34,12 @@ def spaces(model, exclude: str | None = None) -> dict:
 def simple(path, plan=DUP, c: int = 8, hw: int = 8, seed: int = 0, consumer: str = "conv"):
     """x → conv1 (c ch, planted) → path(g, h) → conv2 (or Flatten→Gemm) → y."""
     rng = np.random.default_rng(seed)
-    g = G(seed)
+    g = Builder(seed)
     x = g.input("x", ["N", 3, hw, hw])
     w1, b1 = plant(*rand_layer(rng, c, 3, 3), plan)
-    h = path(g, g.conv(x, w1, b1, name="conv1"))
+    h = path(g, g.conv_w(x, w1, b1, name="conv1"))
     if consumer == "conv":
-        g.output(g.conv(h, *rand_layer(rng, 4, c, 3), name="conv2"))
+        g.output(g.conv_w(h, *rand_layer(rng, 4, c, 3), name="conv2"))
     return g, h, rng
 
 
@@ -61,11 +62,11 @@ def exact_or_frozen(model, allowed, batch: int = 3):
 
 def test_space_of_plain_chain():
     rng = np.random.default_rng(0)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, *rand_layer(rng, 6, 3, 3), name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, *rand_layer(rng, 6, 3, 3), name="conv1")])
     h = g.node("Flatten", [g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])], axis=1)
-    g.output(g.gemm(h, *rand_layer(rng, 5, 6 * 16), name="fc"))
+    g.output(g.gemm_w(h, *rand_layer(rng, 5, 6 * 16), name="fc"))
     s = spaces(g.model())
     space = s["conv1"]
     assert space.frozen is None
@@ -100,7 +101,7 @@ def test_space_params_bn_depthwise_prelu():
     def path(g, h):
         h = g.node("PRelu", [h, g.const(np.full((8, 1, 1), 0.1), "slope")])
         rng = np.random.default_rng(1)
-        h = g.conv(h, rng.standard_normal((8, 1, 3, 3)).astype(np.float32), None, name="dw", group=8)
+        h = g.conv_w(h, rng.standard_normal((8, 1, 3, 3)).astype(np.float32), None, name="dw", group=8)
         stats = [np.ones(8), np.zeros(8), np.zeros(8), np.ones(8)]
         return g.node("BatchNormalization", [h] + [g.const(s, f"bn{k}") for k, s in enumerate(stats)])
     space = spaces(model_of(path))["conv1"]
@@ -113,12 +114,12 @@ def test_space_params_bn_depthwise_prelu():
 
 def test_space_of_residual_has_both_producers():
     rng = np.random.default_rng(2)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    a = g.conv(x, *rand_layer(rng, 8, 3, 3), name="convA")
-    b = g.conv(x, *rand_layer(rng, 8, 3, 1), name="convB")
+    a = g.conv_w(x, *rand_layer(rng, 8, 3, 3), name="convA")
+    b = g.conv_w(x, *rand_layer(rng, 8, 3, 1), name="convB")
     h = g.node("Relu", [g.node("Add", [a, b])])
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
     s = spaces(g.model())
     assert "convA+convB" in s or "convB+convA" in s
     space = s.get("convA+convB") or s.get("convB+convA")
@@ -131,7 +132,7 @@ def test_space_reshape_registered():
     def path(g, h):
         return g.node("Reshape", [g.node("Relu", [h]), g.const([-1, 8 * 16], "shape", dtype=np.int64)])
     g, h, rng = simple(path, hw=4, consumer="none")
-    g.output(g.gemm(h, *rand_layer(rng, 5, 8 * 16), name="fc"))
+    g.output(g.gemm_w(h, *rand_layer(rng, 5, 8 * 16), name="fc"))
     space = spaces(g.model())["conv1"]
     assert space.frozen is None
     assert [(c.layer.name, c.block) for c in space.consumers] == [("fc", 16)]
@@ -156,15 +157,15 @@ def test_shape_op_does_not_freeze():
     ("output", "graph output")])
 def test_frozen_reasons(case, reason):
     rng = np.random.default_rng(3)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
     cin = 8
     if case == "concat_self":
         h = g.node("Concat", [h, g.node("Relu", [h])], axis=1)
         cin = 16
     elif case == "split":  # into equal parts: merging would unbalance them
-        h = g.node("Split", [h], n_out=2, axis=1)[0]
+        h = g.node("Split", [h], n_outputs=2, axis=1)[0]
         cin = 4
     elif case == "transpose_then_pool":  # a pool over the wrong axes once the channels moved
         h = g.node("Transpose", [g.node("Transpose", [h], perm=[0, 2, 1, 3])], perm=[0, 2, 1, 3])
@@ -180,18 +181,18 @@ def test_frozen_reasons(case, reason):
     elif case == "output":
         g.output(h)
     if case == "transpose_then_pool":
-        g.output(g.conv(h, *rand_layer(rng, 4, cin, 1), name="conv2"))
+        g.output(g.conv_w(h, *rand_layer(rng, 4, cin, 1), name="conv2"))
     elif case == "grouped":
-        g.output(g.conv(h, *rand_layer(rng, 4, 4, 3), name="conv2", group=2))
+        g.output(g.conv_w(h, *rand_layer(rng, 4, 4, 3), name="conv2", group=2))
     else:
-        g.output(g.conv(h, *rand_layer(rng, 4, cin, 3), name="conv2"))
+        g.output(g.conv_w(h, *rand_layer(rng, 4, cin, 3), name="conv2"))
     model = g.model()
     frozen = spaces(model)["conv1"].frozen
     assert frozen is not None and reason in frozen, frozen
     if case == "mulconst_bad_shape":  # (2,1,1,1) broadcasts the batch: it runs at batch 2 only
         return
     result, report = check_exact(model, {})
-    assert any(reason in r for r in left_alone_reasons(report)), left_alone_reasons(report)
+    assert any(reason in r for r in merge_reasons(report)), merge_reasons(report)
     assert merge_counts(report)["spaces_frozen"] >= 2  # conv1's space and the output's
 
 
@@ -201,12 +202,12 @@ def test_frozen_reasons(case, reason):
 
 def residual_model(plan_a, plan_b):
     rng = np.random.default_rng(4)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    a = g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan_a), name="convA")
-    b = g.conv(x, *plant(*rand_layer(rng, 8, 3, 1), plan_b), name="convB")
+    a = g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), plan_a), name="convA")
+    b = g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 1), plan_b), name="convB")
     h = g.node("Relu", [g.node("Add", [a, b])])
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
     return g.model()
 
 
@@ -229,13 +230,13 @@ def test_resnet_block_shortcut_and_inner_conv_couple():
     """x0 = Relu(conv0(x)); out = Relu(conv2(Relu(conv1(x0))) + x0): conv0 and conv2 share a space."""
     rng = np.random.default_rng(5)
     plan = [(3, 0, 1.5), (5, 2, 1.0)]
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    x0 = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 6, 3, 3), plan), name="conv0")])
-    h = g.node("Relu", [g.conv(x0, *rand_layer(rng, 6, 6, 3), name="conv1")])
+    x0 = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 6, 3, 3), plan), name="conv0")])
+    h = g.node("Relu", [g.conv_w(x0, *rand_layer(rng, 6, 6, 3), name="conv1")])
     w2, b2 = plant(*rand_layer(rng, 6, 6, 3), plan)
-    out = g.node("Relu", [g.node("Add", [g.conv(h, w2, b2, name="conv2"), x0])])
-    g.output(g.conv(out, *rand_layer(rng, 4, 6, 3), name="head"))
+    out = g.node("Relu", [g.node("Add", [g.conv_w(h, w2, b2, name="conv2"), x0])])
+    g.output(g.conv_w(out, *rand_layer(rng, 4, 6, 3), name="head"))
     result, _ = check_exact(g.model(), {"conv0": 2, "conv2": 2})
     assert view_weight(result, "conv1").shape[1] == 4 and view_weight(result, "conv2").shape[1] == 6
 
@@ -243,16 +244,16 @@ def test_resnet_block_shortcut_and_inner_conv_couple():
 @pytest.mark.parametrize("gate_planted, expected", [(True, {"conv1": 1, "conv_b": 1}), (False, {})])
 def test_squeeze_excite_gate_couples(gate_planted, expected):
     rng = np.random.default_rng(6)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
-    s = g.node("Relu", [g.conv(g.node("GlobalAveragePool", [h]), *rand_layer(rng, 2, 8, 1), name="conv_a")])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    s = g.node("Relu", [g.conv_w(g.node("GlobalAveragePool", [h]), *rand_layer(rng, 2, 8, 1), name="conv_a")])
     wb, bb = rand_layer(rng, 8, 2, 1)
     if gate_planted:
         wb, bb = plant(wb, bb, DUP)
-    s = g.node("Sigmoid", [g.conv(s, wb, bb, name="conv_b")])
+    s = g.node("Sigmoid", [g.conv_w(s, wb, bb, name="conv_b")])
     h = g.node("Mul", [h, s])
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
     check_exact(g.model(), expected)
 
 
@@ -262,23 +263,23 @@ def test_squeeze_excite_gate_couples(gate_planted, expected):
 
 def test_space_reaching_graph_output_never_merged():
     rng = np.random.default_rng(7)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), [(5, 1, 1.0), (6, 1, 0.0)]), name="conv1")],
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), [(5, 1, 1.0), (6, 1, 0.0)]), name="conv1")],
                outputs=["features"])
     g.output("features")
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
     result, report = check_exact(g.model(), {})
-    assert any("graph output" in r for r in left_alone_reasons(report))
+    assert any("graph output" in r for r in merge_reasons(report))
 
 
 def exclusion_chain():
     rng = np.random.default_rng(8)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
-    h = g.node("Relu", [g.conv(h, *plant(*rand_layer(rng, 7, 8, 3), [(4, 0, 2.0)]), name="conv2")])
-    g.output(g.conv(h, *rand_layer(rng, 4, 7, 3), name="conv3"))
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    h = g.node("Relu", [g.conv_w(h, *plant(*rand_layer(rng, 7, 8, 3), [(4, 0, 2.0)]), name="conv2")])
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 7, 3), name="conv3"))
     return g.model()
 
 
@@ -297,14 +298,14 @@ def test_exclude(exclude, expected, untouched, reason):
         for k in node(model, name).input[1:]:
             assert after[k].tobytes() == before[k].tobytes() and after[k].shape == before[k].shape, (name, k)
     if reason:
-        assert any("exclude" in r for r in left_alone_reasons(report)), left_alone_reasons(report)
+        assert any("exclude" in r for r in merge_reasons(report)), merge_reasons(report)
 
 
 def test_exclude_one_residual_partner_freezes_the_space():
     plan = [(5, 1, 1.0)]
     model = residual_model(plan, plan)
     result, report = check_exact(model, {}, exclude="convB")
-    assert any("exclude" in r for r in left_alone_reasons(report)), left_alone_reasons(report)
+    assert any("exclude" in r for r in merge_reasons(report)), merge_reasons(report)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -330,11 +331,11 @@ def test_prelu_slope_along_width_not_channels():
 def test_reduce_over_channels_with_negative_axis_2d():
     """A decomposed LayerNorm-like centring over the features (axes=[-1] on (N, C)) mixes channels."""
     rng = np.random.default_rng(9)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 6])
-    h = g.node("Relu", [g.gemm(x, *plant(*rand_layer(rng, 8, 6), DUP), name="fc1")])
+    h = g.node("Relu", [g.gemm_w(x, *plant(*rand_layer(rng, 8, 6), DUP), name="fc1")])
     h = g.node("Sub", [h, g.node("ReduceMean", [h], axes=[-1], keepdims=1)])
-    g.output(g.gemm(h, *rand_layer(rng, 4, 8), name="fc2"))
+    g.output(g.gemm_w(h, *rand_layer(rng, 4, 8), name="fc2"))
     exact_or_frozen(g.model(), [{}])
 
 
@@ -365,49 +366,49 @@ def test_bn_parameters_sharing_one_initializer():
 def test_prelu_slope_shared_between_two_spaces():
     """One slope initializer (C,1,1) read by the PRelus of two spaces; only one has duplicates."""
     rng = np.random.default_rng(10)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
     slope = g.const(np.array([0.1, 0.15, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]).reshape(8, 1, 1), "slope")
     for k, plan in enumerate([[(2, 1, 1.0)], []]):
-        h = g.node("PRelu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name=f"conv{k}"), slope])
-        g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name=f"head{k}"))
+        h = g.node("PRelu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name=f"conv{k}"), slope])
+        g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name=f"head{k}"))
     exact_or_frozen(g.model(), [{}, {"conv0": 1}])
 
 
 def test_reshape_shape_constant_shared_between_two_spaces():
     """Two branches flatten through ONE shape initializer [-1, C·H·W]; only one branch has duplicates."""
     rng = np.random.default_rng(11)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 4, 4])
     shape = g.const(np.array([-1, 8 * 16]), "flat_shape", dtype=np.int64)
     for k, plan in enumerate([[(3, 1, 1.0)], []]):
-        h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name=f"conv{k}")])
+        h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name=f"conv{k}")])
         h = g.node("Reshape", [h, shape])
-        g.output(g.gemm(h, *rand_layer(rng, 5, 8 * 16), name=f"fc{k}"))
+        g.output(g.gemm_w(h, *rand_layer(rng, 5, 8 * 16), name=f"fc{k}"))
     exact_or_frozen(g.model(), [{}, {"conv0": 1}])
 
 
 def test_reshape_target_computed_from_shape_and_constant():
     """x.view(x.size(0), C·H·W) exports as Reshape(x, Concat(Shape(x)[:1], [C·H·W]))."""
     rng = np.random.default_rng(12)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 4, 4])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
     n = g.node("Slice", [g.node("Shape", [h]), g.const([0], dtype=np.int64), g.const([1], dtype=np.int64)])
     target = g.node("Concat", [n, g.const([8 * 16], dtype=np.int64)], axis=0)
     h = g.node("Reshape", [h, target])
-    g.output(g.gemm(h, *rand_layer(rng, 5, 8 * 16), name="fc"))
+    g.output(g.gemm_w(h, *rand_layer(rng, 5, 8 * 16), name="fc"))
     exact_or_frozen(g.model(), [{}, {"conv1": 1}])
 
 
 def test_resize_with_sizes_counting_channels():
     """Resize(sizes=[1, C, 2H, 2W]) names the channel count; merging must update it or leave it alone."""
     rng = np.random.default_rng(13)
-    g = G()
+    g = Builder()
     x = g.input("x", [1, 3, 4, 4])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
     h = g.node("Resize", [h, "", "", g.const([1, 8, 8, 8], dtype=np.int64)], mode="nearest")
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
     exact_or_frozen(g.model(), [{}, {"conv1": 1}], batch=1)
 
 
@@ -426,12 +427,12 @@ def test_concat_offsets_merge_in_every_input():
     """Two planted producers concatenated on the channel axis (with the input between them): each
     merges at its own offset of the consumer's input channels."""
     rng = np.random.default_rng(21)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    a = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="convA")])
-    b = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 6, 3, 3), [(4, 0, 1.0), (5, 2, 1.0)]), name="convB")])
+    a = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="convA")])
+    b = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 6, 3, 3), [(4, 0, 1.0), (5, 2, 1.0)]), name="convB")])
     h = g.node("MaxPool", [g.node("Concat", [a, x, b], axis=1)], kernel_shape=[2, 2])
-    g.output(g.conv(h, *rand_layer(rng, 4, 17, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 17, 3), name="conv2"))
     model = g.model()
     s = spaces(model)
     assert s["convA"].frozen is None and s["convB"].frozen is None
@@ -441,11 +442,11 @@ def test_concat_offsets_merge_in_every_input():
 
 def test_concat_to_graph_output_freezes():
     rng = np.random.default_rng(22)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Concat", [g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")]), x], axis=1)
+    h = g.node("Concat", [g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")]), x], axis=1)
     g.output(h)
-    g.output(g.conv(h, *rand_layer(rng, 4, 11, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 11, 3), name="conv2"))
     model = g.model()
     assert "graph output" in spaces(model)["conv1"].frozen
     check_exact(model, {})
@@ -457,15 +458,15 @@ def test_split_segments(opset, plan, expected):
     """Split [3, 5]: a duplicate inside one segment merges and the sizes follow; one across the
     segments does not."""
     rng = np.random.default_rng(23)
-    g = G(opset=opset)
+    g = Builder(opset=opset)
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name="conv1")])
     if opset >= 13:
-        parts = g.node("Split", [h, g.const(np.array([3, 5]), "sizes", dtype=np.int64)], n_out=2, axis=1)
+        parts = g.node("Split", [h, g.const(np.array([3, 5]), "sizes", dtype=np.int64)], n_outputs=2, axis=1)
     else:
-        parts = g.node("Split", [h], name="split", n_out=2, axis=1, split=[3, 5])
-    g.output(g.conv(parts[0], *rand_layer(rng, 4, 3, 3), name="convP"))
-    g.output(g.conv(g.node("Relu", [parts[1]]), *rand_layer(rng, 4, 5, 1), name="convQ"))
+        parts = g.node("Split", [h], name="split", n_outputs=2, axis=1, split=[3, 5])
+    g.output(g.conv_w(parts[0], *rand_layer(rng, 4, 3, 3), name="convP"))
+    g.output(g.conv_w(g.node("Relu", [parts[1]]), *rand_layer(rng, 4, 5, 1), name="convQ"))
     model = g.model()
     assert spaces(model)["conv1"].frozen is None
     result, _ = check_exact(model, expected)
@@ -476,11 +477,11 @@ def test_split_segments(opset, plan, expected):
 def test_transpose_to_matmul_on_the_last_axis():
     """NCHW → NHWC → MatMul over channels: the MatMul's weight rows are the consumer's columns."""
     rng = np.random.default_rng(24)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 6, 6])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), MULT), name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), MULT), name="conv1")])
     t = g.node("Sigmoid", [g.node("Transpose", [h], perm=[0, 2, 3, 1])])
-    g.output(g.matmul(t, rng.standard_normal((5, 8)).astype(np.float32), name="mm"))
+    g.output(g.matmul_w(t, rng.standard_normal((5, 8)).astype(np.float32), name="mm"))
     model = g.model()
     space = spaces(model)["conv1"]
     assert space.frozen is None and not space.homogeneous  # the Sigmoid: duplicates only
@@ -491,11 +492,11 @@ def test_transpose_to_matmul_on_the_last_axis():
 
 def model_transpose_dup():
     rng = np.random.default_rng(25)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 6, 6])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), MULT), name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), MULT), name="conv1")])
     t = g.node("Transpose", [g.node("Transpose", [h], perm=[0, 1, 3, 2])], perm=[0, 2, 3, 1])
-    g.output(g.matmul(t, rng.standard_normal((5, 8)).astype(np.float32), name="mm"))
+    g.output(g.matmul_w(t, rng.standard_normal((5, 8)).astype(np.float32), name="mm"))
     return g.model()
 
 
@@ -506,13 +507,13 @@ def model_transpose_dup():
 ])
 def test_slice_segments(plan, expected, bounds):
     rng = np.random.default_rng(26)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), plan), name="conv1")])
     s = g.node("Slice", [h, g.const(np.array([2]), "starts", dtype=np.int64),
                          g.const(np.array([6]), "ends", dtype=np.int64), g.const(np.array([1]), "axes", dtype=np.int64)])
-    g.output(g.conv(s, *rand_layer(rng, 4, 4, 3), name="conv2"))
-    g.output(g.conv(h, *rand_layer(rng, 3, 8, 1), name="conv3"))  # every channel is used somewhere
+    g.output(g.conv_w(s, *rand_layer(rng, 4, 4, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 3, 8, 1), name="conv3"))  # every channel is used somewhere
     model = g.model()
     assert spaces(model)["conv1"].frozen is None
     result, _ = check_exact(model, expected)
@@ -521,12 +522,12 @@ def test_slice_segments(plan, expected, bounds):
 
 def test_spatial_slice_keeps_the_space():
     rng = np.random.default_rng(27)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
     s = g.node("Slice", [h, g.const(np.array([1, 0]), dtype=np.int64), g.const(np.array([7, 6]), dtype=np.int64),
                          g.const(np.array([2, -1]), dtype=np.int64)])
-    g.output(g.conv(s, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    g.output(g.conv_w(s, *rand_layer(rng, 4, 8, 3), name="conv2"))
     model = g.model()
     assert spaces(model)["conv1"].frozen is None
     check_exact(model, {"conv1": 1})

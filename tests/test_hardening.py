@@ -35,9 +35,9 @@ import red_onnx
 from red_onnx import model_io
 from red_onnx.cli import main
 
-from conftest import REPO, assert_preserved, assert_same_outputs, folder_entries, op_counts, rel_l2
+from conftest import Builder, REPO, assert_preserved, assert_same_outputs, folder_entries, op_counts, rel_l2
 from conftest import session as ort_session
-from graphs import G, assert_same, plant, rand_layer
+from graphs import assert_same, plant, rand_layer
 
 DIGITS_CNN = REPO / "models" / "digits_cnn.onnx"
 LOG_LINE = re.compile(r"^\[\s*\d+(\.\d+)?s\] ")
@@ -106,7 +106,7 @@ def rows_by_name(report: dict) -> dict[str, dict]:
     return {row["name"]: row for row in report["layers"]}
 
 
-def left_alone_reasons(row: dict) -> str:
+def row_reasons(row: dict) -> str:
     """Every reason a report row gives for leaving its layer (or its channels) alone."""
     reasons = [row.get("left_alone", "")]
     reasons += [v.get("left_alone", "") for v in row.values() if isinstance(v, dict)]
@@ -160,7 +160,7 @@ def out_channels(model: onnx.ModelProto, node_name: str) -> int:
     return dims[0]
 
 
-def bn(g: G, rng: np.random.Generator, x: str, c: int, like: list[tuple[int, int]] = ()) -> str:
+def bn(g: Builder, rng: np.random.Generator, x: str, c: int, like: list[tuple[int, int]] = ()) -> str:
     """BatchNormalization with random statistics; channel j copies channel i's for (j, i) in ``like``."""
     gamma = rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)
     beta, mean, var = rng.standard_normal(c), rng.standard_normal(c), rng.uniform(0.2, 2.0, c)
@@ -176,14 +176,14 @@ def bn(g: G, rng: np.random.Generator, x: str, c: int, like: list[tuple[int, int
 def graph_input_weight_model() -> onnx.ModelProto:
     """conv_in takes its weight from graph input 'w'; the rest is a plain chain with planted duplicates."""
     rng = np.random.default_rng(11)
-    g = G(11)
+    g = Builder(11)
     x = g.input("x", ["N", 3, 8, 8])
     w = g.input("w", [4, 3, 3, 3])
     h = g.node("Conv", [x, w], name="conv_in", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     h = g.node("Relu", [h])
     w1, b1 = plant(*rand_layer(rng, 8, 4, 3), [(6, 1, 1.0), (7, 2, 1.0)])
-    h = g.node("Relu", [g.conv(h, w1, b1, name="conv1")])
-    g.output(g.conv(h, *rand_layer(rng, 5, 8, 3), name="conv2"))
+    h = g.node("Relu", [g.conv_w(h, w1, b1, name="conv1")])
+    g.output(g.conv_w(h, *rand_layer(rng, 5, 8, 3), name="conv2"))
     return g.model()
 
 
@@ -199,7 +199,7 @@ def test_weights_that_are_graph_inputs_are_left_alone(tmp_path, capsys, toleranc
     conv_in = next(n for n in result.graph.node if n.name == "conv_in")
     assert conv_in.input[1] == "w"
     rows = rows_by_name(load_report(tmp_path / "r.json"))
-    assert "graph input" in left_alone_reasons(rows["conv_in"]), rows["conv_in"]
+    assert "graph input" in row_reasons(rows["conv_in"]), rows["conv_in"]
     # the rest is still compressed
     assert out_channels(result, "conv1") == 6 if tolerance == 0 else out_channels(result, "conv1") <= 6
     rng = np.random.default_rng(0)
@@ -221,7 +221,7 @@ def shared_weights_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     * ``b_shared``: the bias of conv_c and conv_d.
     """
     rng = np.random.default_rng(5)
-    g = G(5)
+    g = Builder(5)
     x = g.input("x", ["N", 8, 6, 6])
     levels = (rng.standard_normal(12) * 0.2).astype(np.float32)
     w_conv = levels[rng.integers(0, 12, (16, 8, 3, 3))]
@@ -234,19 +234,19 @@ def shared_weights_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     g.const(b_shared, "b_shared")
     a = g.node("Relu", [g.node("Conv", [x, "w_conv"], name="conv_a", kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
     b = g.node("Relu", [g.node("Conv", [x, "w_conv"], name="conv_b", kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
-    h = g.node("Add", [g.conv(a, *rand_layer(rng, 8, 16, 3), name="conv_a2"),
-                       g.conv(b, *rand_layer(rng, 8, 16, 3), name="conv_b2")])
+    h = g.node("Add", [g.conv_w(a, *rand_layer(rng, 8, 16, 3), name="conv_a2"),
+                       g.conv_w(b, *rand_layer(rng, 8, 16, 3), name="conv_b2")])
     c = g.node("Conv", [h, g.const(rand_layer(rng, 8, 8, 3)[0]), "b_shared"], name="conv_c",
                kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     d = g.node("Conv", [h, g.const(rand_layer(rng, 8, 8, 3)[0]), "b_shared"], name="conv_d",
                kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     h = g.node("Relu", [g.node("Mul", [c, d])])
     h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
-    h = g.gemm(h, *rand_layer(rng, 32, 8), name="fc0")
+    h = g.gemm_w(h, *rand_layer(rng, 32, 8), name="fc0")
     fa = g.node("Relu", [g.node("Gemm", [h, "w_fc"], name="fc_a", transB=0)])
     fb = g.node("Relu", [g.node("MatMul", [h, "w_fc"], name="mm_b")])
-    g.output(g.node("Add", [g.gemm(fa, *rand_layer(rng, 5, 40), name="fc_a2"),
-                            g.gemm(fb, *rand_layer(rng, 5, 40), name="fc_b2")]))
+    g.output(g.node("Add", [g.gemm_w(fa, *rand_layer(rng, 5, 40), name="fc_a2"),
+                            g.gemm_w(fb, *rand_layer(rng, 5, 40), name="fc_b2")]))
     return g.model(), {"w_conv": w_conv, "w_fc": w_fc, "b_shared": b_shared}
 
 
@@ -286,18 +286,18 @@ def test_shared_weights_reason_in_report(tmp_path, capsys):
     assert rc == 0, err
     rows = rows_by_name(load_report(tmp_path / "r.json"))
     for user in ("conv_a", "conv_b", "fc_a", "mm_b"):
-        assert "shared" in left_alone_reasons(rows[user]), rows[user]
+        assert "shared" in row_reasons(rows[user]), rows[user]
 
 
 # --------------------------------------------------------------------------------------------- #
 # inputs left alone: If / Loop / Scan subgraphs
 
 
-def _main_chain(g: G, rng, x: str, name: str) -> str:
+def _main_chain(g: Builder, rng, x: str, name: str) -> str:
     """x (N, 3, 8, 8) → conv (planted duplicates) → Relu → conv → a graph output."""
     w, b = plant(*rand_layer(rng, 8, 3, 3), [(6, 1, 1.0), (7, 4, 1.0)])
-    h = g.node("Relu", [g.conv(x, w, b, name=f"{name}_a")])
-    return g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name=f"{name}_b"))
+    h = g.node("Relu", [g.conv_w(x, w, b, name=f"{name}_a")])
+    return g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name=f"{name}_b"))
 
 
 def if_model() -> onnx.ModelProto:
@@ -305,7 +305,7 @@ def if_model() -> onnx.ModelProto:
     own (branch initializers) and from the main graph (outer scope), one of them (w1) also the weight
     of the main graph's conv1."""
     rng = np.random.default_rng(21)
-    g = G(21)
+    g = Builder(21)
     x = g.input("x", ["N", 3, 8, 8])
     cond = "cond"
     g.inputs.append(helper.make_tensor_value_info(cond, TensorProto.BOOL, []))
@@ -313,7 +313,7 @@ def if_model() -> onnx.ModelProto:
     h = g.node("Conv", [x, g.const(w1, "w1"), g.const(b1)], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     h = g.node("Relu", [h])
     w2, b2 = rand_layer(rng, 8, 8, 3)
-    h = g.node("Relu", [g.conv(h, w2, b2, name="conv2")], outputs=["h"])
+    h = g.node("Relu", [g.conv_w(h, w2, b2, name="conv2")], outputs=["h"])
     wt, bt = plant(*rand_layer(rng, 6, 8, 3), [(5, 1, 1.0)])
     w_outer = g.const(plant(*rand_layer(rng, 4, 6), [(3, 0, 1.0)])[0], "w_outer")  # main-graph initializer
     then_nodes = [
@@ -349,12 +349,12 @@ def loop_model() -> onnx.ModelProto:
     """A Loop of 3 iterations over v = Relu(Gemm(v)) + MatMul(v, w_outer), initialised from a main-graph
     chain with planted duplicates."""
     rng = np.random.default_rng(22)
-    g = G(22)
+    g = Builder(22)
     x = g.input("x", ["N", 3, 8, 8])
     w1, b1 = plant(*rand_layer(rng, 12, 6), [(10, 1, 1.0), (11, 4, 1.0)])
     x2 = g.input("x2", ["N", 6])
-    h = g.node("Relu", [g.gemm(x2, w1, b1, name="fc1")])
-    h = g.gemm(h, *rand_layer(rng, 8, 12), name="fc2")
+    h = g.node("Relu", [g.gemm_w(x2, w1, b1, name="fc1")])
+    h = g.gemm_w(h, *rand_layer(rng, 8, 12), name="fc2")
     trip = g.const(np.array(3, np.int64), "trip", dtype=np.int64)
     keep_going = g.const(np.array(True), "keep_going", dtype=np.bool_)
     w_outer = g.const(rand_layer(rng, 8, 8)[0] * 0.5, "w_outer")
@@ -383,12 +383,12 @@ def loop_model() -> onnx.ModelProto:
 def scan_model() -> onnx.ModelProto:
     """A Scan over the batch axis of a main-graph activation; the body holds a MatMul and a Gemm."""
     rng = np.random.default_rng(23)
-    g = G(23)
+    g = Builder(23)
     x = g.input("x", ["N", 3, 8, 8])
     x2 = g.input("x2", ["N", 6])
     w1, b1 = plant(*rand_layer(rng, 10, 6), [(8, 2, 1.0), (9, 5, 1.0)])
-    h = g.node("Relu", [g.gemm(x2, w1, b1, name="fc1")])
-    h = g.gemm(h, *rand_layer(rng, 8, 10), name="fc2")
+    h = g.node("Relu", [g.gemm_w(x2, w1, b1, name="fc1")])
+    h = g.gemm_w(h, *rand_layer(rng, 8, 10), name="fc2")
     s0 = g.const(np.zeros((1, 8), np.float32), "s0")
     wb = rand_layer(rng, 8, 8)[0]
     wg, bg = rand_layer(rng, 8, 8)
@@ -475,15 +475,15 @@ def test_subgraphs_are_never_broken(tmp_path, capsys, kind, tolerance):
 
 def custom_domain_model() -> onnx.ModelProto:
     rng = np.random.default_rng(31)
-    g = G(31)
+    g = Builder(31)
     x = g.input("x", ["N", 3, 8, 8])
     w1, b1 = plant(*rand_layer(rng, 8, 3, 3), [(6, 1, 1.0), (7, 3, 2.0)])
-    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
-    h = bn(g, rng, g.conv(h, *rand_layer(rng, 8, 8, 3), name="conv2"), 8)
+    h = g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])
+    h = bn(g, rng, g.conv_w(h, *rand_layer(rng, 8, 8, 3), name="conv2"), 8)
     h = g.node("MyNorm", [h], name="custom", domain="com.example")
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv3"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv3"))
     graph = helper.make_graph(g.nodes, "g", g.inputs, [helper.make_tensor_value_info(g.outputs[0].name, FLOAT,
-                                                                                      ["N", 4, 8, 8])], g.inits)
+                                                                                      ["N", 4, 8, 8])], g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     model.ir_version = 8
     return model
@@ -531,22 +531,22 @@ def opset_model(opset: int) -> onnx.ModelProto:
     """Conv/Gemm layers (planted duplicates) around Clip min/max, Pad pads, Resize scales, Split,
     ReduceMean axes, Squeeze and Unsqueeze axes, each in its form at ``opset``."""
     rng = np.random.default_rng(opset)
-    g = G(opset, opset=opset)
+    g = Builder(opset, opset=opset)
     i64 = dict(dtype=np.int64)
     x = g.input("x", ["N", 3, 8, 8])
     w1, b1 = plant(*rand_layer(rng, 8, 3, 3), [(5, 2, 1.0), (7, 1, 1.0)])
-    h = g.conv(x, w1, b1, name="conv1")
+    h = g.conv_w(x, w1, b1, name="conv1")
     h = g.node("Clip", [h, g.const(np.float32(0)), g.const(np.float32(6))])
     h = g.node("Pad", [h, g.const([0, 0, 1, 1, 0, 0, 1, 1], **i64)], mode="constant")
-    h = g.node("Relu", [g.conv(h, *rand_layer(rng, 8, 8, 3), name="conv2", pad=0)])
+    h = g.node("Relu", [g.conv_w(h, *rand_layer(rng, 8, 8, 3), name="conv2", pad=0)])
     roi = g.const(np.zeros(0, np.float32)) if opset < 13 else ""
     h = g.node("Resize", [h, roi, g.const([1, 1, 2, 2])], mode="nearest")
     if opset < 13:
-        a, b = g.node("Split", [h], n_out=2, axis=1, split=[3, 5])
+        a, b = g.node("Split", [h], n_outputs=2, axis=1, split=[3, 5])
     else:
-        a, b = g.node("Split", [h, g.const([3, 5], **i64)], n_out=2, axis=1)
+        a, b = g.node("Split", [h, g.const([3, 5], **i64)], n_outputs=2, axis=1)
     wa, ba = plant(*rand_layer(rng, 6, 3, 3), [(4, 0, 1.0)])
-    h = g.node("Add", [g.conv(a, wa, ba, name="conv_a"), g.conv(b, *rand_layer(rng, 6, 5, 3), name="conv_b")])
+    h = g.node("Add", [g.conv_w(a, wa, ba, name="conv_a"), g.conv_w(b, *rand_layer(rng, 6, 5, 3), name="conv_b")])
     h = g.node("Relu", [h])
     if opset < 18:
         h = g.node("ReduceMean", [h], axes=[2, 3], keepdims=1)
@@ -554,10 +554,10 @@ def opset_model(opset: int) -> onnx.ModelProto:
         h = g.node("ReduceMean", [h, g.const([2, 3], **i64)], keepdims=1)
     h = g.node("Squeeze", [h], axes=[2, 3]) if opset < 13 else g.node("Squeeze", [h, g.const([2, 3], **i64)])
     wf, bf = plant(*rand_layer(rng, 10, 6), [(9, 3, 1.0), (8, 2, 0.0)])
-    h = g.node("Relu", [g.gemm(h, wf, bf, name="fc1")])
+    h = g.node("Relu", [g.gemm_w(h, wf, bf, name="fc1")])
     wm = plant(*rand_layer(rng, 12, 10), [(11, 0, 1.0)])[0]
-    h = g.node("Relu", [g.matmul(h, wm, rng.standard_normal(12).astype(np.float32), name="mm")])
-    y = g.gemm(h, *rand_layer(rng, 4, 12), name="fc2")
+    h = g.node("Relu", [g.matmul_w(h, wm, rng.standard_normal(12).astype(np.float32), name="mm")])
+    y = g.gemm_w(h, *rand_layer(rng, 4, 12), name="fc2")
     y = g.node("Unsqueeze", [y], axes=[2]) if opset < 13 else g.node("Unsqueeze", [y, g.const([2], **i64)])
     g.output(y)
     model = g.model(check=False)
@@ -592,18 +592,18 @@ def test_opsets(opset, tolerance):
 def dynamic_model() -> onnx.ModelProto:
     """x: [batch, 3, height, 8]; outputs [batch, 6, height, 8] and [batch, 5] (via Reshape [0, -1])."""
     rng = np.random.default_rng(41)
-    g = G(41)
+    g = Builder(41)
     x = g.input("x", ["batch", 3, "height", 8])
     w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3
     w1 = np.round(w1 * 8) / 8  # few distinct values: stored as a codebook
     b1 = rng.standard_normal(16).astype(np.float32)
     w1, b1 = plant(w1, b1, [(13, 2, 1.0), (14, 5, 1.0), (15, 7, 1.0)])
-    h = g.node("Relu", [bn(g, rng, g.conv(x, w1, b1, name="conv1"), 16, like=[(13, 2), (14, 5), (15, 7)])])
-    y_map = g.conv(h, *rand_layer(rng, 6, 16, 3), name="conv2")
+    h = g.node("Relu", [bn(g, rng, g.conv_w(x, w1, b1, name="conv1"), 16, like=[(13, 2), (14, 5), (15, 7)])])
+    y_map = g.conv_w(h, *rand_layer(rng, 6, 16, 3), name="conv2")
     v = g.node("Reshape", [g.node("GlobalAveragePool", [h]), g.const([0, -1], dtype=np.int64)])
     wf, bf = plant(*rand_layer(rng, 40, 16), [(38, 1, 1.0), (39, 4, 1.0)])
-    v = g.node("Relu", [g.gemm(v, wf, bf, name="fc1")])
-    y_vec = g.gemm(v, *rand_layer(rng, 5, 40), name="fc2")
+    v = g.node("Relu", [g.gemm_w(v, wf, bf, name="fc1")])
+    y_vec = g.gemm_w(v, *rand_layer(rng, 5, 40), name="fc2")
     g.outputs = [helper.make_tensor_value_info(y_map, FLOAT, ["batch", 6, "height", 8]),
                  helper.make_tensor_value_info(y_vec, FLOAT, ["batch", 5])]
     return g.model()
@@ -640,13 +640,13 @@ def test_dynamic_dimensions_stay_dynamic(tmp_path, capsys, tolerance):
 
 def external_model(seed: int = 51) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
-    g = G(seed)
+    g = Builder(seed)
     x = g.input("x", ["N", 3, 8, 8])
     w1, b1 = plant(*rand_layer(rng, 32, 3, 3), [(30, 1, 1.0), (31, 2, 1.0)])
-    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])
     h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
-    h = g.node("Relu", [g.gemm(h, *rand_layer(rng, 64, 32), name="fc1")])
-    g.output(g.gemm(h, *rand_layer(rng, 10, 64), name="fc2"))
+    h = g.node("Relu", [g.gemm_w(h, *rand_layer(rng, 64, 32), name="fc1")])
+    g.output(g.gemm_w(h, *rand_layer(rng, 10, 64), name="fc2"))
     return g.model()
 
 
@@ -870,7 +870,7 @@ def _plan(draw, rng, c: int) -> list[tuple[int, int, float]]:
     return plan
 
 
-def _activation(draw, g: G, rng, h: str, c: int, rank: int, plan) -> str:
+def _activation(draw, g: Builder, rng, h: str, c: int, rank: int, plan) -> str:
     act = draw(st.sampled_from(["Relu", "LeakyRelu", "PRelu", "Sigmoid", "none"]))
     if act == "PRelu":
         slope = rng.uniform(0.05, 0.3, c).astype(np.float32)
@@ -883,7 +883,7 @@ def _activation(draw, g: G, rng, h: str, c: int, rank: int, plan) -> str:
     return h if act == "none" else g.node(act, [h])
 
 
-def _affine(draw, g: G, rng, h: str, c: int, rank: int, plan) -> str:
+def _affine(draw, g: Builder, rng, h: str, c: int, rank: int, plan) -> str:
     kind = draw(st.sampled_from(["none", "none", "mul", "add", "mul_scalar", "identity"]))
     if kind == "identity":
         return g.node("Identity", [h])
@@ -902,7 +902,7 @@ def _affine(draw, g: G, rng, h: str, c: int, rank: int, plan) -> str:
 def random_models(draw) -> onnx.ModelProto:
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
-    g = G(seed)
+    g = Builder(seed)
     c = draw(st.integers(1, 4))
     size = draw(st.sampled_from([5, 6, 8]))
     h = g.input("x", ["N", c, size, size])
@@ -914,7 +914,7 @@ def random_models(draw) -> onnx.ModelProto:
             w = (rng.standard_normal((c_out, c_in, 1, 1)).astype(np.float32) * base / np.float32(3 * k))
         plan = _plan(draw, rng, c_out)
         w, b = plant(w, b if draw(st.booleans()) else None, plan)
-        h = g.conv(h, w, b)
+        h = g.conv_w(h, w, b)
         if draw(st.booleans()):
             h = bn(g, rng, h, c_out, like=[(j, i) for j, i, _ in plan if draw(st.booleans())])
         h = _affine(draw, g, rng, h, c_out, 4, plan)
@@ -940,7 +940,7 @@ def random_models(draw) -> onnx.ModelProto:
                 h = g.node("AveragePool", [h], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
     head = draw(st.sampled_from(["gap_gemm", "flatten_gemm", "flatten_matmul", "conv"]))
     if head == "conv":
-        g.output(g.conv(h, *rand_layer(rng, 3, c, 3)))
+        g.output(g.conv_w(h, *rand_layer(rng, 3, c, 3)))
         return g.model()
     if head == "gap_gemm":
         h, features = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1), c
@@ -950,10 +950,10 @@ def random_models(draw) -> onnx.ModelProto:
     w, b = rand_layer(rng, m, features)
     plan = _plan(draw, rng, m)
     w, b = plant(w, b, plan)
-    h = g.gemm(h, w, b) if head != "flatten_matmul" else g.matmul(h, w, b)
+    h = g.gemm_w(h, w, b) if head != "flatten_matmul" else g.matmul_w(h, w, b)
     h = _activation(draw, g, rng, _affine(draw, g, rng, h, m, 2, plan), m, 2, plan)
     w, b = rand_layer(rng, 3, m)
-    g.output(g.gemm(h, w, b) if head != "flatten_matmul" else g.matmul(h, w, b))
+    g.output(g.gemm_w(h, w, b) if head != "flatten_matmul" else g.matmul_w(h, w, b))
     return g.model()
 
 
@@ -1231,15 +1231,15 @@ def rescaled_model(scale: float = 1e7) -> onnx.ModelProto:
     """A ReLU net with one channel rescaled (×scale in conv1, ÷scale in conv2's input column): the same
     function, weights with a wide dynamic range (as after cross-layer equalisation or BN folding)."""
     rng = np.random.default_rng(0)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 4, 8, 8])
     w1, b1 = rand_layer(rng, 6, 4, 3)
     w1[0] *= scale
     b1[0] *= scale
-    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])
     w2, b2 = rand_layer(rng, 5, 6, 3)
     w2[:, 0] /= scale
-    g.output(g.conv(h, w2, b2, name="conv2"))
+    g.output(g.conv_w(h, w2, b2, name="conv2"))
     return g.model()
 
 

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import red_onnx
-from graphs import (G, assert_same, attr, check_exact, inits, merge0, merge_counts, node, plant, rand_layer,
+from conftest import Builder
+from graphs import (assert_same, attr, check_exact, inits, merge0, merge_counts, node, plant, rand_layer,
                     removed, rel_l2, session, view_weight)
 
 MULTIPLES = [(5, 1, 2.5), (6, 2, 0.4)]  # row 5 = 2.5·row 1, row 6 = 0.4·row 2
@@ -25,16 +26,16 @@ DUPLICATES = [(5, 1, 1.0), (6, 2, 1.0)]
 def conv_chain(plan, act="Relu", c=8, seed=0, act_attrs=None, pre=None):
     """x(N,3,8,8) → conv1 (c ch, planted) → [pre] → act → conv2 (4 ch) → y."""
     rng = np.random.default_rng(seed)
-    g = G(seed)
+    g = Builder(seed)
     x = g.input("x", ["N", 3, 8, 8])
     w1, b1 = plant(*rand_layer(rng, c, 3, 3), plan)
-    h = g.conv(x, w1, b1, name="conv1")
+    h = g.conv_w(x, w1, b1, name="conv1")
     if pre is not None:
         h = pre(g, h)
     if act is not None:
         h = g.act(h, act, **(act_attrs or {}))
     w2, b2 = rand_layer(rng, 4, c, 3)
-    g.output(g.conv(h, w2, b2, name="conv2"))
+    g.output(g.conv_w(h, w2, b2, name="conv2"))
     return g.model(), (w1, b1, w2, b2)
 
 
@@ -89,14 +90,14 @@ def test_positive_multiples_homogeneous_paths(act):
 
 def test_positive_multiples_gap_flatten_gemm():
     rng = np.random.default_rng(1)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
     plan = [(2, 0, 3.0), (7, 4, 0.5), (6, 4, 1.0)]
     w1, b1 = plant(*rand_layer(rng, 8, 3, 3), plan)
-    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])
     h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
     w2, b2 = rand_layer(rng, 5, 8)
-    g.output(g.gemm(h, w2, b2, name="fc"))
+    g.output(g.gemm_w(h, w2, b2, name="fc"))
     model = g.model()
     result, _ = check_exact(model, {"conv1": 3})
     np.testing.assert_allclose(view_weight(result, "fc"), merged_columns(w2, plan), rtol=1e-6, atol=1e-7)
@@ -136,10 +137,10 @@ def test_multiples_of_different_directions_not_merged():
     w1, b1 = rand_layer(rng, 8, 3, 3)
     w1[5] = 2.0 * w1[1] + 1e-3 * np.abs(w1[1]).max() * rng.standard_normal(w1[1].shape).astype(np.float32)
     b1[5] = 2.0 * b1[1]
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    h = g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
     check_exact(g.model(), {})
 
 
@@ -170,10 +171,10 @@ def test_constant_channel_kept_before_padded_consumer():
     w1, b1 = rand_layer(rng, 8, 3, 3)
     w1[4] = 0
     b1[4] = 0.7
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2", pad=1))
+    h = g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2", pad=1))
     check_exact(g.model(), {})
 
 
@@ -183,10 +184,10 @@ def test_constant_channels_with_positive_biases_merge():
     w1, b1 = rand_layer(rng, 8, 3, 3)
     w1[2] = w1[5] = 0
     b1[2], b1[5] = 0.5, 1.5
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2", pad=1))
+    h = g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2", pad=1))
     check_exact(g.model(), {"conv1": 1})
 
 
@@ -201,10 +202,10 @@ def test_gemm_producers(trans_b1, trans_b2):
     plan = [(1, 0, 1.0), (4, 2, 3.0), (9, 2, 0.25)]
     w1, b1 = plant(*rand_layer(rng, 10, 6), plan)
     w2, b2 = rand_layer(rng, 3, 10)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 6])
-    h = g.node("LeakyRelu", [g.gemm(x, w1, b1, name="fc1", trans_b=trans_b1)], alpha=0.2)
-    g.output(g.gemm(h, w2, b2, name="fc2", trans_b=trans_b2))
+    h = g.node("LeakyRelu", [g.gemm_w(x, w1, b1, name="fc1", trans_b=trans_b1)], alpha=0.2)
+    g.output(g.gemm_w(h, w2, b2, name="fc2", trans_b=trans_b2))
     model = g.model()
     result, _ = check_exact(model, {"fc1": 3})
     assert attr(node(result, "fc1"), "transB", 0) == trans_b1
@@ -217,10 +218,10 @@ def test_matmul_add_producers(bias):
     plan = [(3, 0, 2.0), (5, 1, 1.0), (6, 0, 0.0)]
     w1, b1 = plant(*rand_layer(rng, 7, 5), plan)
     w2, b2 = rand_layer(rng, 4, 7)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 5])
-    h = g.node("Relu", [g.matmul(x, w1, b1 if bias else None, name="mm1")])
-    g.output(g.matmul(h, w2, b2, name="mm2"))
+    h = g.node("Relu", [g.matmul_w(x, w1, b1 if bias else None, name="mm1")])
+    g.output(g.matmul_w(h, w2, b2, name="mm2"))
     model = g.model()
     result, report = check_exact(model, {"mm1": 3})
     if bias:
@@ -234,10 +235,10 @@ def test_gemm_broadcast_bias_producer():
     """A Gemm whose bias C has shape (1,) (broadcast to every output) is a legal layer with a bias."""
     rng = np.random.default_rng(9)
     w1, _ = plant(*rand_layer(rng, 8, 6), [(3, 1, 1.0)])
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 6])
-    h = g.node("Relu", [g.gemm(x, w1, np.array([0.3], np.float32), name="fc1")])
-    g.output(g.gemm(h, *rand_layer(rng, 4, 8), name="fc2"))
+    h = g.node("Relu", [g.gemm_w(x, w1, np.array([0.3], np.float32), name="fc1")])
+    g.output(g.gemm_w(h, *rand_layer(rng, 4, 8), name="fc2"))
     check_exact(g.model(), {"fc1": 1})
 
 
@@ -250,16 +251,16 @@ def flatten_model(plan, kind: str, seed: int = 10):
     c, hw = 6, 16
     w1, b1 = plant(*rand_layer(rng, c, 3, 3), plan)
     w2, b2 = rand_layer(rng, 5, c * hw)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("MaxPool", [g.node("Relu", [g.conv(x, w1, b1, name="conv1")])], kernel_shape=[2, 2],
+    h = g.node("MaxPool", [g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])], kernel_shape=[2, 2],
                strides=[2, 2])
     if kind == "flatten":
         h = g.node("Flatten", [h], axis=1)
     else:
         h = g.node("Reshape", [h, g.const([-1 if kind == "reshape-1" else 0, c * hw], "flat_shape",
                                           dtype=np.int64)])
-    g.output(g.gemm(h, w2, b2, name="fc"))
+    g.output(g.gemm_w(h, w2, b2, name="fc"))
     return g.model(), w2
 
 
@@ -293,12 +294,12 @@ def depthwise_model(plan, dw_bias: bool, differ: int | None = None, seed: int = 
     if bd is not None:
         for j, i, _ in plan:
             bd[j] = bd[i]
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
-    h = g.node("Relu", [g.conv(h, kd, bd, name="dw", group=c)])
+    h = g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])
+    h = g.node("Relu", [g.conv_w(h, kd, bd, name="dw", group=c)])
     w2, b2 = rand_layer(rng, 4, c, 1)
-    g.output(g.conv(h, w2, b2, name="conv2"))
+    g.output(g.conv_w(h, w2, b2, name="conv2"))
     return g.model()
 
 
@@ -326,10 +327,10 @@ def test_depthwise_with_bias_only_duplicates_merge():
 def prelu_model(plan, slopes):
     rng = np.random.default_rng(12)
     w1, b1 = plant(*rand_layer(rng, 8, 3, 3), plan)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("PRelu", [g.conv(x, w1, b1, name="conv1"), g.const(np.asarray(slopes).reshape(8, 1, 1), "slope")])
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    h = g.node("PRelu", [g.conv_w(x, w1, b1, name="conv1"), g.const(np.asarray(slopes).reshape(8, 1, 1), "slope")])
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
     return g.model()
 
 
@@ -353,12 +354,12 @@ def bn_model(plan, same_stats: bool):
         for s in stats:
             for j, i, _ in plan:
                 s[j] = s[i]
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("Relu", [g.conv(x, w1, b1, name="conv1")])
+    h = g.node("Relu", [g.conv_w(x, w1, b1, name="conv1")])
     names = [g.const(s, f"bn_{k}") for k, s in enumerate(stats)]
     h = g.node("BatchNormalization", [h] + names, name="bn", epsilon=1e-5)
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
     return g.model()
 
 
@@ -384,11 +385,11 @@ def test_folded_bn_after_conv_merges_multiples():
     stats = [rng.uniform(0.5, 2, 8), rng.standard_normal(8), rng.standard_normal(8), rng.uniform(0.5, 2, 8)]
     for s in stats:
         s[5] = s[1]
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
-    h = g.node("BatchNormalization", [g.conv(x, w1, b1, name="conv1")] + [g.const(s) for s in stats])
+    h = g.node("BatchNormalization", [g.conv_w(x, w1, b1, name="conv1")] + [g.const(s) for s in stats])
     h = g.node("Relu", [h])
-    g.output(g.conv(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 8, 3), name="conv2"))
     check_exact(g.model(), {"conv1": 1})
 
 
@@ -413,7 +414,7 @@ def build_chain(data_seed: int, kind: str, widths: list[int], acts: list[str], r
     residual producers R (w_k → w_k): h = act(Add(R(h), h)). All producers of a group share its plan.
     The last layer writes the graph output (its channels must stay)."""
     rng = np.random.default_rng(data_seed)
-    g = G(data_seed)
+    g = Builder(data_seed)
     conv = kind == "conv"
     cin = 3
     h = g.input("x", ["N", cin, 8, 8] if conv else ["N", cin])
@@ -427,11 +428,11 @@ def build_chain(data_seed: int, kind: str, widths: list[int], acts: list[str], r
         pools += act == "MaxPool"
         names = [f"p{k}"] + [f"p{k}_r{r}" for r in range(residual[k])]
         w, b = plant(*rand_layer(rng, c, prev, 3 if conv else None), plan)
-        h = g.conv(h, w, b, name=names[0]) if conv else g.gemm(h, w, b, name=names[0])
+        h = g.conv_w(h, w, b, name=names[0]) if conv else g.gemm_w(h, w, b, name=names[0])
         h = g.act(h, act)
         for name in names[1:]:
             w, b = plant(*rand_layer(rng, c, c, 3 if conv else None), plan)
-            q = g.conv(h, w, b, name=name) if conv else g.gemm(h, w, b, name=name)
+            q = g.conv_w(h, w, b, name=name) if conv else g.gemm_w(h, w, b, name=name)
             h = g.act(g.node("Add", [q, h]), act if act != "MaxPool" else "Relu")
         for name in names:
             if plan:
@@ -442,18 +443,18 @@ def build_chain(data_seed: int, kind: str, widths: list[int], acts: list[str], r
     if conv and head == "gap":
         h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
         w, b = plant(*rand_layer(rng, 3, prev), out_plan)
-        g.output(g.gemm(h, w, b, name="head"))
+        g.output(g.gemm_w(h, w, b, name="head"))
     elif conv and head == "flatten":
         spatial = (8 >> pools) ** 2
         h = g.node("Flatten", [h], axis=1)
         w, b = plant(*rand_layer(rng, 3, prev * spatial), out_plan)
-        g.output(g.gemm(h, w, b, name="head"))
+        g.output(g.gemm_w(h, w, b, name="head"))
     elif conv:
         w, b = plant(*rand_layer(rng, 3, prev, 3), out_plan)
-        g.output(g.conv(h, w, b, name="head"))
+        g.output(g.conv_w(h, w, b, name="head"))
     else:
         w, b = plant(*rand_layer(rng, 3, prev), out_plan)
-        g.output(g.gemm(h, w, b, name="head"))
+        g.output(g.gemm_w(h, w, b, name="head"))
     return g.model(), expected
 
 
@@ -562,36 +563,36 @@ def _expected_removed(plan, c: int, segments: np.ndarray) -> int:
        st.integers(3, 7), st.integers(3, 7), st.booleans())
 def test_random_concat_split_graphs(seed, kind, act, ca, cb, with_input):
     rng = np.random.default_rng(seed)
-    g = G(seed)
+    g = Builder(seed)
     x = g.input("x", ["N", 3, 8, 8])
     plans = [random_plan(rng, ca, int(rng.integers(0, ca))), random_plan(rng, cb, int(rng.integers(0, cb)))]
     expected = {}
     if kind == "concat":
         branches = []
         for name, c, plan in (("A", ca, plans[0]), ("B", cb, plans[1])):
-            branches.append(g.act(g.conv(x, *plant(*rand_layer(rng, c, 3, 3), plan), name=name), act))
+            branches.append(g.act(g.conv_w(x, *plant(*rand_layer(rng, c, 3, 3), plan), name=name), act))
             if _expected_removed(plan, c, np.zeros(c)):
                 expected[name] = _expected_removed(plan, c, np.zeros(c))
         inputs = branches + ([g.act(x, act)] if with_input else [])
         order = [int(i) for i in rng.permutation(len(inputs))]
         h = g.node("Concat", [inputs[i] for i in order], axis=1)
-        g.output(g.conv(g.node("Relu", [h]), *rand_layer(rng, 4, ca + cb + 3 * with_input, 3), name="head"))
+        g.output(g.conv_w(g.node("Relu", [h]), *rand_layer(rng, 4, ca + cb + 3 * with_input, 3), name="head"))
     elif kind == "slice":  # channels [ca, ca + cb) to one consumer, all of them to another
         c = ca + cb
         plan = random_plan(rng, c, int(rng.integers(0, c)))
-        h = g.act(g.conv(x, *plant(*rand_layer(rng, c, 3, 3), plan), name="P"), act)
+        h = g.act(g.conv_w(x, *plant(*rand_layer(rng, c, 3, 3), plan), name="P"), act)
         bounds = [g.const(np.array([v]), dtype=np.int64) for v in (ca, c + 5 if with_input else c, 1)]
-        g.output(g.conv(g.node("Slice", [h, *bounds]), *rand_layer(rng, 4, cb, 3), name="headA"))
-        g.output(g.conv(h, *rand_layer(rng, 4, c, 1), name="headB"))
+        g.output(g.conv_w(g.node("Slice", [h, *bounds]), *rand_layer(rng, 4, cb, 3), name="headA"))
+        g.output(g.conv_w(h, *rand_layer(rng, 4, c, 1), name="headB"))
         n = _expected_removed(plan, c, np.repeat([0, 1], [ca, cb]))
         expected = {"P": n} if n else {}
     else:
         c = ca + cb
         plan = random_plan(rng, c, int(rng.integers(0, c)))
-        h = g.act(g.conv(x, *plant(*rand_layer(rng, c, 3, 3), plan), name="P"), act)
-        parts = g.node("Split", [h, g.const(np.array([ca, cb]), dtype=np.int64)], n_out=2, axis=1)
-        g.output(g.conv(parts[0], *rand_layer(rng, 4, ca, 3), name="headA"))
-        g.output(g.conv(g.node("Relu", [parts[1]]), *rand_layer(rng, 4, cb, 1), name="headB"))
+        h = g.act(g.conv_w(x, *plant(*rand_layer(rng, c, 3, 3), plan), name="P"), act)
+        parts = g.node("Split", [h, g.const(np.array([ca, cb]), dtype=np.int64)], n_outputs=2, axis=1)
+        g.output(g.conv_w(parts[0], *rand_layer(rng, 4, ca, 3), name="headA"))
+        g.output(g.conv_w(g.node("Relu", [parts[1]]), *rand_layer(rng, 4, cb, 1), name="headB"))
         n = _expected_removed(plan, c, np.repeat([0, 1], [ca, cb]))
         expected = {"P": n} if n else {}
     check_exact(g.model(), expected)
@@ -599,12 +600,12 @@ def test_random_concat_split_graphs(seed, kind, act, ca, cb, with_input):
 
 def test_split_segment_of_dead_channels_keeps_one():
     rng = np.random.default_rng(31)
-    g = G()
+    g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
     w, b = rand_layer(rng, 6, 3, 3)
     w[:2], b[:2] = 0.0, 0.0  # segment 0 carries only zeros through the ReLU
-    parts = g.node("Split", [g.node("Relu", [g.conv(x, w, b, name="P")]), g.const(np.array([2, 4]), dtype=np.int64)],
-                   n_out=2, axis=1)
-    g.output(g.conv(parts[0], *rand_layer(rng, 4, 2, 3), name="headA"))
-    g.output(g.conv(parts[1], *rand_layer(rng, 4, 4, 3), name="headB"))
+    parts = g.node("Split", [g.node("Relu", [g.conv_w(x, w, b, name="P")]), g.const(np.array([2, 4]), dtype=np.int64)],
+                   n_outputs=2, axis=1)
+    g.output(g.conv_w(parts[0], *rand_layer(rng, 4, 2, 3), name="headA"))
+    g.output(g.conv_w(parts[1], *rand_layer(rng, 4, 4, 3), name="headB"))
     check_exact(g.model(), {"P": 1})

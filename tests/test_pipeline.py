@@ -50,7 +50,34 @@ def test_a_rebuild_merges_what_the_first_build_merged(monkeypatch):
         return checked
 
     monkeypatch.setattr(pipeline, "_verify", fail_first)
-    result, report = red_onnx.compress(model, tolerance=0.01, passes=["merge"])
+    lines = []
+    result, report = red_onnx.compress(model, tolerance=0.01, passes=["merge"], log=lines.append)
     assert len(calls) == 2 and any("backed off" in n for n in report.notes)
     assert _merged(report) == 4
     assert report.params_after == plain.params_after
+    # each build says which attempt it is, at what fraction of the tolerance, and why it backed off
+    builds = [line for line in lines if line.startswith("build ")]
+    assert builds[0] == "build 1 of at most 5: lossy edits up to 0.8x the tolerance"
+    assert builds[1].startswith("build 1: lossy edits chosen at 0.8x the tolerance deviated")
+    assert "worst probe(s) added to the allocation probes and new fresh probes" in builds[1]
+    assert builds[2] == "build 2 of at most 5: lossy edits up to 0.72x the tolerance"
+
+
+def test_a_long_budget_search_says_where_it_is(monkeypatch):
+    from red_onnx import budget
+
+    monkeypatch.setattr(budget, "PROGRESS_SECONDS", 0.0)
+    lines = []
+    red_onnx.compress(concat_with_duplicates(), tolerance=0.01, passes=["merge"], log=lines.append)
+    assert any(line.startswith("  budget: ") and "measurements of" in line for line in lines)
+
+
+def test_the_schedule_is_what_passes_selects():
+    from red_onnx.passes import PLANNED, SCHEDULE
+
+    assert PLANNED == ("merge", "separate", "hash")
+    assert [s.name for s in SCHEDULE if s.wanted(["merge"])] == ["fold", "merge", "codebook"]
+    assert [s.name for s in SCHEDULE if s.wanted(PLANNED)] == [
+        "fold", "merge", "separate", "hash", "merge_after_hash", "separate_after_hash", "codebook"]
+    _, report = red_onnx.compress(concat_with_duplicates(), tolerance=0, passes=["merge", "hash"])
+    assert [p["name"] for p in report.passes] == ["fold", "merge", "hash", "merge_after_hash", "codebook"]
