@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -13,6 +14,9 @@ import onnx_graphsurgeon as gs
 
 if TYPE_CHECKING:
     from .budget import Budget, Candidate, Spent
+
+#: A long loop inside a pass says where it is at most this often.
+PROGRESS_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,14 @@ class Context:
     # weight → (per-channel scales, codebook) of the values hash gave it: W' = fl(codebook[i] · scale)
     hashed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     log: Callable[[str], None] = lambda message: None
+    _said: list[float] = field(default_factory=lambda: [time.perf_counter()])  # when progress was last said
+
+    def progress(self, what: str, done: int, total: int) -> None:
+        """Say how far a long loop is, at most every PROGRESS_SECONDS (shared by the exact() view)."""
+        now = time.perf_counter()
+        if now - self._said[0] > PROGRESS_SECONDS:
+            self._said[0] = now
+            self.log(f"  {what}: {done} of {total}")
 
     @property
     def lossy(self) -> bool:

@@ -262,6 +262,18 @@ class Verification:
     per_sample: np.ndarray  # samples × measured tensors
     tensors: list[str]
     owners: list[str]  # per measured tensor, the graph output it belongs to
+    norms: np.ndarray | None = None  # samples × measured tensors: ||y|| of the reference
+
+    def rounding_max(self) -> float:
+        """The deviation of an exact rewrite, float rounding's measure: ||y' − y|| relative to
+        max(||y||, the median ||y|| of that tensor over the probes); a probe whose output nearly
+        cancels (||y|| far below the typical norm) amplifies rounding in the plain ratio."""
+        if self.norms is None or not self.per_sample.size:
+            return self.max
+        typical = np.median(self.norms, axis=0, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where(self.norms > 0, self.norms / np.maximum(self.norms, typical), 1.0)
+        return float(np.nanmax(self.per_sample * scale))
 
     @property
     def n(self) -> int:
@@ -286,8 +298,11 @@ class Verification:
         return {t: float(d) for t, d in zip(self.tensors, self.per_sample.max(axis=0))} if self.per_sample.size else {}
 
 
-def promise(n: int, bound: float) -> str:
+def promise(n: int, bound: float, exact: bool = False) -> str:
     """What ``n`` fresh probes, none above ``bound``, support (the rule of three: 0 of n at 95 % confidence)."""
+    if exact:
+        return (f"exact rewrites: on {n} fresh probes every output equals the input model's to float rounding "
+                f"({bound:.3g} of its norm, or of its median norm over the probes where it is smaller)")
     return (f"on {n} fresh probes from the probe distribution no output deviated more than {bound:.3g}; the share of "
             f"such inputs above {bound:.3g} is below {min(3 / n, 1):.1%} with 95% confidence")
 

@@ -81,3 +81,15 @@ def test_the_schedule_is_what_passes_selects():
         "fold", "merge", "separate", "hash", "merge_after_hash", "separate_after_hash", "codebook"]
     _, report = red_onnx.compress(concat_with_duplicates(), tolerance=0, passes=["merge", "hash"])
     assert [p["name"] for p in report.passes] == ["fold", "merge", "hash", "merge_after_hash", "codebook"]
+
+
+def test_long_loops_inside_passes_say_where_they_are(monkeypatch):
+    from red_onnx import context
+
+    from conftest import REPO
+
+    monkeypatch.setattr(context, "PROGRESS_SECONDS", 0.0)
+    lines = []
+    red_onnx.compress(str(REPO / "models" / "digits_resnet.onnx"), tolerance=0.01, log=lines.append)
+    said = {line.split(":")[0].strip() for line in lines if line.startswith("  ") and " of " in line}
+    assert {"exact merges, channel spaces", "exact separations, convs", "bandwidth searches, layers"} <= said

@@ -382,3 +382,16 @@ def test_logits_renamed_by_the_rewrite_are_still_measured(monkeypatch):
     monkeypatch.setattr(fold, "run", damaging_run)
     with pytest.raises(VerificationError):
         red_onnx.compress(model, tolerance=0, passes=[])
+
+
+def test_exact_rewrites_are_judged_against_the_typical_output_norm():
+    """Float rounding of an exact rewrite, 3e-7 absolute, is 1.7e-5 relative on a probe whose
+    output nearly cancels (norm 0.02 against a median of 0.86; hypothesis found one in 64 fresh
+    probes): the exact check scales by max(||y||, median ||y||); the lossy check does not."""
+    d = np.array([[1e-6], [1.7e-5], [2e-6]])
+    norms = np.array([[0.86], [0.02], [0.9]])
+    checked = verify.Verification(d, ["y"], ["y"], norms)
+    assert checked.max == 1.7e-5
+    assert checked.rounding_max() == pytest.approx(max(2e-6, 1.7e-5 * 0.02 / 0.86))
+    # a probe at the typical norm keeps its plain ratio
+    assert verify.Verification(np.array([[3e-5], [1e-6]]), ["y"], ["y"], np.array([[1.0], [1.0]])).rounding_max() == 3e-5

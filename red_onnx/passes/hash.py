@@ -68,8 +68,16 @@ def _propose(ctx: Context, result: PassResult | None = None
     fits: a wider bandwidth adds error and saves (almost) no more bytes. The layers are searched in
     threads (the KDE kernels release the GIL); each layer's result does not depend on the others."""
     layers = find_layers(ctx.graph, ctx.exclude)[0]
+    done = []
+
+    def search(layer: Layer):
+        found = _layer_candidates(ctx, layer)
+        done.append(layer)
+        ctx.progress("bandwidth searches, layers", len(done), len(layers))
+        return found
+
     with ThreadPoolExecutor(max_workers=max(1, min(len(layers), _cores()))) as pool:
-        per_layer = list(pool.map(lambda layer: _layer_candidates(ctx, layer), layers))
+        per_layer = list(pool.map(search, layers))
     candidates, hashed, codebooks = [], {}, {}
     for layer, found in zip(layers, per_layer):
         if not found and result is not None:

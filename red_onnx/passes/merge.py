@@ -45,10 +45,12 @@ def run(ctx: Context) -> PassResult:
     refresh_shapes(ctx.graph, ctx.template, ctx.shapes)
     rows, done = result.layers, set()
     while True:  # a merge before a Concat moves the offsets of the spaces after it: look again
-        for space in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude):
+        spaces = channel_spaces(ctx.graph, ctx.shapes, ctx.exclude)
+        for space in spaces:
             if space.name in done:
                 continue
             done.add(space.name)
+            ctx.progress("exact merges, channel spaces", len(done), len(spaces))
             if space.frozen:
                 result.leave(space.name, space.frozen)
                 continue

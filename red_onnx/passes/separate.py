@@ -629,7 +629,9 @@ def run(ctx: Context) -> PassResult:
     rows = result.layers
     for name in sorted(ctx.keep_dense):
         result.leave(name, KEPT_BY_GUARD)
-    for layer, weight, group, pixels in list(_convs(ctx)):
+    convs = list(_convs(ctx))
+    for k, (layer, weight, group, pixels) in enumerate(convs):
+        ctx.progress("exact separations, convs", k, len(convs))
         plan = plan_exact(weight, group)
         if ctx.latency_check:
             plan = align_plan(plan, DEPTHWISE_ALIGN)
