@@ -7,6 +7,7 @@ luck is still caught.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,6 +22,10 @@ DEFAULT_TOLERANCE = 0.003
 #: Fresh verification probes, run as one batch where the model allows: with none of N above the
 #: tolerance, the share of inputs above it is below 3/N at 95 % confidence (the rule of three).
 DEFAULT_CHECK = 64
+
+#: The probes' inputs may take at most this many bytes (a quarter of the machine's memory).
+PROBE_BYTES = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 if hasattr(os, "sysconf")
+               else 4 * 2**30)
 
 Specs = dict[str, tuple[tuple[int, ...], np.dtype]]
 Feeds = dict[str, np.ndarray]
@@ -58,6 +63,7 @@ def file_probes(arrays: dict[str, np.ndarray], specs: Specs) -> list[Feeds]:
     missing = [n for n in specs if n not in arrays]
     if missing:
         raise InputError(f"--probe-inputs: no array for input(s) {', '.join(missing)}")
+    arrays = {n: np.asarray(arrays[n]) for n in specs}  # each read once (an .npz decompresses on access)
     counts = {arrays[n].shape[0] for n in specs}
     if len(counts) != 1:
         raise InputError(f"--probe-inputs: arrays have different sample counts {sorted(counts)}")
@@ -70,6 +76,8 @@ def file_probes(arrays: dict[str, np.ndarray], specs: Specs) -> list[Feeds]:
                 x = x[None]
             if x.ndim != len(shape):
                 raise InputError(f"--probe-inputs: '{name}' sample has shape {x.shape}, input expects rank {len(shape)}")
+            if np.issubdtype(dtype, np.floating) and not np.isfinite(x).all():
+                raise InputError(f"--probe-inputs: sample {k} of '{name}' holds NaN or infinite values")
             feeds[name] = x.astype(dtype)
         samples.append(feeds)
     return samples
@@ -83,6 +91,16 @@ def make_probes(specs: Specs, seed: int = 0, allocation: int = 16, verification:
     With ``arrays`` (user data): the first half allocates, the rest verifies; a single sample
     verifies and allocation falls back to random probes.
     """
+    per_sample = sum(int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
+    if (allocation + verification) * per_sample > PROBE_BYTES:
+        raise InputError(f"{allocation} + {verification} probes of {per_sample / 2**20:.4g} MiB each (input shapes "
+                         f"{', '.join(f'{n}:{s}' for n, (s, _) in specs.items())}) need more than "
+                         f"{PROBE_BYTES / 2**30:.3g} GiB: give a smaller --check or --input-shape")
+    for name, (low, high) in (ranges or {}).items():
+        if name not in specs:
+            raise InputError(f"--probe-range {name}: the model has no input named '{name}' (inputs: {', '.join(specs)})")
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise InputError(f"--probe-range {name}: needs finite LOW < HIGH, got {low}, {high}")
     rng = np.random.default_rng(seed)
     if arrays is not None:
         samples = file_probes(arrays, specs)
@@ -355,11 +373,13 @@ class Budget:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         inits = {t.name: t for t in copy.graph.initializer}
+        inputs = {i.name for i in copy.graph.input}  # IR 3 models list their initializers as inputs too
         base = {}
         for name in editable:
             tensor = inits.pop(name)
             base[name] = arrays[name] if name in arrays else onnx.numpy_helper.to_array(tensor)
-            copy.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+            if name not in inputs:
+                copy.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
         kept = [t for t in copy.graph.initializer if t.name in inits]
         del copy.graph.initializer[:]
         copy.graph.initializer.extend(kept)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -96,12 +97,27 @@ def _range(text: str) -> tuple[float, float]:
     return low, high
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
+def _load_npz(path: str):
+    """The archive, read lazily: only the arrays named by the model's inputs are ever decompressed."""
+    if not os.path.isfile(path):
+        raise InputError(f"--probe-inputs {path}: not a regular file")
     try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
+        return np.load(path, allow_pickle=False)
     except Exception as err:
         raise InputError(f"--probe-inputs {path}: cannot read ({err})") from None
+
+
+def _written(write, path: str, written: list[str]) -> None:
+    """Run ``write`` (of ``path``); an OS error (disk full, permission denied) is the user's to fix."""
+    try:
+        write()
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}; {_on_disk(written)}") from None
+    written.append(path)
+
+
+def _on_disk(written: list[str]) -> str:
+    return f"{' and '.join(written)} written" if written else "nothing written"
 
 
 def _on_sigterm(signum, frame):
@@ -117,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    written: list[str] = []  # what is on disk, for the message if writing the rest fails
     try:
         if not args.dry_run:
             model_io.check_output_path(args.output, [args.input])
         if args.report:
-            model_io.check_output_path(args.report, [args.input, args.output])
+            model_io.check_output_path(args.report, [args.input, args.output, args.output + ".data"])
         from .pipeline import compress
 
         model, report = compress(
@@ -133,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             codebook=args.codebook, log=log)
         if not args.dry_run:
             log(f"writing {args.output}")
-            model_io.save(model, args.output, external_data=True if args.external_data else None)
+            _written(lambda: model_io.save(model, args.output, external_data=True if args.external_data else None),
+                     args.output, written)
         if args.report:
-            with open(args.report, "w") as f:
-                f.write(report.to_json())
+            _written(lambda: model_io.write_text(args.report, report.to_json()), args.report, written)
         if not args.quiet:
             print(report.table())
             if args.dry_run:
@@ -149,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"red-onnx: verification failed: {err}", file=sys.stderr)
         return EXIT_VERIFY
     except KeyboardInterrupt:
-        print("red-onnx: interrupted; nothing written", file=sys.stderr)
+        print(f"red-onnx: interrupted; {_on_disk(written)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
         if args.debug:

@@ -259,6 +259,10 @@ def input_specs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | 
     for inp in model.graph.input:
         if inp.name in inits:
             continue
+        if not inp.type.HasField("tensor_type") or not inp.type.tensor_type.elem_type:
+            kind = (inp.type.WhichOneof("value") or "untyped").replace("_type", "")
+            raise InputError(f"input '{inp.name}' is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a tensor: "
+                             "red_onnx handles models whose inputs are tensors only")
         ttype = inp.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
         dims = list(ttype.shape.dim)

@@ -33,6 +33,8 @@ def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise InputError(f"{path}: no such file")
         if path.is_dir():
             raise InputError(f"{path}: is a directory, expected an .onnx file")
+        if not path.is_file():  # a FIFO would block, /dev/zero would fill the memory
+            raise InputError(f"{path}: not a regular file (a FIFO, a device?), expected an .onnx file")
         if not os.access(path, os.R_OK):
             raise InputError(f"{path}: not readable")
         try:
@@ -238,8 +240,20 @@ def external_files(path: str | os.PathLike) -> list[Path]:
 
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
     """Refuse an output (or the ``.data`` file beside it) that is one of the inputs or their external
-    data, or that lies in a missing or unwritable folder."""
+    data, that lies in a missing or unwritable folder, that names a folder or something other than
+    a regular file (a FIFO, a device), or whose name leaves no room for the temporary one."""
+    text = os.fspath(output)
+    if not text or text.endswith(("/", os.sep)):
+        raise InputError(f"output path '{text}' names no file: give a file name")
     out = Path(output)
+    folder = out.parent if str(out.parent) else Path(".")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX") if folder.is_dir() else 255
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    if len(os.fsencode(out.name)) + TEMP_NAME_EXTRA > name_max:
+        raise InputError(f"{out}: the file name is too long ({len(os.fsencode(out.name))} bytes; at most "
+                         f"{name_max - TEMP_NAME_EXTRA} here, the temporary name adds {TEMP_NAME_EXTRA})")
     sources = [Path(s) for s in inputs] + [f for s in inputs if Path(s).is_file() for f in external_files(s)]
     for written in (out, out.with_name(out.name + ".data")):
         for src in sources:
@@ -248,14 +262,22 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
             if same:
                 raise InputError(f"{written}: writing it would overwrite the input model or its weights; "
                                  "choose another output path")
-    folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{out}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{out}: folder {folder} is not writable")
-    if out.is_dir():
-        raise InputError(f"{out}: is a directory")
+    for written in (out, out.with_name(out.name + ".data")):
+        if written.is_dir():
+            raise InputError(f"{written}: is a directory")
+        if written.exists() and not written.is_file():
+            raise InputError(f"{written}: exists and is not a regular file (a FIFO, a device?); refusing to replace it")
+        if written.exists() and not os.access(written, os.W_OK):
+            raise InputError(f"{written}: exists and is not writable")
     return out
+
+
+#: Bytes the temporary folder's name adds to the output's name (".NAME.xxxxxxxx.tmp", and ".data").
+TEMP_NAME_EXTRA = 20
 
 
 def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool | None = None) -> None:
@@ -287,6 +309,19 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
             leftover.unlink()
         if tmpdir.exists():
             tmpdir.rmdir()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` atomically (a temporary file beside it, then a rename)."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _save_external(model: onnx.ModelProto, path: Path, data_path: Path, threshold: int = 1024) -> None:

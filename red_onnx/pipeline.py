@@ -170,6 +170,8 @@ def _options(tolerance, passes, seed, check, allocation, input_shapes, probe_inp
         raise InputError(f"--codebook must be one of {', '.join(INDEX_TYPES)}, got '{codebook}'")
     if check < 1:
         raise InputError(f"--check must be at least 1, got {check}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"--seed must be an integer >= 0, got {seed}")
     names = resolve_passes(passes)
     try:
         pattern = re.compile(exclude) if exclude else None
@@ -189,6 +191,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
     report.params_before, report.macs_before = before.params, before.macs
     report.bytes_before = model_io.model_bytes(original)
     report.op_counts_before = dict(before.op_counts)
+    _check_weights(original)
 
     plan = verify.measure_plan(original)
     measured, _ = verify.measured_tensors(original)
@@ -198,10 +201,10 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
     if opts.verify:  # one session on the input model for both probe sets
         opts.log(f"running the input model on {len(probes.allocation)} + {len(probes.verification)} probes")
         ref_session = verify.input_session(original, ref_names)
-        reference = _run_all(ref_session, probes.verification, input_model=True)
+        reference = _finite(_run_all(ref_session, probes.verification, input_model=True), ref_names)
         if opts.tolerance > 0:
-            budget = Budget(opts.tolerance, probes.allocation, _run_all(ref_session, probes.allocation, input_model=True),
-                            ref_names, plan, log=opts.log)
+            allocation = _finite(_run_all(ref_session, probes.allocation, input_model=True), ref_names)
+            budget = Budget(opts.tolerance, probes.allocation, allocation, ref_names, plan, log=opts.log)
         del ref_session
 
     shapes = tensor_shapes(original, specs)
@@ -214,7 +217,6 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
     else:  # read from a file here: ours to canonicalize in place
         canonical = original
     moved = fold.constants_to_initializers(canonical)
-    _check_weights(canonical)
     return Prepared(canonical, template, specs, MappingProxyType(shapes), before, plan, ref_names,
                     probes, reference, budget, moved)
 
@@ -363,6 +365,18 @@ def _fill_report(report: Report, prep: Prepared, accepted: Build, result: onnx.M
     report.layers = _layer_rows(accepted.ctx, prep.before.macs_per_node, after, accepted.results)
 
 
+def _finite(outputs: list[list[np.ndarray]], names: list[str]) -> list[list[np.ndarray]]:
+    """The input model's outputs on the probes. A measured tensor with no finite value on a probe
+    checks nothing there (its deviation would read 0): bad input, with the likely cause."""
+    for k, sample in enumerate(outputs):
+        for name, y in zip(names, sample):
+            y = np.asarray(y)
+            if y.dtype.kind == "f" and y.size and not np.isfinite(y).any():
+                raise InputError(f"the input model's '{name}' has no finite value on probe {k}, so no deviation can be "
+                                 "measured there: check --probe-range / --probe-inputs (values the model overflows on?)")
+    return outputs
+
+
 def _learn_tail(checked: verify.Verification, budget: Budget, probes, reference, target: float) -> int:
     """Move the fresh probes that deviated over ``target`` (the worst ``TAIL_PROBES``) to the
     budget's allocation probes, with their reference outputs: the next build spends with them."""
@@ -437,14 +451,21 @@ def _rounding(model: onnx.ModelProto) -> float:
 
 
 def _check_weights(model: onnx.ModelProto) -> None:
-    """NaN in a layer's weights is bad input (infinite constants used as masks are legal)."""
-    linear = {n.input[1] for n in model.graph.node if n.op_type in LINEAR_OPS
-              and len(n.input) > 1}
-    for init in model.graph.initializer:
-        if init.name in linear and init.data_type in ROUNDING:
+    """A NaN or infinite value in any constant a pass reads (a linear layer's operands and bias, a
+    BatchNormalization's statistics) is bad input; infinite constants elsewhere (masks) are legal."""
+    read = {}
+    for n in model.graph.node:
+        if n.op_type in LINEAR_OPS:
+            read.update({name: f"{n.op_type} '{n.name}'" for name in n.input[:3] if name})
+        elif n.op_type == "BatchNormalization":
+            read.update({name: f"BatchNormalization '{n.name}'" for name in n.input[1:5] if name})
+    constants = [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in read]
+    for init in list(model.graph.initializer) + [fold.constant_value(n, n.output[0]) for n in constants]:
+        if init is not None and init.name in read and init.data_type in ROUNDING:
             values = onnx.numpy_helper.to_array(init)
-            if np.isnan(values).any():
-                raise InputError(f"weight '{init.name}' contains NaN")
+            if not np.isfinite(values).all():
+                kind = "NaN" if np.isnan(values).any() else "an infinite value"
+                raise InputError(f"'{init.name}' (read by {read[init.name]}) contains {kind}")
 
 
 def _layer_rows(ctx: Context, macs_before: dict[str, int], after, results: list[PassResult]) -> list[dict]:

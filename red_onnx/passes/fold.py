@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..context import Context, PassResult
+from ..errors import InputError
 from ..layers import LINEAR_OPS, Layer, find_layers
 
 NAME = "fold"
@@ -31,11 +32,11 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     outputs = {o.name for o in graph.output}
     keep, moved = [], 0
     for node in graph.node:
-        tensor = _constant_value(node) if node.op_type == "Constant" and node.output[0] not in outputs else None
+        tensor = constant_value(node, node.output[0]) if node.op_type == "Constant" and node.output[0] not in outputs \
+            else None
         if tensor is None:
             keep.append(node)
             continue
-        tensor.name = node.output[0]
         graph.initializer.append(tensor)
         moved += 1
     if moved:
@@ -44,16 +45,18 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+def constant_value(node: onnx.NodeProto, name: str) -> onnx.TensorProto | None:
+    """A Constant node's value as a tensor named ``name``; None for sparse_value and strings."""
     for attr in node.attribute:
         if attr.name == "value":
             t = onnx.TensorProto()
             t.CopyFrom(attr.t)
+            t.name = name
             return t
         if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
             value = onnx.helper.get_attribute_value(attr)
             dtype = np.float32 if "float" in attr.name else np.int64
-            return numpy_helper.from_array(np.array(value, dtype=dtype))
+            return numpy_helper.from_array(np.array(value, dtype=dtype), name)
     return None  # sparse_value, value_string(s): left as they are
 
 
@@ -173,8 +176,14 @@ def _fold_next(graph: gs.Graph, layer: Layer, shapes: dict[str, tuple[int, ...]]
     scale, shift = affine
     w = layer.get_weight()
     scale_w = scale.astype(w.dtype)  # multiply in the weight's type: reproducible by a Mul node
-    layer.set_weight(w * scale_w.reshape((-1,) + (1,) * (w.ndim - 1)))
-    layer.set_bias(layer.get_bias() * scale + shift, graph)
+    with np.errstate(over="ignore", invalid="ignore"):
+        folded = w * scale_w.reshape((-1,) + (1,) * (w.ndim - 1))
+        bias = layer.get_bias() * scale + shift
+    if not (np.isfinite(folded).all() and np.isfinite(bias.astype(w.dtype)).all()):
+        raise InputError(f"folding {consumer.op} '{consumer.name}' into '{layer.name}' overflows "
+                         f"'{layer.weight.name}' ({w.dtype} values up to {float(np.abs(w).max()):.3g})")
+    layer.set_weight(folded)
+    layer.set_bias(bias, graph)
     result = consumer.outputs[0]
     consumer.outputs = []
     consumer.inputs = []
@@ -211,6 +220,8 @@ def _channel_affine(node: gs.Node, x: gs.Tensor, channels: int, rank: int, axis:
     const = node.inputs[1] if node.inputs[0] is x else node.inputs[0]
     if not isinstance(const, gs.Constant) or const.values.dtype != dtype or node.inputs[0] is node.inputs[1]:
         return None
+    if not np.isfinite(const.values).all():
+        return None  # a mask (-inf where masked) stays as it is
     vector = _per_channel(const.values, channels, rank, axis)
     if vector is None:
         return None

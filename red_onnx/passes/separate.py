@@ -186,6 +186,8 @@ def _check_weight(weight, group: int) -> np.ndarray:
         raise ValueError(f"group {group} does not divide {weight.shape[0]} output channels")
     if min(weight.shape) == 0:
         raise ValueError(f"empty weight {weight.shape}")
+    if not np.isfinite(weight).all() or float(np.abs(weight).max()) > 1e30:  # LAPACK's SVD may never return
+        raise ValueError("non-finite or huge (> 1e30) weight values")
     return weight
 
 

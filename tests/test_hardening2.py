@@ -1,0 +1,310 @@
+"""Hostile inputs, second round: each class of what an adversarial afternoon broke gets exit 2 with
+one clear line (never exit 3, a hang, or a written model onnxruntime cannot load), and nothing on
+disk that was not asked for. Runs in-process (``test_cli.cli``) but where a hang is the failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import DIGITS_CNN, REPO, Builder, folder_entries
+from test_cli import _restore_sigterm, assert_usage_error, cli  # noqa: F401 (the fixture is autouse)
+
+
+def conv_model(seed: int = 1, bn: bool = False) -> onnx.ModelProto:
+    b = Builder(seed=seed)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.conv(x, 3, 8, name="conv1")
+    h = b.relu(b.bn(h, 8, name="bn1") if bn else h)
+    b.output(b.conv(h, 8, 4, name="conv2"), ["N", 4, 6, 6])
+    return b.model()
+
+
+def with_value(model: onnx.ModelProto, name: str, index, value) -> onnx.ModelProto:
+    """A copy with ``value`` at ``index`` of initializer ``name``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for t in copy.graph.initializer:
+        if t.name == name:
+            array = numpy_helper.to_array(t).copy()
+            array[index] = value
+            t.CopyFrom(numpy_helper.from_array(array, name))
+    return copy
+
+
+def weight_of(model: onnx.ModelProto, node: str, k: int = 1) -> str:
+    return next(n.input[k] for n in model.graph.node if n.name == node)
+
+
+@pytest.fixture
+def io(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    return tmp_path / "in", tmp_path / "out"
+
+
+def run_on(model, io, *args):
+    src, out = io
+    path = src / "m.onnx"
+    onnx.save(model, str(path))
+    return cli(path, out / "o.onnx", *args), out
+
+
+# --------------------------------------------------------------------------------------------- #
+# 1. non-finite weights, also after folding
+
+
+def test_an_infinite_conv_weight_is_refused_quickly(io):
+    """It used to hang in numpy's SVD (the separation pass), SIGINT or not; --no-verify too."""
+    model = conv_model()
+    src, out = io
+    path = src / "m.onnx"
+    onnx.save(with_value(model, weight_of(model, "conv1"), (0, 0, 1, 1), np.inf), str(path))
+    for extra in ([], ["--no-verify"]):
+        proc = subprocess.run([sys.executable, "-m", "red_onnx", str(path), str(out / "o.onnx"), *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert_usage_error(proc, weight_of(model, "conv1"), "infinite")
+        assert folder_entries(out) == []
+
+
+NON_FINITE = {
+    "minus_inf_in_a_resnet_weight": lambda m: with_value(
+        m, next(n.input[1] for n in m.graph.node if n.op_type == "Conv"), (0, 0, 0, 0), -np.inf),
+    "nan_in_a_bias": lambda m: with_value(m, weight_of(m, "conv2", 2), (1,), np.nan),
+    "inf_in_a_batchnorm_variance": lambda m: with_value(m, weight_of(m, "bn1", 4), (2,), np.inf),
+    "nan_in_a_batchnorm_mean": lambda m: with_value(m, weight_of(m, "bn1", 3), (0,), np.nan),
+}
+
+
+@pytest.mark.parametrize("case", list(NON_FINITE))
+def test_non_finite_constants_a_pass_reads_are_refused(io, case):
+    model = onnx.load(str(REPO / "models" / "digits_resnet.onnx")) if "resnet" in case else conv_model(bn=True)
+    proc, out = run_on(NON_FINITE[case](model), io, "--tolerance", "0.01")
+    line = assert_usage_error(proc)
+    assert "NaN" in line or "infinite" in line
+    assert folder_entries(out) == []
+
+
+def test_nan_in_a_constant_left_hand_matmul_operand_is_refused(io):
+    b = Builder(seed=2)
+    x = b.input("x", [4, 6])
+    left = b.init(b.weight((3, 4)), name="left")
+    b.output(b.gemm(b.node("MatMul", [left, x], name="mm"), 6, 5), [3, 5])
+    proc, out = run_on(with_value(b.model(), "left", (1, 2), np.nan), io)
+    assert_usage_error(proc, "'left'", "NaN")
+
+
+def test_a_weight_that_overflows_when_a_batchnorm_is_folded_is_refused(io):
+    model = conv_model(bn=True)
+    model = with_value(model, weight_of(model, "conv1"), (0, 0, 0, 0), 3e38)
+    model = with_value(model, weight_of(model, "bn1", 1), (0,), 50.0)  # gamma: the folded weight is 1.5e40
+    model = with_value(model, weight_of(model, "bn1", 4), (0,), 1.0)
+    proc, out = run_on(model, io, "--probe-range", "x:-0.001,0.001")  # the input model itself stays finite
+    assert_usage_error(proc, "overflows", weight_of(model, "conv1"))
+    assert folder_entries(out) == []
+
+
+def test_infinite_constants_outside_layers_stay_legal(io):
+    """A mask added to a layer's output (-inf where masked) is not a weight."""
+    b = Builder(seed=4)
+    x = b.input("x", ["N", 6])
+    mask = b.init(np.array([0.0, -np.inf, 0.0, 0.0, -np.inf]), name="mask")
+    b.output(b.node("Softmax", [b.node("Add", [b.gemm(x, 6, 5), mask])], axis=1), ["N", 5])
+    proc, out = run_on(b.model(), io)
+    assert proc.returncode == 0, proc.stderr
+    assert folder_entries(out) == ["o.onnx"]
+
+
+# --------------------------------------------------------------------------------------------- #
+# 2. valid models that ended in exit 3
+
+
+@pytest.mark.parametrize("ir, opset", [(3, 7), (8, 17)])
+def test_initializers_listed_as_graph_inputs(io, ir, opset):
+    model = conv_model()
+    for init in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    model.ir_version = ir
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", opset))
+    proc, out = run_on(model, io, "--tolerance", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    written = onnx.load(str(out / "o.onnx"))
+    assert [i.name for i in written.graph.input] == [i.name for i in model.graph.input]
+
+
+@pytest.mark.parametrize("kind", ["optional", "sequence"])
+def test_non_tensor_graph_inputs_are_refused(io, kind):
+    model = conv_model()
+    tensor = helper.make_tensor_type_proto(TensorProto.FLOAT, [1])
+    make = helper.make_optional_type_proto if kind == "optional" else helper.make_sequence_type_proto
+    model.graph.input.append(helper.make_value_info("extra", make(tensor)))
+    proc, _ = run_on(model, io)
+    assert_usage_error(proc, "'extra'", kind)
+
+
+@pytest.mark.parametrize("dims", [["N", 3, 2**40, 6], [2**20, 3, 2**20, 6]])
+def test_inputs_too_large_to_probe_are_refused(io, dims):
+    b = Builder(seed=5)
+    x = b.input("x", dims)
+    b.output(b.relu(x), dims)
+    proc, _ = run_on(b.model(), io)
+    assert_usage_error(proc, "probes", "GiB")
+
+
+# --------------------------------------------------------------------------------------------- #
+# 3. user and environment errors
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--seed", "-1"], "--seed"),
+    (["--probe-range", "input:0,inf"], "finite"),
+    (["--probe-range", "inptu:0,1"], "no input named 'inptu'"),
+    (["--check", "100000000000"], "--check"),
+])
+def test_bad_options_are_refused_before_any_work(io, args, fragment):
+    _, out = io
+    proc = cli(DIGITS_CNN, out / "o.onnx", *args)
+    assert_usage_error(proc, fragment)
+    assert folder_entries(out) == []
+
+
+@pytest.mark.parametrize("name", ["x" * 250 + ".onnx", ""])
+def test_output_names_that_cannot_be_written(io, name):
+    _, out = io
+    proc = cli(DIGITS_CNN, str(out / name) if name else "")
+    assert_usage_error(proc)
+    assert folder_entries(out) == []
+
+
+def test_a_folder_where_the_external_data_goes(io):
+    _, out = io
+    (out / "o.onnx.data").mkdir()
+    assert_usage_error(cli(DIGITS_CNN, out / "o.onnx", "--external-data"), "o.onnx.data", "directory")
+    assert folder_entries(out) == ["o.onnx.data"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root writes read-only files")
+def test_a_read_only_report_is_refused_before_the_output_is_written(io):
+    _, out = io
+    report = out / "r.json"
+    report.write_text("{}")
+    report.chmod(0o444)
+    assert_usage_error(cli(DIGITS_CNN, out / "o.onnx", "--report", report), "not writable")
+    assert folder_entries(out) == ["r.json"]
+
+
+@pytest.mark.parametrize("fails", ["model", "report"])
+def test_disk_full_is_a_clear_error_that_says_what_is_on_disk(io, monkeypatch, fails):
+    from red_onnx import model_io
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_io, "save" if fails == "model" else "write_text", full)
+    _, out = io
+    proc = cli(DIGITS_CNN, out / "o.onnx", "--report", out / "r.json")
+    line = assert_usage_error(proc, "No space left on device")
+    assert line.endswith("nothing written") if fails == "model" else line.endswith(f"{out / 'o.onnx'} written")
+
+
+# --------------------------------------------------------------------------------------------- #
+# 4. outputs that are not what they claim
+
+
+def test_a_report_over_the_external_data_is_refused(io):
+    _, out = io
+    proc = cli(DIGITS_CNN, out / "o.onnx", "--external-data", "--report", out / "o.onnx.data")
+    assert_usage_error(proc, "o.onnx.data")
+    assert folder_entries(out) == []
+
+
+def test_an_output_path_ending_in_a_slash_is_refused(io):
+    _, out = io
+    assert_usage_error(cli(DIGITS_CNN, str(out / "missing") + "/"), "names no file")
+    assert folder_entries(out) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_output_is_not_replaced(io):
+    _, out = io
+    os.mkfifo(out / "o.onnx")
+    assert_usage_error(cli(DIGITS_CNN, out / "o.onnx"), "not a regular file")
+    assert (out / "o.onnx").is_fifo()
+
+
+# --------------------------------------------------------------------------------------------- #
+# 7. checks that check nothing
+
+
+def test_probes_the_model_overflows_on_are_refused(io):
+    """Probes in [0, 1e38] make the digits CNN's logits infinite: no deviation could be measured."""
+    _, out = io
+    proc = cli(DIGITS_CNN, out / "o.onnx", "--probe-range", "input:0,1e38", "--tolerance", "0.01")
+    assert_usage_error(proc, "no finite value", "--probe-range")
+    assert folder_entries(out) == []
+
+
+def test_nan_samples_in_probe_inputs_are_refused(io):
+    src, out = io
+    x = np.random.default_rng(0).uniform(0, 1, (6, 1, 1, 8, 8)).astype(np.float32)
+    x[3, 0, 0, 2, 2] = np.nan
+    np.savez(src / "p.npz", input=x)
+    assert_usage_error(cli(DIGITS_CNN, out / "o.onnx", "--probe-inputs", src / "p.npz"), "sample 3", "NaN")
+    assert folder_entries(out) == []
+
+
+def test_a_written_report_is_complete_json(io):
+    _, out = io
+    proc = cli(DIGITS_CNN, out / "o.onnx", "--report", out / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "r.json").read_text())["verification"]["probes"] == 64
+    assert folder_entries(out) == ["o.onnx", "r.json"]
+
+
+# --------------------------------------------------------------------------------------------- #
+# 5, 6. interrupts at start-up, inputs that would hang or fill the memory
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_or_device_as_the_input_is_refused(io):
+    src, out = io
+    os.mkfifo(src / "m.onnx")
+    for path in (src / "m.onnx", "/dev/zero"):
+        assert_usage_error(cli(path, out / "o.onnx"), "not a regular file")
+    assert folder_entries(out) == []
+
+
+def test_probe_inputs_decompress_only_the_model_inputs(io, monkeypatch):
+    src, out = io
+    x = np.random.default_rng(0).uniform(0, 1, (4, 1, 1, 8, 8)).astype(np.float32)
+    np.savez_compressed(src / "p.npz", input=x, unused=np.zeros((16, 1024, 1024), np.float32))  # 64 MiB unpacked
+    read = []
+    real = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, key: read.append(key) or real(self, key))
+    proc = cli(DIGITS_CNN, out / "o.onnx", "--probe-inputs", src / "p.npz")
+    assert proc.returncode == 0, proc.stderr
+    assert read == ["input"]
+
+
+def test_an_interrupt_while_the_libraries_load_prints_no_traceback(tmp_path):
+    """SIGINT as soon as the process starts (numpy, onnx and onnxruntime take a second to import)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "red_onnx", str(DIGITS_CNN), str(tmp_path / "o.onnx")],
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                               signal.SIG_DFL))
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert proc.returncode in (130, 0), err  # 0: it finished before the signal
+    assert folder_entries(tmp_path) in ([], ["o.onnx"])
