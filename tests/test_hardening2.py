@@ -140,6 +140,34 @@ def test_initializers_listed_as_graph_inputs(io, ir, opset):
     assert [i.name for i in written.graph.input] == [i.name for i in model.graph.input]
 
 
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_a_sparse_initializer_is_read_as_its_dense_values(io, coordinates):
+    """It used to reach the passes as float64 and fail verification as 'a bug' (exit 1)."""
+    b = Builder(seed=6)
+    x = b.input("x", ["N", 6])
+    b.output(b.gemm(b.relu(b.gemm(x, 6, 8, name="fc1")), 8, 5, name="fc2"), ["N", 5])
+    model = b.model()
+    w = next(t for t in model.graph.initializer if t.name == weight_of(model, "fc1"))
+    dense = numpy_helper.to_array(w).copy()
+    dense[np.abs(dense) < 0.3] = 0
+    nz = np.flatnonzero(dense)
+    index = np.stack(np.unravel_index(nz, dense.shape), axis=1) if coordinates else nz
+    model.graph.initializer.remove(w)
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(
+        numpy_helper.from_array(dense.ravel()[nz], w.name), numpy_helper.from_array(index.astype(np.int64), "i"),
+        list(dense.shape)))
+    proc, out = run_on(model, io, "--tolerance", "0.01")
+    assert proc.returncode == 0, proc.stderr
+    written = onnx.load(str(out / "o.onnx"))
+    onnx.checker.check_model(written, full_check=True)
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)}
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    res = ort.InferenceSession(written.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.linalg.norm(res - ref) <= 0.01 * np.linalg.norm(ref) * 3
+
+
 @pytest.mark.parametrize("kind", ["optional", "sequence"])
 def test_non_tensor_graph_inputs_are_refused(io, kind):
     model = conv_model()

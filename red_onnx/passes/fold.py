@@ -27,7 +27,8 @@ NAME = "fold"
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Turn top-level ``Constant`` nodes into initializers, in place; returns how many."""
+    """Turn top-level ``Constant`` nodes and sparse initializers into (dense) initializers, in
+    place; returns how many."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     keep, moved = [], 0
@@ -42,7 +43,22 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     if moved:
         del graph.node[:]
         graph.node.extend(keep)
+    for sparse in graph.sparse_initializer:  # dense, so that every pass sees one kind of weight
+        graph.initializer.append(_dense(sparse))
+        moved += 1
+    del graph.sparse_initializer[:]
     return moved
+
+
+def _dense(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
+    """The dense tensor of a sparse one (indices: flat positions [NNZ] or coordinates [NNZ, rank])."""
+    values = numpy_helper.to_array(sparse.values)
+    dense = np.zeros(int(np.prod(sparse.dims)), dtype=values.dtype)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64) if values.size else np.zeros(0, np.int64)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(tuple(indices.T), tuple(sparse.dims))
+    dense[indices] = values
+    return numpy_helper.from_array(dense.reshape(tuple(sparse.dims)), sparse.values.name)
 
 
 def constant_value(node: onnx.NodeProto, name: str) -> onnx.TensorProto | None:
