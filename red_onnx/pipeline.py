@@ -111,7 +111,7 @@ class Prepared:
     probes: Probes
     reference: list[list[np.ndarray]] | None  # the input's outputs on the verification probes
     budget: Budget | None
-    moved: int  # Constant nodes turned into initializers
+    moved: int  # Constant nodes and sparse initializers turned into initializers
 
 
 @dataclass
@@ -153,11 +153,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFA
                     verify_result, latency_check, codebook, log)
     report = Report(tolerance=tolerance)
     prep = prepare(model, opts, report)
-    build = build_verified(prep, opts, report)
+    accepted = build_verified(prep, opts, report)
     if opts.latency_check:
-        build = latency_guard(prep, opts, report, build)
-    result = finish(prep, build)
-    _fill_report(report, prep, build, result, opts)
+        accepted = latency_guard(prep, opts, report, accepted)
+    result = finish(prep, accepted)
+    _fill_report(report, prep, accepted, result, opts)
     report.seconds = time.perf_counter() - start
     return result, report
 
