@@ -161,6 +161,20 @@ def test_measured_tensors_per_output():
     assert verify.measure_plan(model)[1].label == "the output itself"
 
 
+def damage_after_fold(monkeypatch, matches, factor: float) -> None:
+    """A pass gone wrong: fold, then the weight of every node ``matches`` accepts scaled by ``factor``."""
+    original_run = fold.run
+
+    def damaging_run(ctx):
+        result = original_run(ctx)
+        for node in ctx.graph.nodes:
+            if matches(node):
+                node.inputs[1].values = node.inputs[1].values * np.float32(factor)
+        return result
+
+    monkeypatch.setattr(fold, "run", damaging_run)
+
+
 def saturated_classifier() -> tuple[Builder, onnx.ModelProto, str, str]:
     """Softmax of a Gemm whose first logit is 200 above the others: the probabilities are one-hot in float32."""
     b = Builder(seed=5)
@@ -207,16 +221,7 @@ def test_compress_verifies_on_logits(monkeypatch):
     assert report.verified and report.output_deviation <= 1e-5
     assert list(report.deviation_per_output) == ["probs"]
 
-    original_run = fold.run
-
-    def damaging_run(ctx):
-        result = original_run(ctx)
-        for node in ctx.graph.nodes:
-            if node.op == "Gemm":
-                node.inputs[1].values = node.inputs[1].values * np.float32(2.0)
-        return result
-
-    monkeypatch.setattr(fold, "run", damaging_run)
+    damage_after_fold(monkeypatch, lambda node: node.op == "Gemm", 2.0)
     with pytest.raises(VerificationError):
         red_onnx.compress(model, tolerance=0, passes=[])
 
@@ -318,19 +323,10 @@ def test_damage_confined_to_the_score_branch_is_caught():
 
 def test_compress_fails_a_pass_that_damages_only_the_scores(monkeypatch):
     model = detector()
-    original_run = fold.run
-
-    def damaging_run(ctx):
-        result = original_run(ctx)
-        for node in ctx.graph.nodes:
-            if node.name == "cls_head":
-                node.inputs[1].values = node.inputs[1].values * np.float32(1.05)
-        return result
-
     result, report = red_onnx.compress(model, tolerance=0.003, passes=[])
     assert report.measured["detections"]["label"].startswith("max over 3:")
     assert set(report.measured["detections"]["tensors"]) == set(verify.measured_tensors(model)[0])
-    monkeypatch.setattr(fold, "run", damaging_run)
+    damage_after_fold(monkeypatch, lambda node: node.name == "cls_head", 1.05)
     with pytest.raises(VerificationError):
         red_onnx.compress(model, tolerance=0.003, passes=[])
 
@@ -370,16 +366,7 @@ def test_logits_renamed_by_the_rewrite_are_still_measured(monkeypatch):
     assert set(report.measured["probs"]["tensors"]) == {"probs", "logits"}
     assert "lost" not in report.measured["probs"]["label"]
 
-    original_run = fold.run
-
-    def damaging_run(ctx):
-        result = original_run(ctx)
-        for node in ctx.graph.nodes:
-            if node.op == "Gemm":
-                node.inputs[1].values = node.inputs[1].values * np.float32(2.0)
-        return result
-
-    monkeypatch.setattr(fold, "run", damaging_run)
+    damage_after_fold(monkeypatch, lambda node: node.op == "Gemm", 2.0)
     with pytest.raises(VerificationError):
         red_onnx.compress(model, tolerance=0, passes=[])
 
