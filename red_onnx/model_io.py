@@ -301,7 +301,7 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
             if (tmpdir / data_name).exists():
                 os.replace(tmpdir / data_name, folder / data_name)
         else:
-            onnx.save_model(model, str(tmp_model))
+            write_model(model, tmp_model)
             _fsync(tmp_model)
         os.replace(tmp_model, out)
     finally:
@@ -309,6 +309,54 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
             leftover.unlink()
         if tmpdir.exists():
             tmpdir.rmdir()
+
+
+#: Models larger than this are written tensor by tensor (:func:`write_model`).
+STREAM_BYTES = 2**28
+
+
+def write_model(model: onnx.ModelProto, path: Path, stream_bytes: int | None = None) -> None:
+    """Write ``model`` as ``onnx.save_model`` would, byte for byte. Above ``STREAM_BYTES`` the bytes
+    are written field by field: the fields before the graph, the graph's fields before its
+    initializers, each initializer (one serialized at a time), the rest of the graph, the rest of
+    the model; ``SerializeToString`` would hold one or two copies of the whole model at once."""
+    if proto_size(model) <= (STREAM_BYTES if stream_bytes is None else stream_bytes) or not model.HasField("graph"):
+        onnx.save_model(model, str(path))
+        return
+    head, tail = _split_fields(model, 7)  # ModelProto.graph
+    graph_head, graph_tail = _split_fields(model.graph, 5)  # GraphProto.initializer
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    graph_size = len(graph_head) + len(graph_tail) + sum(1 + _varint_len(n) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(head + b"\x3a" + _varint(graph_size) + graph_head)  # field 7, wire type 2
+        for tensor, size in zip(model.graph.initializer, sizes):
+            f.write(b"\x2a" + _varint(size))  # field 5, wire type 2
+            f.write(tensor.SerializeToString())
+        f.write(graph_tail + tail)
+
+
+def _split_fields(message, number: int) -> tuple[bytes, bytes]:
+    """The serialized fields of ``message`` numbered below and above ``number`` (protobuf writes
+    known fields in number order, so head + field ``number`` + tail is the whole message)."""
+    head, tail = type(message)(), type(message)()
+    for field, value in message.ListFields():
+        if field.number == number:
+            continue
+        target = head if field.number < number else tail
+        if field.type == field.TYPE_MESSAGE or hasattr(value, "extend"):
+            getattr(target, field.name).MergeFrom(value)
+        else:
+            setattr(target, field.name, value)
+    return head.SerializeToString(), tail.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

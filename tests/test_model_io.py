@@ -216,3 +216,20 @@ def test_check_output_path_unwritable_folder(tmp_path):
             model_io.check_output_path(locked / "out.onnx", [tmp_path / "in.onnx"])
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("name", ["digits_resnet", "digits_cnn", "built"])
+def test_write_model_tensor_by_tensor_is_byte_for_byte_onnx_save(tmp_path, name):
+    """The streamed writer (for models over 256 MiB) writes the bytes onnx.save_model writes."""
+    from conftest import REPO, Builder
+
+    if name == "built":  # metadata, doc strings, several opsets: fields on both sides of the graph
+        b = Builder(seed=3)
+        x = b.input("x", ["N", 3, 6, 6])
+        b.output(b.relu(b.conv(x, 3, 4)), ["N", 4, 6, 6])
+        model = b.model(extra_opsets=[("com.example", 1)])
+    else:
+        model = onnx.load(str(REPO / "models" / f"{name}.onnx"))
+    model_io.write_model(model, tmp_path / "streamed.onnx", stream_bytes=0)
+    onnx.save_model(model, str(tmp_path / "saved.onnx"))
+    assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "saved.onnx").read_bytes()
