@@ -285,6 +285,9 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
 
     ``external_data=None`` stores weights beside the model only when it would exceed 2 GB.
     External data goes to ``<name>.data`` in the same folder, renamed into place before the model.
+    Where that file exists already (an earlier output), the new data goes to ``<name>.<token>.data``
+    so that the earlier model never points at new data: the pair switches with the model's rename,
+    and the earlier model's data file is removed after it.
     """
     out = Path(output)
     if external_data is None:
@@ -294,16 +297,28 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
     try:
         tmp_model = tmpdir / out.name
         if external_data:
+            previous = [f for f in external_files(out) if f.name.startswith(out.name + ".") and f.parent == folder] \
+                if out.is_file() else []
             data_name = out.name + ".data"
+            if (folder / data_name).exists():
+                data_name = f"{out.name}.{tmpdir.name[len(out.name) + 2:-4]}.data"
             _save_external(model, tmp_model, tmpdir / data_name)
             _fsync(tmpdir / data_name)
             _fsync(tmp_model)
             if (tmpdir / data_name).exists():
                 os.replace(tmpdir / data_name, folder / data_name)
+            try:
+                os.replace(tmp_model, out)
+            except BaseException:
+                (folder / data_name).unlink(missing_ok=True)  # the earlier pair stays as it was
+                raise
+            for stale in previous:
+                if stale.name != data_name:
+                    stale.unlink(missing_ok=True)
         else:
             write_model(model, tmp_model)
             _fsync(tmp_model)
-        os.replace(tmp_model, out)
+            os.replace(tmp_model, out)
     finally:
         for leftover in tmpdir.iterdir() if tmpdir.exists() else ():
             leftover.unlink()

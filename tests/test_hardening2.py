@@ -336,3 +336,52 @@ def test_an_interrupt_while_the_libraries_load_prints_no_traceback(tmp_path):
     assert "Traceback" not in err, err
     assert proc.returncode in (130, 0), err  # 0: it finished before the signal
     assert folder_entries(tmp_path) in ([], ["o.onnx"])
+
+
+# --------------------------------------------------------------------------------------------- #
+# 4. the model and its external data appear together or not at all
+
+
+def _pair_loads_and_matches(folder, model) -> None:
+    written = onnx.load(str(folder / "o.onnx"))
+    onnx.checker.check_model(str(folder / "o.onnx"), full_check=True)
+    from conftest import assert_same_outputs
+
+    assert_same_outputs(model, written)
+
+
+def test_a_failure_between_the_two_renames_leaves_the_earlier_pair_whole(io, monkeypatch):
+    from red_onnx import model_io
+
+    _, out = io
+    model = onnx.load(str(REPO / "models" / "digits_resnet.onnx"))
+    model_io.save(model, out / "o.onnx", external_data=True)
+    assert folder_entries(out) == ["o.onnx", "o.onnx.data"]
+    before = {name: (out / name).read_bytes() for name in folder_entries(out)}
+
+    real, calls = os.replace, []
+
+    def replace_then_fail(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the data file is in place, the model is not
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    other = onnx.ModelProto()  # another result: different weights
+    other.CopyFrom(model)
+    big = max(other.graph.initializer, key=lambda t: len(t.raw_data))
+    big.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(big) * np.float32(2), big.name))
+    monkeypatch.setattr(model_io.os, "replace", replace_then_fail)
+    with pytest.raises(OSError):
+        model_io.save(other, out / "o.onnx", external_data=True)
+    monkeypatch.setattr(model_io.os, "replace", real)
+    assert {name: (out / name).read_bytes() for name in folder_entries(out)} == before  # nothing else left
+    _pair_loads_and_matches(out, model)
+
+    model_io.save(model, out / "o.onnx", external_data=True)  # a later write replaces the pair whole
+    entries = folder_entries(out)
+    assert len(entries) == 2 and "o.onnx" in entries and "o.onnx.data" not in entries, entries
+    _pair_loads_and_matches(out, model)
+    model_io.save(model, out / "o.onnx", external_data=True)
+    assert folder_entries(out) == ["o.onnx", "o.onnx.data"]
+    _pair_loads_and_matches(out, model)
