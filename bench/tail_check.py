@@ -30,31 +30,18 @@ TOLERANCES = (0.003, 0.01, 0.03, 0.1)
 CHUNK = 16  # probes per batched run (PP-OCRv6's outputs are 6 MB per probe)
 
 
-def _columns(original: onnx.ModelProto, result: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """The tensors the tool measured (a tensor the rewrite renamed: its graph output, as the tool does)."""
-    from red_onnx import verify
-
-    measured, owners = verify.measured_tensors(original)
-    produced = {o for n in result.graph.node for o in n.output}
-    columns = list(dict.fromkeys(m if m in produced else o for m, o in zip(measured, owners)))
-    return columns, owners
-
-
 def tail(original: onnx.ModelProto, result: onnx.ModelProto, probes: list[dict]) -> np.ndarray:
     """Each probe's deviation (max over the measured tensors), run in batches of CHUNK."""
     from red_onnx import verify
-    from red_onnx.budget import probe_runner
+    from red_onnx.budget import run_all
 
-    columns, _ = _columns(original, result)
-    ref, res = verify.session(original, columns), verify.session(result, columns)
+    pairs = verify.columns(verify.measure_plan(original), result)  # the tensors the tool measures, paired
+    ref = verify.session(original, [t for t, _, _ in pairs])
+    res = verify.session(result, [r for _, r, _ in pairs])
     worst = []
     for start in range(0, len(probes), CHUNK):
         chunk = probes[start:start + CHUNK]
-        outs = []
-        for sess in (ref, res):
-            run = probe_runner(sess, chunk, {})
-            outs.append(run.unedited if hasattr(run, "unedited") else run({}))
-        worst.extend(verify.sample_deviations(*outs).max(axis=1))
+        worst.extend(verify.sample_deviations(run_all(ref, chunk), run_all(res, chunk)).max(axis=1))
     return np.array(worst)
 
 
@@ -99,7 +86,7 @@ def check_model(name: str, tolerances, n_probes: int, seed: int) -> list[dict]:
 def _verification_cost(name: str, model: onnx.ModelProto, specs, ranges) -> list[dict]:
     """Seconds of the reference run of the input model on 8 and on 64 fresh probes, as the tool runs them."""
     from red_onnx import verify
-    from red_onnx.budget import probe_runner, random_probes
+    from red_onnx.budget import random_probes, run_all
 
     measured, owners = verify.measured_tensors(model)
     sess = verify.session(model, list(dict.fromkeys(measured + owners)))
@@ -109,8 +96,7 @@ def _verification_cost(name: str, model: onnx.ModelProto, specs, ranges) -> list
         best = np.inf
         for _ in range(3):
             t0 = time.perf_counter()
-            run = probe_runner(sess, probes, {})
-            run.unedited if hasattr(run, "unedited") else run({})
+            run_all(sess, probes)
             best = min(best, time.perf_counter() - t0)
         out[n] = best
     return [{"model": name, "cost_8": out[8], "cost_64": out[64]}]

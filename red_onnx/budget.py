@@ -8,7 +8,6 @@ luck is still caught.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,12 +15,7 @@ import numpy as np
 
 from .errors import InputError
 
-#: The error budget when none is given (CLI and library alike): the largest of the benchmark grid at
-#: which every benchmark model kept its task metric within 1 point (README: "The default tolerance").
-DEFAULT_TOLERANCE = 0.003
-#: Fresh verification probes, run as one batch where the model allows: with none of N above the
-#: tolerance, the share of inputs above it is below 3/N at 95 % confidence (the rule of three).
-DEFAULT_CHECK = 64
+from .defaults import DEFAULT_CHECK, DEFAULT_TOLERANCE  # noqa: F401 (the pipeline's defaults)
 
 #: The probes' inputs may take at most this many bytes (a quarter of the machine's memory).
 PROBE_BYTES = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 if hasattr(os, "sysconf")
@@ -140,8 +134,6 @@ Materialize = Callable[[list[Candidate]], dict[str, np.ndarray]]
 #: and a 1.5% smaller file at 0.003
 RANKING_PROBES = 4
 RANKING_VALUES = 1000
-#: A long spend says where it is at most this often.
-PROGRESS_SECONDS = 5.0
 
 
 @dataclass
@@ -165,15 +157,14 @@ class Budget:
 
     def __init__(self, tolerance: float, probes: list[Feeds], reference: list[list[np.ndarray]],
                  reference_names: list[str], plan: list[Any], margin: float = 0.8,
-                 max_evaluations: int = 200, patience: int = 24, log: Callable[[str], None] | None = None):
+                 max_evaluations: int = 200, patience: int = 24, progress: Callable[[str], None] | None = None):
         self.tolerance = tolerance
         self.target = margin * tolerance
         self.probes = probes
         self.reference = reference  # per probe: the input model's tensors named by ``reference_names``
         self.reference_names = reference_names
         self.plan = plan  # what each output's deviation is measured on (verify.measure_plan)
-        self.log = log or (lambda message: None)
-        self._said = time.perf_counter()
+        self.progress = progress or (lambda message: None)  # a context.Progress: says where a long search is
         self.max_evaluations = max_evaluations
         self.patience = patience
         self.history: list[Spent] = []
@@ -214,7 +205,8 @@ class Budget:
             bound: an edit over the target there is rejected without the full run."""
             nonlocal evaluations
             evaluations += 1
-            self._progress(evaluations, len(candidates))
+            self.progress(f"  budget: {evaluations} measurements of {len(candidates)} candidates so far "
+                          f"(target {self.target:.3g})")
             if few is not run and (screened := measure_few(chosen, screening=True)) > self.target:
                 return screened
             return verify.deviation(reference, run({**base, **materialize(chosen)}))[0]
@@ -350,11 +342,6 @@ class Budget:
         err = max(c.error - prev_error, 1e-12)
         return tuple((s - p) / err for s, p in zip(c.saving, prev_saving))
 
-    def _progress(self, evaluations: int, candidates: int) -> None:
-        if time.perf_counter() - self._said > PROGRESS_SECONDS:
-            self._said = time.perf_counter()
-            self.log(f"  budget: {evaluations} measurements of {candidates} candidates so far (target {self.target:.3g})")
-
     def add_probes(self, probes: list[Feeds], reference: list[list[np.ndarray]]) -> None:
         """More allocation probes (with the input model's outputs on them, as ``reference``)."""
         self.probes = self.probes + probes
@@ -386,6 +373,12 @@ class Budget:
         pairs = verify.columns(self.plan, copy)  # the rewrite so far may have renamed measured tensors
         sess = verify.session(copy, [r for _, r, _ in pairs], arrays={k: v for k, v in arrays.items() if k in inits})
         return sess, base, [t for t, _, _ in pairs]  # the session's outputs hold the reference's tensors, in order
+
+
+def run_all(sess: Any, probes: list[Feeds]) -> list[list[np.ndarray]]:
+    """Every probe's outputs, in one batch where the model allows it (see :func:`probe_runner`)."""
+    run = probe_runner(sess, probes, {})
+    return run.unedited if hasattr(run, "unedited") else run({})
 
 
 def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]

@@ -9,12 +9,9 @@ import sys
 import time
 import traceback
 
-import numpy as np
-
-from . import __version__, model_io
+from . import __version__
+from .defaults import DEFAULT_CHECK, DEFAULT_TOLERANCE, PASS_NAMES
 from .errors import InputError, VerificationError
-from .passes import PLANNED
-from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE
 
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -38,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input .onnx model")
     p.add_argument("output", help="output .onnx path (never the input)")
     p.add_argument("--version", action="version", version=f"red_onnx {__version__}")
-    p.add_argument("--passes", help=f"comma list of passes ({', '.join(PLANNED)}); default: every pass that exists; "
+    p.add_argument("--passes", help=f"comma list of passes ({', '.join(PASS_NAMES)}); default: every pass that exists; "
                    "canonicalization always runs")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
                    help="error budget of the lossy steps: max relative L2 deviation of any output on any probe "
@@ -102,6 +99,8 @@ def _load_npz(path: str):
     if not os.path.isfile(path):
         raise InputError(f"--probe-inputs {path}: not a regular file")
     try:
+        import numpy as np
+
         return np.load(path, allow_pickle=False)
     except Exception as err:
         raise InputError(f"--probe-inputs {path}: cannot read ({err})") from None
@@ -135,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 
     written: list[str] = []  # what is on disk, for the message if writing the rest fails
     try:
+        from . import model_io  # numpy, onnx and onnxruntime load here: --help and --version need none of them
+        from .pipeline import compress
+
         if not args.dry_run:
             model_io.check_output_path(args.output, [args.input])
         if args.report:
             model_io.check_output_path(args.report, [args.input, args.output, args.output + ".data"])
-        from .pipeline import compress
 
         model, report = compress(
             args.input, tolerance=args.tolerance, passes=args.passes, seed=args.seed, check=args.check,

@@ -15,8 +15,22 @@ import onnx_graphsurgeon as gs
 if TYPE_CHECKING:
     from .budget import Budget, Candidate, Spent
 
-#: A long loop inside a pass says where it is at most this often.
+#: A long loop (inside a pass, or the budget's search) says where it is at most this often.
 PROGRESS_SECONDS = 5.0
+
+
+@dataclass
+class Progress:
+    """A log for long loops: passes a message on at most every PROGRESS_SECONDS."""
+
+    log: Callable[[str], None] = lambda message: None
+    last: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, message: str) -> None:
+        now = time.perf_counter()
+        if now - self.last > PROGRESS_SECONDS:
+            self.last = now
+            self.log(message)
 
 
 @dataclass(frozen=True)
@@ -66,14 +80,11 @@ class Context:
     # weight → (per-channel scales, codebook) of the values hash gave it: W' = fl(codebook[i] · scale)
     hashed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     log: Callable[[str], None] = lambda message: None
-    _said: list[float] = field(default_factory=lambda: [time.perf_counter()])  # when progress was last said
+    progress_log: Progress = field(default_factory=Progress)
 
     def progress(self, what: str, done: int, total: int) -> None:
-        """Say how far a long loop is, at most every PROGRESS_SECONDS (shared by the exact() view)."""
-        now = time.perf_counter()
-        if now - self._said[0] > PROGRESS_SECONDS:
-            self._said[0] = now
-            self.log(f"  {what}: {done} of {total}")
+        """Say how far a long loop is (at most every PROGRESS_SECONDS)."""
+        self.progress_log(f"  {what}: {done} of {total}")
 
     @property
     def lossy(self) -> bool:

@@ -217,8 +217,7 @@ class Walk:
     graph_inputs: set[str]
 
     def rank(self, tensor: gs.Tensor) -> int | None:
-        shape = self.shapes.get(tensor.name)
-        return len(shape) if shape is not None else None
+        return _rank(tensor, self.shapes)
 
 
 def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, walk: Walk) -> None:

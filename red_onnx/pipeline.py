@@ -21,8 +21,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import model_io, verify
-from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE, Budget, Probes, make_probes, probe_runner, random_probes
-from .context import Context, PassResult
+from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE, Budget, Probes, make_probes, random_probes, run_all
+from .context import Context, PassResult, Progress
 from .errors import InputError, VerificationError
 from .layers import LINEAR_OPS, QUANTIZED_OPS, Analysis, analyze, find_layers, input_specs, tensor_shapes, weightless
 from .passes import AVAILABLE, PLANNED, SCHEDULE, fold
@@ -94,6 +94,7 @@ class Options:
     latency_check: bool
     codebook: str
     log: Callable[[str], None]
+    progress: Progress  # opts.log for long loops, throttled
 
 
 @dataclass
@@ -177,8 +178,9 @@ def _options(tolerance, passes, seed, check, allocation, input_shapes, probe_inp
         pattern = re.compile(exclude) if exclude else None
     except re.error as err:
         raise InputError(f"--exclude: invalid regular expression ({err})") from None
+    log = log or (lambda message: None)
     return Options(tolerance, names, seed, check, allocation, input_shapes, probe_inputs, probe_ranges, pattern,
-                   verify_result, latency_check, codebook, log or (lambda message: None))
+                   verify_result, latency_check, codebook, log, Progress(log))
 
 
 def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: Report) -> Prepared:
@@ -204,7 +206,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
         reference = _finite(_run_all(ref_session, probes.verification, input_model=True), ref_names)
         if opts.tolerance > 0:
             allocation = _finite(_run_all(ref_session, probes.allocation, input_model=True), ref_names)
-            budget = Budget(opts.tolerance, probes.allocation, allocation, ref_names, plan, log=opts.log)
+            budget = Budget(opts.tolerance, probes.allocation, allocation, ref_names, plan, progress=opts.progress)
         del ref_session
 
     shapes = tensor_shapes(original, specs)
@@ -240,7 +242,7 @@ def build(prep: Prepared, opts: Options, margin: float, keep_dense: frozenset[st
         budget.target = margin * opts.tolerance
     ctx = Context(graph=model_io.to_graph(prep.canonical), template=prep.template, shapes=dict(prep.shapes),
                   budget=budget, exclude=opts.exclude, keep_dense=keep_dense, latency_check=opts.latency_check,
-                  codebook=opts.codebook, log=opts.log)
+                  codebook=opts.codebook, log=opts.log, progress_log=opts.progress)
     results = [_run_step(step, ctx) for step in SCHEDULE if step.wanted(opts.passes)]
     if prep.moved:
         results[0].counts["constants_to_initializers"] = prep.moved
@@ -396,10 +398,9 @@ def _fresh_verification(model: onnx.ModelProto, ref_names: list[str], probes, sp
 
 
 def _run_all(sess, probes: list[dict], input_model: bool = False) -> list[list[np.ndarray]]:
-    """Every probe's outputs, in one batch where the model allows it (see :func:`probe_runner`)."""
+    """Every probe's outputs (:func:`budget.run_all`); the input model failing on them is bad input."""
     try:
-        run = probe_runner(sess, probes, {})
-        return run.unedited if hasattr(run, "unedited") else run({})
+        return run_all(sess, probes)
     except Exception as err:
         if not input_model:
             raise

@@ -203,15 +203,6 @@ def run(sess: ort.InferenceSession, probes: list[dict[str, np.ndarray]]) -> list
     return [sess.run(None, feeds) for feeds in probes]
 
 
-def run_input(sess: ort.InferenceSession, probes: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    """Outputs of the user's input model; a model onnxruntime loads but cannot run is bad input."""
-    try:
-        return run(sess, probes)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"onnxruntime cannot run the input model on probes of its input shapes ({first})") from None
-
-
 def sample_deviation(reference: np.ndarray, result: np.ndarray) -> float:
     """||y' − y||₂ / ||y||₂ of one output for one sample (see the module docstring)."""
     y = np.asarray(reference, dtype=np.float64)

@@ -441,3 +441,13 @@ def test_output_folder_not_writable(dirs):
     finally:
         out.chmod(0o700)
     assert folder_entries(out) == []
+
+
+def test_help_and_version_need_no_heavy_imports():
+    """--help and --version answer before numpy, onnx and onnxruntime load (and work without them)."""
+    script = ("import sys\nfrom red_onnx.cli import main\nfor args in (['--help'], ['--version']):\n"
+              "    try:\n        main(args)\n    except SystemExit as e:\n        assert e.code == 0\n"
+              "print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime', 'numba') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: red-onnx" in proc.stdout and proc.stdout.strip().endswith("[]")

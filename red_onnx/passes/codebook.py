@@ -30,7 +30,8 @@ def run(ctx: Context) -> PassResult:
     """Store every linear layer's weight that has few distinct values as a codebook (exact, bit
     for bit). Shared weights too: storage does not change the values any user sees."""
     start = time.perf_counter()
-    rows = []
+    result = PassResult(NAME)
+    rows = result.layers
     if INDEX_TYPES[ctx.codebook]:
         layers = {id(layer.weight): layer for layer in find_layers(ctx.graph, ctx.exclude)[0]}
         weights = {}
@@ -43,11 +44,15 @@ def run(ctx: Context) -> PassResult:
         for key, weight in weights.items():
             hint = ctx.hashed.get(weight.name) or (ctx.fold_scales.get(weight.name), None)
             row = _encode_weight(ctx.graph, weight, layers.get(key), ctx.codebook, hint)
-            if row:
+            if isinstance(row, str):
+                result.leave(layers[key].name if key in layers else weight.name, row)
+            else:
                 rows.append(row)
     ctx.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    counts = {"weights_encoded": len(rows), "bytes_saved": sum(r["bytes_before"] - r["bytes_after"] for r in rows)}
-    return PassResult(NAME, bool(rows), counts, rows, seconds=time.perf_counter() - start)
+    result.counts = {"weights_encoded": len(rows), "bytes_saved": sum(r["bytes_before"] - r["bytes_after"] for r in rows)}
+    result.modified = bool(rows)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def _scale_shape(layer: Layer, channels: int, ndim: int) -> tuple[int, ...] | None:
@@ -171,10 +176,13 @@ def _distinct_bits(values: np.ndarray, limit: int | None = None) -> np.ndarray |
 
 
 def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, setting: str,
-                   hint: tuple[np.ndarray | None, np.ndarray | None]) -> dict | None:
+                   hint: tuple[np.ndarray | None, np.ndarray | None]) -> dict | str:
+    """Replace ``constant`` by its codebook form; returns the report row, or why it stays plain."""
     stored = constant.values
-    if stored.size < MIN_ELEMENTS or stored.dtype not in (np.float16, np.float32, np.float64):
-        return None
+    if stored.size < MIN_ELEMENTS:
+        return f"{stored.size} weights, under the {MIN_ELEMENTS} worth a codebook"
+    if stored.dtype not in (np.float16, np.float32, np.float64):
+        return f"{stored.dtype} weights"
     widest = INDEX_TYPES[setting][-1][0]
     raw = _distinct_bits(stored, widest)
     for limit, _ in INDEX_TYPES[setting]:  # the narrowest index that fits, then the smaller codebook
@@ -186,14 +194,14 @@ def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, 
             bits, stored, scales = min(options, key=lambda o: len(o[0]) + (o[2].size if o[2] is not None else 0))
             break
     else:
-        return None
+        return f"more than {widest} distinct values (per channel scale)"
     codebook = bits.view(stored.dtype)
     index_type = next(t for n, t in INDEX_TYPES[setting] if len(codebook) <= n)
     indices = _indices(stored, bits).astype(index_type)
     before = constant.values.nbytes
     after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
     if after + NODE_OVERHEAD >= before:
-        return None
+        return "a codebook would not make it smaller"
     name = constant.name
     taken = set(graph.tensors()) | {n.name for n in graph.nodes}
     new = {part: unique_name(f"{name}_{part}", taken)
