@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 
 from .errors import InputError, RedOnnxError, VerificationError  # noqa: E402
 
-_LAZY = {"compress": "pipeline", "analyze": "layers", "Report": "report", "deviation": "verify"}
+_LAZY = {"compress": "pipeline", "compress_each": "pipeline", "analyze": "layers", "Report": "report", "deviation": "verify"}
 
-__all__ = ["compress", "analyze", "deviation", "Report", "PASSES", "InputError", "RedOnnxError",
+__all__ = ["compress", "compress_each", "analyze", "deviation", "Report", "PASSES", "InputError", "RedOnnxError",
            "VerificationError", "__version__"]
 
 

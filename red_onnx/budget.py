@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import InputError
+from .profile import Profile, digest
 
 from .defaults import DEFAULT_CHECK, DEFAULT_TOLERANCE  # noqa: F401 (the pipeline's defaults)
 
@@ -157,7 +158,8 @@ class Budget:
 
     def __init__(self, tolerance: float, probes: list[Feeds], reference: list[list[np.ndarray]],
                  reference_names: list[str], plan: list[Any], margin: float = 0.8,
-                 max_evaluations: int = 200, patience: int = 24, progress: Callable[[str], None] | None = None):
+                 max_evaluations: int = 200, patience: int = 24, progress: Callable[[str], None] | None = None,
+                 profile: Profile | None = None):
         self.tolerance = tolerance
         self.target = margin * tolerance
         self.probes = probes
@@ -168,16 +170,18 @@ class Budget:
         self.max_evaluations = max_evaluations
         self.patience = patience
         self.history: list[Spent] = []
+        self.profile = profile if profile is not None else Profile()
 
     def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize,
-              arrays: dict[str, np.ndarray] | None = None, measured_ranking: bool = False) -> Spent:
+              arrays: dict[str, np.ndarray] | None = None, measured_ranking: bool | str = False) -> Spent:
         """Choose among ``candidates`` for ``model`` (an onnx.ModelProto whose initializers the
         materialized edits replace, by name; with ``arrays``, a light model from
         :func:`red_onnx.model_io.to_light_model` and its weights). Returns what was accepted.
 
-        ``measured_ranking``: rank by measured deviations instead of the candidates' estimates
-        (see :meth:`_spend_measured`); for many slots whose estimates say little about the
-        output (hashing: weight error is a poor proxy across layers)."""
+        ``measured_ranking``: rank by measured deviations alone (the :mod:`red_onnx.profile`)
+        instead of the candidates' estimates (see :meth:`_spend_measured`): ``"levels"`` measures
+        each level of a slot, from the mildest, until one alone exceeds the target; ``"top"`` (or
+        True) measures a slot's most aggressive level and scales the others by their estimates."""
         arrays = arrays or {}
         from . import verify
 
@@ -217,8 +221,22 @@ class Budget:
         for c in sorted(candidates, key=lambda c: c.level):
             slots.setdefault(c.slot, []).append(c)
         if measured_ranking and before <= self.target:
-            accepted, current = self._spend_measured(slots, measure, measure_few, before,
-                                                     lambda: evaluations < self.max_evaluations)
+            digests: dict[str, str] = {}
+
+            def alone(c: Candidate, before_ranking: float) -> float:
+                """The added deviation of ``c`` alone, from the profile or measured into it."""
+                names = sorted(c.tensors or materialize([c]))
+                key = c.key + "@" + ",".join(digests.get(n) or digests.setdefault(n, digest(base[n])) for n in names)
+                added = self.profile.get(key)
+                if added is None:
+                    d = measure_few([c], screening=True)
+                    added = float(np.sqrt(max(d * d - before_ranking * before_ranking, 0.0)))
+                    self.profile.put(key, added)
+                return added
+
+            accepted, current = self._spend_measured(slots, measure, measure_few, alone, before,
+                                                     lambda: evaluations < self.max_evaluations,
+                                                     per_level=measured_ranking == "levels")
             spent = Spent(list(accepted.values()), before, current, evaluations)
             self.history.append(spent)
             return spent
@@ -252,13 +270,16 @@ class Budget:
         return spent
 
     def _spend_measured(self, slots: dict[str, list[Candidate]], measure: Callable, measure_ranking: Callable,
-                        before: float, left: Callable[[], bool]) -> tuple[dict[str, Candidate], float]:
+                        alone: Callable, before: float, left: Callable[[], bool], per_level: bool = False
+                        ) -> tuple[dict[str, Candidate], float]:
         """Rank by measurement, then search the ranked sequence.
 
-        1. Each slot's most aggressive level is measured alone (on the first ``RANKING_PROBES``
-           probes): its deviation ``d`` gives the slot's added deviation ``a = sqrt(max(d² − d₀²,
-           0))`` (``d₀``: the deviation before), and level ``i`` is estimated at
-           ``a · error_i / error_top``.
+        1. Each slot's added deviation alone (on the first ``RANKING_PROBES`` probes; the
+           deviation ``d`` of the edit alone gives ``a = sqrt(max(d² − d₀², 0))``, ``d₀`` the
+           deviation before), read from the profile where it holds it: with ``per_level``, of each
+           level from the mildest up to the first whose ``sqrt(d₀² + a²)`` exceeds the target
+           (that one and those above are not offered); else of the most aggressive level, level
+           ``i`` estimated at ``a · error_i / error_top``.
         2. Independent edits add in quadrature, so a greedy sequence of steps (a slot to a higher
            level) by saving per added squared deviation predicts ``sqrt(d₀² + Σ a²)`` at each step.
         3. The longest prefix that measures under the target is searched for, each guess being
@@ -269,10 +290,20 @@ class Budget:
         """
         before_ranking = measure_ranking([])
         added = {}
-        for slot, levels in slots.items():
+        for slot, levels in list(slots.items()):
+            if per_level:
+                added[slot] = []
+                for c in levels:
+                    a = alone(c, before_ranking)
+                    if before_ranking ** 2 + a * a > self.target ** 2:
+                        break
+                    added[slot].append(a)
+                slots[slot] = levels[:len(added[slot])]
+                if not added[slot]:
+                    del slots[slot], added[slot]
+                continue
             top = levels[-1]
-            d = measure_ranking([top])
-            a = float(np.sqrt(max(d * d - before_ranking * before_ranking, 0.0)))
+            a = alone(top, before_ranking)
             added[slot] = [a * (c.error / top.error if top.error > 0 else 1.0) for c in levels]
         # greedy sequence of steps (slot, level index), by marginal saving per marginal squared deviation
         level = {slot: -1 for slot in slots}
@@ -331,6 +362,10 @@ class Budget:
             dev = measure(list(trial.values()))
             if dev <= self.target:
                 accepted, current = trial, dev
+        if accepted:
+            predicted = np.sqrt(before * before + sum(added[s][slots[s].index(c)] ** 2 for s, c in accepted.items()))
+            self.profile.predictions.append({"pass": next(iter(accepted)).split(":")[0], "edits": len(accepted),
+                                             "predicted": round(float(predicted), 6), "measured": round(current, 6)})
         return accepted, current
 
     @staticmethod

@@ -37,10 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"red_onnx {__version__}")
     p.add_argument("--passes", help=f"comma list of passes ({', '.join(PASS_NAMES)}); default: every pass that exists; "
                    "canonicalization always runs")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
+    p.add_argument("--tolerance", type=_tolerances, default=[DEFAULT_TOLERANCE], metavar="T[,T...]",
                    help="error budget of the lossy steps: max relative L2 deviation of any output on any probe "
                    f"(0 = lossless, exact rewrites only; default {DEFAULT_TOLERANCE:g}, the largest at which every "
-                   "benchmark model kept its task metric within 1 point: see README)")
+                   "benchmark model kept its task metric within 1 point: see README). Several values: one "
+                   "verified output each, named OUT.tT.onnx (out.onnx -> out.t0.01.onnx), from one profile")
+    p.add_argument("--profile", metavar="FILE.json", help="read the sensitivity profile from FILE if it exists "
+                   "(it must match the model and the probe options), save it there after each output")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK, metavar="N",
                    help=f"fresh verification probes, run in one batch where the model allows (default {DEFAULT_CHECK}: "
                    f"none above the tolerance means fewer than 3/N of such inputs are, at 95%% confidence)")
@@ -65,6 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _tolerances(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers (0.003,0.01), got '{text}'")
+    return values
+
+
+def output_paths(output: str, tolerances: list[float]) -> list[str]:
+    """One tolerance: ``output``; several: ``out.onnx`` → ``out.t0.01.onnx`` per tolerance."""
+    if len(tolerances) == 1:
+        return [output]
+    stem, dot, suffix = output.rpartition(".")
+    if not dot or "/" in suffix:
+        stem, suffix = output, ""
+    return [f"{stem}.t{t:g}" + (f".{suffix}" if suffix else "") for t in tolerances]
 
 
 def _named(values: list[str], option: str, parse) -> dict:
@@ -112,11 +135,17 @@ def _written(write, path: str, written: list[str]) -> None:
         write()
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror or err}; {_on_disk(written)}") from None
-    written.append(path)
+    if path not in written:
+        written.append(path)
 
 
 def _on_disk(written: list[str]) -> str:
     return f"{' and '.join(written)} written" if written else "nothing written"
+
+
+def _also_on_disk(written: list[str], message: str) -> str:
+    """With several tolerances, the outputs finished before the error stay: say so."""
+    return f" ({_on_disk(written)} before this)" if written and _on_disk(written) not in message else ""
 
 
 def _on_sigterm(signum, frame):
@@ -135,36 +164,47 @@ def main(argv: list[str] | None = None) -> int:
     written: list[str] = []  # what is on disk, for the message if writing the rest fails
     try:
         from . import model_io  # numpy, onnx and onnxruntime load here: --help and --version need none of them
-        from .pipeline import compress
+        from .pipeline import compress_each
+        from .report import Report
 
+        tolerances = list(dict.fromkeys(args.tolerance))
+        outputs = output_paths(args.output, tolerances)
         if not args.dry_run:
-            model_io.check_output_path(args.output, [args.input])
+            for output in outputs:
+                model_io.check_output_path(output, [args.input])
         if args.report:
-            model_io.check_output_path(args.report, [args.input, args.output, args.output + ".data"])
+            model_io.check_output_path(args.report, [args.input] + [p for o in outputs for p in (o, o + ".data")])
+        if args.profile:
+            model_io.check_output_path(args.profile, [args.input, args.report or ""] + outputs)
 
-        model, report = compress(
-            args.input, tolerance=args.tolerance, passes=args.passes, seed=args.seed, check=args.check,
+        results = compress_each(
+            args.input, tolerances, passes=args.passes, seed=args.seed, check=args.check,
             input_shapes=_named(args.input_shape, "--input-shape", _shape),
             probe_inputs=_load_npz(args.probe_inputs) if args.probe_inputs else None,
             probe_ranges=_named(args.probe_range, "--probe-range", _range), exclude=args.exclude,
             verify_result=not args.no_verify, latency_check=not args.no_latency_check,
-            codebook=args.codebook, log=log)
-        if not args.dry_run:
-            log(f"writing {args.output}")
-            _written(lambda: model_io.save(model, args.output, external_data=True if args.external_data else None),
-                     args.output, written)
-        if args.report:
-            _written(lambda: model_io.write_text(args.report, report.to_json()), args.report, written)
+            codebook=args.codebook, profile=args.profile, log=log)
+        reports = []
+        for output, (_, model, report) in zip(outputs, results):
+            if not args.dry_run:
+                log(f"writing {output}")
+                _written(lambda: model_io.save(model, output, external_data=True if args.external_data else None),
+                         output, written)
+            del model
+            reports.append(report)
+            if args.report:
+                text = reports[0].to_json() if len(outputs) == 1 else Report.many_to_json(reports, outputs)
+                _written(lambda: model_io.write_text(args.report, text), args.report, written)
         if not args.quiet:
-            print(report.table())
+            print(reports[0].table() if len(outputs) == 1 else Report.summary(reports, outputs))
             if args.dry_run:
                 print("dry run: nothing written")
         return EXIT_OK
     except InputError as err:
-        print(f"red-onnx: error: {err}", file=sys.stderr)
+        print(f"red-onnx: error: {err}" + _also_on_disk(written, str(err)), file=sys.stderr)
         return EXIT_INPUT
     except VerificationError as err:
-        print(f"red-onnx: verification failed: {err}", file=sys.stderr)
+        print(f"red-onnx: verification failed: {err}" + _also_on_disk(written, str(err)), file=sys.stderr)
         return EXIT_VERIFY
     except KeyboardInterrupt:
         print(f"red-onnx: interrupted; {_on_disk(written)}", file=sys.stderr)

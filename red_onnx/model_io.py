@@ -168,6 +168,16 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return proto_size(model) + external
 
 
+def model_digest(model: onnx.ModelProto) -> bytes:
+    """A digest of the whole model, weights included, serialized one tensor at a time."""
+    import hashlib
+
+    h = hashlib.blake2b(without_initializers(model).SerializeToString(deterministic=True), digest_size=16)
+    for tensor in model.graph.initializer:
+        h.update(tensor.SerializeToString(deterministic=True))
+    return h.digest()
+
+
 def proto_size(model: onnx.ModelProto) -> int:
     """The protobuf's serialized size, computed tensor by tensor (``model.ByteSize()`` serializes
     the whole model, a copy as large as the model, and refuses above 2 GB)."""

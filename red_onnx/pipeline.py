@@ -14,13 +14,13 @@ import re
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import model_io, verify
+from . import model_io, profile, verify
 from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE, Budget, Probes, make_probes, random_probes, run_all
 from .context import Context, PassResult, Progress
 from .errors import InputError, VerificationError
@@ -113,6 +113,7 @@ class Prepared:
     reference: list[list[np.ndarray]] | None  # the input's outputs on the verification probes
     budget: Budget | None
     moved: int  # Constant nodes and sparse initializers turned into initializers
+    input_notes: int  # the report's first notes, on the input: every tolerance's report repeats them
 
 
 @dataclass
@@ -135,38 +136,85 @@ class Build:
 
 
 def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFAULT_TOLERANCE,
-             passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = DEFAULT_CHECK,
-             allocation: int = 16,
-             input_shapes: dict[str, tuple[int, ...]] | None = None, probe_inputs: dict[str, np.ndarray] | None = None,
-             probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
-             verify_result: bool = True, latency_check: bool = True, codebook: str = "uint8",
-             log: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+             passes: Iterable[str] | str | None = None, **options) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
     ``tolerance`` is the one error budget of the lossy steps (the deviation defined in
     :mod:`red_onnx.verify`); 0 allows exact rewrites only. Raises InputError on bad input and
-    VerificationError when the result does not match the input model. ``latency_check`` undoes
-    the conv separations when onnxruntime runs the result slower than the input. ``codebook``
-    ("uint8", "auto" = uint8 or uint16, "off") sets how few-valued weights are stored.
+    VerificationError when the result does not match the input model. The keyword options are
+    :func:`compress_each`'s.
+    """
+    _, result, report = next(compress_each(model, [tolerance], passes, **options))
+    return result, report
+
+
+def compress_each(model: str | os.PathLike | onnx.ModelProto, tolerances: Iterable[float] = (DEFAULT_TOLERANCE,),
+                  passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = DEFAULT_CHECK,
+                  allocation: int = 16, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                  probe_inputs: dict[str, np.ndarray] | None = None,
+                  probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
+                  verify_result: bool = True, latency_check: bool = True, codebook: str = "uint8",
+                  profile: str | os.PathLike | None = None, log: Callable[[str], None] | None = None
+                  ) -> Iterator[tuple[float, onnx.ModelProto, Report]]:
+    """Compress a model at each tolerance: yields ``(tolerance, model, report)`` per tolerance, in
+    the order given, each built and verified on its own (as :func:`compress` would), from one
+    preparation: the input is loaded, analysed and run on the probes once, and the sensitivity
+    profile (:mod:`red_onnx.profile`) measured for one tolerance serves the others.
+
+    ``latency_check`` undoes the conv separations when onnxruntime runs the result slower than the
+    input. ``codebook`` ("uint8", "auto" = uint8 or uint16, "off") sets how few-valued weights are
+    stored. ``profile``: a file the profile is read from (if it exists and was measured on this
+    model and these probe settings; another one is an InputError) and saved to after each tolerance.
     """
     start = time.perf_counter()
-    opts = _options(tolerance, passes, seed, check, allocation, input_shapes, probe_inputs, probe_ranges, exclude,
-                    verify_result, latency_check, codebook, log)
-    report = Report(tolerance=tolerance)
-    prep = prepare(model, opts, report)
-    accepted = build_verified(prep, opts, report)
-    if opts.latency_check:
-        accepted = latency_guard(prep, opts, report, accepted)
-    result = finish(prep, accepted)
-    _fill_report(report, prep, accepted, result, opts)
-    report.seconds = time.perf_counter() - start
-    return result, report
+    tolerances = list(dict.fromkeys(float(t) for t in tolerances))
+    if not tolerances:
+        raise InputError("--tolerance: give at least one value")
+    opts = _options(max(tolerances), passes, seed, check, allocation, input_shapes, probe_inputs, probe_ranges,
+                    exclude, verify_result, latency_check, codebook, log)
+    for t in tolerances:
+        _check_tolerance(t)
+    first = Report(tolerance=tolerances[0])
+    prep = prepare(model, opts, first, profile)
+    initial = _probe_state(prep)
+    for k, tolerance in enumerate(tolerances):
+        report = first if k == 0 else Report(
+            tolerance=tolerance, notes=list(first.notes[:prep.input_notes]), params_before=first.params_before,
+            macs_before=first.macs_before, bytes_before=first.bytes_before, op_counts_before=first.op_counts_before)
+        opts.tolerance = tolerance if opts.verify else 0.0
+        _restore_probe_state(prep, initial)
+        accepted = build_verified(prep, opts, report)
+        if opts.latency_check:
+            accepted = latency_guard(prep, opts, report, accepted)
+        result = finish(prep, accepted, release=k == len(tolerances) - 1)
+        _fill_report(report, prep, accepted, result, opts)
+        if profile is not None and prep.budget is not None:
+            prep.budget.profile.save(profile)
+        report.seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        yield tolerance, result, report
+
+
+def _probe_state(prep: Prepared) -> tuple:
+    """What a back-off changes: the verification probes and their reference, the allocation probes."""
+    budget = prep.budget
+    return (prep.probes.verification, prep.reference, budget and budget.probes, budget and budget.reference)
+
+
+def _restore_probe_state(prep: Prepared, state: tuple) -> None:
+    prep.probes.verification, prep.reference = state[0], state[1]
+    if prep.budget is not None:
+        prep.budget.probes, prep.budget.reference = state[2], state[3]
+
+
+def _check_tolerance(tolerance: float) -> None:
+    if tolerance < 0 or not np.isfinite(tolerance):
+        raise InputError(f"--tolerance must be a finite number >= 0, got {tolerance}")
 
 
 def _options(tolerance, passes, seed, check, allocation, input_shapes, probe_inputs, probe_ranges, exclude,
              verify_result, latency_check, codebook, log) -> Options:
-    if tolerance < 0 or not np.isfinite(tolerance):
-        raise InputError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+    _check_tolerance(tolerance)
     if codebook not in INDEX_TYPES:
         raise InputError(f"--codebook must be one of {', '.join(INDEX_TYPES)}, got '{codebook}'")
     if check < 1:
@@ -183,8 +231,10 @@ def _options(tolerance, passes, seed, check, allocation, input_shapes, probe_inp
                    verify_result, latency_check, codebook, log, Progress(log))
 
 
-def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: Report) -> Prepared:
-    """Load and analyse the input, run it on the probes, and canonicalize its constants."""
+def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: Report,
+            profile_path: str | os.PathLike | None = None) -> Prepared:
+    """Load and analyse the input, run it on the probes, and canonicalize its constants; read the
+    profile saved at ``profile_path`` if there is one."""
     opts.log("loading")
     original = model_io.load(model)
     specs = input_specs(original, opts.input_shapes)
@@ -206,7 +256,13 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
         reference = _finite(_run_all(ref_session, probes.verification, input_model=True), ref_names)
         if opts.tolerance > 0:
             allocation = _finite(_run_all(ref_session, probes.allocation, input_model=True), ref_names)
-            budget = Budget(opts.tolerance, probes.allocation, allocation, ref_names, plan, progress=opts.progress)
+            measured_before = None
+            if profile_path is not None:
+                measured_before = profile.load(profile_path, profile.fingerprint(
+                    model_io.model_digest(original), specs, opts.seed, opts.allocation, opts.probe_ranges,
+                    opts.probe_inputs))
+            budget = Budget(opts.tolerance, probes.allocation, allocation, ref_names, plan, progress=opts.progress,
+                            profile=measured_before)
         del ref_session
 
     shapes = tensor_shapes(original, specs)
@@ -220,7 +276,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
         canonical = original
     moved = fold.constants_to_initializers(canonical)
     return Prepared(canonical, template, specs, MappingProxyType(shapes), before, plan, ref_names,
-                    probes, reference, budget, moved)
+                    probes, reference, budget, moved, len(report.notes))
 
 
 def _notes_on_input(original: onnx.ModelProto, opts: Options, report: Report) -> None:
@@ -239,7 +295,7 @@ def build(prep: Prepared, opts: Options, margin: float, keep_dense: frozenset[st
     tolerance`` (none at margin 0); export it light (weights stay in the graph's arrays)."""
     budget = prep.budget if margin > 0 else None
     if budget is not None:
-        budget.target = margin * opts.tolerance
+        budget.tolerance, budget.target = opts.tolerance, margin * opts.tolerance
     ctx = Context(graph=model_io.to_graph(prep.canonical), template=prep.template, shapes=dict(prep.shapes),
                   budget=budget, exclude=opts.exclude, keep_dense=keep_dense, latency_check=opts.latency_check,
                   codebook=opts.codebook, log=opts.log, progress_log=opts.progress)
@@ -272,7 +328,7 @@ def _run_step(step, ctx: Context) -> PassResult:
 
 def build_verified(prep: Prepared, opts: Options, report: Report, keep_dense: frozenset[str] = frozenset()) -> Build:
     """Build at decreasing margins until the fresh probes agree (see :func:`back_off`)."""
-    margin, lossy = (FIRST_MARGIN, LOSSY_BUILDS) if prep.budget is not None else (0.0, 0)
+    margin, lossy = (FIRST_MARGIN, LOSSY_BUILDS) if prep.budget is not None and opts.tolerance > 0 else (0.0, 0)
     for attempt in range(1, LOSSY_BUILDS + 2):
         opts.log(f"build {attempt} of at most {attempt + lossy}: " + (
             f"lossy edits up to {margin:.2g}x the tolerance" if margin > 0 else "exact rewrites only"))
@@ -338,13 +394,15 @@ def latency_guard(prep: Prepared, opts: Options, report: Report, current: Build)
     return current
 
 
-def finish(prep: Prepared, accepted: Build) -> onnx.ModelProto:
-    """The accepted build as a full model; the input's weights are released first."""
-    for tensor in accepted.ctx.graph.tensors().values():  # the graph takes its own copy of every weight ...
-        if isinstance(tensor, gs.Constant):
-            tensor.values  # noqa: B018 (loads a lazily imported weight)
+def finish(prep: Prepared, accepted: Build, release: bool = True) -> onnx.ModelProto:
+    """The accepted build as a full model; with ``release`` (no build follows), the input's
+    weights are released first."""
+    if release:
+        for tensor in accepted.ctx.graph.tensors().values():  # the graph takes its own copy of every weight ...
+            if isinstance(tensor, gs.Constant):
+                tensor.values  # noqa: B018 (loads a lazily imported weight)
+        prep.canonical = None  # ... so the input's copy can go before the result is exported
     accepted.light = accepted.arrays = None
-    prep.canonical = None  # ... so the input's copy can go before the result is exported
     try:
         return model_io.to_full_model(accepted.ctx.graph, prep.template)
     except UnicodeDecodeError as err:
@@ -365,6 +423,12 @@ def _fill_report(report: Report, prep: Prepared, accepted: Build, result: onnx.M
     report.left_alone = [{"name": a.name, "pass": a.pass_name, "reason": a.reason}
                          for r in accepted.results for a in r.left_alone]
     report.layers = _layer_rows(accepted.ctx, prep.before.macs_per_node, after, accepted.results)
+    if prep.budget is not None:
+        measured = prep.budget.profile
+        report.profile = {"entries": len(measured.added), "measured": measured.measured, "reused": measured.reused,
+                          "predictions": list(measured.predictions)}
+        measured.measured = measured.reused = 0
+        measured.predictions.clear()
 
 
 def _finite(outputs: list[list[np.ndarray]], names: list[str]) -> list[list[np.ndarray]]:

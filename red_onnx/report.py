@@ -31,6 +31,8 @@ class Report:
     op_counts_after: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     latency: dict[str, float] = field(default_factory=dict)  # the latency guard's measurement, if it ran
+    # the sensitivity profile: entries, measured / reused by this output's builds, predicted vs measured deviations
+    profile: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +73,42 @@ class Report:
             lines.append(f"latency (onnxruntime, 1 thread): {self.latency['input_ms']:.3g} ms -> "
                          f"{self.latency['result_ms']:.3g} ms")
         lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+    @staticmethod
+    def many_to_json(reports: list[Report], outputs: list[str]) -> str:
+        """One entry per output (several tolerances): ``{"outputs": [{"output": path, ...report}]}``."""
+        entries = [{"output": path, **r.to_dict()} for r, path in zip(reports, outputs)]
+        return json.dumps({"outputs": entries}, indent=2, default=_plain)
+
+    @staticmethod
+    def summary(reports: list[Report], outputs: list[str]) -> str:
+        """One column per output (several tolerances): what each saves, its deviation and speed."""
+        first = reports[0]
+        rows = [("", "before") + tuple(f"T={r.tolerance:g}" for r in reports),
+                ("parameters", f"{first.params_before:,}") + tuple(
+                    f"{_delta(r.params_before, r.params_after) or '='}" for r in reports),
+                ("MACs", f"{first.macs_before:,}") + tuple(
+                    f"{_delta(r.macs_before, r.macs_after) or '='}" for r in reports),
+                ("file size", _size(first.bytes_before)) + tuple(_size(r.bytes_after) for r in reports),
+                ("nodes", str(sum(first.op_counts_before.values()))) + tuple(
+                    str(sum(r.op_counts_after.values())) for r in reports),
+                ("deviation max", "") + tuple("-" if r.output_deviation is None else f"{r.output_deviation:.3g}"
+                                              for r in reports),
+                ("latency ratio", "") + tuple(f"{r.latency['ratio']:.2f}" if r.latency.get("ratio") else "-"
+                                              for r in reports),
+                ("seconds", "") + tuple(f"{r.seconds:.1f}" for r in reports)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines += [f"T={r.tolerance:g}: {path}" for r, path in zip(reports, outputs)]
+        if first.verification.get("probes"):
+            lines.append(f"each verified on {first.verification['probes']} fresh probes: no output deviated more "
+                         "than its T (see --report for each output's promise and per-output deviations)")
+        notes = dict.fromkeys(f"T={r.tolerance:g}: {n}" for r in reports for n in r.notes)
+        lines.extend(f"note: {n}" for n in notes)
         return "\n".join(lines)
 
 

@@ -157,14 +157,12 @@ def _spend(ctx: Context) -> Spent:
 
     def materialize(chosen: list[Candidate]) -> dict[str, np.ndarray]:
         edits = {}
-        by_space: dict[int, list[Candidate]] = {}
-        for cand in chosen:
-            by_space.setdefault(cand.data[0], []).append(cand)
-        for k, cands in by_space.items():
-            edits.update(_cluster_edits(spaces[k], info[k], [(c.data[1], c.data[2]) for c in cands]))
+        for cand in chosen:  # one level (a number of merges) per space
+            k, pairs = cand.data
+            edits.update(_cluster_edits(spaces[k], info[k], pairs))
         return edits
 
-    return ctx.spend(candidates, materialize)
+    return ctx.spend(candidates, materialize, measured_ranking="levels")
 
 
 def _exercised(ctx: Context, spaces: list[Space]) -> list[np.ndarray]:
@@ -192,7 +190,9 @@ def _exercised(ctx: Context, spaces: list[Space]) -> list[np.ndarray]:
 
 
 def _near_candidates(space: Space, k: int, shapes: dict, exercised: np.ndarray) -> tuple[list[Candidate], dict]:
-    """For each channel the probes exercise, merging it into its nearest compatible such channel."""
+    """The space's levels of near merges: each channel the probes exercise merged into its nearest
+    compatible such channel, the pairs ordered by estimated error (residual row norm × consumer
+    column norm); level ℓ takes the first :func:`_level_sizes` pairs."""
     rows = space.producer_rows()
     norms = np.linalg.norm(rows, axis=1)
     consumer_norms = space.consumer_norms()
@@ -212,18 +212,30 @@ def _near_candidates(space: Space, k: int, shapes: dict, exercised: np.ndarray) 
     best = np.argmax(score, axis=1)
     saving = _channel_saving(space, shapes)
     tensors = tuple(t.name for p in space.producers for t in (p.weight, p.bias) if t is not None)
-    cands = []
+    pairs, errors = [], []
     for j in range(c):
         i = best[j]
         if not np.isfinite(score[j, i]) or norms[i] == 0:
             continue
         s = rows[j] @ rows[i] / (norms[i] ** 2) if space.homogeneous else 1.0
-        residual = np.linalg.norm(rows[j] - s * rows[i])
-        error = residual * consumer_norms[j]
-        cands.append(Candidate(key=f"merge:{space.name}:{j}->{i}", slot=f"merge:{k}:{j}", saving=saving,
-                               error=float(error), data=(k, j, i), tensors=tensors))
+        pairs.append((j, int(i)))
+        errors.append(np.linalg.norm(rows[j] - s * rows[i]) * consumer_norms[j])
+    order = np.argsort(errors, kind="stable")
+    pairs = [pairs[o] for o in order]
+    cumulative = np.sqrt(np.cumsum(np.square(np.asarray(errors)[order])))
+    cands = []
+    for level, m in enumerate(_level_sizes(len(pairs))):
+        cands.append(Candidate(key=f"merge:{space.name}:{m}", slot=f"merge:{k}", saving=tuple(m * x for x in saving),
+                               error=float(cumulative[m - 1]), level=level, data=(k, pairs[:m]), tensors=tensors))
     weights = norms * np.maximum(consumer_norms, 1e-12)
     return cands, {"rows": rows, "weights": weights}
+
+
+def _level_sizes(n: int) -> list[int]:
+    """How many of a space's merges (the best first) each level takes: 1, 2, 3, 4, 6, 8, 11, 16, ...
+    (about √2 apart, so the budget can stop within 1.4x of the most that fits), and all ``n``."""
+    sizes = {min(n, round(2 ** (e / 2))) for e in range(int(2 * np.log2(max(n, 1))) + 2)}
+    return sorted(m for m in sizes if m >= 1)
 
 
 def _channel_saving(space: Space, shapes: dict) -> tuple[int, int, int]:
