@@ -136,15 +136,24 @@ class Build:
 
 
 def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFAULT_TOLERANCE,
-             passes: Iterable[str] | str | None = None, **options) -> tuple[onnx.ModelProto, Report]:
+             passes: Iterable[str] | str | None = None, *, seed: int = 0, check: int = DEFAULT_CHECK,
+             allocation: int = 16, input_shapes: dict[str, tuple[int, ...]] | None = None,
+             probe_inputs: dict[str, np.ndarray] | None = None,
+             probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
+             verify_result: bool = True, latency_check: bool = True, codebook: str = "uint8",
+             profile: str | os.PathLike | None = None, log: Callable[[str], None] | None = None
+             ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
     ``tolerance`` is the one error budget of the lossy steps (the deviation defined in
     :mod:`red_onnx.verify`); 0 allows exact rewrites only. Raises InputError on bad input and
-    VerificationError when the result does not match the input model. The keyword options are
+    VerificationError when the result does not match the input model. The other options are
     :func:`compress_each`'s.
     """
-    _, result, report = next(compress_each(model, [tolerance], passes, **options))
+    _, result, report = next(compress_each(
+        model, [tolerance], passes, seed=seed, check=check, allocation=allocation, input_shapes=input_shapes,
+        probe_inputs=probe_inputs, probe_ranges=probe_ranges, exclude=exclude, verify_result=verify_result,
+        latency_check=latency_check, codebook=codebook, profile=profile, log=log))
     return result, report
 
 
