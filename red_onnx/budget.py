@@ -8,11 +8,13 @@ luck is still caught.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
+from .downstream import Downstream
 from .errors import InputError
 from .profile import Profile, digest
 
@@ -135,6 +137,12 @@ Materialize = Callable[[list[Candidate]], dict[str, np.ndarray]]
 #: and a 1.5% smaller file at 0.003
 RANKING_PROBES = 4
 RANKING_VALUES = 1000
+#: a model whose run on the ranking probes takes longer has its candidates measured alone on the
+#: part of the graph they change (:mod:`red_onnx.downstream`); a faster one runs whole (a
+#: sub-model's session costs more than it saves)
+DOWNSTREAM_SECONDS = 0.02
+#: at most this many searches on the ranking probes, each confirmed on all allocation probes
+CONFIRMATIONS = 3
 
 
 @dataclass
@@ -171,6 +179,10 @@ class Budget:
         self.patience = patience
         self.history: list[Spent] = []
         self.profile = profile if profile is not None else Profile()
+        #: a step that saves MACs is offered only if it removes at least ``mac_worth`` of the
+        #: model's ``macs`` per share of the squared target its added deviation uses (the
+        #: pipeline sets it where a bytes-saving pass spends the rest of the budget)
+        self.mac_worth, self.macs = 0.0, 0
 
     def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize,
               arrays: dict[str, np.ndarray] | None = None, measured_ranking: bool | str = False) -> Spent:
@@ -222,6 +234,7 @@ class Budget:
             slots.setdefault(c.slot, []).append(c)
         if measured_ranking and before <= self.target:
             digests: dict[str, str] = {}
+            down = self._downstream(sess, base, count, top.values(), materialize, lambda: measure_few([], True))
 
             def alone(c: Candidate, before_ranking: float) -> float:
                 """The added deviation of ``c`` alone, from the profile or measured into it."""
@@ -229,14 +242,19 @@ class Budget:
                 key = c.key + "@" + ",".join(digests.get(n) or digests.setdefault(n, digest(base[n])) for n in names)
                 added = self.profile.get(key)
                 if added is None:
-                    d = measure_few([c], screening=True)
+                    run_down = down.runner(frozenset(names)) if down is not None else None
+                    if run_down is not None:
+                        d = verify.deviation(reference[:count], run_down({**base, **materialize([c])}))[0]
+                    else:
+                        d = measure_few([c], screening=True)
                     added = float(np.sqrt(max(d * d - before_ranking * before_ranking, 0.0)))
                     self.profile.put(key, added)
                 return added
 
             accepted, current = self._spend_measured(slots, measure, measure_few, alone, before,
                                                      lambda: evaluations < self.max_evaluations,
-                                                     per_level=measured_ranking == "levels")
+                                                     per_level=measured_ranking == "levels",
+                                                     screening=few is not run)
             spent = Spent(list(accepted.values()), before, current, evaluations)
             self.history.append(spent)
             return spent
@@ -270,8 +288,8 @@ class Budget:
         return spent
 
     def _spend_measured(self, slots: dict[str, list[Candidate]], measure: Callable, measure_ranking: Callable,
-                        alone: Callable, before: float, left: Callable[[], bool], per_level: bool = False
-                        ) -> tuple[dict[str, Candidate], float]:
+                        alone: Callable, before: float, left: Callable[[], bool], per_level: bool = False,
+                        screening: bool = True) -> tuple[dict[str, Candidate], float]:
         """Rank by measurement, then search the ranked sequence.
 
         1. Each slot's added deviation alone (on the first ``RANKING_PROBES`` probes; the
@@ -282,11 +300,13 @@ class Budget:
            ``i`` estimated at ``a · error_i / error_top``.
         2. Independent edits add in quadrature, so a greedy sequence of steps (a slot to a higher
            level) by saving per added squared deviation predicts ``sqrt(d₀² + Σ a²)`` at each step.
-        3. The longest prefix that measures under the target is searched for, each guess being
-           the longest prefix predicted to fit once the predictions are rescaled by the last
-           measured/predicted ratio; a guess outside the bracket is moved to the step next to
-           it, and where that too contradicts the prediction, bisection follows; then up to
-           ``patience`` later steps, each predicted to fit, are tried one by one.
+        3. The longest prefix that measures under the target *on the ranking probes* is searched
+           for (see ``longest``), and confirmed on all allocation probes; where it overshoots
+           there, the search runs again under a limit lowered by the overshoot (at most
+           CONFIRMATIONS times, then nothing is taken). Then up to ``patience`` later steps,
+           each predicted to fit, are tried one by one on the ranking probes, and kept if
+           all of them together are confirmed. So a pass costs a few runs on all probes, however
+           many candidates it has.
         """
         before_ranking = measure_ranking([])
         added = {}
@@ -318,6 +338,8 @@ class Budget:
                     if not any(g > 0 for g in gain):
                         continue
                     cost = max(added[slot][i] ** 2 - a0 ** 2, 1e-24)
+                    if gain[0] > 0 and gain[0] < self.mac_worth * self.macs * cost / self.target ** 2:
+                        continue  # too few MACs for its share of the budget, which hashing can use
                     value = tuple(g / cost for g in gain)
                     if best is None or value > best[0]:
                         best = (value, slot, i, cost)
@@ -335,31 +357,62 @@ class Budget:
                 chosen[slot] = slots[slot][i]
             return chosen
 
-        fits = {0: before}
-        lo, hi = 0, len(steps) + 1  # the prefix of lo steps fits, the one of hi does not (n + 1: none)
-        scale = 1.0  # measured / predicted deviation at the last prefix measured
-        edge = False  # the last guess left the bracket and was moved to its edge
-        while hi - lo > 1 and left():
-            guess = sum(1 for p in predicted if p * scale <= self.target)
-            if lo < guess < hi:
-                k, edge = guess, False
-            elif not edge:  # predicted to end at a measured prefix: check the step next to it
-                k, edge = (lo + 1 if guess <= lo else hi - 1), True
-            else:  # the prediction failed there: bisection
-                k, edge = (lo + hi) // 2, False
-            dev = measure(list(state(k).values()))
-            if dev <= self.target:
-                lo, fits[k] = k, dev
-            else:
-                hi = k
-            scale = dev / predicted[k - 1] if predicted[k - 1] > 0 else 1.0
-        accepted, current = state(lo), fits[lo]
-        for slot, i, cost in steps[lo + 1:lo + 1 + self.patience]:  # the step at lo overshot: try the next
-            if slot in accepted and slots[slot].index(accepted[slot]) >= i or not left() \
-                    or current * current + cost > self.target * self.target:  # predicted not to fit
+        screened: dict[int, float] = {0: before_ranking}  # prefix length → deviation on the ranking probes
+
+        def on_ranking(k: int) -> float:
+            if k not in screened:
+                screened[k] = measure_ranking(list(state(k).values()))
+            return screened[k]
+
+        def longest(limit: float, lo: int = 0, hi: int = len(steps) + 1, at: Callable = on_ranking) -> int:
+            """The longest prefix whose ranking deviation stays under ``limit``: the prefix of lo
+            steps fits, the one of hi does not; each guess is the longest prefix predicted to fit
+            once the predictions are rescaled by the last measured/predicted ratio; a guess
+            outside the bracket moves to the step next to it, and where that too contradicts the
+            prediction, bisection follows."""
+            scale, edge = 1.0, False
+            while hi - lo > 1 and left():
+                guess = sum(1 for p in predicted if p * scale <= limit)
+                if lo < guess < hi:
+                    k, edge = guess, False
+                elif not edge:
+                    k, edge = (lo + 1 if guess <= lo else hi - 1), True
+                else:
+                    k, edge = (lo + hi) // 2, False
+                dev = at(k)
+                lo, hi = (k, hi) if dev <= limit else (lo, k)
+                scale = dev / predicted[k - 1] if predicted[k - 1] > 0 else 1.0
+            return lo
+
+        # search on the ranking probes; confirm the result on all allocation probes, and where it
+        # overshoots there, search again under a limit scaled by the overshoot
+        limit, lo, current = self.target, 0, before
+        full = {0: before}  # prefix length → deviation on all allocation probes
+
+        def on_all(k: int) -> float:
+            if k not in full:
+                full[k] = measure(list(state(k).values())) if screening else on_ranking(k)
+            return full[k]
+
+        for _ in range(CONFIRMATIONS):
+            lo = longest(limit)
+            if lo == 0 or on_all(lo) <= self.target:
+                break
+            limit = min(limit, screened[lo]) * 0.95 * self.target / full[lo]
+        else:  # the ranking probes keep misleading: search on all probes, below the last overshoot
+            lo = longest(self.target, 0, lo, at=on_all)
+        current = on_all(lo)
+        accepted = state(lo)
+        trial, tried = dict(accepted), 0  # the step at lo overshot: try the next ones, predicted to fit
+        for slot, i, cost in steps[lo + 1:lo + 1 + self.patience]:
+            if slot in trial and slots[slot].index(trial[slot]) >= i or not left() \
+                    or current * current + cost > self.target * self.target:
                 continue
-            trial = {**accepted, slot: slots[slot][i]}
-            dev = measure(list(trial.values()))
+            edited = {**trial, slot: slots[slot][i]}
+            if measure_ranking(list(edited.values())) <= self.target:
+                trial, tried = edited, tried + 1
+        if tried:
+            dev = measure(list(trial.values())) if screening else measure_ranking(list(trial.values()))
             if dev <= self.target:
                 accepted, current = trial, dev
         if accepted:
@@ -367,6 +420,18 @@ class Budget:
             self.profile.predictions.append({"pass": next(iter(accepted)).split(":")[0], "edits": len(accepted),
                                              "predicted": round(float(predicted), 6), "measured": round(current, 6)})
         return accepted, current
+
+    def _downstream(self, sess, base, count, tops, materialize, run_once) -> Downstream | None:
+        """Where one run of the model on the ranking probes takes over DOWNSTREAM_SECONDS, the
+        sub-models that measure each slot alone (:mod:`red_onnx.downstream`)."""
+        start = time.perf_counter()
+        run_once()
+        if time.perf_counter() - start < DOWNSTREAM_SECONDS:
+            return None
+        model, kept, outputs = sess._red_onnx_model
+        down = Downstream(model, kept, base, outputs, self.probes[:count])
+        down.prepare([frozenset(c.tensors or materialize([c])) for c in tops])
+        return down
 
     @staticmethod
     def _value(levels: list[Candidate], index: int, taken: Candidate | None) -> tuple[float, float, float]:
@@ -406,7 +471,9 @@ class Budget:
         del copy.graph.initializer[:]
         copy.graph.initializer.extend(kept)
         pairs = verify.columns(self.plan, copy)  # the rewrite so far may have renamed measured tensors
-        sess = verify.session(copy, [r for _, r, _ in pairs], arrays={k: v for k, v in arrays.items() if k in inits})
+        kept = {k: v for k, v in arrays.items() if k in inits}
+        sess = verify.session(copy, [r for _, r, _ in pairs], arrays=kept)
+        sess._red_onnx_model = (copy, kept, [r for _, r, _ in pairs])  # for a Downstream on the same model
         return sess, base, [t for t, _, _ in pairs]  # the session's outputs hold the reference's tensors, in order
 
 
