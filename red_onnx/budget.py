@@ -141,8 +141,9 @@ RANKING_VALUES = 1000
 #: part of the graph they change (:mod:`red_onnx.downstream`); a faster one runs whole (a
 #: sub-model's session costs more than it saves)
 DOWNSTREAM_SECONDS = 0.02
-#: at most this many searches on the ranking probes, each confirmed on all allocation probes
-CONFIRMATIONS = 3
+#: the search past the longest fitting prefix stops after this many steps that fit the ranking
+#: probes and not all allocation probes (each cost a run on all of them)
+PATIENCE_MISSES = 3
 
 
 @dataclass
@@ -302,11 +303,10 @@ class Budget:
            level) by saving per added squared deviation predicts ``sqrt(d₀² + Σ a²)`` at each step.
         3. The longest prefix that measures under the target *on the ranking probes* is searched
            for (see ``longest``), and confirmed on all allocation probes; where it overshoots
-           there, the search runs again under a limit lowered by the overshoot (at most
-           CONFIRMATIONS times, then nothing is taken). Then up to ``patience`` later steps,
-           each predicted to fit, are tried one by one on the ranking probes, and kept if
-           all of them together are confirmed. So a pass costs a few runs on all probes, however
-           many candidates it has.
+           there, the search goes on below it on all probes. Then up to ``patience`` later
+           steps, each predicted to fit, are tried one by one: on the ranking probes, then on all
+           (until PATIENCE_MISSES of them fit the first and not the second). So a pass costs a
+           few runs on all probes, however many candidates it has.
         """
         before_ranking = measure_ranking([])
         added = {}
@@ -364,15 +364,15 @@ class Budget:
                 screened[k] = measure_ranking(list(state(k).values()))
             return screened[k]
 
-        def longest(limit: float, lo: int = 0, hi: int = len(steps) + 1, at: Callable = on_ranking) -> int:
-            """The longest prefix whose ranking deviation stays under ``limit``: the prefix of lo
-            steps fits, the one of hi does not; each guess is the longest prefix predicted to fit
+        def longest(at: Callable[[int], float], hi: int = len(steps) + 1) -> int:
+            """The longest prefix whose deviation ``at(k)`` stays under the target: the prefix of
+            lo steps fits, the one of hi does not; each guess is the longest prefix predicted to fit
             once the predictions are rescaled by the last measured/predicted ratio; a guess
             outside the bracket moves to the step next to it, and where that too contradicts the
             prediction, bisection follows."""
-            scale, edge = 1.0, False
+            lo, scale, edge = 0, 1.0, False
             while hi - lo > 1 and left():
-                guess = sum(1 for p in predicted if p * scale <= limit)
+                guess = sum(1 for p in predicted if p * scale <= self.target)
                 if lo < guess < hi:
                     k, edge = guess, False
                 elif not edge:
@@ -380,13 +380,10 @@ class Budget:
                 else:
                     k, edge = (lo + hi) // 2, False
                 dev = at(k)
-                lo, hi = (k, hi) if dev <= limit else (lo, k)
+                lo, hi = (k, hi) if dev <= self.target else (lo, k)
                 scale = dev / predicted[k - 1] if predicted[k - 1] > 0 else 1.0
             return lo
 
-        # search on the ranking probes; confirm the result on all allocation probes, and where it
-        # overshoots there, search again under a limit scaled by the overshoot
-        limit, lo, current = self.target, 0, before
         full = {0: before}  # prefix length → deviation on all allocation probes
 
         def on_all(k: int) -> float:
@@ -394,27 +391,26 @@ class Budget:
                 full[k] = measure(list(state(k).values())) if screening else on_ranking(k)
             return full[k]
 
-        for _ in range(CONFIRMATIONS):
-            lo = longest(limit)
-            if lo == 0 or on_all(lo) <= self.target:
-                break
-            limit = min(limit, screened[lo]) * 0.95 * self.target / full[lo]
-        else:  # the ranking probes keep misleading: search on all probes, below the last overshoot
-            lo = longest(self.target, 0, lo, at=on_all)
+        lo = longest(on_ranking)
+        if lo and on_all(lo) > self.target:  # the ranking probes missed: search below it on all probes
+            lo = longest(on_all, lo)
         current = on_all(lo)
         accepted = state(lo)
-        trial, tried = dict(accepted), 0  # the step at lo overshot: try the next ones, predicted to fit
+        misses = 0  # the step at lo overshot: try the next ones predicted to fit, one by one
         for slot, i, cost in steps[lo + 1:lo + 1 + self.patience]:
-            if slot in trial and slots[slot].index(trial[slot]) >= i or not left() \
+            if slot in accepted and slots[slot].index(accepted[slot]) >= i or not left() \
                     or current * current + cost > self.target * self.target:
                 continue
-            edited = {**trial, slot: slots[slot][i]}
-            if measure_ranking(list(edited.values())) <= self.target:
-                trial, tried = edited, tried + 1
-        if tried:
+            trial = {**accepted, slot: slots[slot][i]}
+            if measure_ranking(list(trial.values())) > self.target:
+                continue
             dev = measure(list(trial.values())) if screening else measure_ranking(list(trial.values()))
             if dev <= self.target:
                 accepted, current = trial, dev
+            else:
+                misses += 1
+                if misses >= PATIENCE_MISSES:
+                    break
         if accepted:
             predicted = np.sqrt(before * before + sum(added[s][slots[s].index(c)] ** 2 for s, c in accepted.items()))
             self.profile.predictions.append({"pass": next(iter(accepted)).split(":")[0], "edits": len(accepted),
