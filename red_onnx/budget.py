@@ -7,6 +7,7 @@ luck is still caught.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -184,6 +185,9 @@ class Budget:
         #: model's ``macs`` per share of the squared target its added deviation uses (the
         #: pipeline sets it where a bytes-saving pass spends the rest of the budget)
         self.mac_worth, self.macs = 0.0, 0
+        #: what the passes computed from the model, kept for the later builds of this call (other
+        #: tolerances, back-offs), keyed by a digest of the values it was computed from
+        self.memo: dict[str, Any] = {}
 
     def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize,
               arrays: dict[str, np.ndarray] | None = None, measured_ranking: bool | str = False) -> Spent:
@@ -310,21 +314,12 @@ class Budget:
         """
         before_ranking = measure_ranking([])
         added = {}
-        for slot, levels in list(slots.items()):
-            if per_level:
-                added[slot] = []
-                for c in levels:
-                    a = alone(c, before_ranking)
-                    if before_ranking ** 2 + a * a > self.target ** 2:
-                        break
-                    added[slot].append(a)
-                slots[slot] = levels[:len(added[slot])]
-                if not added[slot]:
-                    del slots[slot], added[slot]
-                continue
-            top = levels[-1]
-            a = alone(top, before_ranking)
-            added[slot] = [a * (c.error / top.error if top.error > 0 else 1.0) for c in levels]
+        bar = getattr(self.progress, "bar", None)
+        with bar(len(slots), "profile") if bar else contextlib.nullcontext() as shown:
+            for slot, levels in list(slots.items()):
+                self._profile_slot(slot, levels, slots, added, alone, before_ranking, per_level)
+                if shown is not None:
+                    shown.update(1)
         # greedy sequence of steps (slot, level index), by marginal saving per marginal squared deviation
         level = {slot: -1 for slot in slots}
         steps, predicted, total = [], [], before * before
@@ -416,6 +411,25 @@ class Budget:
             self.profile.predictions.append({"pass": next(iter(accepted)).split(":")[0], "edits": len(accepted),
                                              "predicted": round(float(predicted), 6), "measured": round(current, 6)})
         return accepted, current
+
+    def _profile_slot(self, slot: str, levels: list[Candidate], slots: dict, added: dict, alone: Callable,
+                      before: float, per_level: bool) -> None:
+        """``added[slot]``: each level's added deviation (see :meth:`_spend_measured`, step 1);
+        with ``per_level``, the levels that alone exceed the target leave ``slots[slot]``."""
+        if per_level:
+            added[slot] = []
+            for c in levels:
+                a = alone(c, before)
+                if before ** 2 + a * a > self.target ** 2:
+                    break
+                added[slot].append(a)
+            slots[slot] = levels[:len(added[slot])]
+            if not added[slot]:
+                del slots[slot], added[slot]
+            return
+        top = levels[-1]
+        a = alone(top, before)
+        added[slot] = [a * (c.error / top.error if top.error > 0 else 1.0) for c in levels]
 
     def _downstream(self, sess, base, count, tops, materialize, run_once) -> Downstream | None:
         """Where one run of the model on the ranking probes takes over DOWNSTREAM_SECONDS, the

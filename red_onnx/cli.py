@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_inputs=_load_npz(args.probe_inputs) if args.probe_inputs else None,
             probe_ranges=_named(args.probe_range, "--probe-range", _range), exclude=args.exclude,
             verify_result=not args.no_verify, latency_check=not args.no_latency_check,
-            codebook=args.codebook, profile=args.profile, log=log)
+            codebook=args.codebook, profile=args.profile, log=None if args.quiet else log)
         reports = []
         for output, (_, model, report) in zip(outputs, results):
             if not args.dry_run:

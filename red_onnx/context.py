@@ -26,11 +26,23 @@ class Progress:
     log: Callable[[str], None] = lambda message: None
     last: float = field(default_factory=time.perf_counter)
 
+    shown: bool = False  # whether the log reaches a person (progress bars on a terminal)
+
     def __call__(self, message: str) -> None:
         now = time.perf_counter()
         if now - self.last > PROGRESS_SECONDS:
             self.last = now
             self.log(message)
+
+    def bar(self, total: int, what: str):
+        """A progress bar with the time left (tqdm) where the log is shown and stderr is a
+        terminal; else a bar that shows nothing. Use as a context manager; ``update(n)``."""
+        import sys
+
+        from tqdm import tqdm
+
+        disable = not (self.shown and sys.stderr.isatty())
+        return tqdm(total=total, desc=what, leave=False, file=sys.stderr, disable=disable, dynamic_ncols=True)
 
 
 @dataclass(frozen=True)

@@ -240,9 +240,9 @@ def _options(tolerance, passes, seed, check, allocation, input_shapes, probe_inp
         pattern = re.compile(exclude) if exclude else None
     except re.error as err:
         raise InputError(f"--exclude: invalid regular expression ({err})") from None
-    log = log or (lambda message: None)
+    progress = Progress(log or (lambda message: None), shown=log is not None)
     return Options(tolerance, names, seed, check, allocation, input_shapes, probe_inputs, probe_ranges, pattern,
-                   verify_result, latency_check, codebook, log, Progress(log))
+                   verify_result, latency_check, codebook, progress.log, progress)
 
 
 def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: Report,

@@ -25,6 +25,7 @@ from ..budget import Candidate
 from ..context import Context, PassResult
 from ..kde import PooledChannels, hash_channels
 from ..layers import Layer, find_layers
+from ..profile import digest
 from .codebook import INDEX_TYPES, MIN_ELEMENTS, split_scales
 
 NAME = "hash"
@@ -100,7 +101,10 @@ def _layer_candidates(ctx: Context, layer: Layer) -> list[tuple[Candidate, np.nd
         return []
     norm = float(np.linalg.norm(w))
     before = len(np.unique(w))
-    pooled, counts, out = None, {}, []  # shared by the searches at each limit
+    # the codebook sizes found at each factor, shared by the searches at each limit, and by the
+    # later builds of this call that hash the same values (their searches then start bracketed)
+    counts = ctx.budget.memo.setdefault(f"hash counts {digest(w)}", {}) if ctx.budget is not None else {}
+    pooled, out = None, []
     for level, limit in enumerate(_entry_targets(w.size, ctx.codebook)):
         if before <= limit or split_scales(layer, (ctx.fold_scales.get(layer.weight.name), None), limit):
             continue  # encode stores it at this width as it is (exactly, maybe with channel scales)
