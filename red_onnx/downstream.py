@@ -4,7 +4,8 @@ An edit of initializers E changes only the nodes that read E and the nodes they 
 tensors D reads from outside it (the cut) cached from one run of the unedited model, D alone
 computes every measured tensor the edit can change; the others keep their cached values. The
 profile measures candidates alone this way where D is a small part of the model. Where D is most
-of it (an edit near the inputs), the graph has nodes with subgraphs, or the cut would not fit
+of it (an edit near the inputs), the graph has nodes with subgraphs (whose bodies read outer
+tensors without naming them as inputs), or the cut would not fit
 :data:`CACHE_BYTES`, the whole model runs instead (:meth:`Downstream.runner` returns None).
 """
 
@@ -41,6 +42,10 @@ class Downstream:
                 if name:
                     self.readers.setdefault(name, []).append(k)
         self.initializers = {t.name for t in model.graph.initializer}
+        # a subgraph (If, Loop, Scan) may read any outer tensor without naming it as an input:
+        # then what an edit reaches is not read off the node inputs, and the whole model runs
+        self.nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                          for node in self.nodes for a in node.attribute)
         self.inputs = {i.name: i for i in model.graph.input}
         self.weight_inputs = [n for n in self.inputs if n in weights]
         self.plans: dict[frozenset[str], tuple[list[int], list[str]] | None] = {}
@@ -58,10 +63,8 @@ class Downstream:
             if k not in down:
                 down.add(k)
                 stack += [j for out in self.nodes[k].output for j in self.readers.get(out, [])]
-        nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                     for k in down for a in self.nodes[k].attribute)
         result = None
-        if down and not nested and len(down) <= MAX_SHARE * len(self.nodes):
+        if down and not self.nested and len(down) <= MAX_SHARE * len(self.nodes):
             produced = {o for k in down for o in self.nodes[k].output}
             cut = list(dict.fromkeys(name for k in sorted(down) for name in self.nodes[k].input
                                      if name and name not in produced and name not in self.initializers
