@@ -519,8 +519,8 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
             return one_by_one
         axes.append(candidates[0])
 
-    def split(outputs, samples):
-        return [[np.take(y, [k], axis=a) for y, a in zip(outputs, axes)] for k in samples]
+    def split(outputs, samples):  # views, not copies
+        return [[y[(slice(None),) * a + (slice(k, k + 1),)] for y, a in zip(outputs, axes)] for k in samples]
 
     def batch(feeds):
         return split(sess.run(None, {**stacked, **feeds}), range(len(probes)))

@@ -2,7 +2,7 @@
 
 Deviation of a result y' from a reference y, per probe sample and per graph output::
 
-    d = ||y' − y||₂ / ||y||₂   (float64; ||y' − y||₂ itself where ||y||₂ = 0)
+    d = ||y' − y||₂ / ||y||₂   (float64, or float32 norms for float32 tensors; ||y' − y||₂ itself where ||y||₂ = 0)
 
 Entries where both are the same non-finite value are ignored; any other non-finite entry makes d
 infinite. An output is measured on the tensors :func:`measure_plan` names (each part of a Concat on
@@ -204,7 +204,17 @@ def run(sess: ort.InferenceSession, probes: list[dict[str, np.ndarray]]) -> list
 
 
 def sample_deviation(reference: np.ndarray, result: np.ndarray) -> float:
-    """||y' − y||₂ / ||y||₂ of one output for one sample (see the module docstring)."""
+    """||y' − y||₂ / ||y||₂ of one output for one sample (see the module docstring). Two float32
+    tensors: BLAS's scaled float32 norms (the difference of two float32 values is exact within a
+    factor 2 of each other, and the norms are within ~1e-7 of their value; 40x faster than
+    float64 on PP-OCRv6's 265k logits); else, or where those are not finite, in float64."""
+    if isinstance(reference, np.ndarray) and isinstance(result, np.ndarray) and reference.dtype == np.float32 \
+            and result.dtype == np.float32 and reference.shape == result.shape:
+        with np.errstate(invalid="ignore", over="ignore"):
+            norm = float(np.linalg.norm(reference.ravel()))
+            diff = float(np.linalg.norm(result.ravel() - reference.ravel()))
+        if norm > 0 and np.isfinite(norm) and np.isfinite(diff):
+            return diff / norm
     y = np.asarray(reference, dtype=np.float64)
     y2 = np.asarray(result, dtype=np.float64)
     if y.shape != y2.shape:
