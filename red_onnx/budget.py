@@ -188,6 +188,10 @@ class Budget:
         #: what the passes computed from the model, kept for the later builds of this call (other
         #: tolerances, back-offs), keyed by a digest of the values it was computed from
         self.memo: dict[str, Any] = {}
+        #: the deviation on the allocation probes where the last spend of this build ended (exact
+        #: rewrites since then change it by float rounding only): the next spend starts from it.
+        #: None: unknown (measured); a build starts at 0 (the input's function)
+        self.after: float | None = None
 
     def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize,
               arrays: dict[str, np.ndarray] | None = None, measured_ranking: bool | str = False) -> Spent:
@@ -209,11 +213,12 @@ class Budget:
             editable |= set(c.tensors or materialize([c]))
         editable = sorted(editable)
         sess, base, names = self._session(model, editable, arrays)
-        run = probe_runner(sess, self.probes, base)
+        known = self.memo.setdefault("batch axes", {})
+        run = probe_runner(sess, self.probes, base, known)
         reference = self.reference_for(names)
         per_probe = max(sum(y.size for y in reference[0]), 1)
         count = min(RANKING_PROBES, -(-RANKING_VALUES // per_probe), len(self.probes))
-        few = probe_runner(sess, self.probes[:count], base) if count < len(self.probes) else run
+        few = probe_runner(sess, self.probes[:count], base, known) if count < len(self.probes) else run
         evaluations = 0
 
         def measure_few(chosen: list[Candidate], screening: bool = False) -> float:
@@ -232,8 +237,12 @@ class Budget:
                 return screened
             return verify.deviation(reference, run({**base, **materialize(chosen)}))[0]
 
-        before = (verify.deviation(reference, run.unedited)[0] if hasattr(run, "unedited") and not materialize([])
-                  else measure([]))
+        if self.after is not None and not materialize([]):  # measured at the end of the build's last spend
+            before = self.after
+        elif hasattr(run, "unedited") and not materialize([]):
+            before = verify.deviation(reference, run.unedited)[0]
+        else:
+            before = measure([])
         slots: dict[str, list[Candidate]] = {}
         for c in sorted(candidates, key=lambda c: c.level):
             slots.setdefault(c.slot, []).append(c)
@@ -262,6 +271,7 @@ class Budget:
                                                      screening=few is not run)
             spent = Spent(list(accepted.values()), before, current, evaluations)
             self.history.append(spent)
+            self.after = current
             return spent
         frontier = {slot: 0 for slot in slots}  # index of the next level to try
         value = {slot: self._value(slots[slot], 0, None) for slot in slots}  # of each slot's next level
@@ -290,6 +300,7 @@ class Budget:
                 batch = max(1, len(take) // 2)
         spent = Spent(list(accepted.values()), before, current, evaluations)
         self.history.append(spent)
+        self.after = current
         return spent
 
     def _spend_measured(self, slots: dict[str, list[Candidate]], measure: Callable, measure_ranking: Callable,
@@ -493,11 +504,12 @@ def run_all(sess: Any, probes: list[Feeds]) -> list[list[np.ndarray]]:
     return run.unedited if hasattr(run, "unedited") else run({})
 
 
-def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
+def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray], known: dict | None = None
                   ) -> Callable[[dict[str, np.ndarray]], list[list[np.ndarray]]]:
     """A function of the weight feeds returning each probe's outputs, running all probes as one
     batch where the model allows it (its outputs split per sample equal the one-by-one run, checked
-    on the first and the last probe)."""
+    on the first and the last probe). ``known``: where that was checked before for a session with
+    the same outputs and probes, keyed by both (the check costs three runs)."""
 
     def one_by_one(feeds, subset=probes):
         return [sess.run(None, {**probe, **feeds}) for probe in subset]
@@ -505,6 +517,28 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
     if len(probes) < 2 or any(x.shape[:1] != (1,) for p in probes for x in p.values()):
         return one_by_one
     stacked = {name: np.concatenate([p[name] for p in probes]) for name in probes[0]}
+    key = (tuple(o.name for o in sess.get_outputs()), len(probes)) if known is not None else None
+    if key is not None and key in known:
+        axes = known[key]
+        if axes is None:
+            return one_by_one
+
+        def batch_known(feeds):
+            try:
+                outputs = sess.run(None, {**stacked, **feeds})
+            except Exception:  # a rewrite fixed a batch size after all
+                return one_by_one(feeds)
+            return [[y[(slice(None),) * a + (slice(k, k + 1),)] for y, a in zip(outputs, axes)]
+                    for k in range(len(probes))]
+
+        return batch_known
+    runner = _checked_runner(sess, probes, weights, stacked, one_by_one)
+    if key is not None:
+        known[key] = getattr(runner, "axes", None)
+    return runner
+
+
+def _checked_runner(sess, probes, weights, stacked, one_by_one):
     ends = [0, len(probes) - 1]
     single = one_by_one(weights, [probes[k] for k in ends])
     try:
@@ -530,4 +564,5 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray]
     if deviation(single, split(batched, ends))[0] > 1e-4:
         return one_by_one
     batch.unedited = split(batched, range(len(probes)))  # the outputs with ``weights``, already run
+    batch.axes = axes
     return batch

@@ -312,6 +312,7 @@ def build(prep: Prepared, opts: Options, margin: float, keep_dense: frozenset[st
     budget = prep.budget if margin > 0 else None
     if budget is not None:
         budget.tolerance, budget.target = opts.tolerance, margin * opts.tolerance
+        budget.after = 0.0  # canonicalization is exact
     ctx = Context(graph=model_io.to_graph(prep.canonical), template=prep.template, shapes=dict(prep.shapes),
                   budget=budget, exclude=opts.exclude, keep_dense=keep_dense, latency_check=opts.latency_check,
                   codebook=opts.codebook, log=opts.log, progress_log=opts.progress)

@@ -387,9 +387,12 @@ class CountingSession:
         self.runs += 1
         return self.sess.run(names, feeds)
 
+    def get_outputs(self):
+        return self.sess.get_outputs()
+
 
 @pytest.mark.parametrize("mixes_batch", [False, True])
-def testprobe_runner_batches_only_where_samples_stay_apart(mixes_batch):
+def test_probe_runner_batches_only_where_samples_stay_apart(mixes_batch):
     """All probes run as one batch unless the model mixes samples (here y = x - mean over the
     batch); either way each probe's outputs equal its own run."""
     from red_onnx.budget import probe_runner
@@ -409,6 +412,14 @@ def testprobe_runner_batches_only_where_samples_stay_apart(mixes_batch):
     assert sess.runs == (5 if mixes_batch else 1)
     for out, probe in zip(got, probes):
         np.testing.assert_allclose(out[0], sess.sess.run(None, probe)[0], rtol=1e-5, atol=1e-6)
+    # a later runner for the same outputs and probes reuses the check: no run before its own
+    known = {}
+    probe_runner(sess, probes, {}, known)
+    sess.runs = 0
+    again = probe_runner(sess, probes, {}, known)
+    assert sess.runs == 0
+    for a, b in zip(again({}), got):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("measured_ranking", [False, True])
@@ -439,8 +450,8 @@ def test_ranking_and_screening_probes_hold_enough_output_values(monkeypatch, out
 
     sizes = []
     runner = budget_module.probe_runner
-    monkeypatch.setattr(budget_module, "probe_runner", lambda sess, probes, w: sizes.append(len(probes))
-                        or runner(sess, probes, w))
+    monkeypatch.setattr(budget_module, "probe_runner", lambda sess, probes, w, known=None: sizes.append(len(probes))
+                        or runner(sess, probes, w, known))
     rng = np.random.default_rng(2)
     w = rng.standard_normal((6, outputs)).astype(np.float32)
     probes = uniform_probes(rng, 6, 8)

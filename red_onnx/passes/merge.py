@@ -55,7 +55,7 @@ def run(ctx: Context) -> PassResult:
             if space.frozen:
                 result.leave(space.name, space.frozen)
                 continue
-            root, scale, dead = exact_plan(space)
+            root, scale, dead = _memo_plan(ctx, space)
             merged = int(np.sum(root != np.arange(space.channels)))
             if merged or dead.any():
                 rows.append({"name": space.name, "channels": space.channels,
@@ -114,6 +114,18 @@ def exact_plan(space: Space, rtol: float = EXACT_RTOL) -> tuple[np.ndarray, np.n
     return root, scale, dead
 
 
+def _memo_plan(ctx: Context, space: Space) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`exact_plan`, kept for the later builds of this call (keyed by the rows it reads)."""
+    if ctx.budget is None:
+        return exact_plan(space)
+    segments = space.segments if space.segments is not None else np.zeros(0, int)
+    key = "exact plan " + "".join(digest(np.asarray(a)) for a in (
+        space.producer_rows(), space.path_rows(), segments, np.array([space.homogeneous, space.zero_preserving])))
+    if key not in ctx.budget.memo:
+        ctx.budget.memo[key] = exact_plan(space)
+    return ctx.budget.memo[key]
+
+
 def _pairwise(x: np.ndarray) -> np.ndarray:
     sq = (x * x).sum(axis=1)
     return np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))
@@ -122,7 +134,9 @@ def _pairwise(x: np.ndarray) -> np.ndarray:
 def _equal_rows(path: np.ndarray) -> np.ndarray:
     if path.shape[1] == 0:
         return np.ones((len(path), len(path)), bool)
-    return np.all(path[:, None, :] == path[None, :, :], axis=2)
+    _, label = np.unique(path, axis=0, return_inverse=True)  # equal rows share a label
+    label = label.ravel()
+    return label[:, None] == label[None, :]
 
 
 def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.ndarray) -> None:
