@@ -130,13 +130,17 @@ def _load_npz(path: str):
 
 
 def _written(write, path: str, written: list[str]) -> None:
-    """Run ``write`` (of ``path``); an OS error (disk full, permission denied) is the user's to fix."""
+    """Run ``write`` (of ``path``); an OS error (disk full, permission denied) is the user's to fix.
+    An interrupt meanwhile takes effect once ``path`` is written and counted."""
+    from .model_io import interrupts_deferred
+
     try:
-        write()
+        with interrupts_deferred():
+            write()
+            if path not in written:
+                written.append(path)
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror or err}; {_on_disk(written)}") from None
-    if path not in written:
-        written.append(path)
 
 
 def _on_disk(written: list[str]) -> str:

@@ -7,8 +7,11 @@ Saving is atomic: a temporary file in the destination folder, then a rename.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -297,8 +300,34 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
     External data goes to ``<name>.data`` in the same folder, renamed into place before the model.
     Where that file exists already (an earlier output), the new data goes to ``<name>.<token>.data``
     so that the earlier model never points at new data: the pair switches with the model's rename,
-    and the earlier model's data file is removed after it.
+    and the earlier model's data file is removed after it. An interrupt (SIGINT, SIGTERM) waits
+    until the save has finished or failed and cleaned up (:func:`interrupts_deferred`).
     """
+    with interrupts_deferred():
+        _save(model, output, external_data)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """SIGINT and SIGTERM received inside the block take effect when it ends (the signal is sent
+    again once the earlier handlers are back): a save is never left half-done, and nothing
+    temporary stays. Outside the main thread signals cannot be handled: the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    earlier = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+               for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in earlier.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(received):
+            os.kill(os.getpid(), s)
+
+
+def _save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool | None) -> None:
     out = Path(output)
     if external_data is None:
         external_data = not fits_in_protobuf(model)
@@ -385,7 +414,12 @@ def _varint(n: int) -> bytes:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` atomically (a temporary file beside it, then a rename)."""
+    """Write ``text`` atomically (a temporary file beside it, then a rename; interrupts deferred)."""
+    with interrupts_deferred():
+        _write_text(path, text)
+
+
+def _write_text(path: str | os.PathLike, text: str) -> None:
     out = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
     try:

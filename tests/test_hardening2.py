@@ -385,3 +385,71 @@ def test_a_failure_between_the_two_renames_leaves_the_earlier_pair_whole(io, mon
     model_io.save(model, out / "o.onnx", external_data=True)
     assert folder_entries(out) == ["o.onnx", "o.onnx.data"]
     _pair_loads_and_matches(out, model)
+
+
+# --------------------------------------------------------------------------------------------- #
+# 5. an interrupt during a save waits for it: nothing temporary stays, the message says what is on disk
+
+
+def _interrupt_during(monkeypatch, module, name):
+    """Send SIGINT to this process from inside ``module.name`` (a step of a save)."""
+    import signal
+
+    real = getattr(module, name)
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_an_interrupt_during_a_save_takes_effect_after_it(tmp_path, monkeypatch, external):
+    from red_onnx import model_io
+
+    model = conv_model()
+    _interrupt_during(monkeypatch, model_io, "_save_external" if external else "write_model")
+    with pytest.raises(KeyboardInterrupt):
+        model_io.save(model, tmp_path / "o.onnx", external_data=external)
+    assert folder_entries(tmp_path) == (["o.onnx", "o.onnx.data"] if external else ["o.onnx"])
+    loaded = onnx.load(str(tmp_path / "o.onnx"))
+    assert [t.name for t in loaded.graph.initializer] == [t.name for t in model.graph.initializer]
+
+
+def test_an_interrupt_while_writing_says_the_output_is_written(io, monkeypatch):
+    from red_onnx import model_io
+
+    src, out = io
+    _interrupt_during(monkeypatch, model_io, "write_model")
+    proc = cli(DIGITS_CNN, out / "o.onnx", "--report", out / "r.json")
+    assert proc.returncode == 130
+    assert "o.onnx written" in proc.stderr, proc.stderr
+    assert folder_entries(out) == ["o.onnx"]  # the report was not started: no temporary file either
+    onnx.checker.check_model(str(out / "o.onnx"))
+
+
+def test_a_constant_of_shape_of_2_to_the_40_neither_hangs_nor_fills_the_memory(tmp_path):
+    """Shape inference with data propagation must not materialize it (run under a 4 GiB address
+    space limit): exit 0 with --no-verify, and a clear exit 2 where onnxruntime must run it."""
+    import resource
+
+    shape = numpy_helper.from_array(np.array([2**40], np.int64), "shp")
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("ConstantOfShape", ["shp"], ["big"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+             helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Shape", ["big"], ["s"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("s", TensorProto.INT64, [1])], [shape, w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    for args, code in ((["--no-verify"], 0), ([], 2)):
+        proc = subprocess.run([sys.executable, "-m", "red_onnx", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"),
+                               *args], capture_output=True, text=True, timeout=60, preexec_fn=limited)
+        assert proc.returncode == code, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert "onnxruntime cannot run the input model" in proc.stderr
