@@ -298,7 +298,8 @@ def save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool 
 
     ``external_data=None`` stores weights beside the model only when it would exceed 2 GB.
     External data goes to ``<name>.data`` in the same folder, renamed into place before the model.
-    Where that file exists already (an earlier output), the new data goes to ``<name>.<token>.data``
+    Where that file exists already (an earlier output, or another writer that reserved the name
+    first), the new data goes to ``<name>.<token>.data``
     so that the earlier model never points at new data: the pair switches with the model's rename,
     and the earlier model's data file is removed after it. An interrupt (SIGINT, SIGTERM) waits
     until the save has finished or failed and cleaned up (:func:`interrupts_deferred`).
@@ -336,17 +337,19 @@ def _save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool
     try:
         tmp_model = tmpdir / out.name
         if external_data:
-            previous = [f for f in external_files(out) if f.name.startswith(out.name + ".") and f.parent == folder] \
-                if out.is_file() else []
             data_name = out.name + ".data"
-            if (folder / data_name).exists():
+            if not _reserve(folder / data_name):  # an earlier output's (or another writer's) data
                 data_name = f"{out.name}.{tmpdir.name[len(out.name) + 2:-4]}.data"
-            _save_external(model, tmp_model, tmpdir / data_name)
-            _fsync(tmpdir / data_name)
-            _fsync(tmp_model)
-            if (tmpdir / data_name).exists():
-                os.replace(tmpdir / data_name, folder / data_name)
             try:
+                _save_external(model, tmp_model, tmpdir / data_name)
+                _fsync(tmpdir / data_name)
+                _fsync(tmp_model)
+                previous = [f for f in external_files(out) if f.name.startswith(out.name + ".") and
+                            f.parent == folder] if out.is_file() else []
+                if (tmpdir / data_name).exists():
+                    os.replace(tmpdir / data_name, folder / data_name)
+                else:  # no tensor large enough to go external
+                    (folder / data_name).unlink(missing_ok=True)
                 os.replace(tmp_model, out)
             except BaseException:
                 (folder / data_name).unlink(missing_ok=True)  # the earlier pair stays as it was
@@ -363,6 +366,15 @@ def _save(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool
             leftover.unlink()
         if tmpdir.exists():
             tmpdir.rmdir()
+
+
+def _reserve(path: Path) -> bool:
+    """Create ``path`` empty unless it exists, atomically (two writers never both get it)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
 
 
 #: Models larger than this are written tensor by tensor (:func:`write_model`).

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -385,6 +387,41 @@ def test_a_failure_between_the_two_renames_leaves_the_earlier_pair_whole(io, mon
     model_io.save(model, out / "o.onnx", external_data=True)
     assert folder_entries(out) == ["o.onnx", "o.onnx.data"]
     _pair_loads_and_matches(out, model)
+
+
+def test_two_writers_to_a_fresh_output_never_pair_one_model_with_the_others_data(io, monkeypatch):
+    """Writer 1 starts on a fresh output; writer 2 saves the same path completely meanwhile. Each
+    model on disk must always load with its own weights: where both took ``o.onnx.data``, writer
+    1's data replaced writer 2's while writer 2's model was still the one on disk."""
+    from red_onnx import model_io
+
+    _, out = io
+    first = onnx.load(str(REPO / "models" / "digits_resnet.onnx"))
+    second = onnx.ModelProto()
+    second.CopyFrom(first)
+    big = max(second.graph.initializer, key=lambda t: len(t.raw_data))
+    big.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(big) * np.float32(2), big.name))
+
+    real_save, real_replace, nested = model_io._save_external, os.replace, []
+
+    def save_with_a_second_writer(*args, **kwargs):
+        if not nested:
+            nested.append(1)
+            model_io.save(second, out / "o.onnx", external_data=True)  # the other writer, start to end
+            _pair_loads_and_matches(out, second)
+        return real_save(*args, **kwargs)
+
+    def replace_checking(src, dst):
+        if Path(dst).name == "o.onnx" and nested and (out / "o.onnx").exists():
+            _pair_loads_and_matches(out, second)  # writer 2's model still loads with its own data
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(model_io, "_save_external", save_with_a_second_writer)
+    monkeypatch.setattr(model_io.os, "replace", replace_checking)
+    model_io.save(first, out / "o.onnx", external_data=True)
+    monkeypatch.setattr(model_io.os, "replace", real_replace)
+    _pair_loads_and_matches(out, first)
+    assert folder_entries(out) == ["o.onnx", "o.onnx.data"]  # writer 2's data went with its model
 
 
 # --------------------------------------------------------------------------------------------- #
