@@ -528,8 +528,7 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray],
                 outputs = sess.run(None, {**stacked, **feeds})
             except Exception:  # a rewrite fixed a batch size after all
                 return one_by_one(feeds)
-            return [[y[(slice(None),) * a + (slice(k, k + 1),)] for y, a in zip(outputs, axes)]
-                    for k in range(len(probes))]
+            return _split(outputs, axes, range(len(probes)))
 
         return batch_known
     runner = _checked_runner(sess, probes, weights, stacked, one_by_one)
@@ -553,16 +552,18 @@ def _checked_runner(sess, probes, weights, stacked, one_by_one):
             return one_by_one
         axes.append(candidates[0])
 
-    def split(outputs, samples):  # views, not copies
-        return [[y[(slice(None),) * a + (slice(k, k + 1),)] for y, a in zip(outputs, axes)] for k in samples]
-
     def batch(feeds):
-        return split(sess.run(None, {**stacked, **feeds}), range(len(probes)))
+        return _split(sess.run(None, {**stacked, **feeds}), axes, range(len(probes)))
 
     from .verify import deviation
 
-    if deviation(single, split(batched, ends))[0] > 1e-4:
+    if deviation(single, _split(batched, axes, ends))[0] > 1e-4:
         return one_by_one
-    batch.unedited = split(batched, range(len(probes)))  # the outputs with ``weights``, already run
+    batch.unedited = _split(batched, axes, range(len(probes)))  # the outputs with ``weights``, already run
     batch.axes = axes
     return batch
+
+
+def _split(outputs: list[np.ndarray], axes: list[int], samples) -> list[list[np.ndarray]]:
+    """Each sample's outputs from a batched run (views along each output's batch axis)."""
+    return [[y[(slice(None),) * a + (slice(k, k + 1),)] for y, a in zip(outputs, axes)] for k in samples]
