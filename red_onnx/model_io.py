@@ -81,8 +81,17 @@ def _short(err: Exception) -> str:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import into onnx-graphsurgeon (the model is not modified)."""
-    return gs.import_onnx(model)
+    """Import into onnx-graphsurgeon (the model is not modified). The graph gets its own copy of
+    the opset imports: onnx-graphsurgeon keeps the model's container, which holds the whole
+    model's memory (weights included) for as long as the graph lives."""
+    graph = gs.import_onnx(model)
+    domains = []
+    for entry in graph.import_domains or ():
+        copy = onnx.OperatorSetIdProto()
+        copy.CopyFrom(entry)
+        domains.append(copy)
+    graph.import_domains = domains
+    return graph
 
 
 #: Initializers with more elements reach onnxruntime sessions as arrays, read in place.
