@@ -37,13 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"red_onnx {__version__}")
     p.add_argument("--passes", help=f"comma list of passes ({', '.join(PASS_NAMES)}); default: every pass that exists; "
                    "canonicalization always runs")
-    p.add_argument("--tolerance", type=_tolerances, default=[DEFAULT_TOLERANCE], metavar="T[,T...]",
+    p.add_argument("--tolerance", type=_tolerances, default=None, metavar="T[,T...]",
                    help="error budget of the lossy steps: max relative L2 deviation of any output on any probe "
                    f"(0 = lossless, exact rewrites only; default {DEFAULT_TOLERANCE:g}, the largest at which every "
                    "benchmark model kept its task metric within 1 point: see README). Several values: one "
                    "verified output each, named OUT.tT.onnx (out.onnx -> out.t0.01.onnx), from one profile")
     p.add_argument("--profile", metavar="FILE.json", help="read the sensitivity profile from FILE if it exists "
                    "(it must match the model and the probe options), save it there after each output")
+    p.add_argument("--metric", metavar="FILE.py:FUNCTION", help="your metric (a function of an ONNX file's path "
+                   "returning a float, higher is better; return minus an error): find the result that saves the "
+                   "most within --max-drop of the input's score (with --tolerance: score each output)")
+    p.add_argument("--max-drop", type=float, default=0.01, metavar="D", help="the metric may fall at most this much "
+                   "below the input's (absolute; default 0.01)")
+    p.add_argument("--max-evals", type=int, default=8, metavar="N", help="metric calls of the search at most "
+                   "(default 8; the input is scored twice besides)")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK, metavar="N",
                    help=f"fresh verification probes, run in one batch where the model allows (default {DEFAULT_CHECK}: "
                    f"none above the tolerance means fewer than 3/N of such inputs are, at 95%% confidence)")
@@ -168,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     written: list[str] = []  # what is on disk, for the message if writing the rest fails
     try:
         from . import model_io  # numpy, onnx and onnxruntime load here: --help and --version need none of them
-        from .pipeline import compress_each
+        from . import metric
+        from .pipeline import compress, compress_each
         from .report import Report
 
-        tolerances = list(dict.fromkeys(args.tolerance))
-        outputs = output_paths(args.output, tolerances)
+        tolerances = list(dict.fromkeys(args.tolerance or [DEFAULT_TOLERANCE]))
+        search = args.metric is not None and args.tolerance is None  # else each tolerance is scored
+        outputs = output_paths(args.output, tolerances[:1] if search else tolerances)
         if not args.dry_run:
             for output in outputs:
                 model_io.check_output_path(output, [args.input])
@@ -181,13 +190,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             model_io.check_output_path(args.profile, [args.input, args.report or ""] + outputs)
 
-        results = compress_each(
-            args.input, tolerances, passes=args.passes, seed=args.seed, check=args.check,
-            input_shapes=_named(args.input_shape, "--input-shape", _shape),
-            probe_inputs=_load_npz(args.probe_inputs) if args.probe_inputs else None,
-            probe_ranges=_named(args.probe_range, "--probe-range", _range), exclude=args.exclude,
-            verify_result=not args.no_verify, latency_check=not args.no_latency_check,
-            codebook=args.codebook, profile=args.profile, log=None if args.quiet else log)
+        options = dict(passes=args.passes, seed=args.seed, check=args.check,
+                       input_shapes=_named(args.input_shape, "--input-shape", _shape),
+                       probe_inputs=_load_npz(args.probe_inputs) if args.probe_inputs else None,
+                       probe_ranges=_named(args.probe_range, "--probe-range", _range), exclude=args.exclude,
+                       verify_result=not args.no_verify, latency_check=not args.no_latency_check,
+                       codebook=args.codebook, profile=args.profile, log=None if args.quiet else log)
+        if search:
+            results = [(None, *compress(args.input, metric=args.metric, max_drop=args.max_drop,
+                                        max_evals=args.max_evals, **options))]
+        else:
+            results = compress_each(args.input, tolerances, **options)
+            if args.metric is not None:
+                results = metric.scored_each(args.input, results, metric.load(args.metric), args.max_drop)
         reports = []
         for output, (_, model, report) in zip(outputs, results):
             if not args.dry_run:
@@ -205,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("dry run: nothing written")
         return EXIT_OK
     except InputError as err:
+        if args.debug and err.__cause__ is not None:  # e.g. the traceback of a failing --metric
+            traceback.print_exception(err.__cause__)
         print(f"red-onnx: error: {err}" + _also_on_disk(written, str(err)), file=sys.stderr)
         return EXIT_INPUT
     except VerificationError as err:

@@ -118,7 +118,6 @@ class Prepared:
     reference: list[list[np.ndarray]] | None  # the input's outputs on the verification probes
     budget: Budget | None
     moved: int  # Constant nodes and sparse initializers turned into initializers
-    input_notes: int  # the report's first notes, on the input: every tolerance's report repeats them
 
 
 @dataclass
@@ -146,7 +145,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFA
              probe_inputs: dict[str, np.ndarray] | None = None,
              probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
              verify_result: bool = True, latency_check: bool = True, codebook: str = "uint8",
-             profile: str | os.PathLike | None = None, log: Callable[[str], None] | None = None
+             profile: str | os.PathLike | None = None, metric: Callable[[str], float] | str | None = None,
+             max_drop: float = 0.01, max_evals: int = 8, log: Callable[[str], None] | None = None
              ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
@@ -154,7 +154,31 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFA
     :mod:`red_onnx.verify`); 0 allows exact rewrites only. Raises InputError on bad input and
     VerificationError when the result does not match the input model. The other options are
     :func:`compress_each`'s.
+
+    ``metric`` (a function of an ONNX file's path returning a float, higher is better; or
+    "FILE.py:FUNCTION"): instead of ``tolerance``, search for the result that saves the most whose
+    metric is at most ``max_drop`` below the input's, in at most ``max_evals`` metric calls
+    (:mod:`red_onnx.metric`); ``report.metric`` holds every scored point.
     """
+    if metric is not None:
+        from . import metric as metric_module
+
+        if isinstance(metric, str):
+            metric = metric_module.load(metric)
+        if not (max_drop >= 0 and math.isfinite(max_drop)):
+            raise InputError(f"--max-drop must be a finite number >= 0, got {max_drop}")
+        if max_evals < 1:
+            raise InputError(f"--max-evals must be at least 1, got {max_evals}")
+        base, warnings = metric_module.baseline(metric, model, max_drop)
+        search = metric_module.Search(base, max_drop, max_evals, warnings=warnings)
+        compressor = Compressor(model, passes, max(metric_module.LADDER), seed=seed, check=check,
+                                allocation=allocation, input_shapes=input_shapes, probe_inputs=probe_inputs,
+                                probe_ranges=probe_ranges, exclude=exclude, verify_result=verify_result,
+                                latency_check=latency_check, codebook=codebook, profile=profile, log=log)
+        result, report = metric_module.run(compressor, metric, search, compressor.opts.log)
+        report.metric = search.to_dict()
+        report.notes += search.warnings
+        return result, report
     _, result, report = next(compress_each(
         model, [tolerance], passes, seed=seed, check=check, allocation=allocation, input_shapes=input_shapes,
         probe_inputs=probe_inputs, probe_ranges=probe_ranges, exclude=exclude, verify_result=verify_result,
@@ -180,33 +204,58 @@ def compress_each(model: str | os.PathLike | onnx.ModelProto, tolerances: Iterab
     stored. ``profile``: a file the profile is read from (if it exists and was measured on this
     model and these probe settings; another one is an InputError) and saved to after each tolerance.
     """
-    start = time.perf_counter()
     tolerances = list(dict.fromkeys(float(t) for t in tolerances))
     if not tolerances:
         raise InputError("--tolerance: give at least one value")
-    opts = _options(max(tolerances), passes, seed, check, allocation, input_shapes, probe_inputs, probe_ranges,
-                    exclude, verify_result, latency_check, codebook, log)
     for t in tolerances:
         _check_tolerance(t)
-    first = Report(tolerance=tolerances[0])
-    prep = prepare(model, opts, first, profile)
-    initial = _probe_state(prep)
+    compressor = Compressor(model, passes, max(tolerances), seed=seed, check=check, allocation=allocation,
+                            input_shapes=input_shapes, probe_inputs=probe_inputs, probe_ranges=probe_ranges,
+                            exclude=exclude, verify_result=verify_result, latency_check=latency_check,
+                            codebook=codebook, profile=profile, log=log)
     for k, tolerance in enumerate(tolerances):
-        report = first if k == 0 else Report(
-            tolerance=tolerance, notes=list(first.notes[:prep.input_notes]), params_before=first.params_before,
-            macs_before=first.macs_before, bytes_before=first.bytes_before, op_counts_before=first.op_counts_before)
+        yield (tolerance, *compressor.at(tolerance, release=k == len(tolerances) - 1))
+
+
+class Compressor:
+    """One preparation of a model (loaded, analysed, run on the probes, its profile read), from
+    which :meth:`at` builds, verifies and reports a result at any tolerance up to
+    ``max_tolerance`` (above 0 for lossy results), the later ones reusing the profile."""
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, passes: Iterable[str] | str | None,
+                 max_tolerance: float, *, seed: int = 0, check: int = DEFAULT_CHECK, allocation: int = 16,
+                 input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 probe_inputs: dict[str, np.ndarray] | None = None,
+                 probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
+                 verify_result: bool = True, latency_check: bool = True, codebook: str = "uint8",
+                 profile: str | os.PathLike | None = None, log: Callable[[str], None] | None = None):
+        self.start = time.perf_counter()
+        self.opts = _options(max_tolerance, passes, seed, check, allocation, input_shapes, probe_inputs,
+                             probe_ranges, exclude, verify_result, latency_check, codebook, log)
+        self.input = Report(tolerance=max_tolerance)  # what prepare learns about the input
+        self.prep = prepare(model, self.opts, self.input, profile)
+        self.initial = _probe_state(self.prep)
+        self.profile_path = profile
+
+    def at(self, tolerance: float, release: bool = False) -> tuple[onnx.ModelProto, Report]:
+        """The verified result at ``tolerance``; ``release``: no later call (frees the input's weights)."""
+        _check_tolerance(tolerance)
+        prep, opts, first = self.prep, self.opts, self.input
+        report = Report(tolerance=tolerance, notes=list(first.notes), params_before=first.params_before,
+                        macs_before=first.macs_before, bytes_before=first.bytes_before,
+                        op_counts_before=first.op_counts_before)
         opts.tolerance = tolerance if opts.verify else 0.0
-        _restore_probe_state(prep, initial)
+        _restore_probe_state(prep, self.initial)
         accepted = build_verified(prep, opts, report)
         if opts.latency_check:
             accepted = latency_guard(prep, opts, report, accepted)
-        result = finish(prep, accepted, release=k == len(tolerances) - 1)
+        result = finish(prep, accepted, release=release)
         _fill_report(report, prep, accepted, result, opts)
-        if profile is not None and prep.budget is not None:
-            prep.budget.profile.save(profile)
-        report.seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        yield tolerance, result, report
+        if self.profile_path is not None and prep.budget is not None:
+            prep.budget.profile.save(self.profile_path)
+        report.seconds = time.perf_counter() - self.start
+        self.start = time.perf_counter()
+        return result, report
 
 
 def _probe_state(prep: Prepared) -> tuple:
@@ -293,7 +342,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
         canonical = original
     moved = fold.constants_to_initializers(canonical)
     return Prepared(canonical, template, specs, MappingProxyType(shapes), before, plan, ref_names,
-                    probes, reference, budget, moved, len(report.notes))
+                    probes, reference, budget, moved)
 
 
 def _release_freed_memory() -> None:

@@ -33,6 +33,8 @@ class Report:
     latency: dict[str, float] = field(default_factory=dict)  # the latency guard's measurement, if it ran
     # the sensitivity profile: entries, measured / reused by this output's builds, predicted vs measured deviations
     profile: dict[str, Any] = field(default_factory=dict)
+    # the metric mode: baseline, max_drop, every scored point, the chosen tolerance (or one output's score)
+    metric: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,9 +74,23 @@ class Report:
         if self.latency:
             lines.append(f"latency (onnxruntime, 1 thread): {self.latency['input_ms']:.3g} ms -> "
                          f"{self.latency['result_ms']:.3g} ms")
+        lines.extend(self._metric_lines())
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
+    def _metric_lines(self) -> list[str]:
+        m = self.metric
+        if not m.get("points"):
+            return [f"metric: {m['metric']:.6g} (input {m['baseline']:.6g}, drop {m['drop']:+.4g}, "
+                    f"{'within' if m['within'] else 'over'} {m['max_drop']:g})"] if "metric" in m else []
+        lines = [f"metric: input {m['baseline']:.6g}; allowed drop {m['max_drop']:g}; chose tolerance "
+                 f"{m['chosen_tolerance']:g} of {len(m['points'])} scored (max {m['max_evals']}):"]
+        for p in m["points"]:
+            mark = "*" if p["tolerance"] == m["chosen_tolerance"] else " "
+            lines.append(f" {mark} T={p['tolerance']:<7g} metric {p['metric']:.6g} (drop {p['drop']:+.4g}"
+                         f"{', within' if p['within'] else ', over'})  MACs {p['macs']:,}  params {p['params']:,}  "
+                         f"{_size(p['bytes'])}" + (f"  latency x{p['latency_ratio']:.2f}" if p["latency_ratio"] else ""))
+        return lines
 
     @staticmethod
     def many_to_json(reports: list[Report], outputs: list[str]) -> str:
@@ -99,6 +115,9 @@ class Report:
                 ("latency ratio", "") + tuple(f"{r.latency['ratio']:.2f}" if r.latency.get("ratio") else "-"
                                               for r in reports),
                 ("seconds", "") + tuple(f"{r.seconds:.1f}" for r in reports)]
+        if any("metric" in r.metric for r in reports):
+            rows.insert(-2, ("metric", f"{first.metric['baseline']:.4g}") + tuple(
+                f"{r.metric['metric']:.4g}{'' if r.metric['within'] else ' (over)'}" for r in reports))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                  for r in rows]

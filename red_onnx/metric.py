@@ -1,0 +1,178 @@
+"""Accuracy-aware mode: compress as far as the user's own metric allows.
+
+The metric is a function of the path of an ONNX file returning a float, higher is better (return
+the negative of an error). The input model is scored first (the baseline); then the search builds
+verified results at candidate tolerances from one preparation (:class:`red_onnx.pipeline.Compressor`)
+and scores each: a geometric ladder (LADDER) until a tolerance's drop exceeds ``max_drop``, then
+geometric bisection between the last that held and the first that did not, at most ``max_evals``
+metric calls in all. The result is the scored one that saves the most (MACs first, then bytes)
+among those within the drop; where none is, the exact rewrites (tolerance 0).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from .errors import InputError
+
+#: Tolerances tried first, in order, until one costs more than the drop allows.
+LADDER = (0.003, 0.01, 0.03, 0.1, 0.3)
+#: Bisection stops when the bracket's tolerances are within this ratio.
+BRACKET_RATIO = 1.25
+DEFAULT_MAX_DROP = 0.01
+DEFAULT_MAX_EVALS = 8
+
+Metric = Callable[[str], float]
+
+
+def load(spec: str) -> Metric:
+    """``FILE.py:FUNCTION`` or ``package.module:FUNCTION``; an InputError says why it cannot be loaded."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise InputError(f"--metric {spec}: expected FILE.py:FUNCTION or package.module:FUNCTION")
+    try:
+        if where.endswith(".py") or os.sep in where:
+            if not os.path.isfile(where):
+                raise InputError(f"--metric {spec}: no file {where}")
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except InputError:
+        raise
+    except BaseException as err:  # a SyntaxError or a failing import in the user's file
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        raise InputError(f"--metric {spec}: cannot import {where} ({type(err).__name__}: {err})") from err
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise InputError(f"--metric {spec}: {where} has no function {name}")
+    return function
+
+
+def score(metric: Metric, path: str, what: str) -> float:
+    """The metric on the model at ``path``; an error, NaN or a non-number is an InputError."""
+    try:
+        value = metric(str(path))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:
+        raise InputError(f"the metric failed on {what} ({type(err).__name__}: {err})") from err
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise InputError(f"the metric returned {type(value).__name__} on {what}, not a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InputError(f"the metric returned {value} on {what}")
+    return value
+
+
+@dataclass
+class Search:
+    """What the search scored: the baseline, and per built tolerance its savings and metric."""
+
+    baseline: float
+    max_drop: float
+    max_evals: int
+    points: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    chosen: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline, "max_drop": self.max_drop, "max_evals": self.max_evals,
+                "chosen_tolerance": self.chosen, "points": self.points, "warnings": self.warnings}
+
+
+def baseline(metric: Metric, model: str | os.PathLike | onnx.ModelProto, max_drop: float) -> tuple[float, list[str]]:
+    """The input model's score (twice: a metric whose two calls disagree by more than max_drop / 4
+    gets a warning), before any long work."""
+    with tempfile.TemporaryDirectory(prefix="red_onnx_metric_") as tmp:
+        path = str(model) if not isinstance(model, onnx.ModelProto) else _saved(model, Path(tmp) / "input.onnx")
+        first = score(metric, path, "the input model")
+        second = score(metric, path, "the input model")
+    warnings = []
+    if abs(first - second) > max_drop / 4:
+        warnings.append(f"the metric is not deterministic: two calls on the input model gave {first:.6g} and "
+                        f"{second:.6g} (more than max_drop / 4 apart); the search's choices are that noisy")
+    return first, warnings
+
+
+def evaluate(metric: Metric, model: onnx.ModelProto, report, search: Search, tolerance: float) -> dict:
+    """Score one built result and record it."""
+    with tempfile.TemporaryDirectory(prefix="red_onnx_metric_") as tmp:
+        value = score(metric, _saved(model, Path(tmp) / "candidate.onnx"), f"the result at tolerance {tolerance:g}")
+    drop = search.baseline - value
+    point = {"tolerance": tolerance, "macs": report.macs_after, "params": report.params_after,
+             "bytes": report.bytes_after, "latency_ratio": report.latency.get("ratio"), "metric": value,
+             "drop": drop, "within": drop <= search.max_drop}
+    search.points.append(point)
+    return point
+
+
+def run(compressor, metric: Metric, search: Search, log: Callable[[str], None]):
+    """The search (module docstring); returns (model, report) of the chosen result. Only the best
+    result within the drop so far is kept in memory."""
+    best: list = []  # [point, model, report]
+
+    def scored(t: float) -> dict:
+        model, report = compressor.at(t)
+        log(f"metric: scoring the result at tolerance {t:g}")
+        point = evaluate(metric, model, report, search, t)
+        log(f"metric: {point['metric']:.6g} at tolerance {t:g} (drop {point['drop']:.4g}, allowed {search.max_drop:g})")
+        if point["within"] and (not best or (point["macs"], point["bytes"]) < (best[0]["macs"], best[0]["bytes"])):
+            best[:] = [point, model, report]
+        return point
+
+    held, failed = None, None
+    for t in LADDER:
+        if len(search.points) >= search.max_evals:
+            break
+        if scored(t)["within"]:
+            held = t
+        else:
+            failed = t
+            break
+    while held is not None and failed is not None and failed / held > BRACKET_RATIO \
+            and len(search.points) < search.max_evals:
+        t = float(f"{math.sqrt(held * failed):.3g}")
+        if scored(t)["within"]:
+            held = t
+        else:
+            failed = t
+    if not best:  # even the mildest lossy result cost too much: exact rewrites only
+        point = scored(0.0)
+        if not point["within"]:
+            search.warnings.append(f"even the exact rewrites scored {point['drop']:.4g} below the input "
+                                   "(float rounding moved the metric, or it is not deterministic)")
+            model, report = compressor.at(0.0)
+            best[:] = [point, model, report]
+    search.chosen = best[0]["tolerance"]
+    return best[1], best[2]
+
+
+def scored_each(model, results, metric: Metric, max_drop: float):
+    """Several tolerances with a metric: the input's score first (before any long work), then each
+    ``(tolerance, model, report)`` of ``results`` with ``report.metric`` filled in."""
+    base, warnings = baseline(metric, model, max_drop)
+    for tolerance, result, report in results:
+        search = Search(base, max_drop, 1, warnings=warnings)
+        point = evaluate(metric, result, report, search, tolerance)
+        report.metric = {"baseline": base, "max_drop": max_drop, "metric": point["metric"], "drop": point["drop"],
+                         "within": point["within"], "warnings": warnings}
+        yield tolerance, result, report
+
+
+def _saved(model: onnx.ModelProto, path: Path) -> str:
+    from .model_io import save
+
+    save(model, path)
+    return str(path)
