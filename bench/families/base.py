@@ -31,14 +31,26 @@ class BenchModel:
         """Build or extract the ONNX file into the cache once; return its path."""
         raise NotImplementedError
 
-    def evaluate(self, model: onnx.ModelProto | str | os.PathLike, quick: bool = False, sess=None) -> dict[str, float]:
+    _half: int | None = None
+
+    def evaluate(self, model: onnx.ModelProto | str | os.PathLike, quick: bool = False, sess=None,
+                 half: int | None = None) -> dict[str, float]:
         """Metrics of `model` on this model's ground truth (one onnxruntime session, batched runs; pass `sess`,
-        a session on `model`, to reuse one)."""
+        a session on `model`, to reuse one). `half` 0 or 1: on the even or the odd samples only (the metric
+        mode's bench searches on one half and is judged on the other)."""
         from ..common import session
 
-        metrics = self._evaluate(sess or session(model), quick)
+        self._half = half
+        try:
+            metrics = self._evaluate(sess or session(model), quick)
+        finally:
+            self._half = None
         assert self.primary in metrics, (self.name, metrics)
         return metrics
+
+    def subset(self, *samples):
+        """The evaluation's samples (arrays or lists, first axis), restricted to the half asked for."""
+        return samples if self._half is None else tuple(s[self._half::2] for s in samples)
 
     def _evaluate(self, sess, quick: bool) -> dict[str, float]:
         raise NotImplementedError

@@ -82,7 +82,7 @@ class CaptchaCRNN(BenchModel):
         return wheel_file(*WHEEL, "captcha_whisperer/models/captcha_crnn.onnx")
 
     def _evaluate(self, sess, quick: bool) -> dict[str, float]:
-        x, texts = _captchas(N_QUICK if quick else N_FULL)
+        x, texts = self.subset(*_captchas(N_QUICK if quick else N_FULL))
         pred = decode(run_batched(sess, {"image": x}, batch=50)[0])
         chars = sum(a == b for p, t in zip(pred, texts) for a, b in zip(p.ljust(4), t))
         return {"exact_match": float(np.mean([p == t for p, t in zip(pred, texts)])), "char_accuracy": chars / (4 * len(texts))}

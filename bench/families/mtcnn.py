@@ -107,7 +107,7 @@ class MTCNNNet(BenchModel):
         return out
 
     def _evaluate(self, sess, quick: bool) -> dict[str, float]:
-        x, y = _faces(self.size)
+        x, y = self.subset(*_faces(self.size))
         metrics = self._scores(sess, x, y, "")
         seeds = NOISE_SEEDS_FULL[:1] if quick else NOISE_SEEDS_FULL
         noisy = np.concatenate([x + np.random.default_rng(s).normal(0, NOISE_STD, x.shape).astype(np.float32) for s in seeds])

@@ -77,7 +77,7 @@ class PPOCRRec(BenchModel):
         return wheel_file(*WHEEL, "rapidocr/models/PP-OCRv6_rec_small.onnx")
 
     def _evaluate(self, sess, quick: bool) -> dict[str, float]:
-        x, texts = _lines(N_QUICK if quick else N_FULL)
+        x, texts = self.subset(*_lines(N_QUICK if quick else N_FULL))
         chars = _charset(str(self.build()))  # the compressed model must keep the same list
         probs = run_batched(sess, {"x": x}, batch=30)[0]
         pred = ["".join(chars[i] for i in seq) for seq in ctc_greedy(probs.argmax(-1), blank=0)]
