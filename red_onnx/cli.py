@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             model_io.check_output_path(args.report, [args.input] + [p for o in outputs for p in (o, o + ".data")])
         if args.profile:
-            model_io.check_output_path(args.profile, [args.input, args.report or ""] + outputs)
+            model_io.check_output_path(args.profile, [p for p in (args.input, args.report) if p] + outputs)
 
         options = dict(passes=args.passes, seed=args.seed, check=args.check,
                        input_shapes=_named(args.input_shape, "--input-shape", _shape),
