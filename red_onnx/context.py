@@ -93,6 +93,18 @@ class Context:
     hashed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     log: Callable[[str], None] = lambda message: None
     progress_log: Progress = field(default_factory=Progress)
+    # what passes computed from weights, kept for the later builds of this call (other tolerances,
+    # back-offs, the exact re-runs), keyed by a digest of the values it was computed from
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    def memoized(self, what: str, values: list[np.ndarray], compute: Callable[[], Any]) -> Any:
+        """``compute()``, or what it returned in an earlier build for the same ``values``."""
+        from .profile import digest
+
+        key = what + " " + "".join(digest(np.asarray(v)) for v in values)
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     def progress(self, what: str, done: int, total: int) -> None:
         """Say how far a long loop is (at most every PROGRESS_SECONDS)."""

@@ -379,7 +379,8 @@ def build(prep: Prepared, opts: Options, margin: float, keep_dense: frozenset[st
         budget.after = 0.0  # canonicalization is exact
     ctx = Context(graph=model_io.to_graph(prep.canonical), template=prep.template, shapes=dict(prep.shapes),
                   budget=budget, exclude=opts.exclude, keep_dense=keep_dense, latency_check=opts.latency_check,
-                  codebook=opts.codebook, log=opts.log, progress_log=opts.progress)
+                  codebook=opts.codebook, log=opts.log, progress_log=opts.progress,
+                  memo=prep.budget.memo if prep.budget is not None else {})
     results = [_run_step(step, ctx) for step in SCHEDULE if step.wanted(opts.passes)]
     if prep.moved:
         results[0].counts["constants_to_initializers"] = prep.moved

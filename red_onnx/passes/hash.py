@@ -103,7 +103,7 @@ def _layer_candidates(ctx: Context, layer: Layer) -> list[tuple[Candidate, np.nd
     before = len(np.unique(w))
     # the codebook sizes found at each factor, shared by the searches at each limit, and by the
     # later builds of this call that hash the same values (their searches then start bracketed)
-    counts = ctx.budget.memo.setdefault(f"hash counts {digest(w)}", {}) if ctx.budget is not None else {}
+    counts = ctx.memo.setdefault(f"hash counts {digest(w)}", {})
     pooled, out = None, []
     for level, limit in enumerate(_entry_targets(w.size, ctx.codebook)):
         if before <= limit or split_scales(layer, (ctx.fold_scales.get(layer.weight.name), None), limit):

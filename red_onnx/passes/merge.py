@@ -116,14 +116,10 @@ def exact_plan(space: Space, rtol: float = EXACT_RTOL) -> tuple[np.ndarray, np.n
 
 def _memo_plan(ctx: Context, space: Space) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`exact_plan`, kept for the later builds of this call (keyed by the rows it reads)."""
-    if ctx.budget is None:
-        return exact_plan(space)
     segments = space.segments if space.segments is not None else np.zeros(0, int)
-    key = "exact plan " + "".join(digest(np.asarray(a)) for a in (
-        space.producer_rows(), space.path_rows(), segments, np.array([space.homogeneous, space.zero_preserving])))
-    if key not in ctx.budget.memo:
-        ctx.budget.memo[key] = exact_plan(space)
-    return ctx.budget.memo[key]
+    return ctx.memoized("exact plan", [space.producer_rows(), space.path_rows(), segments,
+                                       np.array([space.homogeneous, space.zero_preserving])],
+                        lambda: exact_plan(space))
 
 
 def _pairwise(x: np.ndarray) -> np.ndarray:
@@ -193,8 +189,8 @@ def _exercised(ctx: Context, spaces: list[Space]) -> list[np.ndarray]:
     state = [model.SerializeToString(deterministic=True)]  # the large weights are placeholders here ...
     state += [f"{name}:{digest(v)}".encode() for name, v in arrays.items()]  # ... and digested here
     key = f"exercised {len(ctx.budget.probes)} " + digest(np.frombuffer(b"".join(state), np.uint8))
-    if key in ctx.budget.memo:  # the same model and probes in an earlier build of this call
-        return ctx.budget.memo[key]
+    if key in ctx.memo:  # the same model and probes in an earlier build of this call
+        return ctx.memo[key]
     sess = verify.session(model, names, arrays=arrays)
     level = [np.zeros(space.channels) for space in spaces]
     for probe in ctx.budget.probes:
@@ -206,8 +202,8 @@ def _exercised(ctx: Context, spaces: list[Space]) -> list[np.ndarray]:
                 x = np.moveaxis(np.abs(outputs[consumer.layer.node.inputs[0].name].astype(np.float64)), consumer.axis, 0)
                 seen[lo:hi] = np.maximum(seen[lo:hi], x.reshape(total, -1)[lo + shift:hi + shift].mean(axis=1))
             level[k] += seen
-    ctx.budget.memo[key] = [lv > EXERCISED * max(float(np.median(lv)), 1e-30) for lv in level]
-    return ctx.budget.memo[key]
+    ctx.memo[key] = [lv > EXERCISED * max(float(np.median(lv)), 1e-30) for lv in level]
+    return ctx.memo[key]
 
 
 def _near_candidates(space: Space, k: int, shapes: dict, exercised: np.ndarray) -> tuple[list[Candidate], dict]:

@@ -588,7 +588,9 @@ def _propose(ctx: Context):
     for layer, weight, group, pixels in _convs(ctx):
         before = _macs_before(weight.shape)
         align = DEPTHWISE_ALIGN if ctx.latency_check else 1
-        for level, (ranks, error, after) in enumerate(lowrank_ladder(weight, group, LADDER_ERRORS, align)):
+        ladder = ctx.memoized(f"lowrank ladder {group} {align}", [weight],
+                              lambda: lowrank_ladder(weight, group, LADDER_ERRORS, align))
+        for level, (ranks, error, after) in enumerate(ladder):
             if after > (1 - MIN_SAVING) * before:
                 continue
             params = weight.size - _params_after(weight, ranks, group)
