@@ -131,5 +131,5 @@ class Context:
         spent = self.budget.spend(model, candidates, materialize, arrays, measured_ranking=measured_ranking)
         tensors = self.graph.tensors()
         for name, values in materialize(spent.accepted).items():
-            tensors[name].values = values
+            tensors[name].values = np.array(values)  # the graph's own copy: proposals may be kept (memo)
         return spent

@@ -33,6 +33,8 @@ NAME = "hash"
 FACTOR_RANGE = (1e-4, 4.0)
 PRECISION = 1.05  # the factor found is within this ratio of the smallest that fits
 MAX_PROBES = 24  # KDE runs per search at most (3 to 5 in practice)
+#: hashed weights kept for the later builds of a call (other tolerances), in bytes at most
+MEMO_BYTES = 2**29
 #: per-channel normalisation of the hashed weights (bench/hash_study.md: max-abs gives about 30%
 #: less weight error at 256 entries than a power of two, and MobileNetV2 keeps 8 points more top-1)
 SCALE = "maxabs"
@@ -72,7 +74,14 @@ def _propose(ctx: Context, result: PassResult | None = None
     done = []
 
     def search(layer: Layer):
-        found = _layer_candidates(ctx, layer)
+        w = layer.get_weight()
+        key = f"hash candidates {layer.name} {layer.weight.name} {ctx.codebook} {digest(w)}"
+        found = ctx.memo.get(key)
+        if found is None:
+            found = _layer_candidates(ctx, layer)
+            if sum(v.nbytes for _, v, _ in found) + ctx.memo.get("hash bytes", 0) <= MEMO_BYTES:
+                ctx.memo[key] = found  # a later build of this call hashing the same values reuses them
+                ctx.memo["hash bytes"] = ctx.memo.get("hash bytes", 0) + sum(v.nbytes for _, v, _ in found)
         done.append(layer)
         ctx.progress("bandwidth searches, layers", len(done), len(layers))
         return found
