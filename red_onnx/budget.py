@@ -214,11 +214,11 @@ class Budget:
         editable = sorted(editable)
         sess, base, names = self._session(model, editable, arrays)
         known = self.memo.setdefault("batch axes", {})
-        run = probe_runner(sess, self.probes, base, known)
+        run = probe_runner(sess, self.probes, base, known, tuple(names))
         reference = self.reference_for(names)
         per_probe = max(sum(y.size for y in reference[0]), 1)
         count = min(RANKING_PROBES, -(-RANKING_VALUES // per_probe), len(self.probes))
-        few = probe_runner(sess, self.probes[:count], base, known) if count < len(self.probes) else run
+        few = probe_runner(sess, self.probes[:count], base, known, tuple(names)) if count < len(self.probes) else run
         evaluations = 0
 
         def measure_few(chosen: list[Candidate], screening: bool = False) -> float:
@@ -504,12 +504,13 @@ def run_all(sess: Any, probes: list[Feeds]) -> list[list[np.ndarray]]:
     return run.unedited if hasattr(run, "unedited") else run({})
 
 
-def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray], known: dict | None = None
-                  ) -> Callable[[dict[str, np.ndarray]], list[list[np.ndarray]]]:
+def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray], known: dict | None = None,
+                 outputs: tuple[str, ...] | None = None) -> Callable[[dict[str, np.ndarray]], list[list[np.ndarray]]]:
     """A function of the weight feeds returning each probe's outputs, running all probes as one
     batch where the model allows it (its outputs split per sample equal the one-by-one run, checked
     on the first and the last probe). ``known``: where that was checked before for a session with
-    the same outputs and probes, keyed by both (the check costs three runs)."""
+    the same ``outputs`` (the input model's names of what the session returns: a rewrite may rename
+    its own) and as many probes (the check costs three runs)."""
 
     def one_by_one(feeds, subset=probes):
         return [sess.run(None, {**probe, **feeds}) for probe in subset]
@@ -517,7 +518,7 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray],
     if len(probes) < 2 or any(x.shape[:1] != (1,) for p in probes for x in p.values()):
         return one_by_one
     stacked = {name: np.concatenate([p[name] for p in probes]) for name in probes[0]}
-    key = (tuple(o.name for o in sess.get_outputs()), len(probes)) if known is not None else None
+    key = (outputs or tuple(o.name for o in sess.get_outputs()), len(probes)) if known is not None else None
     if key is not None and key in known:
         axes = known[key]
         if axes is None:
