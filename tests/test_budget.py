@@ -450,8 +450,8 @@ def test_ranking_and_screening_probes_hold_enough_output_values(monkeypatch, out
 
     sizes = []
     runner = budget_module.probe_runner
-    monkeypatch.setattr(budget_module, "probe_runner", lambda sess, probes, w, known=None: sizes.append(len(probes))
-                        or runner(sess, probes, w, known))
+    monkeypatch.setattr(budget_module, "probe_runner", lambda sess, probes, w, *rest: sizes.append(len(probes))
+                        or runner(sess, probes, w, *rest))
     rng = np.random.default_rng(2)
     w = rng.standard_normal((6, outputs)).astype(np.float32)
     probes = uniform_probes(rng, 6, 8)
