@@ -10,7 +10,7 @@ import time
 import traceback
 
 from . import __version__
-from .defaults import DEFAULT_CHECK, DEFAULT_TOLERANCE, PASS_NAMES
+from .defaults import DEFAULT_CHECK, DEFAULT_MAX_DROP, DEFAULT_MAX_EVALS, DEFAULT_TOLERANCE, PASS_NAMES
 from .errors import InputError, VerificationError
 
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -47,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", metavar="FILE.py:FUNCTION", help="your metric (a function of an ONNX file's path "
                    "returning a float, higher is better; return minus an error): find the result that saves the "
                    "most within --max-drop of the input's score (with --tolerance: score each output)")
-    p.add_argument("--max-drop", type=float, default=0.01, metavar="D", help="the metric may fall at most this much "
-                   "below the input's (absolute; default 0.01)")
-    p.add_argument("--max-evals", type=int, default=8, metavar="N", help="metric calls of the search at most "
-                   "(default 8; the input is scored twice besides)")
+    p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP, metavar="D", help="the metric may fall at "
+                   f"most this much below the input's (absolute; default {DEFAULT_MAX_DROP:g})")
+    p.add_argument("--max-evals", type=int, default=DEFAULT_MAX_EVALS, metavar="N", help="metric calls of the "
+                   f"search at most (default {DEFAULT_MAX_EVALS}; the input is scored twice besides)")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK, metavar="N",
                    help=f"fresh verification probes, run in one batch where the model allows (default {DEFAULT_CHECK}: "
                    f"none above the tolerance means fewer than 3/N of such inputs are, at 95%% confidence)")

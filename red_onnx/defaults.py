@@ -7,6 +7,10 @@ DEFAULT_TOLERANCE = 0.003
 #: Fresh verification probes, run as one batch where the model allows: with none of N above the
 #: tolerance, the share of inputs above it is below 3/N at 95 % confidence (the rule of three).
 DEFAULT_CHECK = 64
+#: The metric mode (``--metric``): the metric may fall this much below the input's (absolute), in at
+#: most this many scored candidates.
+DEFAULT_MAX_DROP = 0.01
+DEFAULT_MAX_EVALS = 8
 #: The passes ``--passes`` selects, in schedule order (``red_onnx.passes.PLANNED``, derived from the
 #: schedule, equals it: tests/test_pipeline.py checks).
 PASS_NAMES = ("merge", "separate", "hash")

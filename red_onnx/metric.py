@@ -29,8 +29,6 @@ from .errors import InputError
 LADDER = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 #: Bisection stops when the bracket's tolerances are within this ratio.
 BRACKET_RATIO = 1.25
-DEFAULT_MAX_DROP = 0.01
-DEFAULT_MAX_EVALS = 8
 
 Metric = Callable[[str], float]
 

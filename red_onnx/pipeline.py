@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from . import model_io, profile, verify
 from .budget import DEFAULT_CHECK, DEFAULT_TOLERANCE, Budget, Probes, make_probes, random_probes, run_all
 from .context import Context, PassResult, Progress
+from .defaults import DEFAULT_MAX_DROP, DEFAULT_MAX_EVALS
 from .errors import InputError, VerificationError
 from .layers import LINEAR_OPS, QUANTIZED_OPS, Analysis, analyze, find_layers, input_specs, tensor_shapes, weightless
 from .passes import AVAILABLE, PLANNED, SCHEDULE, fold
@@ -146,7 +147,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, tolerance: float = DEFA
              probe_ranges: dict[str, tuple[float, float]] | None = None, exclude: str | None = None,
              verify_result: bool = True, latency_check: bool = True, codebook: str = "uint8",
              profile: str | os.PathLike | None = None, metric: Callable[[str], float] | str | None = None,
-             max_drop: float = 0.01, max_evals: int = 8, log: Callable[[str], None] | None = None
+             max_drop: float = DEFAULT_MAX_DROP, max_evals: int = DEFAULT_MAX_EVALS,
+             log: Callable[[str], None] | None = None
              ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model; returns the rewritten model and its report.
 
