@@ -121,9 +121,11 @@ def measured_tensors(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return tensors, owners
 
 
-def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: bool = False,
+def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: bool | str = False,
             threads: int = 0, arrays: dict[str, np.ndarray] | None = None) -> ort.InferenceSession | FedSession:
-    """A CPU session; all graph optimizations off unless ``optimize`` (then: ORT_ENABLE_ALL).
+    """A CPU session; all graph optimizations off unless ``optimize`` (True: ORT_ENABLE_ALL;
+    "basic": ORT_ENABLE_BASIC, constant folding and fusions that keep the function up to float
+    rounding, so that a codebook's Cast → Gather → Mul is decoded once, not on every run).
 
     ``outputs`` names the tensors to return (graph outputs or intermediate tensors). ``arrays``:
     the weights of a model from :func:`red_onnx.model_io.to_light_model` (or any initializers to
@@ -133,8 +135,9 @@ def session(model: onnx.ModelProto, outputs: list[str] | None = None, optimize: 
     if outputs is not None and outputs != [o.name for o in model.graph.output]:
         light = _with_outputs(light, outputs)
     options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.graph_optimization_level = {False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}.get(
+        optimize, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors are reported by red_onnx, in one line
