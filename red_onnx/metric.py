@@ -121,14 +121,16 @@ def run(compressor, metric: Metric, search: Search, log: Callable[[str], None]):
     """The search (module docstring); returns (model, report) of the chosen result. Only the best
     result within the drop so far is kept in memory."""
     best: list = []  # [point, model, report]
+    last: list = []  # the same for the last result scored
 
     def scored(t: float) -> dict:
         model, report = compressor.at(t)
         log(f"metric: scoring the result at tolerance {t:g}")
         point = evaluate(metric, model, report, search, t)
         log(f"metric: {point['metric']:.6g} at tolerance {t:g} (drop {point['drop']:.4g}, allowed {search.max_drop:g})")
+        last[:] = [point, model, report]
         if point["within"] and (not best or (point["macs"], point["bytes"]) < (best[0]["macs"], best[0]["bytes"])):
-            best[:] = [point, model, report]
+            best[:] = last
         return point
 
     held, failed = None, None
@@ -152,8 +154,7 @@ def run(compressor, metric: Metric, search: Search, log: Callable[[str], None]):
         if not point["within"]:
             search.warnings.append(f"even the exact rewrites scored {point['drop']:.4g} below the input "
                                    "(float rounding moved the metric, or it is not deterministic)")
-            model, report = compressor.at(0.0)
-            best[:] = [point, model, report]
+            best[:] = last
     search.chosen = best[0]["tolerance"]
     return best[1], best[2]
 
