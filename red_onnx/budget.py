@@ -203,84 +203,40 @@ class Budget:
         instead of the candidates' estimates (see :meth:`_spend_measured`): ``"levels"`` measures
         each level of a slot, from the mildest, until one alone exceeds the target; ``"top"`` (or
         True) measures a slot's most aggressive level and scales the others by their estimates."""
-        arrays = arrays or {}
-        from . import verify
-
-        accepted: dict[str, Candidate] = {}
-        editable: set[str] = set()
-        top = {c.slot: c for c in sorted(candidates, key=lambda c: c.level)}  # one level per slot
-        for c in top.values():
-            editable |= set(c.tensors or materialize([c]))
-        editable = sorted(editable)
-        sess, base, names = self._session(model, editable, arrays)
-        known = self.memo.setdefault("batch axes", {})
-        run = probe_runner(sess, self.probes, base, known, tuple(names))
-        reference = self.reference_for(names)
-        per_probe = max(sum(y.size for y in reference[0]), 1)
-        count = min(RANKING_PROBES, -(-RANKING_VALUES // per_probe), len(self.probes))
-        few = probe_runner(sess, self.probes[:count], base, known, tuple(names)) if count < len(self.probes) else run
-        evaluations = 0
-
-        def measure_few(chosen: list[Candidate], screening: bool = False) -> float:
-            nonlocal evaluations
-            evaluations += not screening
-            return verify.deviation(reference[:count], few({**base, **materialize(chosen)}))[0]
-
-        def measure(chosen: list[Candidate]) -> float:
-            """The deviation on all allocation probes; first on the few, whose maximum is a lower
-            bound: an edit over the target there is rejected without the full run."""
-            nonlocal evaluations
-            evaluations += 1
-            self.progress(f"  budget: {evaluations} measurements of {len(candidates)} candidates so far "
-                          f"(target {self.target:.3g})")
-            if few is not run and (screened := measure_few(chosen, screening=True)) > self.target:
-                return screened
-            return verify.deviation(reference, run({**base, **materialize(chosen)}))[0]
-
+        runs = _Runs(self, model, candidates, materialize, arrays or {})
         if self.after is not None and not materialize([]):  # measured at the end of the build's last spend
             before = self.after
-        elif hasattr(run, "unedited") and not materialize([]):
-            before = verify.deviation(reference, run.unedited)[0]
         else:
-            before = measure([])
+            before = runs.unedited()
         slots: dict[str, list[Candidate]] = {}
         for c in sorted(candidates, key=lambda c: c.level):
             slots.setdefault(c.slot, []).append(c)
-        if measured_ranking and before <= self.target:
-            digests: dict[str, str] = {}
-            down = self._downstream(sess, base, count, top.values(), materialize, lambda: measure_few([], True))
+        if before > self.target:  # nothing left to spend
+            accepted, current = {}, before
+        elif measured_ranking:
+            runs.down = self._downstream(runs)
+            accepted, current = self._spend_measured(slots, runs, before, per_level=measured_ranking == "levels")
+        else:
+            accepted, current = self._spend_estimated(slots, runs, before)
+        spent = Spent(list(accepted.values()), before, current, runs.evaluations)
+        self.history.append(spent)
+        self.after = current
+        return spent
 
-            def alone(c: Candidate, before_ranking: float) -> float:
-                """The added deviation of ``c`` alone, from the profile or measured into it."""
-                names = sorted(c.tensors or materialize([c]))
-                key = c.key + "@" + ",".join(digests.get(n) or digests.setdefault(n, digest(base[n])) for n in names)
-                added = self.profile.get(key)
-                if added is None:
-                    run_down = down.runner(frozenset(names)) if down is not None else None
-                    if run_down is not None:
-                        d = verify.deviation(reference[:count], run_down({**base, **materialize([c])}))[0]
-                    else:
-                        d = measure_few([c], screening=True)
-                    added = float(np.sqrt(max(d * d - before_ranking * before_ranking, 0.0)))
-                    self.profile.put(key, added)
-                return added
-
-            accepted, current = self._spend_measured(slots, measure, measure_few, alone, before,
-                                                     lambda: evaluations < self.max_evaluations,
-                                                     per_level=measured_ranking == "levels",
-                                                     screening=few is not run)
-            spent = Spent(list(accepted.values()), before, current, evaluations)
-            self.history.append(spent)
-            self.after = current
-            return spent
+    def _spend_estimated(self, slots: dict[str, list[Candidate]], runs: _Runs, before: float
+                         ) -> tuple[dict[str, Candidate], float]:
+        """By the candidates' estimates: batches of the best next levels by saving per estimated
+        error, doubling after a fit, halving after an overshoot; a single candidate that
+        overshoots is dropped with the higher levels of its slot."""
+        accepted: dict[str, Candidate] = {}
         frontier = {slot: 0 for slot in slots}  # index of the next level to try
         value = {slot: self._value(slots[slot], 0, None) for slot in slots}  # of each slot's next level
         batch, rejects, current = 8, 0, before
-        while frontier and evaluations < self.max_evaluations and before <= self.target:
+        while frontier and runs.left():
             ranked = sorted(frontier, key=value.__getitem__, reverse=True)
             take = [slots[s][frontier[s]] for s in ranked[:batch]]
             trial = {**accepted, **{c.slot: c for c in take}}
-            dev = measure(list(trial.values()))
+            dev = runs.on_all(list(trial.values()))
             if dev <= self.target:
                 accepted, current = trial, dev
                 for c in take:
@@ -298,14 +254,10 @@ class Budget:
                     break
             else:
                 batch = max(1, len(take) // 2)
-        spent = Spent(list(accepted.values()), before, current, evaluations)
-        self.history.append(spent)
-        self.after = current
-        return spent
+        return accepted, current
 
-    def _spend_measured(self, slots: dict[str, list[Candidate]], measure: Callable, measure_ranking: Callable,
-                        alone: Callable, before: float, left: Callable[[], bool], per_level: bool = False,
-                        screening: bool = True) -> tuple[dict[str, Candidate], float]:
+    def _spend_measured(self, slots: dict[str, list[Candidate]], runs: _Runs, before: float, per_level: bool
+                        ) -> tuple[dict[str, Candidate], float]:
         """Rank by measurement, then search the ranked sequence.
 
         1. Each slot's added deviation alone (on the first ``RANKING_PROBES`` probes; the
@@ -315,23 +267,55 @@ class Budget:
            (that one and those above are not offered); else of the most aggressive level, level
            ``i`` estimated at ``a · error_i / error_top``.
         2. Independent edits add in quadrature, so a greedy sequence of steps (a slot to a higher
-           level) by saving per added squared deviation predicts ``sqrt(d₀² + Σ a²)`` at each step.
+           level) by saving per added squared deviation predicts ``sqrt(d₀² + Σ a²)`` at each step
+           (:meth:`_steps`).
         3. The longest prefix that measures under the target *on the ranking probes* is searched
-           for (see ``longest``), and confirmed on all allocation probes; where it overshoots
-           there, the search goes on below it on all probes. Then up to ``patience`` later
-           steps, each predicted to fit, are tried one by one: on the ranking probes, then on all
-           (until PATIENCE_MISSES of them fit the first and not the second). So a pass costs a
-           few runs on all probes, however many candidates it has.
+           for, and confirmed on all allocation probes; where it overshoots there, the search goes
+           on below it on all probes (:meth:`_longest`). Then up to ``patience`` later steps, each
+           predicted to fit, are tried one by one: on the ranking probes, then on all (until
+           PATIENCE_MISSES of them fit the first and not the second). So a pass costs a few runs
+           on all probes, however many candidates it has.
         """
-        before_ranking = measure_ranking([])
-        added = {}
+        before_ranking = runs.on_ranking([])
+        added: dict[str, list[float]] = {}
         bar = getattr(self.progress, "bar", None)
         with bar(len(slots), "profile") if bar else contextlib.nullcontext() as shown:
             for slot, levels in list(slots.items()):
-                self._profile_slot(slot, levels, slots, added, alone, before_ranking, per_level)
+                self._profile_slot(slot, levels, slots, added, runs, before_ranking, per_level)
                 if shown is not None:
                     shown.update(1)
-        # greedy sequence of steps (slot, level index), by marginal saving per marginal squared deviation
+        steps, predicted = self._steps(slots, added, before)
+
+        def state(k: int) -> dict[str, Candidate]:
+            return {slot: slots[slot][i] for slot, i, _ in steps[:k]}
+
+        screened: dict[int, float] = {0: before_ranking}  # prefix length → deviation on the ranking probes
+        full: dict[int, float] = {0: before}  # prefix length → deviation on all allocation probes
+
+        def on_ranking(k: int) -> float:
+            if k not in screened:
+                screened[k] = runs.on_ranking(list(state(k).values()))
+            return screened[k]
+
+        def on_all(k: int) -> float:
+            if k not in full:
+                full[k] = runs.on_all(list(state(k).values())) if runs.screening else on_ranking(k)
+            return full[k]
+
+        lo = self._longest(on_ranking, predicted, len(steps) + 1, runs.left)
+        if lo and on_all(lo) > self.target:  # the ranking probes missed: search below it on all probes
+            lo = self._longest(on_all, predicted, lo, runs.left)
+        accepted, current = self._try_next(steps[lo + 1:lo + 1 + self.patience], slots, state(lo), on_all(lo), runs)
+        if accepted:
+            predicted = np.sqrt(before * before + sum(added[s][slots[s].index(c)] ** 2 for s, c in accepted.items()))
+            self.profile.predictions.append({"pass": next(iter(accepted)).split(":")[0], "edits": len(accepted),
+                                             "predicted": round(float(predicted), 6), "measured": round(current, 6)})
+        return accepted, current
+
+    def _steps(self, slots: dict[str, list[Candidate]], added: dict[str, list[float]], before: float
+               ) -> tuple[list[tuple[str, int, float]], list[float]]:
+        """The greedy sequence of steps (slot, level index, added squared deviation), by marginal
+        saving per marginal squared deviation, and each prefix's predicted deviation."""
         level = {slot: -1 for slot in slots}
         steps, predicted, total = [], [], before * before
         while True:
@@ -350,87 +334,62 @@ class Budget:
                     if best is None or value > best[0]:
                         best = (value, slot, i, cost)
             if best is None:
-                break
+                return steps, predicted
             _, slot, i, cost = best
             level[slot] = i
             total += cost
             steps.append((slot, i, cost))
             predicted.append(float(np.sqrt(total)))
 
-        def state(k: int) -> dict[str, Candidate]:
-            chosen = {}
-            for slot, i, _ in steps[:k]:
-                chosen[slot] = slots[slot][i]
-            return chosen
+    def _longest(self, at: Callable[[int], float], predicted: list[float], hi: int, left: Callable[[], bool]) -> int:
+        """The longest prefix whose deviation ``at(k)`` stays under the target: the prefix of lo
+        steps fits, the one of hi does not; each guess is the longest prefix predicted to fit once
+        the predictions are rescaled by the last measured/predicted ratio; a guess outside the
+        bracket moves to the step next to it, and where that too contradicts the prediction,
+        bisection follows."""
+        lo, scale, edge = 0, 1.0, False
+        while hi - lo > 1 and left():
+            guess = sum(1 for p in predicted if p * scale <= self.target)
+            if lo < guess < hi:
+                k, edge = guess, False
+            elif not edge:
+                k, edge = (lo + 1 if guess <= lo else hi - 1), True
+            else:
+                k, edge = (lo + hi) // 2, False
+            dev = at(k)
+            lo, hi = (k, hi) if dev <= self.target else (lo, k)
+            scale = dev / predicted[k - 1] if predicted[k - 1] > 0 else 1.0
+        return lo
 
-        screened: dict[int, float] = {0: before_ranking}  # prefix length → deviation on the ranking probes
-
-        def on_ranking(k: int) -> float:
-            if k not in screened:
-                screened[k] = measure_ranking(list(state(k).values()))
-            return screened[k]
-
-        def longest(at: Callable[[int], float], hi: int = len(steps) + 1) -> int:
-            """The longest prefix whose deviation ``at(k)`` stays under the target: the prefix of
-            lo steps fits, the one of hi does not; each guess is the longest prefix predicted to fit
-            once the predictions are rescaled by the last measured/predicted ratio; a guess
-            outside the bracket moves to the step next to it, and where that too contradicts the
-            prediction, bisection follows."""
-            lo, scale, edge = 0, 1.0, False
-            while hi - lo > 1 and left():
-                guess = sum(1 for p in predicted if p * scale <= self.target)
-                if lo < guess < hi:
-                    k, edge = guess, False
-                elif not edge:
-                    k, edge = (lo + 1 if guess <= lo else hi - 1), True
-                else:
-                    k, edge = (lo + hi) // 2, False
-                dev = at(k)
-                lo, hi = (k, hi) if dev <= self.target else (lo, k)
-                scale = dev / predicted[k - 1] if predicted[k - 1] > 0 else 1.0
-            return lo
-
-        full = {0: before}  # prefix length → deviation on all allocation probes
-
-        def on_all(k: int) -> float:
-            if k not in full:
-                full[k] = measure(list(state(k).values())) if screening else on_ranking(k)
-            return full[k]
-
-        lo = longest(on_ranking)
-        if lo and on_all(lo) > self.target:  # the ranking probes missed: search below it on all probes
-            lo = longest(on_all, lo)
-        current = on_all(lo)
-        accepted = state(lo)
-        misses = 0  # the step at lo overshot: try the next ones predicted to fit, one by one
-        for slot, i, cost in steps[lo + 1:lo + 1 + self.patience]:
-            if slot in accepted and slots[slot].index(accepted[slot]) >= i or not left() \
+    def _try_next(self, later: list[tuple[str, int, float]], slots: dict[str, list[Candidate]],
+                  accepted: dict[str, Candidate], current: float, runs: _Runs) -> tuple[dict[str, Candidate], float]:
+        """The steps after the longest fitting prefix, one by one where predicted to fit: on the
+        ranking probes, then on all, until PATIENCE_MISSES fit the first and not the second."""
+        misses = 0
+        for slot, i, cost in later:
+            if slot in accepted and slots[slot].index(accepted[slot]) >= i or not runs.left() \
                     or current * current + cost > self.target * self.target:
                 continue
-            trial = {**accepted, slot: slots[slot][i]}
-            if measure_ranking(list(trial.values())) > self.target:
+            trial = list({**accepted, slot: slots[slot][i]}.values())
+            if runs.on_ranking(trial) > self.target:
                 continue
-            dev = measure(list(trial.values())) if screening else measure_ranking(list(trial.values()))
+            dev = runs.on_all(trial) if runs.screening else runs.on_ranking(trial)
             if dev <= self.target:
-                accepted, current = trial, dev
+                accepted, current = {c.slot: c for c in trial}, dev
             else:
                 misses += 1
                 if misses >= PATIENCE_MISSES:
                     break
-        if accepted:
-            predicted = np.sqrt(before * before + sum(added[s][slots[s].index(c)] ** 2 for s, c in accepted.items()))
-            self.profile.predictions.append({"pass": next(iter(accepted)).split(":")[0], "edits": len(accepted),
-                                             "predicted": round(float(predicted), 6), "measured": round(current, 6)})
         return accepted, current
 
-    def _profile_slot(self, slot: str, levels: list[Candidate], slots: dict, added: dict, alone: Callable,
+    def _profile_slot(self, slot: str, levels: list[Candidate], slots: dict, added: dict, runs: _Runs,
                       before: float, per_level: bool) -> None:
         """``added[slot]``: each level's added deviation (see :meth:`_spend_measured`, step 1);
         with ``per_level``, the levels that alone exceed the target leave ``slots[slot]``."""
         if per_level:
             added[slot] = []
             for c in levels:
-                a = alone(c, before)
+                a = runs.alone(c, before)
                 if before ** 2 + a * a > self.target ** 2:
                     break
                 added[slot].append(a)
@@ -439,19 +398,19 @@ class Budget:
                 del slots[slot], added[slot]
             return
         top = levels[-1]
-        a = alone(top, before)
+        a = runs.alone(top, before)
         added[slot] = [a * (c.error / top.error if top.error > 0 else 1.0) for c in levels]
 
-    def _downstream(self, sess, base, count, tops, materialize, run_once) -> Downstream | None:
+    def _downstream(self, runs: _Runs) -> Downstream | None:
         """Where one run of the model on the ranking probes takes over DOWNSTREAM_SECONDS, the
         sub-models that measure each slot alone (:mod:`red_onnx.downstream`)."""
         start = time.perf_counter()
-        run_once()
+        runs.on_ranking([], screening=True)
         if time.perf_counter() - start < DOWNSTREAM_SECONDS:
             return None
-        model, kept, outputs = sess._red_onnx_model
-        down = Downstream(model, kept, base, outputs, self.probes[:count])
-        down.prepare([frozenset(c.tensors or materialize([c])) for c in tops])
+        model, kept, outputs = runs.sess._red_onnx_model
+        down = Downstream(model, kept, runs.base, outputs, self.probes[:runs.count])
+        down.prepare([frozenset(c.tensors or runs.materialize([c])) for c in runs.tops])
         return down
 
     @staticmethod
@@ -496,6 +455,78 @@ class Budget:
         sess = verify.session(copy, [r for _, r, _ in pairs], arrays=kept)
         sess._red_onnx_model = (copy, kept, [r for _, r, _ in pairs])  # for a Downstream on the same model
         return sess, base, [t for t, _, _ in pairs]  # the session's outputs hold the reference's tensors, in order
+
+
+class _Runs:
+    """One spend's measurements: one session in which the editable weights are inputs, run on all
+    allocation probes and on the first few (that rank and screen), and what it measured alone."""
+
+    def __init__(self, budget: Budget, model: Any, candidates: list[Candidate], materialize: Materialize,
+                 arrays: dict[str, np.ndarray]):
+        self.budget, self.materialize, self.candidates = budget, materialize, len(candidates)
+        self.tops = list({c.slot: c for c in sorted(candidates, key=lambda c: c.level)}.values())  # one per slot
+        editable = sorted({t for c in self.tops for t in (c.tensors or materialize([c]))})
+        self.sess, self.base, names = budget._session(model, editable, arrays)
+        known = budget.memo.setdefault("batch axes", {})
+        self.all = probe_runner(self.sess, budget.probes, self.base, known, tuple(names))
+        self.reference = budget.reference_for(names)
+        per_probe = max(sum(y.size for y in self.reference[0]), 1)
+        self.count = min(RANKING_PROBES, -(-RANKING_VALUES // per_probe), len(budget.probes))
+        self.few = (probe_runner(self.sess, budget.probes[:self.count], self.base, known, tuple(names))
+                    if self.count < len(budget.probes) else self.all)
+        self.screening = self.few is not self.all  # the ranking probes are fewer than all
+        self.evaluations = 0
+        self.down: Downstream | None = None
+        self.digests: dict[str, str] = {}
+
+    def left(self) -> bool:
+        return self.evaluations < self.budget.max_evaluations
+
+    def on_ranking(self, chosen: list[Candidate], screening: bool = False) -> float:
+        """The deviation with ``chosen`` applied, on the ranking probes (a screen: not counted)."""
+        from . import verify
+
+        self.evaluations += not screening
+        return verify.deviation(self.reference[:self.count], self.few({**self.base, **self.materialize(chosen)}))[0]
+
+    def on_all(self, chosen: list[Candidate]) -> float:
+        """The deviation on all allocation probes; first on the ranking probes, whose maximum is a
+        lower bound: an edit over the target there is rejected without the full run."""
+        from . import verify
+
+        self.evaluations += 1
+        self.budget.progress(f"  budget: {self.evaluations} measurements of {self.candidates} candidates so far "
+                             f"(target {self.budget.target:.3g})")
+        if self.screening and (screened := self.on_ranking(chosen, screening=True)) > self.budget.target:
+            return screened
+        return verify.deviation(self.reference, self.all({**self.base, **self.materialize(chosen)}))[0]
+
+    def unedited(self) -> float:
+        """The deviation with nothing edited, on all allocation probes."""
+        from . import verify
+
+        if hasattr(self.all, "unedited") and not self.materialize([]):  # already run by the batch check
+            return verify.deviation(self.reference, self.all.unedited)[0]
+        return self.on_all([])
+
+    def alone(self, c: Candidate, before_ranking: float) -> float:
+        """The added deviation of ``c`` alone, from the profile or measured into it (on the part
+        of the graph it changes where :attr:`down` has a sub-model for it)."""
+        from . import verify
+
+        names = sorted(c.tensors or self.materialize([c]))
+        key = c.key + "@" + ",".join(self.digests.get(n) or self.digests.setdefault(n, digest(self.base[n]))
+                                     for n in names)
+        added = self.budget.profile.get(key)
+        if added is None:
+            run_down = self.down.runner(frozenset(names)) if self.down is not None else None
+            if run_down is not None:
+                d = verify.deviation(self.reference[:self.count], run_down({**self.base, **self.materialize([c])}))[0]
+            else:
+                d = self.on_ranking([c], screening=True)
+            added = float(np.sqrt(max(d * d - before_ranking * before_ranking, 0.0)))
+            self.budget.profile.put(key, added)
+        return added
 
 
 def run_all(sess: Any, probes: list[Feeds]) -> list[list[np.ndarray]]:
