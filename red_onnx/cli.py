@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "samples; half choose the edits, half verify")
     p.add_argument("--probe-range", action="append", default=[], metavar="NAME:LOW,HIGH",
                    help="uniform probes in [LOW, HIGH] for that input instead of N(0,1) (repeatable)")
-    p.add_argument("--no-latency-check", action="store_true", help="keep conv separations even where "
-                   "onnxruntime runs them slower (e.g. for a TensorRT target)")
+    p.add_argument("--no-latency-check", action="store_true", help="keep every rewrite (separations, channel "
+                   "counts) even where onnxruntime CPU runs the result slower (e.g. for a TensorRT target)")
     p.add_argument("--codebook", choices=("uint8", "auto", "off"), default="uint8",
                    help="store few-valued weights as codebook + uint8 indices (default), also uint16 (auto), "
                    "or keep plain weights (off)")

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .defaults import PASS_NAMES
+
 if TYPE_CHECKING:
     from .budget import Budget, Candidate, Spent
 
@@ -85,6 +87,9 @@ class Context:
     budget: Budget | None = None  # None: exact rewrites only
     exclude: re.Pattern | None = None
     keep_dense: frozenset[str] = frozenset()  # convs the latency guard keeps as they are
+    # channel counts the latency guard wants: kept counts a multiple of this (0: remove no channel)
+    channel_align: int = 1
+    passes: frozenset[str] = frozenset(PASS_NAMES)  # the passes selected
     latency_check: bool = True  # optimise rewrites for onnxruntime CPU latency (guard on)
     codebook: str = "uint8"  # codebook index types allowed: "uint8", "auto" (also uint16) or "off"
     # weight → the per-channel factor fold multiplied into it (W' = W · s exactly)

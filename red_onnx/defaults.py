@@ -13,4 +13,4 @@ DEFAULT_MAX_DROP = 0.01
 DEFAULT_MAX_EVALS = 8
 #: The passes ``--passes`` selects, in schedule order (``red_onnx.passes.PLANNED``, derived from the
 #: schedule, equals it: tests/test_pipeline.py checks).
-PASS_NAMES = ("merge", "separate", "hash")
+PASS_NAMES = ("merge", "prune", "separate", "hash")

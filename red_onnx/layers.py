@@ -68,7 +68,10 @@ class Layer:
         return (self.bias_node or self.node).outputs[0]
 
     def get_weight(self) -> np.ndarray:
-        w = self.weight.values
+        return self.viewed(self.weight.values)
+
+    def viewed(self, w: np.ndarray) -> np.ndarray:
+        """A weight given in the op's own layout, in the view layout (out, in, *kernel)."""
         if self.op == "ConvTranspose":
             g = self.group
             i, o_g = w.shape[:2]

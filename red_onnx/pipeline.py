@@ -46,9 +46,11 @@ LOSSY_BUILDS = 4
 MAC_WORTH = 0.02
 #: After a failed build, at most this many of its worst fresh probes join the allocation probes.
 TAIL_PROBES = 8
-#: The latency guard undoes separations when the result is slower than the input by more than this
-#: factor (onnxruntime's timing noise, one thread, median of interleaved pairs).
+#: The latency guard acts when the result is slower than the input by more than this factor
+#: (onnxruntime's timing noise, one thread, median of interleaved pairs).
 LATENCY_SLACK = 1.03
+#: The channel counts the latency guard tries, in order, once no separation is left to undo.
+CHANNEL_ALIGNS = (8, 16)
 
 
 def next_margin(margin: float, deviation: float, tolerance: float) -> float:
@@ -249,7 +251,7 @@ class Compressor:
         opts.tolerance = tolerance if opts.verify else 0.0
         _restore_probe_state(prep, self.initial)
         accepted = build_verified(prep, opts, report)
-        if opts.latency_check:
+        if opts.latency_check and opts.verify:  # without verification onnxruntime may not run it
             accepted = latency_guard(prep, opts, report, accepted)
         result = finish(prep, accepted, release=release)
         _fill_report(report, prep, accepted, result, opts)
@@ -372,7 +374,8 @@ def _notes_on_input(original: onnx.ModelProto, opts: Options, report: Report) ->
         report.notes.append(f"custom-domain ops ({', '.join(custom)}) are left alone")
 
 
-def build(prep: Prepared, opts: Options, margin: float, keep_dense: frozenset[str] = frozenset()) -> Build:
+def build(prep: Prepared, opts: Options, margin: float, keep_dense: frozenset[str] = frozenset(),
+          channel_align: int = 1) -> Build:
     """Run the schedule on a fresh copy of the canonical model, lossy steps spending ``margin ×
     tolerance`` (none at margin 0); export it light (weights stay in the graph's arrays)."""
     budget = prep.budget if margin > 0 else None
@@ -380,7 +383,8 @@ def build(prep: Prepared, opts: Options, margin: float, keep_dense: frozenset[st
         budget.tolerance, budget.target = opts.tolerance, margin * opts.tolerance
         budget.after = 0.0  # canonicalization is exact
     ctx = Context(graph=model_io.to_graph(prep.canonical), template=prep.template, shapes=dict(prep.shapes),
-                  budget=budget, exclude=opts.exclude, keep_dense=keep_dense, latency_check=opts.latency_check,
+                  budget=budget, exclude=opts.exclude, keep_dense=keep_dense, channel_align=channel_align,
+                  passes=frozenset(opts.passes), latency_check=opts.latency_check,
                   codebook=opts.codebook, log=opts.log, progress_log=opts.progress,
                   memo=prep.budget.memo if prep.budget is not None else {})
     results = [_run_step(step, ctx) for step in SCHEDULE if step.wanted(opts.passes)]
@@ -410,13 +414,14 @@ def _run_step(step, ctx: Context) -> PassResult:
         raise RuntimeError(f"pass '{step.name}' failed: {err}") from err
 
 
-def build_verified(prep: Prepared, opts: Options, report: Report, keep_dense: frozenset[str] = frozenset()) -> Build:
+def build_verified(prep: Prepared, opts: Options, report: Report, keep_dense: frozenset[str] = frozenset(),
+                   channel_align: int = 1) -> Build:
     """Build at decreasing margins until the fresh probes agree (see :func:`back_off`)."""
     margin, lossy = (FIRST_MARGIN, LOSSY_BUILDS) if prep.budget is not None and opts.tolerance > 0 else (0.0, 0)
     for attempt in range(1, LOSSY_BUILDS + 2):
         opts.log(f"build {attempt} of at most {attempt + lossy}: " + (
             f"lossy edits up to {margin:.2g}x the tolerance" if margin > 0 else "exact rewrites only"))
-        attempt_build = build(prep, opts, margin, keep_dense)
+        attempt_build = build(prep, opts, margin, keep_dense, channel_align)
         if not opts.verify:
             return attempt_build
         opts.log(f"verifying build {attempt} on {len(prep.probes.verification)} fresh probes")
@@ -458,24 +463,55 @@ def back_off(prep: Prepared, opts: Options, report: Report, checked: verify.Veri
 
 
 def latency_guard(prep: Prepared, opts: Options, report: Report, current: Build) -> Build:
-    """While onnxruntime runs the result slower than the input (beyond LATENCY_SLACK), undo the
-    separations of the last build and rebuild."""
+    """While onnxruntime runs the result slower than the input (beyond LATENCY_SLACK), take the
+    next fix and rebuild: undo the conv separations; then keep every channel space's count a
+    multiple of 8, then of 16 (onnxruntime's CPU kernels work on channel blocks of 8 with AVX2 and
+    16 with AVX-512; which one matters is measured, not assumed); then remove no channel."""
     keep_dense: frozenset[str] = frozenset()
-    while separated := current.rewritten_by("separate") - keep_dense:
+    aligns = iter(CHANNEL_ALIGNS)
+    align = 1
+    while True:
+        separated = current.rewritten_by("separate") - keep_dense
+        removed = align != 0 and _channels_removed(current)
+        if not separated and not removed:
+            break
         opts.log("timing the result against the input (latency guard)")
-        t_in, t_out, ratio = verify.latency_ratio(prep.canonical, current.light, prep.probes.verification[0],
-                                                  arrays_b=current.arrays)
-        undone = report.latency.get("separations_undone", 0)
+        t_in, t_out, ratio = _latency(prep, current)
+        fixes = report.latency.get("fixes", [])
         report.latency = {"input_ms": round(t_in * 1e3, 4), "result_ms": round(t_out * 1e3, 4),
-                          "ratio": round(ratio, 4), "separations_undone": undone}
+                          "ratio": round(ratio, 4), "separations_undone": report.latency.get("separations_undone", 0),
+                          "channel_align": align, "fixes": fixes}
         if ratio <= LATENCY_SLACK:
             break
-        keep_dense |= separated
-        report.latency["separations_undone"] = undone + len(separated)
-        report.notes.append(f"latency guard: with {len(separated)} conv(s) separated the result ran {ratio:.2f}x "
-                            "the input's time in onnxruntime; those separations undone")
-        current = build_verified(prep, opts, report, keep_dense)
+        if separated:
+            keep_dense |= separated
+            report.latency["separations_undone"] += len(separated)
+            fix = f"{len(separated)} conv separation(s) undone"
+        else:
+            align = next(aligns, 0)
+            fix = (f"channel counts kept at multiples of {align}" if align else
+                   "no channel removed (every channel space keeps its count)")
+        fixes.append({"ratio_before": round(ratio, 4), "fix": fix})
+        report.notes.append(f"latency guard: the result ran {ratio:.2f}x the input's time in onnxruntime; {fix}")
+        opts.log(report.notes[-1])
+        current = build_verified(prep, opts, report, keep_dense, align)
     return current
+
+
+def _latency(prep: Prepared, current: Build) -> tuple[float, float, float]:
+    """verify.latency_ratio of the result to the input; where over LATENCY_SLACK, timed again and
+    the faster of the two kept (a busy machine slows one timing, rarely two)."""
+    timed = verify.latency_ratio(prep.canonical, current.light, prep.probes.verification[0], arrays_b=current.arrays)
+    if timed[2] > LATENCY_SLACK:
+        again = verify.latency_ratio(prep.canonical, current.light, prep.probes.verification[0],
+                                     arrays_b=current.arrays)
+        timed = min(timed, again, key=lambda t: t[2])
+    return timed
+
+
+def _channels_removed(current: Build) -> bool:
+    return any(r.counts.get(k) for r in current.results
+               for k in ("channels_merged", "dead_removed", "unread_removed", "constant_channels_folded"))
 
 
 def finish(prep: Prepared, accepted: Build, release: bool = True) -> onnx.ModelProto:

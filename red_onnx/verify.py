@@ -344,13 +344,19 @@ def promise(n: int, bound: float, exact: bool = False) -> str:
             f"such inputs above {bound:.3g} is below {min(3 / n, 1):.1%} with 95% confidence")
 
 
+#: a latency sample repeats the model's run until it takes this long
+SAMPLE_SECONDS = 2e-3
+
+
 def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict[str, np.ndarray],
                   pairs: int = 30, arrays_b: dict[str, np.ndarray] | None = None,
                   one_at_a_time: bool | None = None) -> tuple[float, float, float]:
     """(median seconds of a, of b, median of per-pair ratios b/a): one thread, optimizations on,
-    interleaved pairs so that drifts in machine load hit both alike. ``arrays_b``: the weights of a
-    light ``model_b`` (see :func:`session`). Models over 2 GB (or ``one_at_a_time``) are timed one
-    after the other, one session in memory at a time; the ratio is then that of the medians."""
+    interleaved pairs so that drifts in machine load hit both alike; each timing repeats the run
+    until it takes SAMPLE_SECONDS (a 10 µs model is timed over 100 runs, not one). ``arrays_b``:
+    the weights of a light ``model_b`` (see :func:`session`). Models over 2 GB (or
+    ``one_at_a_time``) are timed one after the other, one session in memory at a time; the ratio
+    is then that of the medians."""
     if one_at_a_time is None:
         one_at_a_time = model_bytes(model_a) > TWO_GB
     if one_at_a_time:
@@ -359,16 +365,24 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
         return float(np.median(ta)), float(np.median(tb)), float(np.median(tb) / np.median(ta))
     sa = session(model_a, optimize=True, threads=1)
     sb = session(model_b, optimize=True, threads=1, arrays=arrays_b)
-    for s in (sa, sb):
-        s.run(None, feeds)
+    repeats = max(_repeats(sa, feeds), _repeats(sb, feeds))
     ta, tb = [], []
     for _ in range(pairs):
         for s, times in ((sa, ta), (sb, tb)):
             start = time.perf_counter()
-            s.run(None, feeds)
-            times.append(time.perf_counter() - start)
+            for _ in range(repeats):
+                s.run(None, feeds)
+            times.append((time.perf_counter() - start) / repeats)
     ratios = np.array(tb) / np.array(ta)
     return float(np.median(ta)), float(np.median(tb)), float(np.median(ratios))
+
+
+def _repeats(sess, feeds: dict[str, np.ndarray]) -> int:
+    """How many runs take SAMPLE_SECONDS (after two warm-up runs)."""
+    sess.run(None, feeds)
+    start = time.perf_counter()
+    sess.run(None, feeds)
+    return max(1, int(np.ceil(SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7))))
 
 
 def _timed(sess, feeds: dict[str, np.ndarray], runs: int) -> list[float]:

@@ -77,10 +77,10 @@ def test_the_schedule_is_what_passes_selects():
 
     from red_onnx.defaults import PASS_NAMES
 
-    assert PLANNED == PASS_NAMES == ("merge", "separate", "hash")  # --help lists PASS_NAMES without importing passes
+    assert PLANNED == PASS_NAMES == ("merge", "prune", "separate", "hash")  # --help lists PASS_NAMES without importing passes
     assert [s.name for s in SCHEDULE if s.wanted(["merge"])] == ["fold", "merge", "codebook"]
     assert [s.name for s in SCHEDULE if s.wanted(PLANNED)] == [
-        "fold", "merge", "separate", "hash", "merge_after_hash", "separate_after_hash", "codebook"]
+        "fold", "merge", "prune", "separate", "hash", "merge_after_hash", "separate_after_hash", "codebook"]
     _, report = red_onnx.compress(concat_with_duplicates(), tolerance=0, passes=["merge", "hash"])
     assert [p["name"] for p in report.passes] == ["fold", "merge", "hash", "merge_after_hash", "codebook"]
 

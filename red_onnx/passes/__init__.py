@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Iterable
 
 from ..context import Context, PassResult
-from . import codebook, fold, hash, merge, separate
+from . import codebook, fold, hash, merge, prune, separate
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,13 @@ class Step:
 
 
 #: The pipeline's order. Canonicalization first; the MAC-saving passes spend the budget before
-#: hashing (latency first, then size); after hashing, the exact merge and separation rules run
+#: hashing (latency first, then size; merge offers the prunes too when both are selected, in one
+#: sequence per channel space); after hashing, the exact merge and separation rules run
 #: again on the hashed weights; codebook storage last (it turns weights into computed tensors).
 SCHEDULE: tuple[Step, ...] = (
     Step("fold", fold),
     Step("merge", merge, "merge"),
+    Step("prune", prune, "prune"),
     Step("separate", separate, "separate"),
     Step("hash", hash, "hash"),
     Step("merge_after_hash", merge, "merge", after="hash", exact=True),
@@ -56,4 +58,4 @@ PLANNED = tuple(dict.fromkeys(s.selected_by for s in SCHEDULE if s.selected_by))
 #: The selectable passes, by name.
 AVAILABLE: dict[str, ModuleType] = {s.selected_by: s.module for s in SCHEDULE if s.selected_by and not s.exact}
 
-__all__ = ["Step", "SCHEDULE", "PLANNED", "AVAILABLE", "codebook", "fold", "hash", "merge", "separate"]
+__all__ = ["Step", "SCHEDULE", "PLANNED", "AVAILABLE", "codebook", "fold", "hash", "merge", "prune", "separate"]

@@ -22,13 +22,13 @@ from collections import Counter
 
 import numpy as np
 
-from .. import verify
+from ..activations import channel_stats
 from ..budget import Candidate, Spent
 from ..context import Context, PassResult
 from ..coupling import Space, channel_spaces, remove_channels
 from ..layers import refresh_shapes
-from ..model_io import to_light_model
 from ..profile import digest
+from . import prune
 
 NAME = "merge"
 EXACT_RTOL = 1e-5  # relative distance under which two rows are equal up to float rounding
@@ -39,10 +39,25 @@ def run(ctx: Context) -> PassResult:
     start = time.perf_counter()
     result = PassResult(NAME)
     counts = Counter()
+    added = []
     if ctx.lossy:
-        spent = _spend(ctx)
-        counts["near_merges_accepted"] = len(spent.accepted)
+        pruning = "prune" in ctx.passes
+        spent, added = spend(ctx, merging=True, pruning=pruning)
+        counts["near_merges_accepted" if not pruning else "merge_and_prune_levels_accepted"] = len(spent.accepted)
         counts["deviation_allocated"] = round(spent.deviation_after, 6)
+    remove_redundant(ctx, result, counts, merges=True)
+    prune.drop_zero_biases(ctx.graph, added)
+    result.counts = dict(counts)
+    result.modified = bool(counts["channels_merged"] or counts["dead_removed"] or counts["unread_removed"])
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def remove_redundant(ctx: Context, result: PassResult, counts: Counter, merges: bool) -> None:
+    """Delete, in every channel space, the channels that are exact multiples of another (with
+    ``merges``), that carry 0, or that no consumer reads (:func:`exact_plan`), keeping each space's
+    count a multiple of ``ctx.channel_align`` or its count before (keeping an exact duplicate is
+    exact too)."""
     refresh_shapes(ctx.graph, ctx.template, ctx.shapes)
     rows, done = result.layers, set()
     while True:  # a merge before a Concat moves the offsets of the spaces after it: look again
@@ -55,38 +70,59 @@ def run(ctx: Context) -> PassResult:
             if space.frozen:
                 result.leave(space.name, space.frozen)
                 continue
-            root, scale, dead = _memo_plan(ctx, space)
+            root, scale, dead = _memo_plan(ctx, space, merges)
+            kept_back = align(root, dead, ctx.channel_align)
+            unread = int(np.sum(dead & (space.consumer_norms() == 0)))
             merged = int(np.sum(root != np.arange(space.channels)))
             if merged or dead.any():
-                rows.append({"name": space.name, "channels": space.channels,
-                             "channels_after": space.channels - merged - int(dead.sum()),
-                             "merged": merged, "dead": int(dead.sum())})
+                row = {"name": space.name, "channels": space.channels,
+                       "channels_after": space.channels - merged - int(dead.sum()),
+                       "merged": merged, "dead": int(dead.sum()) - unread, "unread": unread}
+                if kept_back:
+                    row["kept_for_alignment"] = kept_back
+                rows.append(row)
                 apply_merges(space, root, scale, dead)
                 counts["channels_merged"] += merged
-                counts["dead_removed"] += int(dead.sum())
+                counts["dead_removed"] += int(dead.sum()) - unread
+                counts["unread_removed"] += unread
                 if space.concats:
                     refresh_shapes(ctx.graph, ctx.template, ctx.shapes)
                     break
+            elif kept_back:
+                rows.append({"name": space.name, "channels": space.channels, "channels_after": space.channels,
+                             "kept_for_alignment": kept_back})
         else:
             break
     counts["spaces_frozen"] = len(result.left_alone)
-    result.counts = dict(counts)
-    result.modified = bool(counts["channels_merged"] or counts["dead_removed"])
-    result.seconds = time.perf_counter() - start
-    return result
+
+
+def align(root: np.ndarray, dead: np.ndarray, multiple: int) -> int:
+    """Keep back removals (in place) so that the kept count is a multiple of ``multiple``, or the
+    count before where that is less (``multiple`` 0: keep every channel); returns how many."""
+    c = len(root)
+    removed = np.flatnonzero((root != np.arange(c)) | dead)
+    kept = c - len(removed)
+    if multiple == 1 or len(removed) == 0:
+        return 0
+    target = c if multiple == 0 else min(c, -(-kept // multiple) * multiple)
+    back = removed[::-1][:target - kept]  # the last ones: any is exact
+    root[back], dead[back] = back, False
+    return len(back)
 
 
 # ---------------------------------------------------------------------------------------------
 # exact merges
 
 
-def exact_plan(space: Space, rtol: float = EXACT_RTOL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(root, scale, dead): channel c carries scale[c] × channel root[c]; dead channels carry 0."""
+def exact_plan(space: Space, rtol: float = EXACT_RTOL, merges: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(root, scale, dead): channel c carries scale[c] × channel root[c] (only itself without
+    ``merges``); dead channels carry 0 or are read by no consumer."""
     c = space.channels
     rows = space.producer_rows()
     path = space.path_rows()
     norms = np.linalg.norm(rows, axis=1)
     dead = (norms == 0) if space.zero_preserving else np.zeros(c, bool)
+    dead |= space.consumer_norms() == 0
     root, scale = np.arange(c), np.ones(c)
     segments = space.segments if space.segments is not None else np.zeros(c, int)
     for seg in np.unique(segments):  # a segment (or space) keeps a channel: no zero-width tensors
@@ -94,7 +130,7 @@ def exact_plan(space: Space, rtol: float = EXACT_RTOL) -> tuple[np.ndarray, np.n
         if dead[members].all():
             dead[members[0]] = False
     live = np.flatnonzero(~dead & (norms > 0))
-    if len(live) < 2:
+    if len(live) < 2 or not merges:
         return root, scale, dead
     if space.homogeneous:
         unit = rows[live] / norms[live, None]
@@ -114,12 +150,13 @@ def exact_plan(space: Space, rtol: float = EXACT_RTOL) -> tuple[np.ndarray, np.n
     return root, scale, dead
 
 
-def _memo_plan(ctx: Context, space: Space) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`exact_plan`, kept for the later builds of this call (keyed by the rows it reads)."""
+def _memo_plan(ctx: Context, space: Space, merges: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`exact_plan`, kept for the later builds of this call (keyed by what it reads); a copy."""
     segments = space.segments if space.segments is not None else np.zeros(0, int)
-    return ctx.memoized("exact plan", [space.producer_rows(), space.path_rows(), segments,
-                                       np.array([space.homogeneous, space.zero_preserving])],
-                        lambda: exact_plan(space))
+    plan = ctx.memoized("exact plan", [space.producer_rows(), space.path_rows(), segments, space.consumer_norms() == 0,
+                                       np.array([space.homogeneous, space.zero_preserving, merges])],
+                        lambda: exact_plan(space, merges=merges))
+    return tuple(a.copy() for a in plan)
 
 
 def _pairwise(x: np.ndarray) -> np.ndarray:
@@ -152,71 +189,61 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
 # near merges: budget candidates
 
 
-def _spend(ctx: Context) -> Spent:
+def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
+    """Offer the budget, per channel space, levels of channel removals: each exercised channel
+    merged into its partner or pruned to its mean (:mod:`red_onnx.passes.prune`), whichever adds
+    the smaller estimated error (:mod:`red_onnx.activations`), best first; level ℓ takes the first
+    :func:`_level_sizes` removals. Returns what was spent and the layers that got a bias for it."""
     spaces = [s for s in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude) if not s.frozen and s.consumers]
-    if not spaces:
-        return Spent([], 0.0, 0.0, 0)
-    exercised = _exercised(ctx, spaces)
-    candidates = []
-    info = {}
+    if not spaces or ctx.channel_align == 0:
+        return Spent([], 0.0, 0.0, 0), []
+    added = prune.add_biases(ctx, spaces) if pruning else []
+    partners = [_partners(space) for space in spaces]
+    stats = channel_stats(ctx, spaces, [p for p, _ in partners], [s for _, s in partners])
+    mode = "+".join(kind for kind, on in (("merge", merging), ("prune", pruning)) if on)
+    candidates, info = [], {}
     for k, space in enumerate(spaces):
-        cands, data = _near_candidates(space, k, ctx.shapes, exercised[k])
-        candidates += cands
-        info[k] = data
+        removals = _removals(space, stats[k], *partners[k], merging, pruning)
+        if not removals:
+            continue
+        saving = _channel_saving(space, ctx.shapes)
+        tensors = tuple(t.name for layer in (space.producers if merging else []) + (
+            [c.layer for c in space.consumers] if pruning else []) for t in (layer.weight, layer.bias) if t is not None)
+        info[k] = {"rows": space.producer_rows(), "weights": np.linalg.norm(space.producer_rows(), axis=1)
+                   * np.maximum(space.consumer_norms(), 1e-12), "means": stats[k].means}
+        cumulative = np.sqrt(np.cumsum([e * e for e, _, _ in removals]))
+        for level, m in enumerate(_level_sizes(len(removals), space.channels, ctx.channel_align)):
+            chosen = [(j, i) for _, j, i in removals[:m]]
+            key = f"{mode}:{space.name}:{m}:" + digest(np.asarray(chosen, np.int64))
+            candidates.append(Candidate(key=key, slot=f"{mode}:{k}", saving=tuple(m * x for x in saving),
+                                        error=float(cumulative[m - 1]), level=level, data=(k, chosen), tensors=tensors))
     if not candidates:
-        return Spent([], 0.0, 0.0, 0)
+        return Spent([], 0.0, 0.0, 0), added
 
     def materialize(chosen: list[Candidate]) -> dict[str, np.ndarray]:
         edits = {}
-        for cand in chosen:  # one level (a number of merges) per space
-            k, pairs = cand.data
-            edits.update(_cluster_edits(spaces[k], info[k], pairs))
+        for cand in chosen:  # merges first: a layer's rows may merge while its input columns are pruned
+            k, removals = cand.data
+            pairs = [(j, i) for j, i in removals if i >= 0]
+            if pairs:
+                edits.update(_cluster_edits(spaces[k], info[k], pairs))
+        for cand in chosen:
+            k, removals = cand.data
+            prune.edits(spaces[k], info[k]["means"], np.array([j for j, i in removals if i < 0], int), edits)
         return edits
 
-    return ctx.spend(candidates, materialize, measured_ranking="levels")
+    return ctx.spend(candidates, materialize, measured_ranking="levels"), added
 
 
-def _exercised(ctx: Context, spaces: list[Space]) -> list[np.ndarray]:
-    """Per space, the channels the allocation probes actually drive at the consumers' input.
-
-    A channel the probes leave (nearly) silent, e.g. a ReLU unit that random inputs never open,
-    would merge at no measured cost whatever real inputs do with it: such merges are not offered.
-    Measured: on the captcha CRNN, merges of such channels cost 0 on uniform-noise probes and 2
-    points of exact-match accuracy on real captchas.
-    """
-    names = list(dict.fromkeys(c.layer.node.inputs[0].name for space in spaces for c in space.consumers))
-    model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
-    state = [model.SerializeToString(deterministic=True)]  # the large weights are placeholders here ...
-    state += [f"{name}:{digest(v)}".encode() for name, v in arrays.items()]  # ... and digested here
-    key = f"exercised {len(ctx.budget.probes)} " + digest(np.frombuffer(b"".join(state), np.uint8))
-    if key in ctx.memo:  # the same model and probes in an earlier build of this call
-        return ctx.memo[key]
-    sess = verify.session(model, names, arrays=arrays)
-    level = [np.zeros(space.channels) for space in spaces]
-    for probe in ctx.budget.probes:
-        outputs = dict(zip(names, sess.run(None, probe)))
-        for k, space in enumerate(spaces):
-            seen = np.zeros(space.channels)  # the most any consumer sees of each channel
-            for consumer in space.consumers:
-                lo, hi, shift, total = consumer.span(space.channels)
-                x = np.moveaxis(np.abs(outputs[consumer.layer.node.inputs[0].name].astype(np.float64)), consumer.axis, 0)
-                seen[lo:hi] = np.maximum(seen[lo:hi], x.reshape(total, -1)[lo + shift:hi + shift].mean(axis=1))
-            level[k] += seen
-    ctx.memo[key] = [lv > EXERCISED * max(float(np.median(lv)), 1e-30) for lv in level]
-    return ctx.memo[key]
-
-
-def _near_candidates(space: Space, k: int, shapes: dict, exercised: np.ndarray) -> tuple[list[Candidate], dict]:
-    """The space's levels of near merges: each channel the probes exercise merged into its nearest
-    compatible such channel, the pairs ordered by estimated error (residual row norm × consumer
-    column norm); level ℓ takes the first :func:`_level_sizes` pairs."""
+def _partners(space: Space) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel's nearest other channel in weight space on an equal path (cosine on a
+    homogeneous path, distance otherwise), -1 for none, and the scale it carries it at."""
     rows = space.producer_rows()
     norms = np.linalg.norm(rows, axis=1)
-    consumer_norms = space.consumer_norms()
-    same_path = _equal_rows(space.path_rows())
     c = space.channels
     if c < 2:
-        return [], {}
+        return np.full(c, -1), np.ones(c)
+    same_path = _equal_rows(space.path_rows())
     if space.homogeneous:
         unit = rows / np.maximum(norms, 1e-300)[:, None]
         cos = unit @ unit.T
@@ -224,35 +251,58 @@ def _near_candidates(space: Space, k: int, shapes: dict, exercised: np.ndarray) 
     else:
         score = np.where(same_path, -_pairwise(rows), -np.inf)
     np.fill_diagonal(score, -np.inf)
-    score[:, ~exercised] = -np.inf
-    score[~exercised, :] = -np.inf
+    score[:, norms == 0] = -np.inf
     best = np.argmax(score, axis=1)
-    saving = _channel_saving(space, shapes)
-    tensors = tuple(t.name for p in space.producers for t in (p.weight, p.bias) if t is not None)
-    pairs, errors = [], []
-    for j in range(c):
-        i = best[j]
-        if not np.isfinite(score[j, i]) or norms[i] == 0:
+    valid = np.isfinite(score[np.arange(c), best])
+    scale = (rows * rows[best]).sum(axis=1) / np.maximum(norms[best] ** 2, 1e-300) if space.homogeneous else np.ones(c)
+    return np.where(valid, best, -1), np.where(valid, scale, 1.0)
+
+
+def _removals(space: Space, stats, partner: np.ndarray, scale: np.ndarray, merging: bool, pruning: bool
+              ) -> list[tuple[float, int, int]]:
+    """(estimated error, channel, partner or -1 to prune), best first: each channel the probes
+    exercise once, by its cheaper removal; a channel pruned is no channel's partner."""
+    exercised = stats.seen > EXERCISED * max(float(np.median(stats.seen)), 1e-30)
+    options = []
+    for j in np.flatnonzero(exercised):
+        i = partner[j]
+        if merging and i >= 0 and exercised[i] and np.isfinite(stats.residual[j]):
+            options.append((float(np.sqrt(stats.residual[j])), int(j), int(i)))
+        if pruning:
+            options.append((float(np.sqrt(stats.spread[j])), int(j), -1))
+    options.sort(key=lambda o: o[0])
+    cluster = list(range(space.channels))  # union-find over the merges taken
+
+    def find(x: int) -> int:
+        while cluster[x] != x:
+            cluster[x] = cluster[cluster[x]]
+            x = cluster[x]
+        return x
+
+    removals, removed, pruned, targets = [], set(), set(), set()
+    for error, j, i in options:
+        if j in removed or (j in targets if i < 0 else i in pruned or find(i) == find(j)):
             continue
-        s = rows[j] @ rows[i] / (norms[i] ** 2) if space.homogeneous else 1.0
-        pairs.append((j, int(i)))
-        errors.append(np.linalg.norm(rows[j] - s * rows[i]) * consumer_norms[j])
-    order = np.argsort(errors, kind="stable")
-    pairs = [pairs[o] for o in order]
-    cumulative = np.sqrt(np.cumsum(np.square(np.asarray(errors)[order])))
-    cands = []
-    for level, m in enumerate(_level_sizes(len(pairs))):
-        cands.append(Candidate(key=f"merge:{space.name}:{m}", slot=f"merge:{k}", saving=tuple(m * x for x in saving),
-                               error=float(cumulative[m - 1]), level=level, data=(k, pairs[:m]), tensors=tensors))
-    weights = norms * np.maximum(consumer_norms, 1e-12)
-    return cands, {"rows": rows, "weights": weights}
+        removed.add(j)
+        if i < 0:
+            pruned.add(j)
+        else:
+            targets.add(i)
+            cluster[find(j)] = find(i)
+        removals.append((error, j, i))
+    if len(removals) >= space.channels:  # a space keeps a channel
+        removals = removals[:space.channels - 1]
+    return removals
 
 
-def _level_sizes(n: int) -> list[int]:
+def _level_sizes(n: int, channels: int = 0, multiple: int = 1) -> list[int]:
     """How many of a space's merges (the best first) each level takes: 1, 2, 3, 4, 6, 8, 11, 16, ...
-    (about √2 apart, so the budget can stop within 1.4x of the most that fits), and all ``n``."""
+    (about √2 apart, so the budget can stop within 1.4x of the most that fits), and all ``n``; with a
+    ``multiple`` (the latency guard's), only sizes that leave ``channels`` a multiple of it."""
     sizes = {min(n, round(2 ** (e / 2))) for e in range(int(2 * np.log2(max(n, 1))) + 2)}
-    return sorted(m for m in sizes if m >= 1)
+    if multiple > 1:
+        sizes = {m + (channels - m) % multiple for m in sizes} - {channels}
+    return sorted(m for m in sizes if 1 <= m <= n)
 
 
 def _channel_saving(space: Space, shapes: dict) -> tuple[int, int, int]:
