@@ -71,7 +71,7 @@ def _measure(sess, names, probes, spaces, partners, scales) -> list[SpaceStats]:
         seen, spread, residual, means = np.zeros(c), np.zeros(c), np.zeros(c), []
         for consumer, (s1, sabs, s2, sres, n) in zip(space.consumers, sums[k]):
             lo, hi, shift, _ = consumer.span(c)
-            count = n * len(probes)
+            count = n  # positions, summed over the probes
             mean = s1 / count  # (channels, block)
             full = np.zeros((c, consumer.block))
             full[lo:hi] = mean

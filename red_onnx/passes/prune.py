@@ -72,7 +72,7 @@ def add_biases(ctx: Context, spaces: list[Space]) -> list[Layer]:
 
 def drop_zero_biases(graph: gs.Graph, added: list[Layer]) -> None:
     """Remove the biases :func:`add_biases` added that are still zero (no channel was folded there)."""
-    for layer in dict.fromkeys(added):
+    for layer in {id(layer): layer for layer in added}.values():
         if layer.bias is None or np.any(layer.bias.values):
             continue
         if layer.bias_node is not None:  # MatMul + Add: the MatMul writes the Add's output again

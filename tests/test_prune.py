@@ -1,0 +1,288 @@
+"""Channel pruning (red_onnx.passes.prune): constant channels folded exactly, tiny channels pruned within
+the tolerance, coupled channel sets, biasless consumers, and the latency guard over channel removals.
+
+Exact cases are checked against a numpy oracle of the folded weights and against onnxruntime on
+random inputs; lossy ones against the tolerance on fresh inputs of the probe distribution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import red_onnx
+from conftest import Builder
+from graphs import assert_same, inits, out_channels, rel_l2, rng_feeds, session, view_weight
+
+
+def prune0(model: onnx.ModelProto, **kwargs):
+    kwargs.setdefault("latency_check", False)  # the rewrite itself; the guard has its own tests
+    result, report = red_onnx.compress(model, tolerance=0, passes=["prune"], **kwargs)
+    onnx.checker.check_model(result, full_check=True)
+    assert report.verified
+    return result, report
+
+
+def counts(report) -> dict:
+    return next(p for p in report.passes if p["name"] == "prune")
+
+
+def constant_chain(constant=(2, 5), k2=1, c=8, seed=0, bn=False, act="Relu"):
+    """x(N,3,8,8) → conv1 (c ch; channels ``constant``: zero weights, bias only) → [BN] → act →
+    conv2 (4 ch, k2×k2, no padding) → y."""
+    rng = np.random.default_rng(seed)
+    g = Builder(seed)
+    x = g.input("x", ["N", 3, 8, 8])
+    w1 = rng.standard_normal((c, 3, 3, 3)).astype(np.float32) / 5
+    b1 = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    w1[list(constant)] = 0.0
+    h = g.conv_w(x, w1, b1, name="conv1")
+    if bn:
+        h = g.bn(h, c)
+    h = g.act(h, act)
+    w2 = rng.standard_normal((4, c, k2, k2)).astype(np.float32) / 3
+    b2 = rng.standard_normal(4).astype(np.float32)
+    g.output(g.conv_w(h, w2, b2, name="conv2", pad=0))
+    return g.model(), (w1, b1, w2, b2)
+
+
+def test_constant_channels_fold_exactly_at_tolerance_0():
+    model, (w1, b1, w2, b2) = constant_chain()
+    result, report = prune0(model)
+    assert out_channels(result)["conv1"] == 6
+    assert counts(report)["constant_channels_folded"] == 2
+    assert_same(model, result)
+    # numpy oracle: the constant relu(b1_j) moves into conv2's bias, its columns go
+    keep = [c for c in range(8) if c not in (2, 5)]
+    folded = b2.astype(np.float64) + np.einsum("ojhw,j->o", w2[:, [2, 5]].astype(np.float64),
+                                               np.maximum(b1[[2, 5]], 0))
+    after = inits(result)
+    conv2 = next(n for n in result.graph.node if n.name == "conv2")
+    np.testing.assert_allclose(after[conv2.input[2]], folded, rtol=1e-6)
+    np.testing.assert_array_equal(view_weight(result, "conv2"), w2[:, keep])
+
+
+def test_constant_through_batchnorm_and_sigmoid():
+    """Zero weights and a BN shift: the channel is a constant that is not 0 (not 'dead')."""
+    model, _ = constant_chain(constant=(1,), bn=True, act="Sigmoid")
+    result, report = prune0(model)
+    assert out_channels(result)["conv1"] == 7 and counts(report)["constant_channels_folded"] == 1
+    assert_same(model, result)
+
+
+def test_padded_consumer_keeps_the_constant_channel():
+    """A 3×3 consumer with padding sees 0 at the border, not the constant: no exact fold."""
+    rng = np.random.default_rng(3)
+    g = Builder(3)
+    x = g.input("x", ["N", 3, 8, 8])
+    w1 = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    w1[4] = 0
+    h = g.relu(g.conv_w(x, w1, np.ones(6, np.float32), name="conv1"))
+    g.output(g.conv_w(h, rng.standard_normal((4, 6, 3, 3)).astype(np.float32), None, name="conv2", pad=1))
+    model = g.model()
+    result, report = prune0(model)
+    assert out_channels(result)["conv1"] == 6
+    assert any("pad" in a["reason"] and a["pass"] == "prune" for a in report.left_alone)
+    assert_same(model, result)
+
+
+def test_constant_channel_into_biasless_matmul_gets_a_bias():
+    """MatMul consumers without bias get one (an Add) carrying the folded constant."""
+    rng = np.random.default_rng(4)
+    g = Builder(4)
+    x = g.input("x", ["N", 6])
+    w1 = rng.standard_normal((5, 6)).astype(np.float32)
+    w1[3] = 0
+    h = g.relu(g.gemm_w(x, w1, rng.uniform(0.5, 1, 5).astype(np.float32), name="fc1"))
+    g.output(g.matmul_w(h, rng.standard_normal((4, 5)).astype(np.float32), None, name="fc2"))
+    model = g.model()
+    result, report = prune0(model)
+    assert view_weight(result, "fc1").shape == (4, 6)
+    assert [n.op_type for n in result.graph.node].count("Add") == 1
+    assert_same(model, result)
+
+
+def test_zero_bias_added_for_nothing_is_dropped_again():
+    """A biasless consumer whose space prunes nothing keeps its form (no Add left behind)."""
+    rng = np.random.default_rng(5)
+    g = Builder(5)
+    x = g.input("x", ["N", 6])
+    h = g.relu(g.gemm_w(x, rng.standard_normal((5, 6)).astype(np.float32), None, name="fc1"))
+    g.output(g.matmul_w(h, rng.standard_normal((4, 5)).astype(np.float32), None, name="fc2"))
+    model = g.model()
+    result, _ = red_onnx.compress(model, tolerance=1e-6, passes=["prune"], latency_check=False)
+    assert [n.op_type for n in result.graph.node] == [n.op_type for n in model.graph.node]
+
+
+# --------------------------------------------------------------------------------------------- #
+# lossy: tiny channels
+
+
+def tiny_chain(tiny=(1, 6), scale=1e-4, seed=0, consumer="conv"):
+    """conv1 (8 ch) → relu → conv2 / flatten+gemm, where conv2 barely reads channels ``tiny``."""
+    rng = np.random.default_rng(seed)
+    g = Builder(seed)
+    x = g.input("x", ["N", 3, 6, 6])
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) / 5
+    h = g.relu(g.conv_w(x, w1, rng.standard_normal(8).astype(np.float32) * 0.1, name="conv1"))
+    if consumer == "conv":
+        w2 = rng.standard_normal((4, 8, 3, 3)).astype(np.float32) / 5
+        w2[:, list(tiny)] *= scale
+        g.output(g.conv_w(h, w2, rng.standard_normal(4).astype(np.float32), name="conv2"))
+    else:
+        flat = g.node("Flatten", [h], axis=1)
+        w2 = rng.standard_normal((5, 8 * 36)).astype(np.float32) / 20
+        w2.reshape(5, 8, 36)[:, list(tiny)] *= scale
+        g.output(g.gemm_w(flat, w2, rng.standard_normal(5).astype(np.float32), name="fc"))
+    return g.model()
+
+
+@pytest.mark.parametrize("consumer", ["conv", "gemm"])
+def test_tiny_channels_pruned_within_the_tolerance(consumer):
+    model = tiny_chain(consumer=consumer)
+    tol = 0.01
+    result, report = red_onnx.compress(model, tolerance=tol, passes=["prune"], latency_check=False)
+    assert out_channels(result)["conv1"] <= 6, report.passes
+    assert report.output_deviation <= tol
+    rng = np.random.default_rng(9)  # fresh inputs of the probe distribution
+    ref, res = session(model), session(result)
+    for _ in range(5):
+        feeds = rng_feeds(model, rng)
+        assert rel_l2(ref.run(None, feeds)[0], res.run(None, feeds)[0]) <= tol
+
+
+def test_pruning_replaces_a_channel_by_its_mean():
+    """A channel that is nearly constant but large (big bias, tiny weights): pruning keeps its mean
+    in the consumer's bias, so the deviation stays small (zeroing it would not)."""
+    rng = np.random.default_rng(11)
+    g = Builder(11)
+    x = g.input("x", ["N", 3, 6, 6])
+    w1 = rng.standard_normal((6, 3, 3, 3)).astype(np.float32) / 5
+    w1[2] *= 1e-4
+    b1 = np.full(6, 0.1, np.float32)
+    b1[2] = 5.0
+    h = g.relu(g.conv_w(x, w1, b1, name="conv1"))
+    g.output(g.conv_w(h, rng.standard_normal((4, 6, 1, 1)).astype(np.float32), np.zeros(4, np.float32),
+                      name="conv2", pad=0))
+    model = g.model()
+    result, report = red_onnx.compress(model, tolerance=0.001, passes=["prune"], latency_check=False)
+    assert out_channels(result)["conv1"] == 5 and report.output_deviation <= 0.001
+
+
+def residual_model(seed=0):
+    """conv_a and conv_b (8 ch) meet in an Add (one channel space); channel 3 barely matters."""
+    rng = np.random.default_rng(seed)
+    g = Builder(seed)
+    x = g.input("x", ["N", 4, 6, 6])
+    wa = rng.standard_normal((8, 4, 3, 3)).astype(np.float32) / 6
+    wb = rng.standard_normal((8, 4, 1, 1)).astype(np.float32) / 2
+    s = g.node("Add", [g.conv_w(x, wa, None, name="conv_a"), g.conv_w(x, wb, None, name="conv_b", pad=0)])
+    h = g.relu(s)
+    w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    w2[:, 3] *= 1e-5
+    left = g.conv_w(h, w2, None, name="conv_c", pad=0)
+    dw = g.conv_w(h, rng.standard_normal((8, 1, 3, 3)).astype(np.float32), None, name="dw", group=8)
+    w3 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    w3[:, 3] *= 1e-5
+    right = g.conv_w(dw, w3, None, name="conv_d", pad=0)
+    g.output(g.node("Concat", [left, right], axis=1))
+    return g.model()
+
+
+def test_coupled_channels_pruned_everywhere_at_once():
+    """Residual Add, a depthwise conv on the path, two consumers feeding a Concat: the channel goes
+    from both producers, the depthwise conv and both consumers; the rest computes as before."""
+    model = residual_model()
+    tol = 0.01
+    result, report = red_onnx.compress(model, tolerance=tol, passes=["prune"], latency_check=False)
+    ch = out_channels(result)
+    assert ch["conv_a"] == ch["conv_b"] == ch["dw"] <= 7, report.passes
+    assert view_weight(result, "conv_c").shape[1] == view_weight(result, "conv_d").shape[1] == ch["conv_a"]
+    assert report.output_deviation <= tol
+    assert_same(model, result, rtol=tol)
+
+
+def test_pruning_and_merging_share_one_budget():
+    """With both passes, one sequence per space: the result keeps the tolerance and removes what
+    either removes alone, at least."""
+    model = tiny_chain()
+    tol = 0.01
+    _, alone = red_onnx.compress(model, tolerance=tol, passes=["prune"], latency_check=False)
+    result, both = red_onnx.compress(model, tolerance=tol, passes=["merge", "prune"], latency_check=False)
+    assert both.macs_after <= alone.macs_after and both.output_deviation <= tol
+    merge_pass = next(p for p in both.passes if p["name"] == "merge")  # merge removes the pruned channels too
+    assert merge_pass["unread_removed"] + merge_pass["channels_merged"] >= 2
+    row = next(r for r in both.layers if r["name"] == "conv1")
+    assert row["merge"]["channels_after"] <= 6
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(2, 9), st.integers(0, 2**16), st.sampled_from(["Relu", "Sigmoid", "LeakyRelu"]),
+       st.booleans(), st.sampled_from(["conv", "gemm"]))
+def test_property_constant_channels_fold_exactly(c, seed, act, bn, consumer):
+    """Random layers with random constant channels: exactly those go, outputs equal to rounding."""
+    rng = np.random.default_rng(seed)
+    constant = sorted(set(rng.integers(0, c, size=rng.integers(1, c + 1)).tolist()))
+    g = Builder(seed)
+    x = g.input("x", ["N", 3, 5, 5])
+    w1 = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
+    w1[constant] = 0
+    h = g.conv_w(x, w1, rng.standard_normal(c).astype(np.float32), name="conv1")
+    if bn:
+        h = g.bn(h, c)
+    h = g.act(h, act)
+    if consumer == "conv":
+        g.output(g.conv_w(h, rng.standard_normal((3, c, 1, 1)).astype(np.float32), None, name="out", pad=0))
+    else:
+        flat = g.node("Flatten", [h], axis=1)
+        g.output(g.gemm_w(flat, rng.standard_normal((3, c * 25)).astype(np.float32), None, name="out"))
+    model = g.model()
+    result, report = prune0(model)
+    # constants that are 0 after the activation (ReLU of a negative bias, no BN) are dead: also removed
+    assert out_channels(result)["conv1"] == max(c - len(constant), 1)
+    assert_same(model, result)
+
+
+# --------------------------------------------------------------------------------------------- #
+# the latency guard over channel removals
+
+
+def test_latency_guard_aligns_channel_counts(monkeypatch):
+    """A result whose channel counts are not multiples of 8 'runs slower' (forced): the guard keeps
+    them at multiples of 8, exactly (a kept duplicate or unread channel changes nothing)."""
+    from red_onnx import verify
+
+    model, _ = constant_chain(constant=(2, 5), c=16)
+
+    def fake(a, b, feeds, **kw):
+        conv1 = next(n for n in b.graph.node if n.name == "conv1")
+        weight = next(t for t in b.graph.initializer if t.name == conv1.input[1])  # dims kept in a light model
+        ratio = 1.0 if weight.dims[0] % 8 == 0 else 1.5
+        return 1e-3, 1e-3 * ratio, ratio
+
+    monkeypatch.setattr(verify, "latency_ratio", fake)
+    result, report = red_onnx.compress(model, tolerance=0, passes=["prune"])
+    assert out_channels(result)["conv1"] == 16
+    assert report.latency["channel_align"] == 8 and report.latency["ratio"] == 1.0
+    assert [f["fix"] for f in report.latency["fixes"]] == ["channel counts kept at multiples of 8"]
+    row = next(r for r in report.layers if r["name"] == "conv1")
+    assert row["prune"]["kept_for_alignment"] == 2
+    assert_same(model, result)
+
+
+def test_latency_guard_gives_up_channel_removals(monkeypatch):
+    """Forced slower whatever the counts: multiples of 8, then of 16, then no channel removed."""
+    from red_onnx import verify
+
+    model, _ = constant_chain(constant=(2, 5), c=12)
+    monkeypatch.setattr(verify, "latency_ratio", lambda a, b, feeds, **kw: (1e-3, 2e-3, 2.0))
+    result, report = red_onnx.compress(model, tolerance=0, passes=["prune"])
+    assert out_channels(result)["conv1"] == 12
+    assert [f["fix"] for f in report.latency["fixes"]] == [
+        "channel counts kept at multiples of 8", "channel counts kept at multiples of 16",
+        "no channel removed (every channel space keeps its count)"]
+    assert any("latency guard" in n for n in report.notes)
+    _, off = red_onnx.compress(model, tolerance=0, passes=["prune"], latency_check=False)
+    assert off.macs_after < report.macs_after and not off.latency
