@@ -511,7 +511,7 @@ def _latency(prep: Prepared, current: Build) -> tuple[float, float, float]:
 
 def _channels_removed(current: Build) -> bool:
     return any(r.counts.get(k) for r in current.results
-               for k in ("channels_merged", "dead_removed", "unread_removed", "constant_channels_folded"))
+               for k in ("channels_merged", "dead_removed", "channels_pruned", "constant_channels_folded"))
 
 
 def finish(prep: Prepared, accepted: Build, release: bool = True) -> onnx.ModelProto:

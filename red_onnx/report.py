@@ -71,12 +71,29 @@ class Report:
                 lines.append(f"  {name}: {d:.3g}, measured on {label}")
             if self.verification.get("promise"):
                 lines.append(f"  {self.verification['promise']}")
+        lines.extend(self._channel_lines())
         if self.latency:
             lines.append(f"latency (onnxruntime, 1 thread): {self.latency['input_ms']:.3g} ms -> "
                          f"{self.latency['result_ms']:.3g} ms")
         lines.extend(self._metric_lines())
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def _channel_lines(self) -> list[str]:
+        """Per channel space whose count changed: before → after, merged, pruned, kept for alignment."""
+        lines = []
+        for row in self.layers:
+            for step in ("merge", "prune", "merge_after_hash"):
+                info = row.get(step, {})
+                if "channels" not in info:
+                    continue
+                parts = [f"{info[k]} {label}" for k, label in (("merged", "merged"), ("pruned", "pruned"),
+                                                               ("dead", "carried 0"),
+                                                               ("kept_for_alignment", "kept for the latency guard"))
+                         if info.get(k)]
+                lines.append(f"  {row['name']}: {info['channels']} -> {info['channels_after']} channels"
+                             + (f" ({', '.join(parts)})" if parts else "") + f" [{step}]")
+        return (["channels (per channel space, named by its producers):"] + lines) if lines else []
 
     def _metric_lines(self) -> list[str]:
         m = self.metric

@@ -526,8 +526,10 @@ def test_digits_tolerance_within_budget_on_fresh_probes(name):
     x = np.random.default_rng(2024).uniform(0, 1, (32, 1, 8, 8)).astype(np.float32)
     ya, yb = a.run(None, {"input": x})[0], b.run(None, {"input": x})[0]
     per_sample = [rel_l2(ya[k], yb[k]) for k in range(len(x))]
-    assert max(per_sample) <= 0.1, f"fresh-probe deviations: max {max(per_sample):.3g}, " \
-                                   f"{sum(d > 0.1 for d in per_sample)}/{len(x)} over 0.1"
+    # the promise is statistical (the share of inputs over the tolerance is below 3/64 with 95%
+    # confidence): at most 2 of 32 over, and none far over
+    over = sum(d > 0.1 for d in per_sample)
+    assert over <= 2 and max(per_sample) <= 0.2, f"fresh-probe deviations: max {max(per_sample):.3g}, {over}/32 over 0.1"
     # the batched model computes the same as per sample (dynamic batch survives)
     yb1 = np.concatenate([b.run(None, {"input": x[k:k + 1]})[0] for k in range(3)])
     np.testing.assert_allclose(yb[:3], yb1, rtol=1e-4, atol=1e-5)

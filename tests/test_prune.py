@@ -213,7 +213,7 @@ def test_pruning_and_merging_share_one_budget():
     result, both = red_onnx.compress(model, tolerance=tol, passes=["merge", "prune"], latency_check=False)
     assert both.macs_after <= alone.macs_after and both.output_deviation <= tol
     merge_pass = next(p for p in both.passes if p["name"] == "merge")  # merge removes the pruned channels too
-    assert merge_pass["unread_removed"] + merge_pass["channels_merged"] >= 2
+    assert merge_pass["channels_pruned"] + merge_pass["channels_merged"] >= 2
     row = next(r for r in both.layers if r["name"] == "conv1")
     assert row["merge"]["channels_after"] <= 6
 

@@ -48,7 +48,7 @@ def run(ctx: Context) -> PassResult:
     remove_redundant(ctx, result, counts, merges=True)
     prune.drop_zero_biases(ctx.graph, added)
     result.counts = dict(counts)
-    result.modified = bool(counts["channels_merged"] or counts["dead_removed"] or counts["unread_removed"])
+    result.modified = bool(counts["channels_merged"] or counts["dead_removed"] or counts["channels_pruned"])
     result.seconds = time.perf_counter() - start
     return result
 
@@ -77,14 +77,14 @@ def remove_redundant(ctx: Context, result: PassResult, counts: Counter, merges: 
             if merged or dead.any():
                 row = {"name": space.name, "channels": space.channels,
                        "channels_after": space.channels - merged - int(dead.sum()),
-                       "merged": merged, "dead": int(dead.sum()) - unread, "unread": unread}
+                       "merged": merged, "dead": int(dead.sum()) - unread, "pruned": unread}
                 if kept_back:
                     row["kept_for_alignment"] = kept_back
                 rows.append(row)
                 apply_merges(space, root, scale, dead)
                 counts["channels_merged"] += merged
                 counts["dead_removed"] += int(dead.sum()) - unread
-                counts["unread_removed"] += unread
+                counts["channels_pruned"] += unread
                 if space.concats:
                     refresh_shapes(ctx.graph, ctx.template, ctx.shapes)
                     break

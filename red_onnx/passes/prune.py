@@ -51,7 +51,7 @@ def run(ctx: Context) -> PassResult:
     merge.remove_redundant(ctx, result, counts, merges=False)
     drop_zero_biases(ctx.graph, added)
     result.counts = dict(counts)
-    result.modified = bool(counts["channels_merged"] or counts["dead_removed"] or counts["unread_removed"])
+    result.modified = bool(counts["channels_merged"] or counts["dead_removed"] or counts["channels_pruned"])
     result.seconds = time.perf_counter() - start
     return result
 
