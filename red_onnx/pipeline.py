@@ -473,15 +473,15 @@ def latency_guard(prep: Prepared, opts: Options, report: Report, current: Build)
     while True:
         separated = current.rewritten_by("separate") - keep_dense
         removed = align != 0 and _channels_removed(current)
-        if not separated and not removed:
-            break
+        if not separated and not removed and not report.latency.get("fixes"):
+            break  # nothing that can cost time (after a fix, the final build is timed too)
         opts.log("timing the result against the input (latency guard)")
         t_in, t_out, ratio = _latency(prep, current)
         fixes = report.latency.get("fixes", [])
         report.latency = {"input_ms": round(t_in * 1e3, 4), "result_ms": round(t_out * 1e3, 4),
                           "ratio": round(ratio, 4), "separations_undone": report.latency.get("separations_undone", 0),
                           "channel_align": align, "fixes": fixes}
-        if ratio <= LATENCY_SLACK:
+        if ratio <= LATENCY_SLACK or not separated and not removed:
             break
         if separated:
             keep_dense |= separated

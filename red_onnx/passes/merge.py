@@ -198,19 +198,18 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
     if not spaces or ctx.channel_align == 0:
         return Spent([], 0.0, 0.0, 0), []
     added = prune.add_biases(ctx, spaces) if pruning else []
-    partners = [_partners(space) for space in spaces]
-    stats = channel_stats(ctx, spaces, [p for p, _ in partners], [s for _, s in partners])
+    stats = channel_stats(ctx, spaces)
     mode = "+".join(kind for kind, on in (("merge", merging), ("prune", pruning)) if on)
     candidates, info = [], {}
     for k, space in enumerate(spaces):
-        removals = _removals(space, stats[k], *partners[k], merging, pruning)
+        removals = _removals(space, stats[k], merging, pruning)
         if not removals:
             continue
         saving = _channel_saving(space, ctx.shapes)
         tensors = tuple(t.name for layer in (space.producers if merging else []) + (
             [c.layer for c in space.consumers] if pruning else []) for t in (layer.weight, layer.bias) if t is not None)
         info[k] = {"rows": space.producer_rows(), "weights": np.linalg.norm(space.producer_rows(), axis=1)
-                   * np.maximum(space.consumer_norms(), 1e-12), "means": stats[k].means}
+                   * np.maximum(space.consumer_norms(), 1e-12), "constants": stats[k].constants}
         cumulative = np.sqrt(np.cumsum([e * e for e, _, _ in removals]))
         for level, m in enumerate(_level_sizes(len(removals), space.channels, ctx.channel_align)):
             chosen = [(j, i) for _, j, i in removals[:m]]
@@ -229,47 +228,44 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
                 edits.update(_cluster_edits(spaces[k], info[k], pairs))
         for cand in chosen:
             k, removals = cand.data
-            prune.edits(spaces[k], info[k]["means"], np.array([j for j, i in removals if i < 0], int), edits)
+            prune.edits(spaces[k], info[k]["constants"], np.array([j for j, i in removals if i < 0], int), edits)
         return edits
 
     return ctx.spend(candidates, materialize, measured_ranking="levels"), added
 
 
-def _partners(space: Space) -> tuple[np.ndarray, np.ndarray]:
-    """Each channel's nearest other channel in weight space on an equal path (cosine on a
-    homogeneous path, distance otherwise), -1 for none, and the scale it carries it at."""
+def _removals(space: Space, stats, merging: bool, pruning: bool) -> list[tuple[float, int, int]]:
+    """(estimated error, channel, partner or -1 to prune), best first: each channel the probes
+    exercise once, by its cheaper removal; a channel pruned is no channel's partner.
+
+    In weight space, times the channel's consumer column norm ||W_c[:, j]||: merging j into its
+    nearest exercised channel i (cosine on a homogeneous path, distance otherwise; equal path
+    parameters) costs ||p_j − s·p_i|| (s = ⟨p_j, p_i⟩ / ||p_i||² on a homogeneous path, else 1),
+    pruning it (its weights to 0, its bias kept: a constant) ||w_j||, its weights without the bias."""
     rows = space.producer_rows()
     norms = np.linalg.norm(rows, axis=1)
-    c = space.channels
-    if c < 2:
-        return np.full(c, -1), np.ones(c)
-    same_path = _equal_rows(space.path_rows())
-    if space.homogeneous:
-        unit = rows / np.maximum(norms, 1e-300)[:, None]
-        cos = unit @ unit.T
-        score = np.where(same_path & (cos > 0), cos, -np.inf)
-    else:
-        score = np.where(same_path, -_pairwise(rows), -np.inf)
-    np.fill_diagonal(score, -np.inf)
-    score[:, norms == 0] = -np.inf
-    best = np.argmax(score, axis=1)
-    valid = np.isfinite(score[np.arange(c), best])
-    scale = (rows * rows[best]).sum(axis=1) / np.maximum(norms[best] ** 2, 1e-300) if space.homogeneous else np.ones(c)
-    return np.where(valid, best, -1), np.where(valid, scale, 1.0)
-
-
-def _removals(space: Space, stats, partner: np.ndarray, scale: np.ndarray, merging: bool, pruning: bool
-              ) -> list[tuple[float, int, int]]:
-    """(estimated error, channel, partner or -1 to prune), best first: each channel the probes
-    exercise once, by its cheaper removal; a channel pruned is no channel's partner."""
+    consumer_norms = space.consumer_norms()
     exercised = stats.seen > EXERCISED * max(float(np.median(stats.seen)), 1e-30)
     options = []
-    for j in np.flatnonzero(exercised):
-        i = partner[j]
-        if merging and i >= 0 and exercised[i] and np.isfinite(stats.residual[j]):
-            options.append((float(np.sqrt(stats.residual[j])), int(j), int(i)))
-        if pruning:
-            options.append((float(np.sqrt(stats.spread[j])), int(j), -1))
+    if merging and space.channels >= 2:
+        same_path = _equal_rows(space.path_rows())
+        if space.homogeneous:
+            unit = rows / np.maximum(norms, 1e-300)[:, None]
+            cos = unit @ unit.T
+            score = np.where(same_path & (cos > 0), cos, -np.inf)
+        else:
+            score = np.where(same_path, -_pairwise(rows), -np.inf)
+        np.fill_diagonal(score, -np.inf)
+        score[:, ~exercised | (norms == 0)] = -np.inf
+        best = np.argmax(score, axis=1)
+        for j in np.flatnonzero(exercised & np.isfinite(score[np.arange(space.channels), best])):
+            i = int(best[j])
+            scale = rows[j] @ rows[i] / norms[i] ** 2 if space.homogeneous else 1.0
+            options.append((float(np.linalg.norm(rows[j] - scale * rows[i]) * consumer_norms[j]), int(j), i))
+    if pruning:
+        weights = np.concatenate([p.get_weight().reshape(space.channels, -1) for p in space.producers], axis=1)
+        weight_norms = np.linalg.norm(weights.astype(np.float64), axis=1)
+        options += [(float(weight_norms[j] * consumer_norms[j]), int(j), -1) for j in np.flatnonzero(exercised)]
     options.sort(key=lambda o: o[0])
     cluster = list(range(space.channels))  # union-find over the merges taken
 
