@@ -33,7 +33,8 @@ def within(row: dict, clean: dict, model: str, primary: str) -> bool:
     return ok and (extra is None or row["metrics"][extra] >= clean[extra] - 0.01)
 
 
-def measure_rows(name: str, tolerances: list[float], sparsities: list[float], log) -> dict:
+def measure_rows(name: str, tolerances: list[float], prune_tolerances: list[float], sparsities: list[float], log
+                 ) -> dict:
     import red_onnx
     from red_onnx import verify
     from red_onnx.layers import analyze, input_specs
@@ -66,8 +67,8 @@ def measure_rows(name: str, tolerances: list[float], sparsities: list[float], lo
         log(f"  {tool} {setting}: {m.primary} {metrics[m.primary]:.4f} MACs {row['macs']:.3f} bytes "
             f"{row['bytes']:.3f} latency {ratio:.3f} {seconds:.1f} s")
 
-    for passes in ("all", "prune"):
-        for t in tolerances:
+    for passes, grid in (("all", tolerances), ("prune", prune_tolerances)):
+        for t in grid:
             start = time.perf_counter()
             model, report = red_onnx.compress(path, t, passes=None if passes == "all" else [passes],
                                               probe_ranges=m.probe_range, input_shapes=shapes)
@@ -106,16 +107,18 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(zoo.names()))
-    parser.add_argument("--tolerances", default="0.01,0.03,0.1,0.3,1")
+    parser.add_argument("--tolerances", default="0.003,0.01,0.03,0.1,0.3,0.5,1", help="of the all-passes rows")
+    parser.add_argument("--prune-tolerances", default="0.03,0.1,0.3,1", help="of the pruning-alone rows")
     parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.5")
     parser.add_argument("--out", default=str(BENCH_DIR / "prune_check.md"))
     args = parser.parse_args()
     tolerances = [float(t) for t in args.tolerances.split(",")]
+    prune_tolerances = [float(t) for t in args.prune_tolerances.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     start = time.perf_counter()
     results = []
     for name in args.models.split(","):
-        results.append(measure_rows(name, tolerances, sparsities, lambda msg: print(msg, flush=True)))
+        results.append(measure_rows(name, tolerances, prune_tolerances, sparsities, lambda msg: print(msg, flush=True)))
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
     import subprocess
 
