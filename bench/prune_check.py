@@ -93,13 +93,49 @@ def table(results: list[dict]) -> list[str]:
             ok = [r for r in res["rows"] if r["tool"] == tool and r["within"]]
             best = min(ok, key=lambda r: (r["macs"], r["bytes"]), default=None)
             cells.append("none within 1 point" if best is None else
-                         f"MACs −{1 - best['macs']:.1%}, file −{1 - best['bytes']:.1%}, latency {best['latency']:.2f} "
+                         f"MACs {best['macs'] - 1:+.1%}, file {best['bytes'] - 1:+.1%}, latency {best['latency']:.2f} "
                          f"({best['setting']}, {best['metrics'][p]:.4f})")
         ours = [r for r in res["rows"] if r["tool"].startswith("red_onnx")]
         worst = max(ours, key=lambda r: r["latency"])
         lines.append(f"| {res['model']} | {res['clean'][p]:.4f} | " + " | ".join(cells)
                      + f" | {worst['latency']:.2f} ({worst['tool'][9:]}, {worst['setting']}) |")
     return lines
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Per model: primary metric against MACs removed, red_onnx (all passes, pruning alone) and onnxsim."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=100, squeeze=False)
+    styles = {"red_onnx all": ("o-", "tab:blue"), "red_onnx prune": ("^-", "tab:green"), "onnxsim": ("s-", "tab:orange")}
+    for ax, res in zip(axes.ravel(), results):
+        p, ref = res["primary"], res["clean"][res["primary"]]
+        for tool, (marker, color) in styles.items():
+            pts = sorted((r for r in res["rows"] if r["tool"] == tool), key=lambda r: 1 - r["macs"])
+            ax.plot([100 * (1 - r["macs"]) for r in pts], [r["metrics"][p] for r in pts], marker, color=color,
+                    label=tool, ms=4)
+            bad = [r for r in pts if not r["within"] and r["metrics"][p] >= ref - 0.01]
+            ax.plot([100 * (1 - r["macs"]) for r in bad], [r["metrics"][p] for r in bad], "x", color="red", ms=8)
+        ax.axhline(ref - 0.01, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(max(0.0, ref - 0.1), min(1.01, ref + 0.03))
+        ax.set_title(res["model"], fontsize=9)
+        ax.set_xlabel("MACs removed (%)", fontsize=8)
+        ax.set_ylabel(p, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(results):]:
+        ax.axis("off")
+    axes.ravel()[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("within 1 point: above the dashed line (red x: the clean accuracy of an MTCNN net dropped more)",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -111,12 +147,16 @@ def main() -> None:
     parser.add_argument("--prune-tolerances", default="0.03,0.1,0.3,1", help="of the pruning-alone rows")
     parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.5")
     parser.add_argument("--out", default=str(BENCH_DIR / "prune_check.md"))
+    parser.add_argument("--replot", action="store_true", help="redraw the plot and table from the .json only")
     args = parser.parse_args()
     tolerances = [float(t) for t in args.tolerances.split(",")]
     prune_tolerances = [float(t) for t in args.prune_tolerances.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     start = time.perf_counter()
     results = []
+    if args.replot:
+        plot(json.loads(Path(args.out).with_suffix(".json").read_text()), BENCH_DIR / "plots" / "prune_check.png")
+        return
     for name in args.models.split(","):
         results.append(measure_rows(name, tolerances, prune_tolerances, sparsities, lambda msg: print(msg, flush=True)))
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
@@ -138,6 +178,9 @@ def main() -> None:
             lines.append(f"| {res['model']} | {r['tool']} | {r['setting']} | {r['metrics'][res['primary']]:.4f} | "
                          f"{'yes' if r['within'] else 'no'} | {r['macs']:.3f} | {r['params']:.3f} | {r['bytes']:.3f} | "
                          f"{r['latency']:.2f} | {r['seconds']:.1f} | {dev} | {guard} |")
+    plot(results, BENCH_DIR / "plots" / "prune_check.png")
+    lines.insert(lines.index("Most MACs removed within 1 point, per tool (then the smaller file):"),
+                 "![metric against MACs removed](plots/prune_check.png)\n")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

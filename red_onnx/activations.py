@@ -47,12 +47,12 @@ def channel_stats(ctx, spaces: list[Space]) -> list[SpaceStats]:
             for p in space.producers:
                 zeroed[p.weight.name] = np.zeros_like(p.weight.values)
         outputs = dict(zip(names, verify.session(model, names, arrays=zeroed).run(None, probes[0])))
-        ctx.memo[key] = [SpaceStats(s, [_read(outputs, c, space).mean(axis=2) for c in space.consumers])
+        ctx.memo[key] = [SpaceStats(s, [read_input(outputs, c, space).mean(axis=2) for c in space.consumers])
                          for s, space in zip(seen, spaces)]
     return ctx.memo[key]
 
 
-def _read(outputs: dict, consumer, space: Space) -> np.ndarray:
+def read_input(outputs: dict, consumer, space: Space) -> np.ndarray:
     """The consumer's input as (C, block, positions) over the space's channels (zero outside its range)."""
     lo, hi, shift, total = consumer.span(space.channels)
     x = np.moveaxis(np.asarray(outputs[consumer.layer.node.inputs[0].name], np.float64), consumer.axis, 0)
@@ -67,5 +67,5 @@ def _seen(sess, names, probes, spaces) -> list[np.ndarray]:
     for probe in probes:
         outputs = dict(zip(names, sess.run(None, probe)))
         for k, space in enumerate(spaces):
-            level[k] += np.max([np.abs(_read(outputs, c, space)).mean(axis=(1, 2)) for c in space.consumers], axis=0)
+            level[k] += np.max([np.abs(read_input(outputs, c, space)).mean(axis=(1, 2)) for c in space.consumers], axis=0)
     return [lv / len(probes) for lv in level]

@@ -32,6 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import verify
+from ..activations import read_input
 from ..context import Context, PassResult
 from ..coupling import Space, channel_spaces
 from ..layers import Layer
@@ -52,10 +53,11 @@ def run(ctx: Context) -> PassResult:
         counts["prunes_accepted"] = len(spent.accepted)
         counts["deviation_allocated"] = round(spent.deviation_after, 6)
     added += fold_constant_channels(ctx, result, counts)
-    merge.remove_redundant(ctx, result, counts, merges=False)
+    if "merge" not in ctx.passes or counts["constant_channels_folded"]:  # else merge removed them already
+        merge.remove_redundant(ctx, result, counts, merges=False)
     drop_zero_biases(ctx.graph, added)
     result.counts = dict(counts)
-    result.modified = bool(counts["channels_merged"] or counts["dead_removed"] or counts["channels_pruned"])
+    result.modified = bool(counts["dead_removed"] or counts["channels_pruned"])
     result.seconds = time.perf_counter() - start
     return result
 
@@ -166,15 +168,4 @@ def _values_on_zero_input(ctx: Context, spaces: list[Space]) -> list[list[np.nda
     model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
     feeds = {t.name: np.zeros(ctx.shapes[t.name], np.dtype(t.dtype)) for t in ctx.graph.inputs}
     outputs = dict(zip(names, verify.session(model, names, arrays=arrays).run(None, feeds)))
-    values = []
-    for space in spaces:
-        per = []
-        for consumer in space.consumers:
-            lo, hi, shift, total = consumer.span(space.channels)
-            x = np.moveaxis(np.asarray(outputs[consumer.layer.node.inputs[0].name], np.float64), consumer.axis, 0)
-            x = x.reshape(total, consumer.block, -1)[lo + shift:hi + shift]
-            full = np.zeros((space.channels,) + x.shape[1:])
-            full[lo:hi] = x
-            per.append(full)
-        values.append(per)
-    return values
+    return [[read_input(outputs, c, space) for c in space.consumers] for space in spaces]
