@@ -31,24 +31,27 @@ class SpaceStats:
     constants: list[np.ndarray]  # per consumer of the space, in order
 
 
-def channel_stats(ctx, spaces: list[Space]) -> list[SpaceStats]:
-    """Two runs: the current graph on the allocation probes, and (one probe) the graph with every
-    space's producer weights zero; kept in ``ctx.memo`` for later builds of the same model."""
+def channel_stats(ctx, spaces: list[Space], constants: bool = True) -> list[SpaceStats]:
+    """Two runs: the current graph on the allocation probes, and (one probe; with ``constants``)
+    the graph with every space's producer weights zero; kept in ``ctx.memo`` for later builds of
+    the same model."""
     names = list(dict.fromkeys(c.layer.node.inputs[0].name for space in spaces for c in space.consumers))
     model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
     state = [model.SerializeToString(deterministic=True)]  # the large weights are placeholders here ...
     state += [f"{name}:{digest(v)}".encode() for name, v in arrays.items()]  # ... and digested here
-    key = f"channel stats {len(ctx.budget.probes)} " + digest(np.frombuffer(b"".join(state), np.uint8))
+    key = f"channel stats {len(ctx.budget.probes)} {constants} " + digest(np.frombuffer(b"".join(state), np.uint8))
     if key not in ctx.memo:  # else: the same model and probes in an earlier build of this call
         probes = ctx.budget.probes
         seen = _seen(verify.session(model, names, arrays=arrays), names, probes, spaces)
-        zeroed = dict(arrays)
-        for space in spaces:
-            for p in space.producers:
-                zeroed[p.weight.name] = np.zeros_like(p.weight.values)
-        outputs = dict(zip(names, verify.session(model, names, arrays=zeroed).run(None, probes[0])))
-        ctx.memo[key] = [SpaceStats(s, [read_input(outputs, c, space).mean(axis=2) for c in space.consumers])
-                         for s, space in zip(seen, spaces)]
+        values = [[] for _ in spaces]
+        if constants:
+            zeroed = dict(arrays)
+            for space in spaces:
+                for p in space.producers:
+                    zeroed[p.weight.name] = np.zeros_like(p.weight.values)
+            outputs = dict(zip(names, verify.session(model, names, arrays=zeroed).run(None, probes[0])))
+            values = [[read_input(outputs, c, space).mean(axis=2) for c in space.consumers] for space in spaces]
+        ctx.memo[key] = [SpaceStats(s, v) for s, v in zip(seen, values)]
     return ctx.memo[key]
 
 

@@ -190,15 +190,15 @@ def apply_merges(space: Space, root: np.ndarray, scale: np.ndarray, dead: np.nda
 
 
 def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
-    """Offer the budget, per channel space, levels of channel removals: each exercised channel
-    merged into its partner or pruned to its mean (:mod:`red_onnx.passes.prune`), whichever adds
-    the smaller estimated error (:mod:`red_onnx.activations`), best first; level ℓ takes the first
-    :func:`_level_sizes` removals. Returns what was spent and the layers that got a bias for it."""
+    """Offer the budget, per channel space, levels of channel removals: each channel the probes
+    exercise merged into its partner or pruned to a constant (:mod:`red_onnx.passes.prune`),
+    whichever adds the smaller estimated error (:func:`_removals`), best first; level ℓ takes the
+    first :func:`_level_sizes` removals. Returns what was spent and the layers that got a bias for it."""
     spaces = [s for s in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude) if not s.frozen and s.consumers]
     if not spaces or ctx.channel_align == 0:
         return Spent([], 0.0, 0.0, 0), []
     added = prune.add_biases(ctx, spaces) if pruning else []
-    stats = channel_stats(ctx, spaces)
+    stats = channel_stats(ctx, spaces, constants=pruning)
     mode = "+".join(kind for kind, on in (("merge", merging), ("prune", pruning)) if on)
     candidates, info = [], {}
     for k, space in enumerate(spaces):
