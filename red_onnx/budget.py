@@ -158,13 +158,11 @@ class Spent:
 
 
 class Budget:
-    """Accepts candidate edits by saving per unit of estimated error while the measured deviation
-    on the allocation probes stays under ``margin × tolerance``.
+    """Accepts candidate edits by saving per unit of measured deviation while the deviation on
+    the allocation probes stays under ``margin × tolerance`` (see :meth:`_spend_measured`).
 
     The deviation is measured against the *input* model, so each call spends only what earlier
-    passes left. Candidates are tried in batches (doubling after a fit, halving after an
-    overshoot); a single candidate that overshoots is dropped with the higher levels of its slot.
-    """
+    passes left."""
 
     def __init__(self, tolerance: float, probes: list[Feeds], reference: list[list[np.ndarray]],
                  reference_names: list[str], plan: list[Any], margin: float = 0.8,
@@ -194,15 +192,15 @@ class Budget:
         self.after: float | None = None
 
     def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize,
-              arrays: dict[str, np.ndarray] | None = None, measured_ranking: bool | str = False) -> Spent:
+              arrays: dict[str, np.ndarray] | None = None, per_level: bool = False) -> Spent:
         """Choose among ``candidates`` for ``model`` (an onnx.ModelProto whose initializers the
         materialized edits replace, by name; with ``arrays``, a light model from
         :func:`red_onnx.model_io.to_light_model` and its weights). Returns what was accepted.
 
-        ``measured_ranking``: rank by measured deviations alone (the :mod:`red_onnx.profile`)
-        instead of the candidates' estimates (see :meth:`_spend_measured`): ``"levels"`` measures
-        each level of a slot, from the mildest, until one alone exceeds the target; ``"top"`` (or
-        True) measures a slot's most aggressive level and scales the others by their estimates."""
+        Candidates are ranked by measured deviations (the :mod:`red_onnx.profile`; see
+        :meth:`_spend_measured`): with ``per_level``, each level of a slot is measured, from the
+        mildest, until one alone exceeds the target; else a slot's most aggressive level is
+        measured and the others scaled by their estimates."""
         runs = _Runs(self, model, candidates, materialize, arrays or {})
         if self.after is not None and not materialize([]):  # measured at the end of the build's last spend
             before = self.after
@@ -213,48 +211,13 @@ class Budget:
             slots.setdefault(c.slot, []).append(c)
         if before > self.target:  # nothing left to spend
             accepted, current = {}, before
-        elif measured_ranking:
-            runs.down = self._downstream(runs)
-            accepted, current = self._spend_measured(slots, runs, before, per_level=measured_ranking == "levels")
         else:
-            accepted, current = self._spend_estimated(slots, runs, before)
+            runs.down = self._downstream(runs)
+            accepted, current = self._spend_measured(slots, runs, before, per_level=per_level)
         spent = Spent(list(accepted.values()), before, current, runs.evaluations)
         self.history.append(spent)
         self.after = current
         return spent
-
-    def _spend_estimated(self, slots: dict[str, list[Candidate]], runs: _Runs, before: float
-                         ) -> tuple[dict[str, Candidate], float]:
-        """By the candidates' estimates: batches of the best next levels by saving per estimated
-        error, doubling after a fit, halving after an overshoot; a single candidate that
-        overshoots is dropped with the higher levels of its slot."""
-        accepted: dict[str, Candidate] = {}
-        frontier = {slot: 0 for slot in slots}  # index of the next level to try
-        value = {slot: self._value(slots[slot], 0, None) for slot in slots}  # of each slot's next level
-        batch, rejects, current = 8, 0, before
-        while frontier and runs.left():
-            ranked = sorted(frontier, key=value.__getitem__, reverse=True)
-            take = [slots[s][frontier[s]] for s in ranked[:batch]]
-            trial = {**accepted, **{c.slot: c for c in take}}
-            dev = runs.on_all(list(trial.values()))
-            if dev <= self.target:
-                accepted, current = trial, dev
-                for c in take:
-                    frontier[c.slot] += 1
-                    if frontier[c.slot] >= len(slots[c.slot]):
-                        del frontier[c.slot]
-                    else:
-                        value[c.slot] = self._value(slots[c.slot], frontier[c.slot], c)
-                batch *= 2
-                rejects = 0
-            elif len(take) == 1:
-                del frontier[take[0].slot]
-                rejects += 1
-                if rejects >= (self.patience if accepted else 2 * self.patience):  # search longer for a first fit
-                    break
-            else:
-                batch = max(1, len(take) // 2)
-        return accepted, current
 
     def _spend_measured(self, slots: dict[str, list[Candidate]], runs: _Runs, before: float, per_level: bool
                         ) -> tuple[dict[str, Candidate], float]:
@@ -412,15 +375,6 @@ class Budget:
         down = Downstream(model, kept, runs.base, outputs, self.probes[:runs.count])
         down.prepare([frozenset(c.tensors or runs.materialize([c])) for c in runs.tops])
         return down
-
-    @staticmethod
-    def _value(levels: list[Candidate], index: int, taken: Candidate | None) -> tuple[float, float, float]:
-        """Marginal saving per unit of marginal error: MACs first, then parameters, then bytes."""
-        c = levels[index]
-        prev_saving = taken.saving if taken else (0, 0, 0)
-        prev_error = taken.error if taken else 0.0
-        err = max(c.error - prev_error, 1e-12)
-        return tuple((s - p) / err for s, p in zip(c.saving, prev_saving))
 
     def add_probes(self, probes: list[Feeds], reference: list[list[np.ndarray]]) -> None:
         """More allocation probes (with the input model's outputs on them, as ``reference``)."""

@@ -127,13 +127,13 @@ class Context:
         return replace(self, budget=None)
 
     def spend(self, candidates: list[Candidate], materialize: Callable[[list[Candidate]], dict[str, np.ndarray]],
-              measured_ranking: bool = False) -> Spent:
+              per_level: bool = False) -> Spent:
         """Let the budget choose among ``candidates`` on the current graph, then write the accepted
         edits' weights (``materialize``: initializer name → new values) into the graph."""
         from .model_io import to_light_model
 
         model, arrays = to_light_model(self.graph.copy(), self.template)
-        spent = self.budget.spend(model, candidates, materialize, arrays, measured_ranking=measured_ranking)
+        spent = self.budget.spend(model, candidates, materialize, arrays, per_level=per_level)
         tensors = self.graph.tensors()
         for name, values in materialize(spent.accepted).items():
             tensors[name].values = np.array(values)  # the graph's own copy: proposals may be kept (memo)

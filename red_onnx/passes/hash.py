@@ -52,7 +52,7 @@ def run(ctx: Context) -> PassResult:
         candidates, hashed, codebooks = _propose(ctx, result)
         if candidates:
             spent = ctx.spend(candidates, lambda chosen: {c.data[0]: hashed[c.key] for c in chosen},
-                              measured_ranking=True)
+                              per_level=False)
             for c in spent.accepted:
                 name, factor, entries, error, scales, distinct = c.data
                 ctx.hashed[name] = (scales, codebooks[c.key])  # hashed = fl(codebook[i] · scale)

@@ -231,7 +231,7 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
             prune.edits(spaces[k], info[k]["constants"], np.array([j for j, i in removals if i < 0], int), edits)
         return edits
 
-    return ctx.spend(candidates, materialize, measured_ranking="levels"), added
+    return ctx.spend(candidates, materialize, per_level=True), added
 
 
 def _removals(space: Space, stats, merging: bool, pruning: bool) -> list[tuple[float, int, int]]:

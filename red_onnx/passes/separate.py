@@ -627,7 +627,7 @@ def run(ctx: Context) -> PassResult:
             return {c.data[0]: lowrank_weight(weights[c.data[0]], c.data[2], c.data[1]) for c in chosen}
 
         if candidates:
-            spent = ctx.spend(candidates, materialize, measured_ranking="levels")
+            spent = ctx.spend(candidates, materialize, per_level=True)
             counts["lowrank_accepted"] = len(spent.accepted)
             counts["deviation_allocated"] = round(spent.deviation_after, 6)
     rows = result.layers
