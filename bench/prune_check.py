@@ -138,34 +138,12 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    from . import zoo
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(zoo.names()))
-    parser.add_argument("--tolerances", default="0.003,0.01,0.03,0.1,0.3,0.5,1", help="of the all-passes rows")
-    parser.add_argument("--prune-tolerances", default="0.03,0.1,0.3,1", help="of the pruning-alone rows")
-    parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.5")
-    parser.add_argument("--out", default=str(BENCH_DIR / "prune_check.md"))
-    parser.add_argument("--replot", action="store_true", help="redraw the plot and table from the .json only")
-    args = parser.parse_args()
-    tolerances = [float(t) for t in args.tolerances.split(",")]
-    prune_tolerances = [float(t) for t in args.prune_tolerances.split(",")]
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    start = time.perf_counter()
-    results = []
-    if args.replot:
-        plot(json.loads(Path(args.out).with_suffix(".json").read_text()), BENCH_DIR / "plots" / "prune_check.png")
-        return
-    for name in args.models.split(","):
-        results.append(measure_rows(name, tolerances, prune_tolerances, sparsities, lambda msg: print(msg, flush=True)))
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+def write(results: list[dict], out: Path, commit: str, minutes: float) -> None:
+    """bench/prune_check.md (headline table, plot, every row) and the plot."""
     lines = [f"# Channel pruning against onnxsim, and the latency guard (bench/prune_check.py, commit {commit})", "",
              __doc__.split("\n\n")[2].replace("\n", " "), "",
-             f"Wall time {(time.perf_counter() - start) / 60:.0f} min on this 2-core machine.", "",
+             f"Wall time {minutes:.0f} min on this 2-core machine.", "",
+             "![metric against MACs removed](plots/prune_check.png)", "",
              "Most MACs removed within 1 point, per tool (then the smaller file):", ""] + table(results)
     lines += ["", "Every row: primary metric, MACs / params / bytes after ÷ before, latency ratio, tool seconds, "
               "red_onnx's measured deviation and what its latency guard did.", "",
@@ -179,10 +157,40 @@ def main() -> None:
                          f"{'yes' if r['within'] else 'no'} | {r['macs']:.3f} | {r['params']:.3f} | {r['bytes']:.3f} | "
                          f"{r['latency']:.2f} | {r['seconds']:.1f} | {dev} | {guard} |")
     plot(results, BENCH_DIR / "plots" / "prune_check.png")
-    lines.insert(lines.index("Most MACs removed within 1 point, per tool (then the smaller file):"),
-                 "![metric against MACs removed](plots/prune_check.png)\n")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"commit": commit, "minutes": round(minutes, 1),
+                                                    "results": results}, indent=1))
     print("\n".join(lines))
+
+
+def main() -> None:
+    import subprocess
+
+    from . import zoo
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(zoo.names()))
+    parser.add_argument("--tolerances", default="0.003,0.01,0.03,0.1,0.3,0.5,1", help="of the all-passes rows")
+    parser.add_argument("--prune-tolerances", default="0.03,0.1,0.3,1", help="of the pruning-alone rows")
+    parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.5")
+    parser.add_argument("--out", default=str(BENCH_DIR / "prune_check.md"))
+    parser.add_argument("--rewrite", action="store_true", help="write the .md and the plot again from the .json")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.rewrite:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        write(saved["results"], out, saved["commit"], saved["minutes"])
+        return
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    tolerances = [float(t) for t in args.tolerances.split(",")]
+    prune_tolerances = [float(t) for t in args.prune_tolerances.split(",")]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    start = time.perf_counter()
+    results = []
+    for name in args.models.split(","):
+        results.append(measure_rows(name, tolerances, prune_tolerances, sparsities, lambda msg: print(msg, flush=True)))
+        out.with_suffix(".json").write_text(json.dumps({"commit": commit, "minutes": None, "results": results}))
+    write(results, out, commit, (time.perf_counter() - start) / 60)
 
 
 if __name__ == "__main__":
