@@ -49,6 +49,8 @@ TAIL_PROBES = 8
 #: The latency guard acts when the result is slower than the input by more than this factor
 #: (onnxruntime's timing noise, one thread, median of interleaved pairs).
 LATENCY_SLACK = 1.03
+#: One timing of the guard takes about this long at most (fewer pairs for a slow model).
+LATENCY_SECONDS = 1.0
 #: The channel counts the latency guard tries, in order, once no separation is left to undo.
 CHANNEL_ALIGNS = (8, 16)
 
@@ -501,10 +503,11 @@ def latency_guard(prep: Prepared, opts: Options, report: Report, current: Build)
 def _latency(prep: Prepared, current: Build) -> tuple[float, float, float]:
     """verify.latency_ratio of the result to the input; where over LATENCY_SLACK, timed again and
     the faster of the two kept (a busy machine slows one timing, rarely two)."""
-    timed = verify.latency_ratio(prep.canonical, current.light, prep.probes.verification[0], arrays_b=current.arrays)
+    timed = verify.latency_ratio(prep.canonical, current.light, prep.probes.verification[0], arrays_b=current.arrays,
+                                 seconds=LATENCY_SECONDS)
     if timed[2] > LATENCY_SLACK:
         again = verify.latency_ratio(prep.canonical, current.light, prep.probes.verification[0],
-                                     arrays_b=current.arrays)
+                                     arrays_b=current.arrays, seconds=LATENCY_SECONDS)
         timed = min(timed, again, key=lambda t: t[2])
     return timed
 

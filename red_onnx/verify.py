@@ -346,15 +346,18 @@ def promise(n: int, bound: float, exact: bool = False) -> str:
 
 #: a latency sample repeats the model's run until it takes this long
 SAMPLE_SECONDS = 2e-3
+#: the fewest interleaved pairs a latency ratio is the median of
+MIN_PAIRS = 7
 
 
 def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict[str, np.ndarray],
                   pairs: int = 30, arrays_b: dict[str, np.ndarray] | None = None,
-                  one_at_a_time: bool | None = None) -> tuple[float, float, float]:
+                  one_at_a_time: bool | None = None, seconds: float | None = None) -> tuple[float, float, float]:
     """(median seconds of a, of b, median of per-pair ratios b/a): one thread, optimizations on,
     interleaved pairs so that drifts in machine load hit both alike; each timing repeats the run
     until it takes SAMPLE_SECONDS (a 10 µs model is timed over 100 runs, not one). ``arrays_b``:
-    the weights of a light ``model_b`` (see :func:`session`). Models over 2 GB (or
+    the weights of a light ``model_b`` (see :func:`session`); ``seconds``: fewer pairs (at least
+    MIN_PAIRS) where ``pairs`` would take longer (a slow model's timings vary less). Models over 2 GB (or
     ``one_at_a_time``) are timed one after the other, one session in memory at a time; the ratio
     is then that of the medians."""
     if one_at_a_time is None:
@@ -365,7 +368,10 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
         return float(np.median(ta)), float(np.median(tb)), float(np.median(tb) / np.median(ta))
     sa = session(model_a, optimize=True, threads=1)
     sb = session(model_b, optimize=True, threads=1, arrays=arrays_b)
-    repeats = max(_repeats(sa, feeds), _repeats(sb, feeds))
+    (repeats_a, once_a), (repeats_b, once_b) = _repeats(sa, feeds), _repeats(sb, feeds)
+    repeats = max(repeats_a, repeats_b)
+    if seconds is not None:
+        pairs = max(MIN_PAIRS, min(pairs, int(seconds / (repeats * (once_a + once_b)))))
     ta, tb = [], []
     for _ in range(pairs):
         for s, times in ((sa, ta), (sb, tb)):
@@ -377,12 +383,13 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
     return float(np.median(ta)), float(np.median(tb)), float(np.median(ratios))
 
 
-def _repeats(sess, feeds: dict[str, np.ndarray]) -> int:
-    """How many runs take SAMPLE_SECONDS (after two warm-up runs)."""
+def _repeats(sess, feeds: dict[str, np.ndarray]) -> tuple[int, float]:
+    """How many runs take SAMPLE_SECONDS, and the seconds of one (after a warm-up run)."""
     sess.run(None, feeds)
     start = time.perf_counter()
     sess.run(None, feeds)
-    return max(1, int(np.ceil(SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7))))
+    once = max(time.perf_counter() - start, 1e-7)
+    return max(1, int(np.ceil(SAMPLE_SECONDS / once))), once
 
 
 def _timed(sess, feeds: dict[str, np.ndarray], runs: int) -> list[float]:

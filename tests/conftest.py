@@ -344,3 +344,14 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def builder() -> Builder:
     return Builder(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _even_timings(request, monkeypatch):
+    """Timings are not reproducible: in every test the latency guard sees the result run exactly
+    as fast as the input, except where a test fakes other timings (the guard's own tests patch
+    verify.latency_ratio again) or times for real (test_verify)."""
+    if request.module.__name__ != "test_verify":
+        from red_onnx import verify
+
+        monkeypatch.setattr(verify, "latency_ratio", lambda a, b, feeds, **kw: (1e-3, 1e-3, 1.0))

@@ -675,7 +675,7 @@ def test_external_data_input_is_read(tmp_path, capsys, monkeypatch):
     save_external(model, tmp_path / "in" / "m.onnx", "m.weights")
     data_before = (tmp_path / "in" / "m.weights").read_bytes()
     monkeypatch.chdir(tmp_path / "out")  # external data is found beside the model, not in the cwd
-    rc, out, err = cli(capsys, Path("..") / "in" / "m.onnx", "o.onnx", "--report", "r.json", "--no-latency-check")
+    rc, out, err = cli(capsys, Path("..") / "in" / "m.onnx", "o.onnx", "--report", "r.json")
     assert rc == 0, err
     assert folder_entries(tmp_path / "out") == ["o.onnx", "r.json"]  # small: one file
     assert folder_entries(tmp_path / "in") == ["m.onnx", "m.weights"]

@@ -516,7 +516,7 @@ def test_digits_tolerance_within_budget_on_fresh_probes(name):
     verified, and stays within the tolerance on fresh probes drawn the same way (other seed). (The
     digits CNN's merges deviate over 0.1 on some of the 64 verification probes: it saves bytes only.)"""
     model = _model(name)
-    result, report = red_onnx.compress(model, tolerance=0.1, probe_ranges={"input": (0, 1)}, latency_check=False)
+    result, report = red_onnx.compress(model, tolerance=0.1, probe_ranges={"input": (0, 1)})
     onnx.checker.check_model(result, full_check=True)
     assert report.verified
     assert report.output_deviation <= 0.1

@@ -37,7 +37,7 @@ def test_a_rebuild_merges_what_the_first_build_merged(monkeypatch):
     """A back-off rebuilds from the input model's shapes, not from the previous build's merged
     widths (which froze every space past the Concat and lost the merges)."""
     model = concat_with_duplicates()
-    _, plain = red_onnx.compress(model, tolerance=0.01, passes=["merge"], latency_check=False)
+    _, plain = red_onnx.compress(model, tolerance=0.01, passes=["merge"])
     assert _merged(plain) == 4 and not any("backed off" in n for n in plain.notes)
 
     real_verify, calls = pipeline._verify, []
@@ -51,8 +51,7 @@ def test_a_rebuild_merges_what_the_first_build_merged(monkeypatch):
 
     monkeypatch.setattr(pipeline, "_verify", fail_first)
     lines = []
-    result, report = red_onnx.compress(model, tolerance=0.01, passes=["merge"], log=lines.append,
-                                       latency_check=False)
+    result, report = red_onnx.compress(model, tolerance=0.01, passes=["merge"], log=lines.append)
     assert len(calls) == 2 and any("backed off" in n for n in report.notes)
     assert _merged(report) == 4
     assert report.params_after == plain.params_after

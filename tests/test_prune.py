@@ -18,7 +18,6 @@ from graphs import assert_same, inits, out_channels, rel_l2, rng_feeds, session,
 
 
 def prune0(model: onnx.ModelProto, **kwargs):
-    kwargs.setdefault("latency_check", False)  # the rewrite itself; the guard has its own tests
     result, report = red_onnx.compress(model, tolerance=0, passes=["prune"], **kwargs)
     onnx.checker.check_model(result, full_check=True)
     assert report.verified
@@ -112,7 +111,7 @@ def test_zero_bias_added_for_nothing_is_dropped_again():
     h = g.relu(g.gemm_w(x, rng.standard_normal((5, 6)).astype(np.float32), None, name="fc1"))
     g.output(g.matmul_w(h, rng.standard_normal((4, 5)).astype(np.float32), None, name="fc2"))
     model = g.model()
-    result, _ = red_onnx.compress(model, tolerance=1e-6, passes=["prune"], latency_check=False)
+    result, _ = red_onnx.compress(model, tolerance=1e-6, passes=["prune"])
     assert [n.op_type for n in result.graph.node] == [n.op_type for n in model.graph.node]
 
 
@@ -143,7 +142,7 @@ def tiny_chain(tiny=(1, 6), scale=1e-4, seed=0, consumer="conv"):
 def test_tiny_channels_pruned_within_the_tolerance(consumer):
     model = tiny_chain(consumer=consumer)
     tol = 0.01
-    result, report = red_onnx.compress(model, tolerance=tol, passes=["prune"], latency_check=False)
+    result, report = red_onnx.compress(model, tolerance=tol, passes=["prune"])
     assert out_channels(result)["conv1"] <= 6, report.passes
     assert report.output_deviation <= tol
     rng = np.random.default_rng(9)  # fresh inputs of the probe distribution
@@ -167,7 +166,7 @@ def test_a_pruned_channel_keeps_its_bias():
     g.output(g.conv_w(h, rng.standard_normal((4, 6, 1, 1)).astype(np.float32), np.zeros(4, np.float32),
                       name="conv2", pad=0))
     model = g.model()
-    result, report = red_onnx.compress(model, tolerance=0.001, passes=["prune"], latency_check=False)
+    result, report = red_onnx.compress(model, tolerance=0.001, passes=["prune"])
     assert out_channels(result)["conv1"] == 5 and report.output_deviation <= 0.001
 
 
@@ -196,7 +195,7 @@ def test_coupled_channels_pruned_everywhere_at_once():
     from both producers, the depthwise conv and both consumers; the rest computes as before."""
     model = residual_model()
     tol = 0.01
-    result, report = red_onnx.compress(model, tolerance=tol, passes=["prune"], latency_check=False)
+    result, report = red_onnx.compress(model, tolerance=tol, passes=["prune"])
     ch = out_channels(result)
     assert ch["conv_a"] == ch["conv_b"] == ch["dw"] <= 7, report.passes
     assert view_weight(result, "conv_c").shape[1] == view_weight(result, "conv_d").shape[1] == ch["conv_a"]
@@ -209,8 +208,8 @@ def test_pruning_and_merging_share_one_budget():
     either removes alone, at least."""
     model = tiny_chain()
     tol = 0.01
-    _, alone = red_onnx.compress(model, tolerance=tol, passes=["prune"], latency_check=False)
-    result, both = red_onnx.compress(model, tolerance=tol, passes=["merge", "prune"], latency_check=False)
+    _, alone = red_onnx.compress(model, tolerance=tol, passes=["prune"])
+    result, both = red_onnx.compress(model, tolerance=tol, passes=["merge", "prune"])
     assert both.macs_after <= alone.macs_after and both.output_deviation <= tol
     merge_pass = next(p for p in both.passes if p["name"] == "merge")  # merge removes the pruned channels too
     assert merge_pass["channels_pruned"] + merge_pass["channels_merged"] >= 2
