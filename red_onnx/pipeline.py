@@ -51,6 +51,8 @@ TAIL_PROBES = 8
 LATENCY_SLACK = 1.03
 #: One timing of the guard takes about this long at most (fewer pairs for a slow model).
 LATENCY_SECONDS = 1.0
+#: The input's timing session is kept between the guard's timings for models under this size.
+TIMING_SESSION_BYTES = 2**28
 #: The channel counts the latency guard tries, in order, once no separation is left to undo.
 CHANNEL_ALIGNS = (8, 16)
 
@@ -123,6 +125,7 @@ class Prepared:
     reference: list[list[np.ndarray]] | None  # the input's outputs on the verification probes
     budget: Budget | None
     moved: int  # Constant nodes and sparse initializers turned into initializers
+    timing: object = None  # the latency guard's session of the input (verify.timing_session), once made
 
 
 @dataclass
@@ -502,11 +505,16 @@ def latency_guard(prep: Prepared, opts: Options, report: Report, current: Build)
 
 def _latency(prep: Prepared, current: Build) -> tuple[float, float, float]:
     """verify.latency_ratio of the result to the input; where over LATENCY_SLACK, timed again and
-    the faster of the two kept (a busy machine slows one timing, rarely two)."""
-    timed = verify.latency_ratio(prep.canonical, current.light, prep.probes.verification[0], arrays_b=current.arrays,
+    the faster of the two kept (a busy machine slows one timing, rarely two). The input's timing
+    session is made once per call where the model is under 256 MiB (else once per timing)."""
+    if model_io.model_bytes(prep.canonical) >= TIMING_SESSION_BYTES:
+        timing = prep.canonical  # a large model's second copy is not kept (nor over 2 GB, made at all)
+    else:
+        prep.timing = timing = prep.timing or verify.timing_session(prep.canonical)
+    timed = verify.latency_ratio(timing, current.light, prep.probes.verification[0], arrays_b=current.arrays,
                                  seconds=LATENCY_SECONDS)
     if timed[2] > LATENCY_SLACK:
-        again = verify.latency_ratio(prep.canonical, current.light, prep.probes.verification[0],
+        again = verify.latency_ratio(timing, current.light, prep.probes.verification[0],
                                      arrays_b=current.arrays, seconds=LATENCY_SECONDS)
         timed = min(timed, again, key=lambda t: t[2])
     return timed
@@ -524,7 +532,7 @@ def finish(prep: Prepared, accepted: Build, release: bool = True) -> onnx.ModelP
         for tensor in accepted.ctx.graph.tensors().values():  # the graph takes its own copy of every weight ...
             if isinstance(tensor, gs.Constant):
                 tensor.values  # noqa: B018 (loads a lazily imported weight)
-        prep.canonical = None  # ... so the input's copy can go before the result is exported
+        prep.canonical = prep.timing = None  # ... so the input's copy can go before the result is exported
     accepted.light = accepted.arrays = None
     _release_freed_memory()  # the sessions' copies are gone: the result's weights need that memory
     try:

@@ -355,18 +355,19 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
                   one_at_a_time: bool | None = None, seconds: float | None = None) -> tuple[float, float, float]:
     """(median seconds of a, of b, median of per-pair ratios b/a): one thread, optimizations on,
     interleaved pairs so that drifts in machine load hit both alike; each timing repeats the run
-    until it takes SAMPLE_SECONDS (a 10 µs model is timed over 100 runs, not one). ``arrays_b``:
+    until it takes SAMPLE_SECONDS (a 10 µs model is timed over 100 runs, not one). ``model_a``
+    may be a session made by :func:`timing_session` (kept for several timings). ``arrays_b``:
     the weights of a light ``model_b`` (see :func:`session`); ``seconds``: fewer pairs (at least
     MIN_PAIRS) where ``pairs`` would take longer (a slow model's timings vary less). Models over 2 GB (or
     ``one_at_a_time``) are timed one after the other, one session in memory at a time; the ratio
     is then that of the medians."""
     if one_at_a_time is None:
-        one_at_a_time = model_bytes(model_a) > TWO_GB
+        one_at_a_time = not hasattr(model_a, "run") and model_bytes(model_a) > TWO_GB
     if one_at_a_time:
         ta = _timed(session(model_a, optimize=True, threads=1), feeds, pairs)
         tb = _timed(session(model_b, optimize=True, threads=1, arrays=arrays_b), feeds, pairs)
         return float(np.median(ta)), float(np.median(tb)), float(np.median(tb) / np.median(ta))
-    sa = session(model_a, optimize=True, threads=1)
+    sa = model_a if hasattr(model_a, "run") else timing_session(model_a)
     sb = session(model_b, optimize=True, threads=1, arrays=arrays_b)
     (repeats_a, once_a), (repeats_b, once_b) = _repeats(sa, feeds), _repeats(sb, feeds)
     repeats = max(repeats_a, repeats_b)
@@ -381,6 +382,11 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
             times.append((time.perf_counter() - start) / repeats)
     ratios = np.array(tb) / np.array(ta)
     return float(np.median(ta)), float(np.median(tb)), float(np.median(ratios))
+
+
+def timing_session(model: onnx.ModelProto):
+    """The session :func:`latency_ratio` times a model in: one thread, all optimizations on."""
+    return session(model, optimize=True, threads=1)
 
 
 def _repeats(sess, feeds: dict[str, np.ndarray]) -> tuple[int, float]:
