@@ -611,3 +611,22 @@ def test_split_segment_of_dead_channels_keeps_one():
     g.output(g.conv_w(parts[0], *rand_layer(rng, 4, 2, 3), name="headA"))
     g.output(g.conv_w(parts[1], *rand_layer(rng, 4, 4, 3), name="headB"))
     check_exact(g.model(), {"P": 1})
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_close_pairs_by_projection_agree_with_all_pairs(seed):
+    """Many long rows take the projection filter: it finds exactly the pairs the full comparison
+    finds (planted duplicates, near duplicates inside and just outside the tolerance)."""
+    from red_onnx.passes.merge import _close_pairs
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((300, 1000))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for a, b, eps in [(3, 7, 0.0), (10, 250, 3e-6), (11, 12, 3e-5), (40, 41, 9e-6), (40, 299, 0.0)]:
+        d = rng.standard_normal(1000)
+        x[b] = x[a] + eps * d / np.linalg.norm(d)
+    assert 300 * 300 * 1000 > 2**26  # the projection path
+    dist = np.linalg.norm(x[:, None] - x[None], axis=2)
+    expected = [(a, b) for a in range(300) for b in range(a + 1, 300) if dist[a, b] <= 1e-5]
+    assert _close_pairs(x, 1e-5) == expected
+    assert (11, 12) not in expected and {(3, 7), (10, 250), (40, 41), (40, 299), (41, 299)} <= set(expected)

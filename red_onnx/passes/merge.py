@@ -132,22 +132,43 @@ def exact_plan(space: Space, rtol: float = EXACT_RTOL, merges: bool = True) -> t
     live = np.flatnonzero(~dead & (norms > 0))
     if len(live) < 2 or not merges:
         return root, scale, dead
-    if space.homogeneous:
-        unit = rows[live] / norms[live, None]
-        dist = np.sqrt(np.maximum(2.0 - 2.0 * unit @ unit.T, 0.0))
-    else:
-        dist = _pairwise(rows[live]) / norms[live, None]
-    same_path = _equal_rows(path[live])
-    match = (dist <= rtol) & same_path
-    for a, ia in enumerate(live):
-        if root[ia] != ia:
-            continue
-        for b in np.flatnonzero(match[a, a + 1:]) + a + 1:
-            ib = live[b]
-            if root[ib] == ib:
-                root[ib] = ia
-                scale[ib] = norms[ib] / norms[ia] if space.homogeneous else 1.0
+    # channel b carries a multiple of a: equal directions (homogeneous path) or equal rows, within rtol
+    x = rows[live] / norms[live, None] if space.homogeneous else rows[live]
+    tol = rtol if space.homogeneous else rtol * norms[live]
+    label = np.unique(path[live], axis=0, return_inverse=True)[1].ravel() if path.shape[1] else np.zeros(len(live))
+    for a, b in _close_pairs(x, tol):
+        ia, ib = live[a], live[b]
+        if root[ia] == ia and root[ib] == ib and label[a] == label[b]:
+            root[ib] = ia
+            scale[ib] = norms[ib] / norms[ia] if space.homogeneous else 1.0
     return root, scale, dead
+
+
+def _close_pairs(x: np.ndarray, tol: float | np.ndarray) -> list[tuple[int, int]]:
+    """Pairs a < b (in order) with ||x_a − x_b|| ≤ tol (tol: a number, or per row a: tol[a]).
+
+    Few rows: all pairs at once. Many long rows (VGG's 1024 × 25089 classifier took 3 s): only the
+    pairs whose projections on a few random unit directions differ by at most tol (a necessary
+    condition, |⟨x_a − x_b, r⟩| ≤ ||x_a − x_b||) are compared in full."""
+    n = len(x)
+    tol_a = np.broadcast_to(np.asarray(tol, np.float64), (n,))
+    if n * n * x.shape[1] <= 2**26:
+        dist = np.sqrt(np.maximum((x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * x @ x.T, 0.0))
+        a, b = np.nonzero(np.triu(dist <= tol_a[:, None], 1))
+        return list(zip(a.tolist(), b.tolist()))
+    r = np.random.default_rng(0).standard_normal((x.shape[1], 4))
+    p = x @ (r / np.linalg.norm(r, axis=0))
+    order = np.argsort(p[:, 0], kind="stable")
+    first = p[order, 0]
+    wide = float(tol_a.max())
+    ends = np.searchsorted(first, first + wide, side="right")
+    pairs = set()
+    for i in range(n):
+        for j in range(i + 1, ends[i]):
+            a, b = sorted((int(order[i]), int(order[j])))
+            if np.all(np.abs(p[a] - p[b]) <= tol_a[a]) and np.linalg.norm(x[a] - x[b]) <= tol_a[a]:
+                pairs.add((a, b))
+    return sorted(pairs)
 
 
 def _memo_plan(ctx: Context, space: Space, merges: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
