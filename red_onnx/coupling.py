@@ -135,8 +135,10 @@ class Space:
         """(C,) the L2 norm of each channel's input weights over all consumers."""
         total = np.zeros(self.channels)
         for c in self.consumers:
-            lo, hi, shift, _ = c.span(self.channels)
-            total[lo:hi] += (c.columns(self.channels)[:, lo + shift:hi + shift] ** 2).sum(axis=(0, 2))
+            lo, hi, shift, width = c.span(self.channels)
+            w = c.layer.get_weight()
+            w3 = w.reshape(w.shape[0], width, -1)[:, lo + shift:hi + shift]  # in its own dtype: no float64 copy
+            total[lo:hi] += np.einsum("otb,otb->t", w3, w3, dtype=np.float64)
         return np.sqrt(total)
 
     def pass_unary(self, op: str, node: gs.Node) -> None:
