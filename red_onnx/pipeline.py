@@ -420,9 +420,11 @@ def _run_step(step, ctx: Context) -> PassResult:
 
 
 def build_verified(prep: Prepared, opts: Options, report: Report, keep_dense: frozenset[str] = frozenset(),
-                   channel_align: int = 1) -> Build:
-    """Build at decreasing margins until the fresh probes agree (see :func:`back_off`)."""
-    margin, lossy = (FIRST_MARGIN, LOSSY_BUILDS) if prep.budget is not None and opts.tolerance > 0 else (0.0, 0)
+                   channel_align: int = 1, first_margin: float = FIRST_MARGIN) -> Build:
+    """Build at decreasing margins, from ``first_margin``, until the fresh probes agree (see
+    :func:`back_off`)."""
+    lossy_ok = prep.budget is not None and opts.tolerance > 0 and first_margin > 0
+    margin, lossy = (first_margin, LOSSY_BUILDS) if lossy_ok else (0.0, 0)
     for attempt in range(1, LOSSY_BUILDS + 2):
         opts.log(f"build {attempt} of at most {attempt + lossy}: " + (
             f"lossy edits up to {margin:.2g}x the tolerance" if margin > 0 else "exact rewrites only"))
@@ -499,7 +501,8 @@ def latency_guard(prep: Prepared, opts: Options, report: Report, current: Build)
         fixes.append({"ratio_before": round(ratio, 4), "fix": fix})
         report.notes.append(f"latency guard: the result ran {ratio:.2f}x the input's time in onnxruntime; {fix}")
         opts.log(report.notes[-1])
-        current = build_verified(prep, opts, report, keep_dense, align)
+        # from the margin the last build was verified at: a fix spends no more than it did
+        current = build_verified(prep, opts, report, keep_dense, align, first_margin=current.margin)
     return current
 
 
