@@ -164,3 +164,40 @@ def test_bad_search_options(tmp_path, args, fragment):
     (tmp_path / "m.py").write_text("def score(path):\n    return 1.0\n")
     proc = cli(DIGITS, tmp_path / "o.onnx", "--metric", f"{tmp_path / 'm.py'}:score", *args, lossless=False)
     assert proc.returncode == 2 and fragment in proc.stderr
+
+
+class _Stepped:
+    """A stand-in for pipeline.Compressor: the result at tolerance t saves more the larger t, and
+    carries in its doc string the accuracy (on 100 samples: steps of 0.01) the metric reads."""
+
+    def __init__(self, accuracy: dict[float, float]):
+        self.accuracy = accuracy
+
+    def at(self, t: float):
+        from red_onnx.report import Report
+
+        model = onnx.load(str(DIGITS))
+        model.doc_string = str(self.accuracy.get(t, 0.0))
+        return model, Report(macs_after=int(1e6 * (1 - t)), bytes_after=int(1e6 * (1 - t)))
+
+
+def test_a_stepped_metric_keeps_two_steps_inside_the_drop():
+    """With accuracy in steps of 0.01 and a drop of 0.02: the results that lost 0.02 (the edge) are
+    within, but the one chosen stays a margin (two steps, at most half the drop) inside; a
+    continuous metric takes the edge."""
+    from red_onnx import metric
+
+    def doc(path: str) -> float:
+        return float(onnx.load(path, load_external_data=False).doc_string)
+
+    stepped = {0.003: 0.95, 0.01: 0.95, 0.03: 0.95, 0.1: 0.94, 0.3: 0.93, 1.0: 0.80, 0.548: 0.93}
+    search = metric.Search(0.95, 0.02, 8)
+    _, report = metric.run(_Stepped(stepped), doc, search, lambda message: None)
+    assert search.margin() == pytest.approx(0.01)  # two steps of 0.01, at most half the drop
+    assert search.chosen == 0.1  # lost 0.01, one margin inside; 0.3 and 0.548 lost 0.02, at the edge
+    assert max(p["tolerance"] for p in search.points if p["within"]) == 0.548
+
+    continuous = {t: 0.95 - 0.0199 * (t >= 0.3) - 1e-4 * t for t in stepped} | {1.0: 0.80}
+    search = metric.Search(0.95, 0.02, 8)
+    metric.run(_Stepped(continuous), doc, search, lambda message: None)
+    assert search.margin() < 1e-3 and search.chosen == max(p["tolerance"] for p in search.points if p["within"])
