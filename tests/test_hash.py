@@ -834,3 +834,22 @@ def test_next_margin_scales_with_the_overshoot():
     assert next_margin(0.8, 0.01000001, 0.01) == pytest.approx(0.72)  # at least 0.9x smaller
     assert next_margin(0.5, 0.03, 0.01) == pytest.approx(0.15)
     assert next_margin(0.8, float("inf"), 0.01) == 0.4
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_distinct_bits_of_large_arrays_agree_with_unique(seed):
+    """The sampled one-pass path (few distinct values, spread or clustered, signed zeros, a value
+    only at the end) gives what np.unique of the bit patterns gives, and None over the limit."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal(40).astype(np.float32)
+    values = table[rng.integers(0, 40, 200_000)]
+    values[:50_000] = table[0]  # clustered: a prefix would see one value
+    values[-1] = np.float32(7.5)  # only at the end: the sample misses it
+    values[rng.integers(0, values.size, 30)] = np.float32(-0.0)
+    values[rng.integers(0, values.size, 30)] = np.float32(0.0)
+    bits = codebook_pass._bits(values)
+    expected = np.unique(bits)
+    np.testing.assert_array_equal(codebook_pass._distinct_bits(values), expected)
+    np.testing.assert_array_equal(codebook_pass._distinct_bits(values, 256), expected)
+    assert codebook_pass._distinct_bits(rng.standard_normal(200_000).astype(np.float32), 256) is None
+    assert codebook_pass._distinct_bits(values, len(expected) - 1) is None

@@ -166,10 +166,21 @@ def _bits(values: np.ndarray) -> np.ndarray:
 
 def _distinct_bits(values: np.ndarray, limit: int | None = None) -> np.ndarray | None:
     """Sorted distinct bit patterns (a sort: np.unique on large integer arrays was ~100x slower);
-    None if there are more than ``limit`` (found on a prefix where it can be: a shorter sort)."""
+    None if there are more than ``limit``. A large array is first sampled across its length: more
+    than ``limit`` there, or (the common case) every value among the sample's, found in one pass."""
     b = _bits(np.ascontiguousarray(values)).reshape(-1)
-    if limit is not None and b.size > 8 * limit and _distinct_bits(b[:8 * limit]).size > limit:
-        return None
+    sample = 8 * (limit or 4096)
+    if b.size > sample and values.dtype.kind == "f":
+        head = _distinct_bits(b[::b.size // sample][:sample])  # a sample across all channels: more than the limit, or likely all
+        if limit is not None and head.size > limit:
+            return None
+        table = head.view(values.dtype)
+        if np.isfinite(table).all():  # every value one of them? found in O(n), without sorting n values
+            order = np.argsort(table, kind="stable")
+            pick = np.empty(b.size, np.int64)
+            _nearest_entries(_wide(b.view(values.dtype)), _wide(table[order]), pick)
+            if np.array_equal(head[order][pick], b):
+                return head
     b = np.sort(b)
     b = b[np.concatenate(([True], b[1:] != b[:-1]))] if b.size else b
     return None if limit is not None and b.size > limit else b

@@ -70,9 +70,9 @@ def remove_redundant(ctx: Context, result: PassResult, counts: Counter, merges: 
             if space.frozen:
                 result.leave(space.name, space.frozen)
                 continue
-            root, scale, dead = _memo_plan(ctx, space, merges)
+            root, scale, dead, unread_channels = _memo_plan(ctx, space, merges)
             kept_back = align(root, dead, ctx.channel_align)
-            unread = int(np.sum(dead & (space.consumer_norms() == 0)))
+            unread = int(np.sum(dead & unread_channels))
             merged = int(np.sum(root != np.arange(space.channels)))
             if merged or dead.any():
                 row = {"name": space.name, "channels": space.channels,
@@ -114,15 +114,16 @@ def align(root: np.ndarray, dead: np.ndarray, multiple: int) -> int:
 # exact merges
 
 
-def exact_plan(space: Space, rtol: float = EXACT_RTOL, merges: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def exact_plan(space: Space, rtol: float = EXACT_RTOL, merges: bool = True, unread: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(root, scale, dead): channel c carries scale[c] × channel root[c] (only itself without
-    ``merges``); dead channels carry 0 or are read by no consumer."""
+    ``merges``); dead channels carry 0 or are read by no consumer (``unread``, if known)."""
     c = space.channels
     rows = space.producer_rows()
     path = space.path_rows()
     norms = np.linalg.norm(rows, axis=1)
     dead = (norms == 0) if space.zero_preserving else np.zeros(c, bool)
-    dead |= space.consumer_norms() == 0
+    dead |= space.consumer_norms() == 0 if unread is None else unread
     root, scale = np.arange(c), np.ones(c)
     segments = space.segments if space.segments is not None else np.zeros(c, int)
     for seg in np.unique(segments):  # a segment (or space) keeps a channel: no zero-width tensors
@@ -171,13 +172,17 @@ def _close_pairs(x: np.ndarray, tol: float | np.ndarray) -> list[tuple[int, int]
     return sorted(pairs)
 
 
-def _memo_plan(ctx: Context, space: Space, merges: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`exact_plan`, kept for the later builds of this call (keyed by what it reads); a copy."""
+def _memo_plan(ctx: Context, space: Space, merges: bool) -> tuple[np.ndarray, ...]:
+    """:func:`exact_plan` (a copy), kept for the later builds of this call (keyed by the stored
+    values it reads), and which channels no consumer reads."""
     segments = space.segments if space.segments is not None else np.zeros(0, int)
-    plan = ctx.memoized("exact plan", [space.producer_rows(), space.path_rows(), segments, space.consumer_norms() == 0,
-                                       np.array([space.homogeneous, space.zero_preserving, merges])],
-                        lambda: exact_plan(space, merges=merges))
-    return tuple(a.copy() for a in plan)
+    unread = space.consumer_norms() == 0
+    weights = [t.values for p in space.producers for t in (p.weight, p.bias) if t is not None]  # as stored: no copy
+    layout = repr([(p.op, p.group, p.node.attrs.get("transB", 0)) for p in space.producers]
+                  + [space.homogeneous, space.zero_preserving, merges]).encode()
+    plan = ctx.memoized("exact plan", weights + [space.path_rows(), segments, unread, np.frombuffer(layout, np.uint8)],
+                        lambda: exact_plan(space, merges=merges, unread=unread))
+    return (*(a.copy() for a in plan), unread)
 
 
 def _pairwise(x: np.ndarray) -> np.ndarray:
