@@ -228,14 +228,15 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
     mode = "+".join(kind for kind, on in (("merge", merging), ("prune", pruning)) if on)
     candidates, info = [], {}
     for k, space in enumerate(spaces):
-        removals = _removals(space, stats[k], merging, pruning)
+        rows, consumer_norms = space.producer_rows(), space.consumer_norms()
+        removals = _removals(space, rows, consumer_norms, stats[k], merging, pruning)
         if not removals:
             continue
         saving = _channel_saving(space, ctx.shapes)
         tensors = tuple(t.name for layer in (space.producers if merging else []) + (
             [c.layer for c in space.consumers] if pruning else []) for t in (layer.weight, layer.bias) if t is not None)
-        info[k] = {"rows": space.producer_rows(), "weights": np.linalg.norm(space.producer_rows(), axis=1)
-                   * np.maximum(space.consumer_norms(), 1e-12), "constants": stats[k].constants}
+        info[k] = {"rows": rows, "weights": np.linalg.norm(rows, axis=1) * np.maximum(consumer_norms, 1e-12),
+                   "constants": stats[k].constants}
         cumulative = np.sqrt(np.cumsum([e * e for e, _, _ in removals]))
         for level, m in enumerate(_level_sizes(len(removals), space.channels, ctx.channel_align)):
             chosen = [(j, i) for _, j, i in removals[:m]]
@@ -260,7 +261,8 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
     return ctx.spend(candidates, materialize, per_level=True), added
 
 
-def _removals(space: Space, stats, merging: bool, pruning: bool) -> list[tuple[float, int, int]]:
+def _removals(space: Space, rows: np.ndarray, consumer_norms: np.ndarray, stats, merging: bool, pruning: bool
+              ) -> list[tuple[float, int, int]]:
     """(estimated error, channel, partner or -1 to prune), best first: each channel the probes
     exercise once, by its cheaper removal; a channel pruned is no channel's partner.
 
@@ -268,9 +270,7 @@ def _removals(space: Space, stats, merging: bool, pruning: bool) -> list[tuple[f
     nearest exercised channel i (cosine on a homogeneous path, distance otherwise; equal path
     parameters) costs ||p_j − s·p_i|| (s = ⟨p_j, p_i⟩ / ||p_i||² on a homogeneous path, else 1),
     pruning it (its weights to 0, its bias kept: a constant) ||w_j||, its weights without the bias."""
-    rows = space.producer_rows()
     norms = np.linalg.norm(rows, axis=1)
-    consumer_norms = space.consumer_norms()
     exercised = stats.seen > EXERCISED * max(float(np.median(stats.seen)), 1e-30)
     options = []
     if merging and space.channels >= 2:
@@ -284,10 +284,11 @@ def _removals(space: Space, stats, merging: bool, pruning: bool) -> list[tuple[f
         np.fill_diagonal(score, -np.inf)
         score[:, ~exercised | (norms == 0)] = -np.inf
         best = np.argmax(score, axis=1)
-        for j in np.flatnonzero(exercised & np.isfinite(score[np.arange(space.channels), best])):
-            i = int(best[j])
-            scale = rows[j] @ rows[i] / norms[i] ** 2 if space.homogeneous else 1.0
-            options.append((float(np.linalg.norm(rows[j] - scale * rows[i]) * consumer_norms[j]), int(j), i))
+        js = np.flatnonzero(exercised & np.isfinite(score[np.arange(space.channels), best]))
+        partner = rows[best[js]]
+        scale = ((rows[js] * partner).sum(axis=1) / norms[best[js]] ** 2)[:, None] if space.homogeneous else 1.0
+        residual = np.linalg.norm(rows[js] - scale * partner, axis=1) * consumer_norms[js]
+        options += [(float(e), int(j), int(best[j])) for e, j in zip(residual, js)]
     if pruning:
         weights = np.concatenate([p.get_weight().reshape(space.channels, -1) for p in space.producers], axis=1)
         weight_norms = np.linalg.norm(weights.astype(np.float64), axis=1)
