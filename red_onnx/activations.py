@@ -66,6 +66,7 @@ def read_input(outputs: dict, consumer, space: Space) -> np.ndarray:
 
 
 def _seen(sess, names, probes, spaces) -> list[np.ndarray]:
+    """Per space, each channel's mean |a| over the probes, at the consumer that sees the most of it."""
     level = [np.zeros(space.channels) for space in spaces]
     for probe in probes:
         outputs = dict(zip(names, sess.run(None, probe)))
