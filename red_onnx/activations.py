@@ -49,10 +49,18 @@ def channel_stats(ctx, spaces: list[Space], constants: bool = True) -> list[Spac
             for space in spaces:
                 for p in space.producers:
                     zeroed[p.weight.name] = np.zeros_like(p.weight.values)
-            outputs = dict(zip(names, verify.session(model, names, arrays=zeroed).run(None, probes[0])))
-            values = [[read_input(outputs, c, space).mean(axis=2) for c in space.consumers] for space in spaces]
+            values = [[x.mean(axis=2) for x in per] for per in consumer_inputs(model, zeroed, spaces, probes[0])]
         ctx.memo[key] = [SpaceStats(s, v) for s, v in zip(seen, values)]
     return ctx.memo[key]
+
+
+def consumer_inputs(model, arrays: dict[str, np.ndarray], spaces: list[Space], feeds: dict[str, np.ndarray]
+                    ) -> list[list[np.ndarray]]:
+    """Per space and consumer, its input on one run of ``model`` (weights ``arrays``) on ``feeds``
+    (:func:`read_input`)."""
+    names = list(dict.fromkeys(c.layer.node.inputs[0].name for space in spaces for c in space.consumers))
+    outputs = dict(zip(names, verify.session(model, names, arrays=arrays).run(None, feeds)))
+    return [[read_input(outputs, c, space) for c in space.consumers] for space in spaces]
 
 
 def read_input(outputs: dict, consumer, space: Space) -> np.ndarray:

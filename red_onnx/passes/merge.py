@@ -136,7 +136,7 @@ def exact_plan(space: Space, rtol: float = EXACT_RTOL, merges: bool = True, unre
     # channel b carries a multiple of a: equal directions (homogeneous path) or equal rows, within rtol
     x = rows[live] / norms[live, None] if space.homogeneous else rows[live]
     tol = rtol if space.homogeneous else rtol * norms[live]
-    label = np.unique(path[live], axis=0, return_inverse=True)[1].ravel() if path.shape[1] else np.zeros(len(live))
+    label = _path_labels(path[live])
     for a, b in _close_pairs(x, tol):
         ia, ib = live[a], live[b]
         if root[ia] == ia and root[ib] == ib and label[a] == label[b]:
@@ -154,8 +154,7 @@ def _close_pairs(x: np.ndarray, tol: float | np.ndarray) -> list[tuple[int, int]
     n = len(x)
     tol_a = np.broadcast_to(np.asarray(tol, np.float64), (n,))
     if n * n * x.shape[1] <= 2**26:
-        dist = np.sqrt(np.maximum((x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * x @ x.T, 0.0))
-        a, b = np.nonzero(np.triu(dist <= tol_a[:, None], 1))
+        a, b = np.nonzero(np.triu(_pairwise(x) <= tol_a[:, None], 1))
         return list(zip(a.tolist(), b.tolist()))
     r = np.random.default_rng(0).standard_normal((x.shape[1], 4))
     p = x @ (r / np.linalg.norm(r, axis=0))
@@ -190,11 +189,15 @@ def _pairwise(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))
 
 
-def _equal_rows(path: np.ndarray) -> np.ndarray:
+def _path_labels(path: np.ndarray) -> np.ndarray:
+    """One label per channel: equal path parameters, equal labels."""
     if path.shape[1] == 0:
-        return np.ones((len(path), len(path)), bool)
-    _, label = np.unique(path, axis=0, return_inverse=True)  # equal rows share a label
-    label = label.ravel()
+        return np.zeros(len(path), int)
+    return np.unique(path, axis=0, return_inverse=True)[1].ravel()
+
+
+def _equal_rows(path: np.ndarray) -> np.ndarray:
+    label = _path_labels(path)
     return label[:, None] == label[None, :]
 
 
@@ -233,8 +236,8 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
         if not removals:
             continue
         saving = _channel_saving(space, ctx.shapes)
-        tensors = tuple(t.name for layer in (space.producers if merging else []) + (
-            [c.layer for c in space.consumers] if pruning else []) for t in (layer.weight, layer.bias) if t is not None)
+        edited = (space.producers if merging else []) + ([c.layer for c in space.consumers] if pruning else [])
+        tensors = tuple(t.name for layer in edited for t in (layer.weight, layer.bias) if t is not None)
         info[k] = {"rows": rows, "weights": np.linalg.norm(rows, axis=1) * np.maximum(consumer_norms, 1e-12),
                    "constants": stats[k].constants}
         cumulative = np.sqrt(np.cumsum([e * e for e, _, _ in removals]))

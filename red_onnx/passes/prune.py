@@ -31,8 +31,7 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import verify
-from ..activations import read_input
+from ..activations import consumer_inputs
 from ..context import Context, PassResult
 from ..coupling import Space, channel_spaces
 from ..layers import Layer
@@ -164,8 +163,6 @@ def _pads(layer: Layer) -> bool:
 
 def _values_on_zero_input(ctx: Context, spaces: list[Space]) -> list[list[np.ndarray]]:
     """Per space and consumer, its input as (C, block, positions) on an all-zero input."""
-    names = list(dict.fromkeys(c.layer.node.inputs[0].name for s in spaces for c in s.consumers))
     model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
     feeds = {t.name: np.zeros(ctx.shapes[t.name], np.dtype(t.dtype)) for t in ctx.graph.inputs}
-    outputs = dict(zip(names, verify.session(model, names, arrays=arrays).run(None, feeds)))
-    return [[read_input(outputs, c, space) for c in space.consumers] for space in spaces]
+    return consumer_inputs(model, arrays, spaces, feeds)
