@@ -271,6 +271,36 @@ def test_latency_guard_aligns_channel_counts(monkeypatch):
     assert_same(model, result)
 
 
+@pytest.mark.aligned
+def test_builds_keep_channel_counts_at_multiples_of_8_by_default(monkeypatch):
+    """By default every build keeps multiples of 8 (exactly: a kept constant channel changes
+    nothing); the guard finds nothing slower; without it, every constant channel goes. A result
+    slower at 8 (forced: only multiples of 16 run fast) is rebuilt at 16."""
+    from red_onnx import verify
+
+    model, _ = constant_chain(constant=tuple(range(9)), c=16)
+    result, report = red_onnx.compress(model, tolerance=0, passes=["prune"])
+    assert out_channels(result)["conv1"] == 8 and not report.latency.get("fixes")
+    row = next(r for r in report.layers if r["name"] == "conv1")
+    assert row["prune"]["kept_for_alignment"] == 1
+    assert_same(model, result)
+    unaligned, _ = red_onnx.compress(model, tolerance=0, passes=["prune"], latency_check=False)
+    assert out_channels(unaligned)["conv1"] == 7
+    assert_same(model, unaligned)
+
+    def fake(a, b, feeds, **kw):
+        conv1 = next(n for n in b.graph.node if n.name == "conv1")
+        weight = next(t for t in b.graph.initializer if t.name == conv1.input[1])
+        ratio = 1.0 if weight.dims[0] % 16 == 0 else 1.5
+        return 1e-3, 1e-3 * ratio, ratio
+
+    monkeypatch.setattr(verify, "latency_ratio", fake)
+    result, report = red_onnx.compress(model, tolerance=0, passes=["prune"])
+    assert out_channels(result)["conv1"] == 16 and report.latency["channel_align"] == 16
+    assert [f["fix"] for f in report.latency["fixes"]] == ["channel counts kept at multiples of 16"]
+    assert_same(model, result)
+
+
 def test_latency_guard_gives_up_channel_removals(monkeypatch):
     """Forced slower whatever the counts: multiples of 8, then of 16, then no channel removed."""
     from red_onnx import verify
