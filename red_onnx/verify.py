@@ -352,13 +352,16 @@ MIN_PAIRS = 7
 
 def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict[str, np.ndarray],
                   pairs: int = 30, arrays_b: dict[str, np.ndarray] | None = None,
-                  one_at_a_time: bool | None = None, seconds: float | None = None) -> tuple[float, float, float]:
+                  one_at_a_time: bool | None = None, seconds: float | None = None,
+                  decide_at: float | None = None) -> tuple[float, float, float]:
     """(median seconds of a, of b, median of per-pair ratios b/a): one thread, optimizations on,
     interleaved pairs so that drifts in machine load hit both alike; each timing repeats the run
     until it takes SAMPLE_SECONDS (a 10 µs model is timed over 100 runs, not one). ``model_a``
     may be a session made by :func:`timing_session` (kept for several timings). ``arrays_b``:
     the weights of a light ``model_b`` (see :func:`session`); ``seconds``: fewer pairs (at least
-    MIN_PAIRS) where ``pairs`` would take longer (a slow model's timings vary less). Models over 2 GB (or
+    MIN_PAIRS) where ``pairs`` would take longer (a slow model's timings vary less); ``decide_at``:
+    stop once the first MIN_PAIRS ratios or more are all on one side of it (a sign test: were the
+    median ratio at ``decide_at``, 7 of 7 on one side has probability 1/64). Models over 2 GB (or
     ``one_at_a_time``) are timed one after the other, one session in memory at a time; the ratio
     is then that of the medians."""
     if one_at_a_time is None:
@@ -380,6 +383,10 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
             for _ in range(repeats):
                 s.run(None, feeds)
             times.append((time.perf_counter() - start) / repeats)
+        if decide_at is not None and len(ta) >= MIN_PAIRS:
+            so_far = np.array(tb) / np.array(ta)
+            if (so_far < decide_at).all() or (so_far > decide_at).all():
+                break
     ratios = np.array(tb) / np.array(ta)
     return float(np.median(ta)), float(np.median(tb)), float(np.median(ratios))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -251,6 +252,26 @@ def test_latency_one_session_at_a_time_agrees():
     feeds = {model.graph.input[0].name: np.zeros((1, 1, 8, 8), np.float32)}
     t_a, t_b, ratio = verify.latency_ratio(model, model, feeds, pairs=20, one_at_a_time=True)
     assert t_a > 0 and t_b > 0 and 0.5 < ratio < 2.0
+
+
+def test_latency_stops_once_every_pair_is_on_one_side(monkeypatch):
+    """With ``decide_at``, a timing stops after MIN_PAIRS pairs all faster (or all slower) than it;
+    pairs on both sides go on to the pairs asked for."""
+    from red_onnx import verify
+
+    model = onnx.load(str(DIGITS_CNN))
+    feeds = {model.graph.input[0].name: np.zeros((1, 1, 8, 8), np.float32)}
+    clock = itertools.count()  # every timed run takes one tick: each ratio is exactly 1
+    monkeypatch.setattr(verify.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(verify, "_repeats", lambda sess, feeds: (1, 1e-3))
+    _, _, ratio = verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.5)
+    assert ratio == 1.0 and next(clock) == 2 * 2 * verify.MIN_PAIRS  # a start and a stop per model and pair
+    clock = itertools.count()
+    verify.latency_ratio(model, model, feeds, pairs=30, decide_at=0.5)
+    assert next(clock) == 2 * 2 * verify.MIN_PAIRS
+    clock = itertools.count()
+    verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.0)  # never all on one side
+    assert next(clock) == 2 * 2 * 30
 
 
 def test_in_place_weights_path_agrees(monkeypatch):
