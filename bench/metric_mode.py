@@ -8,8 +8,8 @@ as probe range) whose metric is the model's primary metric on the **even** sampl
 evaluation set; the result is then judged on the **odd** samples (and the guard metrics, e.g. the
 MTCNN nets' clean accuracy). Also: the metric calls and their time, the mode's wall time, and one
 plain call at the chosen tolerance (the grid's single call) for the time criterion. The grid rows
-it is compared with are bench/grid_check.json's (same passes, tolerances 0.003 to 0.1, judged on
-the full evaluation set).
+it is compared with are bench/prune_check.json's (all passes, tolerances 0.003 to 1, judged on the
+full evaluation set; within 1 point there includes the MTCNN nets' clean accuracy).
 """
 
 from __future__ import annotations
@@ -68,12 +68,12 @@ def measure(name: str) -> dict:
 
 
 def grid_best(name: str) -> tuple[dict | None, dict | None]:
-    """bench/grid_check.json's new rows: the best within 1 point (MACs first, then bytes) and the default."""
-    data = json.loads((BENCH_DIR / "grid_check.json").read_text())["new"]
-    rows = [r for r in data if r["model"] == name]
-    clean = next(r["metric"] for r in rows if r["tolerance"] is None)
-    within = [r for r in rows if r["tolerance"] is not None and r["metric"] >= clean - WITHIN]
-    best = min(within, key=lambda r: (r["macs"], r["bytes"]), default=None)
+    """bench/prune_check.json's all-passes rows (the same options, tolerances 0.003 to 1, judged on
+    the full evaluation set): the best within 1 point (MACs first, then bytes) and the default."""
+    data = json.loads((BENCH_DIR / "prune_check.json").read_text())["results"]
+    rows = [{"tolerance": float(r["setting"].split()[1]), **r}
+            for r in next(m for m in data if m["model"] == name)["rows"] if r["tool"] == "red_onnx all"]
+    best = min((r for r in rows if r["within"]), key=lambda r: (r["macs"], r["bytes"]), default=None)
     default = next((r for r in rows if r["tolerance"] == 0.003), None)
     return best, default
 
