@@ -181,20 +181,24 @@ class _Stepped:
         return model, Report(macs_after=int(1e6 * (1 - t)), bytes_after=int(1e6 * (1 - t)))
 
 
-def test_a_stepped_metric_keeps_two_steps_inside_the_drop():
-    """With accuracy in steps of 0.01 and a drop of 0.02: the results that lost 0.02 (the edge) are
-    within, but the one chosen stays a margin (two steps, at most half the drop) inside; a
-    continuous metric takes the edge."""
+def test_a_stepped_metric_keeps_three_steps_inside_the_drop():
+    """With accuracy in steps of 0.01 and a drop of 0.05: the results that lost 0.02 are within,
+    and the one chosen stays a margin (three steps) inside; with a drop of 0.02 (two steps) the
+    margin is all of it: the chosen result loses nothing; a continuous metric takes the edge."""
     from red_onnx import metric
 
     def doc(path: str) -> float:
         return float(onnx.load(path, load_external_data=False).doc_string)
 
     stepped = {0.003: 0.95, 0.01: 0.95, 0.03: 0.95, 0.1: 0.94, 0.3: 0.93, 1.0: 0.80, 0.548: 0.93}
+    search = metric.Search(0.95, 0.05, 8)
+    metric.run(_Stepped(stepped), doc, search, lambda message: None)
+    assert search.margin() == pytest.approx(0.03)  # three steps of 0.01
+    assert search.chosen == 0.548  # lost 0.02, one margin inside the drop
     search = metric.Search(0.95, 0.02, 8)
     _, report = metric.run(_Stepped(stepped), doc, search, lambda message: None)
-    assert search.margin() == pytest.approx(0.01)  # two steps of 0.01, at most half the drop
-    assert search.chosen == 0.1  # lost 0.01, one margin inside; 0.3 and 0.548 lost 0.02, at the edge
+    assert search.margin() == pytest.approx(0.02)  # three steps, at most the drop
+    assert search.chosen == 0.03  # lost nothing; 0.1 lost 0.01, 0.3 and 0.548 0.02, at the edge
     assert max(p["tolerance"] for p in search.points if p["within"]) == 0.548
 
     continuous = {t: 0.95 - 0.0199 * (t >= 0.3) - 1e-4 * t for t in stepped} | {1.0: 0.80}
