@@ -468,7 +468,8 @@ def test_an_interrupt_while_writing_says_the_output_is_written(io, monkeypatch):
 
 def test_a_constant_of_shape_of_2_to_the_40_neither_hangs_nor_fills_the_memory(tmp_path):
     """Shape inference with data propagation must not materialize it (run under a 4 GiB address
-    space limit): exit 0 with --no-verify, and a clear exit 2 where onnxruntime must run it."""
+    space limit): exit 0 with --no-verify, and with verification too (onnxruntime's optimizer
+    folds Shape(ConstantOfShape) in the sessions that verify)."""
     import resource
 
     shape = numpy_helper.from_array(np.array([2**40], np.int64), "shp")
@@ -484,12 +485,13 @@ def test_a_constant_of_shape_of_2_to_the_40_neither_hangs_nor_fills_the_memory(t
     def limited():
         resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
 
-    for args, code in ((["--no-verify"], 0), ([], 2)):
-        proc = subprocess.run([sys.executable, "-m", "red_onnx", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"),
-                               *args], capture_output=True, text=True, timeout=60, preexec_fn=limited)
-        assert proc.returncode == code, proc.stderr
-        assert "Traceback" not in proc.stderr
-    assert "onnxruntime cannot run the input model" in proc.stderr
+    for args in (["--no-verify"], []):
+        out = tmp_path / f"o{len(args)}.onnx"
+        proc = subprocess.run([sys.executable, "-m", "red_onnx", str(tmp_path / "m.onnx"), str(out), *args],
+                              capture_output=True, text=True, timeout=60, preexec_fn=limited)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr and out.exists()
+    assert "deviation" in proc.stdout  # verified
 
 
 # --------------------------------------------------------------------------------------------- #
