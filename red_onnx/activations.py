@@ -78,6 +78,15 @@ def _seen(sess, names, probes, spaces) -> list[np.ndarray]:
     level = [np.zeros(space.channels) for space in spaces]
     for probe in probes:
         outputs = dict(zip(names, sess.run(None, probe)))
+        means = {}  # per consumer input and layout: each input channel's mean |a| (one pass, float32)
         for k, space in enumerate(spaces):
-            level[k] += np.max([np.abs(read_input(outputs, c, space)).mean(axis=(1, 2)) for c in space.consumers], axis=0)
+            per_consumer = np.zeros((len(space.consumers), space.channels))
+            for i, c in enumerate(space.consumers):
+                lo, hi, shift, total = c.span(space.channels)
+                key = (c.layer.node.inputs[0].name, c.axis, total)
+                if key not in means:
+                    x = np.moveaxis(np.abs(np.asarray(outputs[key[0]])), c.axis, 0)
+                    means[key] = x.reshape(total, -1).mean(axis=1, dtype=np.float64)
+                per_consumer[i, lo:hi] = means[key][lo + shift:hi + shift]
+            level[k] += per_consumer.max(axis=0)
     return [lv / len(probes) for lv in level]
