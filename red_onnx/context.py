@@ -89,6 +89,9 @@ class Context:
     keep_dense: frozenset[str] = frozenset()  # convs the latency guard keeps as they are
     # channel counts the latency guard wants: kept counts a multiple of this (0: remove no channel)
     channel_align: int = 1
+    # the share of the squared target the channel removals (merge, prune) may spend, the rest left
+    # to the passes after them (see pipeline.build_best)
+    removal_share: float = 1.0
     passes: frozenset[str] = frozenset(PASS_NAMES)  # the passes selected
     latency_check: bool = True  # optimise rewrites for onnxruntime CPU latency (guard on)
     codebook: str = "uint8"  # codebook index types allowed: "uint8", "auto" (also uint16) or "off"
@@ -127,13 +130,19 @@ class Context:
         return replace(self, budget=None)
 
     def spend(self, candidates: list[Candidate], materialize: Callable[[list[Candidate]], dict[str, np.ndarray]],
-              per_level: bool = False) -> Spent:
+              per_level: bool = False, share: float = 1.0) -> Spent:
         """Let the budget choose among ``candidates`` on the current graph, then write the accepted
-        edits' weights (``materialize``: initializer name → new values) into the graph."""
+        edits' weights (``materialize``: initializer name → new values) into the graph; ``share``:
+        of the squared target, the most this spend may reach."""
         from .model_io import to_light_model
 
         model, arrays = to_light_model(self.graph.copy(), self.template)
-        spent = self.budget.spend(model, candidates, materialize, arrays, per_level=per_level)
+        target = self.budget.target
+        self.budget.target = target * share ** 0.5
+        try:
+            spent = self.budget.spend(model, candidates, materialize, arrays, per_level=per_level)
+        finally:
+            self.budget.target = target
         tensors = self.graph.tensors()
         for name, values in materialize(spent.accepted).items():
             tensors[name].values = np.array(values)  # the graph's own copy: proposals may be kept (memo)

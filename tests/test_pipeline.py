@@ -95,3 +95,54 @@ def test_long_loops_inside_passes_say_where_they_are(monkeypatch):
     red_onnx.compress(str(REPO / "models" / "digits_resnet.onnx"), tolerance=0.01, log=lines.append)
     said = {line.split(":")[0].strip() for line in lines if line.startswith("  ") and " of " in line}
     assert {"exact merges, channel spaces", "exact separations, convs", "bandwidth searches, layers"} <= said
+
+
+# --------------------------------------------------------------------------------------------- #
+# channel removals against the separations after them
+
+
+def _removal_spends(monkeypatch) -> list[tuple[float, float | None, float | None]]:
+    """Record, per build: its removal share, and what its merge and separate spends reached."""
+    real, seen = pipeline.build, []
+
+    def recording(*args, **kwargs):
+        built = real(*args, **kwargs)
+        counts = {r.name: r.counts for r in built.results} if built is not None else {}
+        seen.append((kwargs.get("removal_share", 1.0), counts.get("merge", {}).get("deviation_allocated"),
+                     counts.get("separate", {}).get("deviation_allocated")))
+        return built
+
+    monkeypatch.setattr(pipeline, "build", recording)
+    return seen
+
+
+def test_removals_stopped_at_a_share_leave_the_rest_to_separations(monkeypatch):
+    """Where the removals spend over REMOVAL_SHARE of the squared target and a separation spend
+    follows, a second build stops them there (their spend stays within share^½ × target); it is
+    kept only if it saves more, and it is verified like any build."""
+    model = onnx.load("models/digits_resnet.onnx")
+    seen = _removal_spends(monkeypatch)
+    monkeypatch.setattr(pipeline, "REMOVAL_SHARE", 0.1)
+    monkeypatch.setattr(pipeline, "REMOVAL_GAIN", -1.0)  # build the second to its end
+    lines = []
+    result, report = red_onnx.compress(model, tolerance=1.0, probe_ranges={"input": (0.0, 1.0)}, log=lines.append)
+    target = pipeline.FIRST_MARGIN * 1.0
+    (share1, merge1, separate1), (share2, merge2, separate2) = seen[:2]
+    assert share1 == 1.0 and merge1 ** 2 > 0.1 * target ** 2 and separate1 is not None
+    assert share2 == 0.1 and merge2 <= 0.1 ** 0.5 * target + 1e-9
+    assert any("also built with them stopped there" in line for line in lines)
+    assert report.verified and report.output_deviation <= 1.0
+
+
+def test_the_second_build_is_abandoned_without_enough_gain(monkeypatch):
+    """With a gain it cannot reach (all of the input's MACs), the second build stops after its
+    separations and the first is the result."""
+    model = onnx.load("models/digits_resnet.onnx")
+    kwargs = dict(tolerance=1.0, probe_ranges={"input": (0.0, 1.0)})
+    plain, plain_report = red_onnx.compress(model, **kwargs)
+    seen = _removal_spends(monkeypatch)
+    monkeypatch.setattr(pipeline, "REMOVAL_SHARE", 0.1)
+    monkeypatch.setattr(pipeline, "REMOVAL_GAIN", 1.0)
+    result, report = red_onnx.compress(model, **kwargs)
+    assert [s[0] for s in seen[:2]] == [1.0, 0.1] and seen[1][1:] == (None, None)  # abandoned: None
+    assert result.SerializeToString() == plain.SerializeToString()

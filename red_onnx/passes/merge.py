@@ -261,7 +261,7 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
             prune.edits(spaces[k], info[k]["constants"], np.array([j for j, i in removals if i < 0], int), edits)
         return edits
 
-    return ctx.spend(candidates, materialize, per_level=True), added
+    return ctx.spend(candidates, materialize, per_level=True, share=ctx.removal_share), added
 
 
 def _removals(space: Space, rows: np.ndarray, consumer_norms: np.ndarray, stats, merging: bool, pruning: bool
