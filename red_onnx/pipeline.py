@@ -398,8 +398,8 @@ def build_best(prep: Prepared, opts: Options, margin: float, keep_dense: frozens
     and a conv separation competed for the rest, also the build whose removals stop at that share,
     and the one of the two that saves more (MACs, then bytes). The passes spend in schedule order,
     so the first takes what fits before the second offers anything: on MTCNN O-Net at 0.5 the
-    removals took 0.28 of the 0.4 target and left the separations one more edit (MACs 0.705),
-    stopped at half they left them room (MACs 0.398)."""
+    removals took 0.28 of the 0.4 target and left the separations one more edit (MACs 0.705);
+    stopped at half, they left them room (MACs 0.436)."""
     first = build(prep, opts, margin, keep_dense, channel_align)
     if margin == 0 or not _removals_compete(first, REMOVAL_SHARE * (margin * opts.tolerance) ** 2):
         return first
@@ -566,8 +566,8 @@ def latency_guard(prep: Prepared, opts: Options, report: Report, current: Build)
 def _latency(prep: Prepared, current: Build) -> tuple[float, float, float]:
     """verify.latency_ratio of the result to the input (stopped early where clearly on one side of
     LATENCY_SLACK); where over it, timed again and the faster of the two kept (a busy machine
-    slows one timing, rarely two). The input's timing
-    session is made once per call where the model is under 256 MiB (else once per timing)."""
+    slows one timing, rarely two). The input's timing session is made once per call where the
+    model is under 256 MiB (else once per timing)."""
     if model_io.model_bytes(prep.canonical) >= TIMING_SESSION_BYTES:
         timing = prep.canonical  # a large model's second copy is not kept (nor over 2 GB, made at all)
     else:
