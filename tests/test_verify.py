@@ -254,6 +254,26 @@ def test_latency_one_session_at_a_time_agrees():
     assert t_a > 0 and t_b > 0 and 0.5 < ratio < 2.0
 
 
+def test_the_input_runs_as_written_where_the_optimizer_fails(monkeypatch):
+    """The input's session is optimized like the result's verification session; where
+    onnxruntime's optimizer fails on it, the plain session runs it."""
+    real = verify.session
+    asked = []
+
+    def no_optimizer(model, outputs=None, optimize=False, **kwargs):
+        asked.append(optimize)
+        if optimize:
+            raise RuntimeError("optimizer failed")
+        return real(model, outputs, optimize=optimize, **kwargs)
+
+    model = onnx.load(str(DIGITS_CNN))
+    monkeypatch.setattr(verify, "session", no_optimizer)
+    sess = verify.input_session(model)
+    assert asked == [verify.VERIFY_OPTIMIZATION, False]
+    feeds = {model.graph.input[0].name: np.zeros((1, 1, 8, 8), np.float32)}
+    assert sess.run(None, feeds)[0].shape == (1, 10)
+
+
 def test_latency_stops_once_every_pair_is_on_one_side(monkeypatch):
     """With ``decide_at``, a timing stops after MIN_PAIRS pairs all faster (or all slower) than it;
     pairs on both sides go on to the pairs asked for."""
