@@ -334,9 +334,10 @@ class Budget:
                     or current * current + cost > self.target * self.target:
                 continue
             trial = list({**accepted, slot: slots[slot][i]}.values())
-            if runs.on_ranking(trial) > self.target:
+            screened = runs.on_ranking(trial)
+            if screened > self.target:
                 continue
-            dev = runs.on_all(trial) if runs.screening else runs.on_ranking(trial)
+            dev = runs.on_all(trial, screened) if runs.screening else screened
             if dev <= self.target:
                 accepted, current = {c.slot: c for c in trial}, dev
             else:
@@ -443,15 +444,18 @@ class _Runs:
         self.evaluations += not screening
         return verify.deviation(self.reference[:self.count], self.few({**self.base, **self.materialize(chosen)}))[0]
 
-    def on_all(self, chosen: list[Candidate]) -> float:
-        """The deviation on all allocation probes; first on the ranking probes, whose maximum is a
-        lower bound: an edit over the target there is rejected without the full run."""
+    def on_all(self, chosen: list[Candidate], screened: float | None = None) -> float:
+        """The deviation on all allocation probes; first on the ranking probes (``screened``: that
+        deviation, where the caller has it), whose maximum is a lower bound: an edit over the
+        target there is rejected without the full run."""
         from . import verify
 
         self.evaluations += 1
         self.budget.progress(f"  budget: {self.evaluations} measurements of {self.candidates} candidates so far "
                              f"(target {self.budget.target:.3g})")
-        if self.screening and (screened := self.on_ranking(chosen, screening=True)) > self.budget.target:
+        if self.screening and screened is None:
+            screened = self.on_ranking(chosen, screening=True)
+        if self.screening and screened > self.budget.target:
             return screened
         return verify.deviation(self.reference, self.all({**self.base, **self.materialize(chosen)}))[0]
 
