@@ -123,6 +123,10 @@ class Space:
             parts += [w.reshape(w.shape[0], -1), p.get_bias().astype(np.float64)[:, None]]
         return np.concatenate(parts, axis=1)
 
+    def producer_weights(self) -> np.ndarray:
+        """(C, D) in the weights' dtype: every producer's weight row side by side, without biases."""
+        return np.concatenate([p.get_weight().reshape(self.channels, -1) for p in self.producers], axis=1)
+
     def path_rows(self) -> np.ndarray:
         """(C, D) float64: the per-channel parameters on the path (must be equal to merge)."""
         parts = [np.moveaxis(p.tensor.values, p.axis, 0).reshape(self.channels, -1).astype(np.float64)

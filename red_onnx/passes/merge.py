@@ -293,7 +293,7 @@ def _removals(space: Space, rows: np.ndarray, consumer_norms: np.ndarray, stats,
         residual = np.linalg.norm(rows[js] - scale * partner, axis=1) * consumer_norms[js]
         options += [(float(e), int(j), int(best[j])) for e, j in zip(residual, js)]
     if pruning:
-        weights = np.concatenate([p.get_weight().reshape(space.channels, -1) for p in space.producers], axis=1)
+        weights = space.producer_weights()
         weight_norms = np.linalg.norm(weights.astype(np.float64), axis=1)
         options += [(float(weight_norms[j] * consumer_norms[j]), int(j), -1) for j in np.flatnonzero(exercised)]
     options.sort(key=lambda o: o[0])

@@ -119,7 +119,7 @@ def fold_constant_channels(ctx: Context, result: PassResult, counts: Counter) ->
     for space in channel_spaces(ctx.graph, ctx.shapes, ctx.exclude):
         if space.frozen or not space.consumers:
             continue
-        weights = np.concatenate([p.get_weight().reshape(space.channels, -1) for p in space.producers], axis=1)
+        weights = space.producer_weights()
         biases = np.stack([p.get_bias() for p in space.producers], axis=1)
         constant = ~weights.any(axis=1) & (space.consumer_norms() > 0)
         if space.zero_preserving:
