@@ -50,6 +50,7 @@ class Downstream:
         self.weight_inputs = [n for n in self.inputs if n in weights]
         self.plans: dict[frozenset[str], tuple[list[int], list[str]] | None] = {}
         self.cache: list[dict[str, np.ndarray]] | None = None
+        self.pending: list[frozenset[str]] | None = None  # the edited sets whose cut the cache will hold
         self.runners: dict[frozenset[str], Runner | None] = {}
         self.used = self.fallbacks = 0
 
@@ -74,11 +75,18 @@ class Downstream:
         return result
 
     def prepare(self, edited_sets: list[frozenset[str]]) -> None:
+        """Plan the sub-models of ``edited_sets``; the cache of their cut tensors is filled when
+        the first one is built (:meth:`_fill`)."""
+        for e in edited_sets:
+            self.plan(e)
+        self.pending = list(edited_sets)
+
+    def _fill(self) -> None:
         """Run the unedited model once per probe, keeping every cut tensor the plans need (plans
         whose cut would exceed CACHE_BYTES run the whole model)."""
         from . import verify
 
-        plans = {e: self.plan(e) for e in edited_sets}
+        plans = {e: self.plans[e] for e in self.pending}
         cut = list(dict.fromkeys(n for p in plans.values() if p for n in p[1] if n not in self.inputs))
         wanted = list(dict.fromkeys(self.outputs + cut))
         arrays = {n: v for n, v in self.arrays.items() if n in self.initializers}
@@ -99,6 +107,8 @@ class Downstream:
         measured tensors, running D only; None where the whole model must run."""
         if edited in self.runners:
             return self.runners[edited]
+        if self.cache is None and self.pending is not None and self.plans.get(edited) is not None:
+            self._fill()
         plan = self.plans.get(edited) if self.cache is not None else None
         run = None
         if plan is not None:

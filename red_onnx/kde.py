@@ -830,15 +830,16 @@ def basins(values: np.ndarray, bandwidth: float, grid_size: int | None = None) -
     return b.modes, b.edges
 
 
-def _hash_flat(work, lo, hi, h, grid_size, labels, representative="mode"):
+def _hash_flat(work, lo, hi, h, grid_size, labels, representative="mode", sorted_work=None):
     """Hashed values (dtype of ``work``) or basin indices (``labels`` True: int32; "compact":
-    uint8/uint16/int32, the smallest that fits), and the float64 representatives."""
+    uint8/uint16/int32, the smallest that fits), and the float64 representatives; ``sorted_work``:
+    ``np.sort(work)``, if known (Lloyd's steps run on it)."""
     if representative not in ("mode", "mean", "lloyd"):
         raise ValueError(f"representative must be 'mode', 'mean' or 'lloyd', got {representative!r}")
     if work.size == 0:
         return (np.empty(0, np.int32) if labels else work.copy()), np.empty(0)
     if representative == "lloyd":
-        reps, starts = _lloyd(work, _kde_edges(work, lo, hi, h, grid_size))
+        reps, starts = _lloyd(work, _kde_edges(work, lo, hi, h, grid_size), sorted_work)
         if not labels:  # each value's cell entry written directly
             out = np.empty_like(work)
             _cells_of(work, starts, np.empty(0, np.int32), reps.astype(work.dtype), out)
@@ -885,11 +886,11 @@ def _basin_means(work, lab, index, modes):
 LLOYD_STEPS = 1000  #: at most (244 of the 247 layer hashes the pass makes on 4 bench models stop before)
 
 
-def _lloyd(work, edges):
+def _lloyd(work, edges, xs=None):
     """Lloyd's 1-D k-means from the KDE's basins (cut at ``edges``): ``(sorted final centres,
     float64; the smallest value of each centre's cell, ascending)``. A value ``x`` belongs to the
-    last cell whose smallest value is ``<= x``."""
-    xs = np.sort(work)
+    last cell whose smallest value is ``<= x``. ``xs``: ``np.sort(work)``, if known."""
+    xs = np.sort(work) if xs is None else xs
     prefix = np.empty(xs.size // PREFIX_BLOCK + 1)
     _prefix_sums(xs, prefix)
     bounds = np.concatenate(([0], _first_at_least(xs, edges), [xs.size]))
@@ -1175,6 +1176,7 @@ def hash_channels(
     return_indices: bool = False,
     reference_bandwidth: float | None = None,
     representative: str = "mode",
+    pooled: PooledChannels | None = None,
 ):
     """Hash a weight tensor with one codebook shared by its output channels (axis 0).
 
@@ -1189,8 +1191,9 @@ def hash_channels(
 
     ``representative``: as in :func:`hash_values`.
 
-    ``reference_bandwidth``: Silverman's bandwidth of the pooled values if already known
-    (:class:`PooledChannels`), so that a search over factors computes it once.
+    ``reference_bandwidth``: Silverman's bandwidth of the pooled values if already known;
+    ``pooled``: this weight's :class:`PooledChannels` (its bandwidth and sorted values are reused,
+    so that a search over factors computes them once).
 
     Returns ``(hashed, codebook, scales)`` (``scales`` shape ``(C,)``, or ``()`` for a 0-d
     weight), plus ``indices`` (int32, shape of ``weight``) if ``return_indices``.
@@ -1203,10 +1206,13 @@ def hash_channels(
         raise ValueError(f"bandwidth_factor must be a positive finite number, got {bandwidth_factor!r}")
     s, rows, u = _normalise(w, per_channel, scale)
     _, work, lo, hi = _prepare(u)
-    if reference_bandwidth is None:
+    if pooled is not None:
+        reference_bandwidth = pooled.reference
+    elif reference_bandwidth is None:
         reference_bandwidth = silverman_bandwidth(work) if work.size else 1.0
     h = f * reference_bandwidth
-    lab, modes = _hash_flat(work, lo, hi, h, grid_size, "compact", representative)
+    lab, modes = _hash_flat(work, lo, hi, h, grid_size, "compact", representative,
+                            pooled._sorted if pooled is not None else None)
     if modes.size == 0 and not rows.all():  # only all-zero channels: any codebook will do
         modes = np.zeros(1)
     codebook = modes.astype(w.dtype)

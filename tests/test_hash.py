@@ -792,7 +792,7 @@ def test_snap_and_indices_lookups(dtype):
         nearest = c[np.argmin(dist, axis=1)]  # argmin: the lower entry on ties
         np.testing.assert_array_equal(snapped, nearest)
         stored = np.concatenate([rng.choice(codebook, 100), np.array([0.0, -0.0, -0.0], dtype)])
-        bits = codebook_pass._distinct_bits(stored)
+        bits = codebook_pass.distinct_bits(stored)
         np.testing.assert_array_equal(codebook_pass._indices(stored, bits), np.searchsorted(bits, codebook_pass._bits(stored)))
 
 
@@ -849,7 +849,7 @@ def test_distinct_bits_of_large_arrays_agree_with_unique(seed):
     values[rng.integers(0, values.size, 30)] = np.float32(0.0)
     bits = codebook_pass._bits(values)
     expected = np.unique(bits)
-    np.testing.assert_array_equal(codebook_pass._distinct_bits(values), expected)
-    np.testing.assert_array_equal(codebook_pass._distinct_bits(values, 256), expected)
-    assert codebook_pass._distinct_bits(rng.standard_normal(200_000).astype(np.float32), 256) is None
-    assert codebook_pass._distinct_bits(values, len(expected) - 1) is None
+    np.testing.assert_array_equal(codebook_pass.distinct_bits(values), expected)
+    np.testing.assert_array_equal(codebook_pass.distinct_bits(values, 256), expected)
+    assert codebook_pass.distinct_bits(rng.standard_normal(200_000).astype(np.float32), 256) is None
+    assert codebook_pass.distinct_bits(values, len(expected) - 1) is None

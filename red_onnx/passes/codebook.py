@@ -95,7 +95,7 @@ def split_scales(layer: Layer, hint: tuple[np.ndarray | None, np.ndarray | None]
             fits = len(codebook) <= limit
         else:
             scales = np.where(scales != 0, scales, 1).astype(view.dtype)
-            fits = _distinct_bits(normalised, limit) is not None
+            fits = distinct_bits(normalised, limit) is not None
         if fits and np.array_equal(_bits(normalised * scales[:, None]), _bits(flat)):
             return layer.stored(normalised.reshape(view.shape)), scales.reshape(shape)
     return None
@@ -164,14 +164,14 @@ def _bits(values: np.ndarray) -> np.ndarray:
     return values.view(np.dtype(f"u{values.dtype.itemsize}"))
 
 
-def _distinct_bits(values: np.ndarray, limit: int | None = None) -> np.ndarray | None:
+def distinct_bits(values: np.ndarray, limit: int | None = None) -> np.ndarray | None:
     """Sorted distinct bit patterns (a sort: np.unique on large integer arrays was ~100x slower);
     None if there are more than ``limit``. A large array is first sampled across its length: more
     than ``limit`` there, or (the common case) every value among the sample's, found in one pass."""
     b = _bits(np.ascontiguousarray(values)).reshape(-1)
     sample = 8 * (limit or 4096)
     if b.size > sample and values.dtype.kind == "f":
-        head = _distinct_bits(b[::b.size // sample][:sample])  # a sample across all channels: more than the limit, or likely all
+        head = distinct_bits(b[::b.size // sample][:sample])  # a sample across all channels: more than the limit, or likely all
         if limit is not None and head.size > limit:
             return None
         table = head.view(values.dtype)
@@ -195,12 +195,12 @@ def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, 
     if stored.dtype not in (np.float16, np.float32, np.float64):
         return f"{stored.dtype} weights"
     widest = INDEX_TYPES[setting][-1][0]
-    raw = _distinct_bits(stored, widest)
+    raw = distinct_bits(stored, widest)
     for limit, _ in INDEX_TYPES[setting]:  # the narrowest index that fits, then the smaller codebook
         options = [(raw, stored, None)] if raw is not None and len(raw) <= limit else []
         split = split_scales(layer, hint, limit) if layer is not None else None
         if split is not None:
-            options.append((_distinct_bits(split[0]), *split))
+            options.append((distinct_bits(split[0]), *split))
         if options:
             bits, stored, scales = min(options, key=lambda o: len(o[0]) + (o[2].size if o[2] is not None else 0))
             break
