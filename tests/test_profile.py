@@ -11,6 +11,7 @@ import pytest
 
 import red_onnx
 from red_onnx import InputError, profile
+from red_onnx import budget as budget_module
 
 from conftest import Builder
 from test_cli import cli
@@ -44,6 +45,33 @@ def test_several_tolerances_each_verified_and_profiled_once():
     assert runs[0][2].profile["measured"] > 0
     assert all(r.profile["reused"] > 0 for _, _, r in runs[1:])
     assert sum(r.profile["measured"] for _, _, r in runs[1:]) < runs[0][2].profile["measured"] * len(TOLERANCES)
+
+
+def test_later_tolerances_reuse_sessions_and_equal_single_calls(monkeypatch):
+    """A later tolerance's spend on a model an earlier one measured reuses its session (the first
+    pass of every build sees the same model), and each output is what a call at that tolerance alone gives."""
+    from red_onnx import verify
+
+    created = []
+    real = verify.session
+    monkeypatch.setattr(verify, "session", lambda *a, **k: created.append(1) or real(*a, **k))
+    budget_sessions = []
+    real_budget = budget_module.Budget._session
+
+    def spy(self, *args):
+        before = len(created)
+        result = real_budget(self, *args)
+        budget_sessions.append(len(created) - before)
+        return result
+
+    monkeypatch.setattr(budget_module.Budget, "_session", spy)
+    tolerances = [0.01, 0.03]
+    runs = list(red_onnx.compress_each(DIGITS, tolerances, probe_ranges=RANGE))
+    spends = len(budget_sessions) // 2
+    assert spends and budget_sessions[spends] == 0  # the second build's first spend: no new session
+    for t, model, _ in runs:
+        alone, _ = red_onnx.compress(DIGITS, t, probe_ranges=RANGE)
+        assert model.SerializeToString() == alone.SerializeToString()
 
 
 def test_profile_file_is_reused_and_gives_the_same_result(tmp_path):

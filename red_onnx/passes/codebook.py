@@ -43,7 +43,7 @@ def run(ctx: Context) -> PassResult:
             weights = {k: w for k, w in weights.items() if not any(ctx.exclude.search(u.name) for u in w.outputs)}
         for key, weight in weights.items():
             hint = ctx.hashed.get(weight.name) or (ctx.fold_scales.get(weight.name), None)
-            row = _encode_weight(ctx.graph, weight, layers.get(key), ctx.codebook, hint)
+            row = _encode_weight(ctx, weight, layers.get(key), hint)
             if isinstance(row, str):
                 result.leave(layers[key].name if key in layers else weight.name, row)
             else:
@@ -186,7 +186,7 @@ def distinct_bits(values: np.ndarray, limit: int | None = None) -> np.ndarray | 
     return None if limit is not None and b.size > limit else b
 
 
-def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, setting: str,
+def _encode_weight(ctx: Context, constant: gs.Constant, layer: Layer | None,
                    hint: tuple[np.ndarray | None, np.ndarray | None]) -> dict | str:
     """Replace ``constant`` by its codebook form; returns the report row, or why it stays plain."""
     stored = constant.values
@@ -194,6 +194,46 @@ def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, 
         return f"{stored.size} weights, under the {MIN_ELEMENTS} worth a codebook"
     if stored.dtype not in (np.float16, np.float32, np.float64):
         return f"{stored.dtype} weights"
+    layout = repr((ctx.codebook, layer and (layer.op, layer.group, layer.node.attrs.get("transB", 0)),
+                   [h is None for h in hint]))
+    form = ctx.memoized("codebook form " + layout, [stored] + [h for h in hint if h is not None],
+                        lambda: _codebook_form(stored, layer, ctx.codebook, hint))
+    if isinstance(form, str):
+        return form
+    codebook, indices, scales = form
+    before = stored.nbytes
+    after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
+    if after + NODE_OVERHEAD >= before:
+        return "a codebook would not make it smaller"
+    graph, name = ctx.graph, constant.name
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    new = {part: unique_name(f"{name}_{part}", taken)
+           for part in ("indices", "indices_int32", "codebook", "gathered", "scales", "decoded")}
+    idx32 = gs.Variable(new["indices_int32"], dtype=np.int32)
+    nodes = [gs.Node("Cast", unique_name(f"{name}_cast", taken), {"to": onnx.TensorProto.INT32},
+                     [gs.Constant(new["indices"], indices)], [idx32])]
+    book = gs.Constant(new["codebook"], codebook)
+    decoded = gs.Variable(new["decoded"], dtype=codebook.dtype)
+    gather = unique_name(f"{name}_gather", taken)
+    if scales is None:
+        nodes.append(gs.Node("Gather", gather, {"axis": 0}, [book, idx32], [decoded]))
+    else:
+        gathered = gs.Variable(new["gathered"], dtype=codebook.dtype)
+        nodes += [gs.Node("Gather", gather, {"axis": 0}, [book, idx32], [gathered]),
+                  gs.Node("Mul", unique_name(f"{name}_scale", taken),
+                          inputs=[gathered, gs.Constant(new["scales"], scales)], outputs=[decoded])]
+    for user in list(constant.outputs):
+        user.inputs = [decoded if t is constant else t for t in user.inputs]
+    graph.nodes.extend(nodes)
+    return {"name": name, "codebook_entries": int(len(codebook)), "index": indices.dtype.name,
+            "per_channel_scale": scales is not None, "shared_by": len(nodes[-1].outputs[0].outputs),
+            "bytes_before": int(before), "bytes_after": int(after)}
+
+
+def _codebook_form(stored: np.ndarray, layer: Layer | None, setting: str,
+                   hint: tuple[np.ndarray | None, np.ndarray | None]) -> tuple | str:
+    """(codebook, indices, per-channel scales or None) with ``codebook[indices] · scales ==
+    stored`` bit for bit and the narrowest index type of ``setting``; or why there is none."""
     widest = INDEX_TYPES[setting][-1][0]
     raw = distinct_bits(stored, widest)
     for limit, _ in INDEX_TYPES[setting]:  # the narrowest index that fits, then the smaller codebook
@@ -208,31 +248,4 @@ def _encode_weight(graph: gs.Graph, constant: gs.Constant, layer: Layer | None, 
         return f"more than {widest} distinct values (per channel scale)"
     codebook = bits.view(stored.dtype)
     index_type = next(t for n, t in INDEX_TYPES[setting] if len(codebook) <= n)
-    indices = _indices(stored, bits).astype(index_type)
-    before = constant.values.nbytes
-    after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
-    if after + NODE_OVERHEAD >= before:
-        return "a codebook would not make it smaller"
-    name = constant.name
-    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
-    new = {part: unique_name(f"{name}_{part}", taken)
-           for part in ("indices", "indices_int32", "codebook", "gathered", "scales", "decoded")}
-    idx32 = gs.Variable(new["indices_int32"], dtype=np.int32)
-    nodes = [gs.Node("Cast", unique_name(f"{name}_cast", taken), {"to": onnx.TensorProto.INT32},
-                     [gs.Constant(new["indices"], indices)], [idx32])]
-    book = gs.Constant(new["codebook"], codebook)
-    decoded = gs.Variable(new["decoded"], dtype=stored.dtype)
-    gather = unique_name(f"{name}_gather", taken)
-    if scales is None:
-        nodes.append(gs.Node("Gather", gather, {"axis": 0}, [book, idx32], [decoded]))
-    else:
-        gathered = gs.Variable(new["gathered"], dtype=stored.dtype)
-        nodes += [gs.Node("Gather", gather, {"axis": 0}, [book, idx32], [gathered]),
-                  gs.Node("Mul", unique_name(f"{name}_scale", taken),
-                          inputs=[gathered, gs.Constant(new["scales"], scales)], outputs=[decoded])]
-    for user in list(constant.outputs):
-        user.inputs = [decoded if t is constant else t for t in user.inputs]
-    graph.nodes.extend(nodes)
-    return {"name": name, "codebook_entries": int(len(codebook)), "index": np.dtype(index_type).name,
-            "per_channel_scale": scales is not None, "shared_by": len(nodes[-1].outputs[0].outputs),
-            "bytes_before": int(before), "bytes_after": int(after)}
+    return codebook, _indices(stored, bits).astype(index_type), scales

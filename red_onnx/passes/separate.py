@@ -601,6 +601,12 @@ def _propose(ctx: Context):
     return candidates, weights
 
 
+def _checked_plan(weight: np.ndarray, group: int) -> tuple[SeparationPlan, bool]:
+    """:func:`plan_exact`, and whether it reproduces every output channel (:func:`_exact_per_output`)."""
+    plan = plan_exact(weight, group)
+    return plan, _exact_per_output(weight, plan)
+
+
 def _exact_per_output(weight: np.ndarray, plan: SeparationPlan, rtol: float = 1e-5) -> bool:
     """Every output channel's kernels are reproduced to ``rtol`` of their own norm (a layer-wide
     tolerance would drop a small kernel beside a huge one)."""
@@ -636,14 +642,14 @@ def run(ctx: Context) -> PassResult:
     convs = list(_convs(ctx))
     for k, (layer, weight, group, pixels) in enumerate(convs):
         ctx.progress("exact separations, convs", k, len(convs))
-        plan = plan_exact(weight, group)
+        plan, exact = ctx.memoized(f"exact separation {group}", [weight], lambda: _checked_plan(weight, group))
         if ctx.latency_check:
             plan = align_plan(plan, DEPTHWISE_ALIGN)
         row = {"name": layer.name, "macs_before": pixels * plan.macs_per_pixel_before,
                "macs_after": pixels * plan.macs_per_pixel_after,
                "u_mean": round(float(np.mean(np.concatenate(plan.u))), 2),
                "u_max": int(max(u.max() for u in plan.u))}
-        if not _exact_per_output(weight, plan):
+        if not exact:
             result.leave(layer.name, "its kernels span too wide a range of scales to factor exactly")
             row["macs_after"] = row["macs_before"]
         elif plan.macs_per_pixel_after > (1 - MIN_SAVING) * plan.macs_per_pixel_before:
