@@ -346,7 +346,7 @@ class Budget:
             screened = runs.on_ranking(trial)
             if screened > self.target:
                 continue
-            dev = runs.on_all(trial, screened) if runs.screening else screened
+            dev = runs.on_all(trial, screened, decide=True) if runs.screening else screened
             if dev <= self.target:
                 accepted, current = {c.slot: c for c in trial}, dev
             else:
@@ -463,10 +463,12 @@ class _Runs:
         self.evaluations += not screening
         return verify.deviation(self.reference[:self.count], self.few({**self.base, **self.materialize(chosen)}))[0]
 
-    def on_all(self, chosen: list[Candidate], screened: float | None = None) -> float:
+    def on_all(self, chosen: list[Candidate], screened: float | None = None, decide: bool = False) -> float:
         """The deviation on all allocation probes; first on the ranking probes (``screened``: that
         deviation, where the caller has it), whose maximum is a lower bound: an edit over the
-        target there is rejected without the full run."""
+        target there is rejected without the full run. ``decide``: only whether it fits the target
+        matters, so where the probes run one by one, the first probe over it ends the run (and its
+        deviation, a lower bound, is returned)."""
         from . import verify
 
         self.evaluations += 1
@@ -476,7 +478,15 @@ class _Runs:
             screened = self.on_ranking(chosen, screening=True)
         if self.screening and screened > self.budget.target:
             return screened
-        return verify.deviation(self.reference, self.all({**self.base, **self.materialize(chosen)}))[0]
+        feeds = {**self.base, **self.materialize(chosen)}
+        if decide and self.screening and getattr(self.all, "one_by_one", False):
+            worst = screened
+            for probe, reference in zip(self.budget.probes[self.count:], self.reference[self.count:]):
+                worst = max(worst, verify.deviation([reference], [self.sess.run(None, {**probe, **feeds})])[0])
+                if worst > self.budget.target:
+                    break
+            return worst
+        return verify.deviation(self.reference, self.all(feeds))[0]
 
     def unedited(self) -> float:
         """The deviation with nothing edited, on all allocation probes."""
@@ -527,6 +537,8 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray],
 
     def one_by_one(feeds, subset=probes):
         return [sess.run(None, {**probe, **feeds}) for probe in subset]
+
+    one_by_one.one_by_one = True
 
     if len(probes) < 2 or any(x.shape[:1] != (1,) for p in probes for x in p.values()):
         return one_by_one

@@ -445,3 +445,33 @@ def test_ranking_and_screening_probes_hold_enough_output_values(monkeypatch, out
     cands = [Candidate(f"z{r}", f"s{r}", (1, 1, 4), 1.0, data=("scale_row", r, 0.999)) for r in range(6)]
     make_budget(w, 0.05, probes).spend(mm_model(w), cands, Edits(w))
     assert sizes == ([8, few] if few < 8 else [8])
+
+
+def test_a_decision_on_all_probes_stops_at_the_first_probe_over_the_target():
+    """Where only whether an edit fits matters and the probes run one by one, the first probe over
+    the target ends the run; an edit that fits is measured on every probe, as without it."""
+    from red_onnx.budget import _Runs
+
+    rng = np.random.default_rng(5)
+    k, n = 6, 3
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    probes = uniform_probes(rng, k, 8, batch=2)  # two samples a probe: run one by one
+    for p in probes[:4]:
+        p["x"][:, 0] = 0.0  # zeroing row 0 is invisible on the ranking probes
+    hidden = Candidate("hidden", "row0", (n, n, 4 * n), 0.0, data=("zero_row", 0))
+    harmless = Candidate("harmless", "row1", (n, n, 4 * n), 1.0, data=("scale_row", 1, 0.999))
+    budget = make_budget(w, 0.05, probes)
+    runs = _Runs(budget, mm_model(w), [hidden, harmless], Edits(w), {})
+    assert runs.count == 4 and runs.screening
+    calls = []
+    real = runs.sess.run
+    runs.sess.run = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    for chosen, over in (([hidden], True), ([harmless], False)):
+        screened = runs.on_ranking(chosen)
+        calls.clear()
+        full = runs.on_all(chosen, screened)
+        assert len(calls) == 8
+        calls.clear()
+        decided = runs.on_all(chosen, screened, decide=True)
+        assert (len(calls) == 1) if over else (len(calls) == 4 and decided == full)
+        assert (budget.target < decided <= full) if over else full <= budget.target

@@ -596,7 +596,8 @@ def _propose(ctx: Context):
             params = weight.size - _params_after(weight, ranks, group)
             candidates.append(Candidate(key=f"separate:{layer.name}:{level}", slot=f"separate:{layer.name}",
                                         saving=(pixels * (before - after), params, params * weight.dtype.itemsize),
-                                        error=error, level=level, data=(layer.weight.name, ranks, group)))
+                                        error=error, level=level, data=(layer.weight.name, ranks, group),
+                                        tensors=(layer.weight.name,)))
             weights[layer.weight.name] = weight
     return candidates, weights
 
