@@ -853,3 +853,14 @@ def test_distinct_bits_of_large_arrays_agree_with_unique(seed):
     np.testing.assert_array_equal(codebook_pass.distinct_bits(values, 256), expected)
     assert codebook_pass.distinct_bits(rng.standard_normal(200_000).astype(np.float32), 256) is None
     assert codebook_pass.distinct_bits(values, len(expected) - 1) is None
+
+
+def test_distinct_values_counted_in_a_thread_give_the_same_result(monkeypatch, hashed_digits):
+    """A large weight's distinct values are counted in a thread while its bandwidths are searched:
+    the same model and the same per-layer rows as counted in line."""
+    monkeypatch.setattr(hash_pass, "THREADED_COUNT", 1)
+    result, report = red_onnx.compress(DIGITS["resnet"], 0.05, passes=["hash"], probe_ranges={"input": (0, 1)})
+    reference, expected = hashed_digits["resnet"]
+    assert result.SerializeToString() == reference.SerializeToString()
+    rows = [r.get("hash") for r in report.layers]
+    assert rows == [r.get("hash") for r in expected.layers] and any(r and "distinct_before" in r for r in rows)
