@@ -15,6 +15,7 @@ hashed values are stored as codebooks by :mod:`red_onnx.passes.codebook`.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -118,23 +119,23 @@ def _layer_candidates(ctx: Context, layer: Layer) -> list[tuple[Candidate, np.nd
     # the codebook sizes found at each factor, shared by the searches at each limit, and by the
     # later builds of this call that hash the same values (their searches then start bracketed)
     counts = ctx.memo.setdefault(f"hash counts {digest(w)}", {})
-    pooled, out = None, []
+    pooled, found = None, {}
     for level, limit in enumerate(limits):
-        if few is not None and len(few) <= limit or split_scales(layer, (ctx.fold_scales.get(layer.weight.name), None), limit):
+        fold_scales = (ctx.fold_scales.get(layer.weight.name), None)
+        if few is not None and len(few) <= limit or split_scales(layer, fold_scales, limit):
             continue  # encode stores it at this width as it is (exactly, maybe with channel scales)
         pooled = pooled or PooledChannels(w, True, scale=SCALE)
-        found = fitting_hash(w, limit, pooled=pooled, counts=counts)
-        if found is None:
+        found[level] = fitting_hash(w, limit, pooled=pooled, counts=counts)
+    out = []
+    for level, hashed in found.items():
+        if hashed is None:
             continue
-        factor, (values, codebook, scales) = found
+        factor, (values, codebook, scales) = hashed
         saving = w.nbytes - _encoded_bytes(w, len(codebook), ctx.codebook)
         error = float(np.linalg.norm(values - w)) / norm if norm else 0.0
         c = Candidate(f"hash:{layer.name}:{level}", f"hash:{layer.name}", (0, 0, saving), error, level,
-                      (layer.weight.name, factor, len(codebook), error, scales, None))
+                      (layer.weight.name, factor, len(codebook), error, scales, distinct()))
         out.append((c, layer.stored(values), codebook))
-    before = distinct() if out else None
-    for c, _, _ in out:
-        c.data = c.data[:-1] + (before,)
     return out
 
 
@@ -144,7 +145,7 @@ def _distinct_count(w: np.ndarray) -> Callable[[], int]:
     weights take 1.25 s to count and 2.5 s to search, on a 2-core machine whose other core hashes
     the other layers in 1.4 s."""
     if w.size < THREADED_COUNT:
-        return lambda: len(np.unique(w))
+        return functools.cache(lambda: len(np.unique(w)))
     pool = ThreadPoolExecutor(1)
     counted = pool.submit(lambda: len(np.unique(w)))
     pool.shutdown(wait=False)

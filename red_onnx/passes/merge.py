@@ -232,7 +232,8 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
     candidates, info = [], {}
     for k, space in enumerate(spaces):
         rows, consumer_norms = space.producer_rows(), space.consumer_norms()
-        removals = ctx.memoized(f"removals {mode} {space.homogeneous}", [rows, consumer_norms, space.path_rows(), stats[k].seen],
+        removals = ctx.memoized(f"removals {mode} {space.homogeneous}",
+                                [rows, consumer_norms, space.path_rows(), stats[k].seen],
                                 lambda: _removals(space, rows, consumer_norms, stats[k], merging, pruning))
         if not removals:
             continue
