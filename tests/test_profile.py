@@ -65,10 +65,11 @@ def test_later_tolerances_reuse_sessions_and_equal_single_calls(monkeypatch):
         return result
 
     monkeypatch.setattr(budget_module.Budget, "_session", spy)
-    tolerances = [0.01, 0.03]
-    runs = list(red_onnx.compress_each(DIGITS, tolerances, probe_ranges=RANGE))
-    spends = len(budget_sessions) // 2
-    assert spends and budget_sessions[spends] == 0  # the second build's first spend: no new session
+    each = red_onnx.compress_each(DIGITS, [0.01, 0.03], probe_ranges=RANGE)
+    runs = [next(each)]
+    first_spends = len(budget_sessions)
+    runs += list(each)
+    assert first_spends and budget_sessions[first_spends] == 0  # the second build's first spend: no new session
     for t, model, _ in runs:
         alone, _ = red_onnx.compress(DIGITS, t, probe_ranges=RANGE)
         assert model.SerializeToString() == alone.SerializeToString()
