@@ -419,7 +419,7 @@ class Budget:
         if sum(v.nbytes for v in kept.values()) <= SESSION_CACHE_BYTES:
             key = digest(np.frombuffer(copy.SerializeToString(deterministic=True) + repr(outputs).encode()
                                        + "".join(f"{k}:{digest(v)}" for k, v in kept.items()).encode(), np.uint8))
-        sess = self.sessions.pop(key, None)
+        sess = self.sessions.pop(key, None) if key is not None else None
         if sess is None:
             sess = verify.session(copy, outputs, arrays=kept)
             sess._red_onnx_model = (copy, kept, outputs)  # for a Downstream on the same model

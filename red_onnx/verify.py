@@ -380,7 +380,7 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
     if one_at_a_time is None:
         one_at_a_time = not hasattr(model_a, "run") and model_bytes(model_a) > TWO_GB
     if one_at_a_time:
-        ta = _timed(session(model_a, optimize=True, threads=1), feeds, pairs)
+        ta = _timed(timing_session(model_a), feeds, pairs)
         tb = _timed(session(model_b, optimize=True, threads=1, arrays=arrays_b), feeds, pairs)
         return float(np.median(ta)), float(np.median(tb)), float(np.median(tb) / np.median(ta))
     sa = model_a if hasattr(model_a, "run") else timing_session(model_a)
