@@ -452,6 +452,9 @@ class _Runs:
         self.down: Downstream | None = None
         self.digests: dict[str, str] = {}
         self.measured: set[frozenset[str]] = set()  # edited sets measured alone so far
+        #: of the probes after the ranking ones, the one that deviated most in the last run on all
+        #: probes: a decision (:meth:`on_all`) runs it alone first
+        self.worst: int | None = None
 
     def left(self) -> bool:
         return self.evaluations < self.budget.max_evaluations
@@ -467,8 +470,9 @@ class _Runs:
         """The deviation on all allocation probes; first on the ranking probes (``screened``: that
         deviation, where the caller has it), whose maximum is a lower bound: an edit over the
         target there is rejected without the full run. ``decide``: only whether it fits the target
-        matters, so where the probes run one by one, the first probe over it ends the run (and its
-        deviation, a lower bound, is returned)."""
+        matters, so where the probes run one by one, the first probe over it ends the run, and
+        where they run as one batch, the probe that deviated most in the last run on all probes runs
+        alone first and, if it is over the target, ends it (its deviation, a lower bound, is returned)."""
         from . import verify
 
         self.evaluations += 1
@@ -482,11 +486,25 @@ class _Runs:
         if decide and self.screening and getattr(self.all, "one_by_one", False):
             worst = screened
             for probe, reference in zip(self.budget.probes[self.count:], self.reference[self.count:]):
-                worst = max(worst, verify.deviation([reference], [self.sess.run(None, {**probe, **feeds})])[0])
+                worst = max(worst, self._on_probe(probe, reference, feeds))
                 if worst > self.budget.target:
                     break
             return worst
-        return verify.deviation(self.reference, self.all(feeds))[0]
+        if decide and self.screening and self.worst is not None:  # the probe that deviated most last time
+            alone = self._on_probe(self.budget.probes[self.worst], self.reference[self.worst], feeds)
+            if alone > self.budget.target:
+                return max(screened, alone)
+        per_sample = verify.sample_deviations(self.reference, self.all(feeds))
+        if not per_sample.size:
+            return 0.0
+        worst = int(per_sample.max(axis=1).argmax())
+        self.worst = worst if worst >= self.count else None  # the ranking probes screen anyway
+        return float(per_sample.max())
+
+    def _on_probe(self, probe: Feeds, reference: list[np.ndarray], feeds: dict[str, np.ndarray]) -> float:
+        from . import verify
+
+        return verify.deviation([reference], [self.sess.run(None, {**probe, **feeds})])[0]
 
     def unedited(self) -> float:
         """The deviation with nothing edited, on all allocation probes."""
@@ -540,14 +558,15 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray],
 
     one_by_one.one_by_one = True
 
-    if len(probes) < 2 or any(x.shape[:1] != (1,) for p in probes for x in p.values()):
+    if len(probes) < 2 or any(x.shape[:1] != (1,) for p in probes for x in p.values()) or any(
+            i.name in probes[0] and i.shape[:1] == [1] for i in sess.get_inputs()):  # the input's batch size is fixed
+        return one_by_one
+    key = (outputs or tuple(o.name for o in sess.get_outputs()), len(probes)) if known is not None else None
+    if key is not None and known.get(key, 0) is None:
         return one_by_one
     stacked = {name: np.concatenate([p[name] for p in probes]) for name in probes[0]}
-    key = (outputs or tuple(o.name for o in sess.get_outputs()), len(probes)) if known is not None else None
     if key is not None and key in known:
         axes = known[key]
-        if axes is None:
-            return one_by_one
 
         def batch_known(feeds):
             try:

@@ -377,6 +377,9 @@ class CountingSession:
     def get_outputs(self):
         return self.sess.get_outputs()
 
+    def get_inputs(self):
+        return self.sess.get_inputs()
+
 
 @pytest.mark.parametrize("mixes_batch", [False, True])
 def test_probe_runner_batches_only_where_samples_stay_apart(mixes_batch):
@@ -407,6 +410,22 @@ def test_probe_runner_batches_only_where_samples_stay_apart(mixes_batch):
     assert sess.runs == 0
     for a, b in zip(again({}), got):
         np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+
+
+def test_probe_runner_runs_a_fixed_batch_size_one_by_one_without_trying_a_batch():
+    """An input whose batch size is fixed at 1 cannot take a batch: no check runs, no stacked copy."""
+    from red_onnx.budget import probe_runner
+
+    g = Builder()
+    x = g.input("x", [1, 4])
+    g.node("MatMul", [x, g.const(np.random.default_rng(0).standard_normal((4, 3)))], outputs=["y"])
+    g.output("y")
+    sess = CountingSession(session(g.model()))
+    probes = uniform_probes(np.random.default_rng(1), 4, 5)
+    run = probe_runner(sess, probes, {})
+    assert sess.runs == 0 and getattr(run, "one_by_one", False)
+    for out, probe in zip(run({}), probes):
+        np.testing.assert_array_equal(out[0], sess.sess.run(None, probe)[0])
 
 
 @pytest.mark.parametrize("per_level", [False, True])
@@ -445,6 +464,39 @@ def test_ranking_and_screening_probes_hold_enough_output_values(monkeypatch, out
     cands = [Candidate(f"z{r}", f"s{r}", (1, 1, 4), 1.0, data=("scale_row", r, 0.999)) for r in range(6)]
     make_budget(w, 0.05, probes).spend(mm_model(w), cands, Edits(w))
     assert sizes == ([8, few] if few < 8 else [8])
+
+
+def test_a_decision_on_a_batch_runs_the_last_worst_probe_alone_first():
+    """Where the probes run as one batch, a decision first runs alone the probe that deviated most
+    in the last run on all probes: over the target, it ends the decision (one run instead of the
+    batch); an edit that fits is measured on the whole batch, as without it."""
+    from red_onnx.budget import _Runs
+
+    rng = np.random.default_rng(6)
+    k, n = 6, 3
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    probes = uniform_probes(rng, k, 8)  # one sample a probe: one batch
+    for j, p in enumerate(probes):
+        if j != 6:
+            p["x"][:, 0] = 0.0  # zeroing row 0 shows on probe 6 only
+    hidden = Candidate("hidden", "row0", (n, n, 4 * n), 0.0, data=("zero_row", 0))
+    harmless = Candidate("harmless", "row1", (n, n, 4 * n), 1.0, data=("scale_row", 1, 0.999))
+    budget = make_budget(w, 0.05, probes)
+    runs = _Runs(budget, mm_model(w), [hidden, harmless], Edits(w), {})
+    assert runs.count == 4 and runs.screening and not getattr(runs.all, "one_by_one", False)
+    assert runs.on_all([hidden]) > budget.target and runs.worst == 6
+    calls = []
+    real = runs.sess.run
+    runs.sess.run = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    for chosen, over in (([hidden], True), ([harmless], False)):
+        screened = runs.on_ranking(chosen)
+        calls.clear()
+        full = runs.on_all(chosen, screened)
+        runs.worst = 6
+        calls.clear()
+        decided = runs.on_all(chosen, screened, decide=True)
+        assert len(calls) == (1 if over else 2)
+        assert (budget.target < decided <= full) if over else (decided == full <= budget.target)
 
 
 def test_a_decision_on_all_probes_stops_at_the_first_probe_over_the_target():
