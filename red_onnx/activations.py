@@ -21,7 +21,7 @@ import numpy as np
 
 from . import verify
 from .coupling import Space
-from .model_io import to_light_model
+from .model_io import snapshot
 from .profile import digest
 
 
@@ -36,7 +36,7 @@ def channel_stats(ctx, spaces: list[Space], constants: bool = True) -> list[Spac
     the graph with every space's producer weights zero; kept in ``ctx.memo`` for later builds of
     the same model."""
     names = list(dict.fromkeys(c.layer.node.inputs[0].name for space in spaces for c in space.consumers))
-    model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
+    model, arrays = snapshot(ctx.graph, ctx.template)
     state = [model.SerializeToString(deterministic=True)]  # the large weights are placeholders here ...
     state += [f"{name}:{digest(v)}".encode() for name, v in arrays.items()]  # ... and digested here
     key = f"channel stats {len(ctx.budget.probes)} {constants} " + digest(np.frombuffer(b"".join(state), np.uint8))

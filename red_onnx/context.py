@@ -134,9 +134,9 @@ class Context:
         """Let the budget choose among ``candidates`` on the current graph, then write the accepted
         edits' weights (``materialize``: initializer name → new values) into the graph; ``share``:
         of the squared target, the most this spend may reach."""
-        from .model_io import to_light_model
+        from .model_io import snapshot
 
-        model, arrays = to_light_model(self.graph.copy(), self.template)
+        model, arrays = snapshot(self.graph, self.template)
         target = self.budget.target
         self.budget.target = target * share ** 0.5
         try:

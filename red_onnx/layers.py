@@ -324,12 +324,12 @@ def tensor_shapes(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...]
 def refresh_shapes(graph: gs.Graph, template: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
     """Update ``shapes`` to the graph's current tensor shapes (channel counts change as channels are
     removed); only Concat offsets need them, so a graph without a Concat is left as it is."""
-    from .model_io import to_light_model
+    from .model_io import snapshot
 
     if not any(node.op == "Concat" for node in graph.nodes):
         return
     specs = {t.name: (shapes[t.name], t.dtype) for t in graph.inputs if t.name in shapes}
-    shapes.update(tensor_shapes(to_light_model(graph.copy(), template)[0], specs))
+    shapes.update(tensor_shapes(snapshot(graph, template)[0], specs))
 
 
 def weightless(model: onnx.ModelProto, keep: int = 1024) -> onnx.ModelProto:

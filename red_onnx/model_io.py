@@ -110,7 +110,37 @@ def placeholder(tensor: onnx.TensorProto, dims) -> None:
     tensor.external_data.add(key="location", value=IN_MEMORY)
 
 
-def to_light_model(graph: gs.Graph, template: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def snapshot(graph: gs.Graph, template: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """:func:`to_light_model` of the graph as it stands, which is left as it is: exported directly
+    where it is already clean and sorted (:func:`_tidy`), else from a copy (a 902-node graph's copy
+    and sort cost 35 ms, its export 25 ms)."""
+    if _tidy(graph):
+        return to_light_model(graph, template, tidy=False)
+    return to_light_model(graph.copy(), template)
+
+
+def _tidy(graph: gs.Graph) -> bool:
+    """Whether cleanup and a topological sort would find nothing to do: no functions or subgraphs,
+    every node after the producers of its inputs, and every node feeding a graph output."""
+    if graph.functions:
+        return False
+    produced = {t.name for t in graph.inputs}
+    for node in graph.nodes:
+        if any(isinstance(a, gs.Graph) for a in node.attrs.values()):
+            return False
+        if any(isinstance(t, gs.Variable) and t.name and t.name not in produced for t in node.inputs):
+            return False
+        produced.update(t.name for t in node.outputs)
+    needed = {t.name for t in graph.outputs}
+    for node in reversed(graph.nodes):
+        if not any(t.name in needed for t in node.outputs):
+            return False
+        needed.update(t.name for t in node.inputs)
+    return True
+
+
+def to_light_model(graph: gs.Graph, template: onnx.ModelProto, tidy: bool = True
+                   ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """:func:`to_model` without copying the large weights: the model holds placeholders, and the
     arrays (the graph's own, not copies) come back beside it for :func:`red_onnx.verify.session`."""
     big = {t.name: t for t in graph.tensors().values()
@@ -120,7 +150,7 @@ def to_light_model(graph: gs.Graph, template: onnx.ModelProto) -> tuple[onnx.Mod
     for name, t in big.items():
         t.values = np.zeros(0, arrays[name].dtype)
     try:
-        model = to_model(graph, template)
+        model = to_model(graph, template, tidy)
     finally:
         for name, t in big.items():
             t.values = arrays[name]
@@ -140,13 +170,15 @@ def to_full_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto
     return model
 
 
-def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export a graph, restoring every model-level field of ``template`` that the export drops.
+def to_model(graph: gs.Graph, template: onnx.ModelProto, tidy: bool = True) -> onnx.ModelProto:
+    """Export a graph (``tidy``: cleaned up and sorted first, in place), restoring every
+    model-level field of ``template`` that the export drops.
 
     Intermediate ``value_info`` is dropped: rewrites change intermediate shapes, and stale shapes
     would contradict onnxruntime's own inference. Graph inputs and outputs keep theirs.
     """
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    if tidy:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]
     model.ir_version = template.ir_version

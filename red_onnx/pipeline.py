@@ -419,7 +419,7 @@ def _removals_compete(current: Build, squared: float) -> bool:
 
 
 def _graph_macs(ctx: Context, prep: Prepared) -> int:
-    return analyze(model_io.to_light_model(ctx.graph.copy(), prep.template)[0], prep.specs).macs
+    return analyze(model_io.snapshot(ctx.graph, prep.template)[0], prep.specs).macs
 
 
 def _saving_key(prep: Prepared, current: Build) -> tuple[int, int]:

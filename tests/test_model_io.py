@@ -85,6 +85,32 @@ def test_to_graph_to_model_round_trip_preserves_everything():
     assert_identical_outputs(model, result)
 
 
+@pytest.mark.parametrize("case", ["tidy", "dangling node", "unsorted"])
+def test_snapshot_leaves_the_graph_as_it_is_and_exports_its_function(case):
+    """A snapshot of a tidy graph is exported as it is (node order kept); of a graph with a node
+    feeding no output, or out of order, from a cleaned and sorted copy. The graph never changes."""
+    import onnx_graphsurgeon as gs
+
+    model = small_model(big=True)
+    graph = model_io.to_graph(model)
+    if case == "dangling node":
+        graph.nodes.append(gs.Node("Relu", inputs=[graph.nodes[0].outputs[0]], outputs=[gs.Variable("unused")]))
+    elif case == "unsorted":
+        graph.nodes.reverse()
+    before = [(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs]) for n in graph.nodes]
+    assert model_io._tidy(graph) == (case == "tidy")
+    light, weights = model_io.snapshot(graph, model)
+    assert [(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs]) for n in graph.nodes] == before
+    assert [n.op_type for n in light.graph.node] == ["Conv", "Relu"]
+    assert weights and all((a is graph.tensors()[name].values) == (case == "tidy") for name, a in weights.items())
+    full = onnx.ModelProto()
+    full.CopyFrom(light)
+    for init in full.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    assert_identical_outputs(model, full)
+
+
 def test_model_bytes_counts_external_data(tmp_path):
     model = small_model(big=True)
     assert model_io.model_bytes(model) == model.ByteSize()

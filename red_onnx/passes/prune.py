@@ -35,7 +35,7 @@ from ..activations import consumer_inputs
 from ..context import Context, PassResult
 from ..coupling import Space, channel_spaces
 from ..layers import Layer
-from ..model_io import to_light_model
+from ..model_io import snapshot
 from . import merge
 
 NAME = "prune"
@@ -163,6 +163,6 @@ def _pads(layer: Layer) -> bool:
 
 def _values_on_zero_input(ctx: Context, spaces: list[Space]) -> list[list[np.ndarray]]:
     """Per space and consumer, its input as (C, block, positions) on an all-zero input."""
-    model, arrays = to_light_model(ctx.graph.copy(), ctx.template)
+    model, arrays = snapshot(ctx.graph, ctx.template)
     feeds = {t.name: np.zeros(ctx.shapes[t.name], np.dtype(t.dtype)) for t in ctx.graph.inputs}
     return consumer_inputs(model, arrays, spaces, feeds)
