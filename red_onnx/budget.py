@@ -470,9 +470,9 @@ class _Runs:
         """The deviation on all allocation probes; first on the ranking probes (``screened``: that
         deviation, where the caller has it), whose maximum is a lower bound: an edit over the
         target there is rejected without the full run. ``decide``: only whether it fits the target
-        matters, so where the probes run one by one, the first probe over it ends the run, and
-        where they run as one batch, the probe that deviated most in the last run on all probes runs
-        alone first and, if it is over the target, ends it (its deviation, a lower bound, is returned)."""
+        matters: the probe that deviated most in the last run on all probes runs first, alone, and
+        where the probes run one by one, the first probe over the target ends the run (its
+        deviation, a lower bound, is returned)."""
         from . import verify
 
         self.evaluations += 1
@@ -484,11 +484,16 @@ class _Runs:
             return screened
         feeds = {**self.base, **self.materialize(chosen)}
         if decide and self.screening and getattr(self.all, "one_by_one", False):
-            worst = screened
-            for probe, reference in zip(self.budget.probes[self.count:], self.reference[self.count:]):
-                worst = max(worst, self._on_probe(probe, reference, feeds))
+            later = range(self.count, len(self.budget.probes))
+            if self.worst is not None:  # the probe that deviated most last time goes first
+                later = [self.worst] + [k for k in later if k != self.worst]
+            worst, most = screened, (-1.0, None)
+            for k in later:
+                d = self._on_probe(self.budget.probes[k], self.reference[k], feeds)
+                worst, most = max(worst, d), max(most, (d, k))
                 if worst > self.budget.target:
-                    break
+                    return worst
+            self.worst = most[1]
             return worst
         if decide and self.screening and self.worst is not None:  # the probe that deviated most last time
             alone = self._on_probe(self.budget.probes[self.worst], self.reference[self.worst], feeds)
@@ -497,8 +502,8 @@ class _Runs:
         per_sample = verify.sample_deviations(self.reference, self.all(feeds))
         if not per_sample.size:
             return 0.0
-        worst = int(per_sample.max(axis=1).argmax())
-        self.worst = worst if worst >= self.count else None  # the ranking probes screen anyway
+        if self.screening:  # of the probes after the ranking ones (which screen anyway)
+            self.worst = self.count + int(per_sample[self.count:].max(axis=1).argmax())
         return float(per_sample.max())
 
     def _on_probe(self, probe: Feeds, reference: list[np.ndarray], feeds: dict[str, np.ndarray]) -> float:

@@ -466,16 +466,17 @@ def test_ranking_and_screening_probes_hold_enough_output_values(monkeypatch, out
     assert sizes == ([8, few] if few < 8 else [8])
 
 
-def test_a_decision_on_a_batch_runs_the_last_worst_probe_alone_first():
-    """Where the probes run as one batch, a decision first runs alone the probe that deviated most
-    in the last run on all probes: over the target, it ends the decision (one run instead of the
-    batch); an edit that fits is measured on the whole batch, as without it."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_decision_runs_the_last_worst_probe_alone_first(batch):
+    """A decision first runs alone the probe that deviated most in the last run on all probes:
+    over the target, it ends the decision (one run instead of the batch, or of the later probes
+    one by one); an edit that fits is measured on all probes, as without it."""
     from red_onnx.budget import _Runs
 
     rng = np.random.default_rng(6)
     k, n = 6, 3
     w = rng.standard_normal((k, n)).astype(np.float32)
-    probes = uniform_probes(rng, k, 8)  # one sample a probe: one batch
+    probes = uniform_probes(rng, k, 8, batch)  # one sample a probe: one batch; two: one by one
     for j, p in enumerate(probes):
         if j != 6:
             p["x"][:, 0] = 0.0  # zeroing row 0 shows on probe 6 only
@@ -483,7 +484,7 @@ def test_a_decision_on_a_batch_runs_the_last_worst_probe_alone_first():
     harmless = Candidate("harmless", "row1", (n, n, 4 * n), 1.0, data=("scale_row", 1, 0.999))
     budget = make_budget(w, 0.05, probes)
     runs = _Runs(budget, mm_model(w), [hidden, harmless], Edits(w), {})
-    assert runs.count == 4 and runs.screening and not getattr(runs.all, "one_by_one", False)
+    assert runs.count == 4 and runs.screening and getattr(runs.all, "one_by_one", False) == (batch == 2)
     assert runs.on_all([hidden]) > budget.target and runs.worst == 6
     calls = []
     real = runs.sess.run
@@ -495,7 +496,7 @@ def test_a_decision_on_a_batch_runs_the_last_worst_probe_alone_first():
         runs.worst = 6
         calls.clear()
         decided = runs.on_all(chosen, screened, decide=True)
-        assert len(calls) == (1 if over else 2)
+        assert len(calls) == (1 if over else 2 if batch == 1 else 4)
         assert (budget.target < decided <= full) if over else (decided == full <= budget.target)
 
 
