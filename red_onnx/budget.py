@@ -241,7 +241,8 @@ class Budget:
            (:meth:`_steps`).
         3. The longest prefix that measures under the target *on the ranking probes* is searched
            for, and confirmed on all allocation probes; where it overshoots there, the search goes
-           on below it on all probes (:meth:`_longest`). Then up to ``patience`` later steps, each
+           on below it on all probes (:meth:`_longest`; a run on all probes is a decision: one over
+           the target stops at its first probe over it, and its rescaling reads that lower bound). Then up to ``patience`` later steps, each
            predicted to fit, are tried one by one: on the ranking probes, then on all (until
            PATIENCE_MISSES of them fit the first and not the second). So a pass costs a few runs
            on all probes, however many candidates it has.
@@ -271,7 +272,7 @@ class Budget:
 
         def on_all(k: int) -> float:
             if k not in full:
-                full[k] = runs.on_all(list(state(k).values())) if runs.screening else on_ranking(k)
+                full[k] = runs.on_all(list(state(k).values()), decide=True) if runs.screening else on_ranking(k)
             return full[k]
 
         lo = self._longest(on_ranking, predicted, len(steps) + 1, runs.left)
