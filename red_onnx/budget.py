@@ -242,10 +242,10 @@ class Budget:
         3. The longest prefix that measures under the target *on the ranking probes* is searched
            for, and confirmed on all allocation probes; where it overshoots there, the search goes
            on below it on all probes (:meth:`_longest`; a run on all probes is a decision: one over
-           the target stops at its first probe over it, and its rescaling reads that lower bound). Then up to ``patience`` later steps, each
-           predicted to fit, are tried one by one: on the ranking probes, then on all (until
-           PATIENCE_MISSES of them fit the first and not the second). So a pass costs a few runs
-           on all probes, however many candidates it has.
+           the target stops at its first probe over it, and the rescaling reads that lower bound).
+           Then up to ``patience`` later steps, each predicted to fit, are tried one by one: on the
+           ranking probes, then on all (until PATIENCE_MISSES of them fit the first and not the
+           second). So a pass costs a few runs on all probes, however many candidates it has.
         """
         start = time.perf_counter()
         before_ranking = runs.on_ranking([])
