@@ -960,6 +960,18 @@ def random_models(draw) -> onnx.ModelProto:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(random_models())
 def test_property_random_graphs_whole_pipeline_lossless(model):
+    check_lossless(model)
+
+
+@pytest.mark.aligned
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(random_models())
+def test_property_random_graphs_whole_pipeline_lossless_with_channel_counts_aligned(model):
+    """As above, with the builds keeping channel counts at multiples of 8, as outside the tests."""
+    check_lossless(model)
+
+
+def check_lossless(model):
     before = model.SerializeToString()
     result, report = red_onnx.compress(model, tolerance=0)
     assert model.SerializeToString() == before

@@ -54,6 +54,17 @@ def merged_columns(w: np.ndarray, plan, axis_block: int = 1) -> np.ndarray:
 # duplicates and positive multiples
 
 
+@pytest.mark.aligned
+def test_a_multiple_kept_for_alignment_keeps_its_own_scale():
+    """9 channels, one dead and one 2.5x another: removing both leaves 7, so the latency guard's
+    alignment to 8 keeps the multiple back; its consumers must then read it at scale 1 (they read
+    it 2.5x, and the exact build deviated, before the fix)."""
+    model, _ = conv_chain([(8, 1, 2.5), (7, 0, 0.0)], c=9)
+    result, report = check_exact(model, {"conv1": 1})
+    row = next(r for r in report.layers if r["name"] == "conv1")["merge"]
+    assert row["kept_for_alignment"] == 1 and row["channels_after"] == 8
+
+
 def test_duplicates_conv_relu_conv():
     model, (w1, b1, w2, b2) = conv_chain(DUPLICATES)
     result, report = check_exact(model, {"conv1": 2})

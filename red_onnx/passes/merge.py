@@ -71,7 +71,7 @@ def remove_redundant(ctx: Context, result: PassResult, counts: Counter, merges: 
                 result.leave(space.name, space.frozen)
                 continue
             root, scale, dead, unread_channels = _memo_plan(ctx, space, merges)
-            kept_back = align(root, dead, ctx.channel_align)
+            kept_back = align(root, scale, dead, ctx.channel_align)
             unread = int(np.sum(dead & unread_channels))
             merged = int(np.sum(root != np.arange(space.channels)))
             if merged or dead.any():
@@ -96,9 +96,10 @@ def remove_redundant(ctx: Context, result: PassResult, counts: Counter, merges: 
     counts["spaces_frozen"] = len(result.left_alone)
 
 
-def align(root: np.ndarray, dead: np.ndarray, multiple: int) -> int:
-    """Keep back removals (in place) so that the kept count is a multiple of ``multiple``, or the
-    count before where that is less (``multiple`` 0: keep every channel); returns how many."""
+def align(root: np.ndarray, scale: np.ndarray, dead: np.ndarray, multiple: int) -> int:
+    """Keep back removals (in place: a kept channel is its own root, at scale 1) so that the kept
+    count is a multiple of ``multiple``, or the count before where that is less (``multiple`` 0:
+    keep every channel); returns how many."""
     c = len(root)
     removed = np.flatnonzero((root != np.arange(c)) | dead)
     kept = c - len(removed)
@@ -106,7 +107,7 @@ def align(root: np.ndarray, dead: np.ndarray, multiple: int) -> int:
         return 0
     target = c if multiple == 0 else min(c, -(-kept // multiple) * multiple)
     back = removed[::-1][:target - kept]  # the last ones: any is exact
-    root[back], dead[back] = back, False
+    root[back], scale[back], dead[back] = back, 1.0, False
     return len(back)
 
 
