@@ -976,9 +976,11 @@ def check_lossless(model):
     result, report = red_onnx.compress(model, tolerance=0)
     assert model.SerializeToString() == before
     onnx.checker.check_model(result, full_check=True)
-    assert report.verified and report.output_deviation <= 1e-5
-    assert_same(model, result, batch=2)
-    assert_same(model, result, batch=1, samples=1, seed=9)
+    # float rounding: a deep random chain can cancel to 1e-5 of an output's norm (1.3e-5 seen), a
+    # wrong rewrite deviates by far more (a kept-back multiple at its merge scale: 0.077)
+    assert report.verified and report.output_deviation <= 1e-4
+    assert_same(model, result, batch=2, rtol=1e-4)
+    assert_same(model, result, batch=1, samples=1, seed=9, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -275,8 +275,8 @@ def test_the_input_runs_as_written_where_the_optimizer_fails(monkeypatch):
 
 
 def test_latency_stops_once_every_pair_is_on_one_side(monkeypatch):
-    """With ``decide_at``, a timing stops after MIN_PAIRS pairs all faster (or all slower) than it;
-    pairs on both sides go on to the pairs asked for."""
+    """With ``decide_at``, a timing stops after MIN_PAIRS pairs all faster (or all slower) than it,
+    once the pairs took DECIDE_SECONDS; pairs on both sides go on to the pairs asked for."""
     from red_onnx import verify
 
     model = onnx.load(str(DIGITS_CNN))
@@ -292,6 +292,10 @@ def test_latency_stops_once_every_pair_is_on_one_side(monkeypatch):
     clock = itertools.count()
     verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.0)  # never all on one side
     assert next(clock) == 2 * 2 * 30
+    clock = itertools.count()
+    monkeypatch.setattr(verify, "DECIDE_SECONDS", 17)  # 2 ticks a pair: 8 pairs are too short, 9 are not
+    verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.5)
+    assert next(clock) == 2 * 2 * 9
 
 
 def test_in_place_weights_path_agrees(monkeypatch):
