@@ -466,12 +466,27 @@ def test_ranking_and_screening_probes_hold_enough_output_values(monkeypatch, out
     assert sizes == ([8, few] if few < 8 else [8])
 
 
+def counted_runs(w: np.ndarray, probes):
+    """A spend's runs over ``w`` (rows edited by a hidden zeroing of row 0 and a harmless scaling of
+    row 1) whose session counts its runs in ``calls``."""
+    from red_onnx.budget import _Runs
+
+    n = w.shape[1]
+    hidden = Candidate("hidden", "row0", (n, n, 4 * n), 0.0, data=("zero_row", 0))
+    harmless = Candidate("harmless", "row1", (n, n, 4 * n), 1.0, data=("scale_row", 1, 0.999))
+    budget = make_budget(w, 0.05, probes)
+    runs = _Runs(budget, mm_model(w), [hidden, harmless], Edits(w), {})
+    calls = []
+    real = runs.sess.run
+    runs.sess.run = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    return budget, runs, hidden, harmless, calls
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_a_decision_runs_the_last_worst_probe_alone_first(batch):
     """A decision first runs alone the probe that deviated most in the last run on all probes:
     over the target, it ends the decision (one run instead of the batch, or of the later probes
     one by one); an edit that fits is measured on all probes, as without it."""
-    from red_onnx.budget import _Runs
 
     rng = np.random.default_rng(6)
     k, n = 6, 3
@@ -480,15 +495,9 @@ def test_a_decision_runs_the_last_worst_probe_alone_first(batch):
     for j, p in enumerate(probes):
         if j != 6:
             p["x"][:, 0] = 0.0  # zeroing row 0 shows on probe 6 only
-    hidden = Candidate("hidden", "row0", (n, n, 4 * n), 0.0, data=("zero_row", 0))
-    harmless = Candidate("harmless", "row1", (n, n, 4 * n), 1.0, data=("scale_row", 1, 0.999))
-    budget = make_budget(w, 0.05, probes)
-    runs = _Runs(budget, mm_model(w), [hidden, harmless], Edits(w), {})
+    budget, runs, hidden, harmless, calls = counted_runs(w, probes)
     assert runs.count == 4 and runs.screening and getattr(runs.all, "one_by_one", False) == (batch == 2)
     assert runs.on_all([hidden]) > budget.target and runs.worst == 6
-    calls = []
-    real = runs.sess.run
-    runs.sess.run = lambda *a, **kw: calls.append(1) or real(*a, **kw)
     for chosen, over in (([hidden], True), ([harmless], False)):
         screened = runs.on_ranking(chosen)
         calls.clear()
@@ -503,7 +512,6 @@ def test_a_decision_runs_the_last_worst_probe_alone_first(batch):
 def test_a_decision_on_all_probes_stops_at_the_first_probe_over_the_target():
     """Where only whether an edit fits matters and the probes run one by one, the first probe over
     the target ends the run; an edit that fits is measured on every probe, as without it."""
-    from red_onnx.budget import _Runs
 
     rng = np.random.default_rng(5)
     k, n = 6, 3
@@ -511,14 +519,8 @@ def test_a_decision_on_all_probes_stops_at_the_first_probe_over_the_target():
     probes = uniform_probes(rng, k, 8, batch=2)  # two samples a probe: run one by one
     for p in probes[:4]:
         p["x"][:, 0] = 0.0  # zeroing row 0 is invisible on the ranking probes
-    hidden = Candidate("hidden", "row0", (n, n, 4 * n), 0.0, data=("zero_row", 0))
-    harmless = Candidate("harmless", "row1", (n, n, 4 * n), 1.0, data=("scale_row", 1, 0.999))
-    budget = make_budget(w, 0.05, probes)
-    runs = _Runs(budget, mm_model(w), [hidden, harmless], Edits(w), {})
+    budget, runs, hidden, harmless, calls = counted_runs(w, probes)
     assert runs.count == 4 and runs.screening
-    calls = []
-    real = runs.sess.run
-    runs.sess.run = lambda *a, **kw: calls.append(1) or real(*a, **kw)
     for chosen, over in (([hidden], True), ([harmless], False)):
         screened = runs.on_ranking(chosen)
         calls.clear()
