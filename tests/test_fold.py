@@ -848,3 +848,82 @@ def test_property_random_chains_compress_exactly(model):
     assert report.verified
     assert len(result.graph.node) <= len(model.graph.node)
     assert_same_outputs(model, result, samples=2)
+
+
+# --------------------------------------------------------------------------------------------- #
+# A Transpose flattened into the features of linear layers (channels last, as Caffe and Keras exports flatten)
+
+
+def transposed_features(b: Builder, x: str, channels: int, h: int, w: int, perm, how: str) -> str:
+    """``x`` (N, C, H, W) transposed by ``perm``, then flattened to (N, C·H·W) by ``how``."""
+    t = b.node("Transpose", [x], perm=list(perm))
+    if how == "flatten":
+        return b.node("Flatten", [t], axis=1)
+    if how == "constant":
+        return b.node("Reshape", [t, b.init(np.array([-1, channels * h * w]), dtype=np.int64)])
+    shape = b.node("Shape", [t])  # torch's x.reshape(x.shape[0], -1)
+    n = b.node("Gather", [shape, b.init(np.array(0), dtype=np.int64)], axis=0)
+    n1 = b.node("Unsqueeze", [n, b.init(np.array([0]), dtype=np.int64)])
+    return b.node("Reshape", [t, b.node("Concat", [n1, b.init(np.array([-1]), dtype=np.int64)], axis=0)])
+
+
+def head(b: Builder, x: str, features: int, kind: str) -> str:
+    return b.gemm(x, features, 7, name="fc") if kind == "gemm" else b.matmul(x, features, 7, bias=True, name="fc")
+
+
+@pytest.mark.parametrize("kind", ["gemm", "matmul"])
+@pytest.mark.parametrize("how", ["flatten", "constant", "computed"])
+@pytest.mark.parametrize("perm", [(0, 2, 3, 1), (0, 3, 2, 1)], ids=["nhwc", "nwhc"])
+def test_transpose_before_flatten_folds_into_the_feature_columns(perm, how, kind):
+    b = Builder(seed=3)
+    x = b.input("x", ["N", 3, 5, 4])
+    y = b.relu(b.conv(x, 3, 6, name="conv"))
+    y = b.output(head(b, transposed_features(b, y, 6, 5, 4, perm, how), 120, kind), ["N", 7])
+    model = b.model()
+
+    result, report = compress0(model, passes=FOLD_ONLY)
+
+    assert "Transpose" not in op_counts(result)
+    assert fold_report(report)["transposes_folded"] == 1
+    (fc,) = nodes_of(result, "Gemm" if kind == "gemm" else "MatMul")
+    before = next(n for n in model.graph.node if n.name == "fc").input[1]
+    w = b.arrays[before] if kind == "gemm" else b.arrays[before].T  # (7, 120): columns in the transposed order
+    order = np.arange(120).reshape(6, 5, 4).transpose([a - 1 for a in perm[1:]]).ravel()
+    expected = np.empty_like(w)
+    expected[:, order] = w
+    after = node_input_value(result, fc, 1)
+    np.testing.assert_array_equal(after if kind == "gemm" else after.T, expected)
+    assert_same_outputs(model, result)
+
+
+def test_folded_transpose_lets_a_duplicate_channel_merge_exactly():
+    b = Builder(seed=4)
+    x = b.input("x", ["N", 3, 5, 4])
+    w, bias = b.weight((6, 3, 3, 3)), b.rng.standard_normal(6).astype(np.float32)
+    w[4], bias[4] = w[1], bias[1]
+    y = b.relu(b.conv_w(x, w, bias, name="conv"))
+    b.output(b.gemm(transposed_features(b, y, 6, 5, 4, (0, 3, 2, 1), "computed"), 120, 7, name="fc"), ["N", 7])
+    model = b.model()
+
+    result, report = compress0(model)
+
+    (conv,) = nodes_of(result, "Conv")
+    assert node_input_value(result, conv, 1).shape[0] == 5
+    assert node_input_value(result, nodes_of(result, "Gemm")[0], 1).shape == (7, 100)
+    assert_same_outputs(model, result)
+
+
+def test_transpose_read_by_another_node_is_not_folded():
+    b = Builder(seed=5)
+    x = b.input("x", ["N", 3, 5, 4])
+    y = b.relu(b.conv(x, 3, 6, name="conv"))
+    t = b.node("Transpose", [y], perm=[0, 2, 3, 1])
+    b.output(b.gemm(b.node("Flatten", [t], axis=1), 120, 7, name="fc"), ["N", 7])
+    b.output(b.node("ReduceMax", [t], keepdims=0))
+    model = b.model()
+
+    result, report = compress0(model, passes=FOLD_ONLY)
+
+    assert op_counts(result)["Transpose"] == 1
+    assert fold_report(report)["transposes_folded"] == 0
+    assert_same_outputs(model, result)

@@ -8,6 +8,11 @@ Exact rewrites only:
   other consumer: ``y = s ⊙ (W x + b) + t  ⇒  W' = diag(s) W,  b' = s ⊙ b + t``. It covers
   ``BatchNormalization`` (``s = γ / sqrt(σ² + ε)``, ``t = β − μ s``) and ``Mul``/``Div``/``Add``/``Sub``
   by a per-channel or scalar constant (how Paddle exports an unfused BN).
+* A ``Transpose`` that keeps the batch axis first, flattened into features read only by linear
+  layers (``Transpose → Flatten/Reshape(N, F) → Gemm/MatMul``: a Caffe or Keras export that flattens
+  channels last), folds into those layers' input columns: with ``idx`` the transposed tensor's
+  flat order of the untransposed one, ``x_T[k] = x[idx[k]]``, so ``W' [:, idx] = W``. The
+  channels then reach the layers as blocks of features, which the channel passes can remove.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def run(ctx: Context) -> PassResult:
         "identities_removed": _remove_identities(graph),
         "gemm_scalars_folded": _fold_gemm_scalars(graph),
         "affine_folded": 0,
+        "transposes_folded": _fold_transposes_into_features(graph, ctx.shapes, ctx.exclude),
     }
     rows = []
     layers, _ = find_layers(graph, ctx.exclude)
@@ -170,6 +176,62 @@ def _fold_gemm_scalars(graph: gs.Graph) -> int:
             node.attrs["beta"] = 1.0
             folded += 1
     return folded
+
+
+def _fold_transposes_into_features(graph: gs.Graph, shapes: dict[str, tuple[int, ...]], exclude) -> int:
+    """Fold each Transpose flattened into features for linear layers into their weight columns
+    (see the module docstring); returns how many."""
+    layers = {id(layer.node): layer for layer in find_layers(graph, exclude)[0]}
+    outputs = {t.name for t in graph.outputs}
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "Transpose" or not node.inputs or not node.outputs:
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        shape = shapes.get(x.name)
+        if shape is None or len(shape) < 3:
+            continue
+        perm = [int(a) for a in node.attrs.get("perm", range(len(shape) - 1, -1, -1))]
+        flatten = [n for n in y.outputs if n.op in ("Flatten", "Reshape") and n.inputs[0] is y]
+        batch_reads = [n for n in y.outputs if n.op == "Shape" and _reads_batch_only(n)]
+        if perm[0] != 0 or y.name in outputs or len(flatten) != 1 or len(flatten) + len(batch_reads) != len(y.outputs):
+            continue
+        flat = flatten[0]
+        z = flat.outputs[0]
+        features = int(np.prod(shape[1:]))
+        if z.name in outputs or shapes.get(z.name) != (shape[0], features) or not z.outputs \
+                or flat.op == "Flatten" and flat.attrs.get("axis", 1) != 1:
+            continue
+        readers = [layers.get(id(n)) for n in z.outputs]
+        if any(r is None or r.node.inputs[0] is not z or r.op not in ("Gemm", "MatMul") or r.group != 1
+               or r.node.attrs.get("transA", 0) or len(r.weight.outputs) != 1 or r.get_weight().shape[1] != features
+               for r in readers):
+            continue
+        # idx[k]: the position in x's flat order (axes 1..) of the k-th feature of the transposed tensor
+        idx = np.arange(features).reshape(shape[1:]).transpose([a - 1 for a in perm[1:]]).ravel()
+        for layer in readers:
+            w = layer.get_weight()
+            moved = np.empty_like(w)
+            moved[:, idx] = w
+            layer.set_weight(moved)
+        flat.inputs[0] = x
+        for reader in batch_reads:  # the batch size is the same before the Transpose
+            reader.inputs[0] = x
+        node.outputs = []
+        folded += 1
+    return folded
+
+
+def _reads_batch_only(shape_node: gs.Node) -> bool:
+    """A Shape node whose value is only read at index 0 (by Gathers of a constant 0 on axis 0)."""
+    if shape_node.attrs.get("start", 0) != 0 or "end" in shape_node.attrs and shape_node.attrs["end"] != 1:
+        return False
+    if "end" in shape_node.attrs:
+        return True
+    out = shape_node.outputs[0]
+    return bool(out.outputs) and all(
+        g.op == "Gather" and g.inputs[0] is out and g.attrs.get("axis", 0) == 0 and isinstance(g.inputs[1], gs.Constant)
+        and np.all(np.asarray(g.inputs[1].values) == 0) for g in out.outputs)
 
 
 def _fold_next(graph: gs.Graph, layer: Layer, shapes: dict[str, tuple[int, ...]]
