@@ -364,6 +364,9 @@ MIN_PAIRS = 7
 #: a timing with ``decide_at`` stops early only once its pairs took this long (a small model's
 #: pairs cost little, and 7 of them on a busy machine can all fall on the wrong side)
 DECIDE_SECONDS = 0.25
+#: ... and after FAR_PAIRS pairs where every ratio is beyond ``decide_at`` by this factor or more
+#: (VGG-11 at tolerance 0.1 ran 0.2x the input's time: 4 more pairs of it cost 1.1 s)
+FAR, FAR_PAIRS = 1.25, 3
 
 
 def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dict[str, np.ndarray],
@@ -377,8 +380,9 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
     the weights of a light ``model_b`` (see :func:`session`); ``seconds``: fewer pairs (at least
     MIN_PAIRS) where ``pairs`` would take longer (a slow model's timings vary less); ``decide_at``:
     stop once the first MIN_PAIRS ratios or more are all on one side of it (a sign test: were the
-    median ratio at ``decide_at``, 7 of 7 on one side has probability 1/64) and the pairs took
-    DECIDE_SECONDS (a small model times all its pairs). Models over 2 GB (or
+    median ratio at ``decide_at``, 7 of 7 on one side has probability 1/64), or the first FAR_PAIRS
+    are all beyond it by a factor FAR, and the pairs took DECIDE_SECONDS (a small model times all
+    its pairs). Models over 2 GB (or
     ``one_at_a_time``) are timed one after the other, one session in memory at a time; the ratio
     is then that of the medians."""
     if one_at_a_time is None:
@@ -400,9 +404,10 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
             for _ in range(repeats):
                 s.run(None, feeds)
             times.append((time.perf_counter() - start) / repeats)
-        if decide_at is not None and len(ta) >= MIN_PAIRS and (sum(ta) + sum(tb)) * repeats >= DECIDE_SECONDS:
+        if decide_at is not None and len(ta) >= FAR_PAIRS and (sum(ta) + sum(tb)) * repeats >= DECIDE_SECONDS:
             so_far = np.array(tb) / np.array(ta)
-            if (so_far < decide_at).all() or (so_far > decide_at).all():
+            margin = 1.0 if len(ta) >= MIN_PAIRS else FAR
+            if (so_far < decide_at / margin).all() or (so_far > decide_at * margin).all():
                 break
     ratios = np.array(tb) / np.array(ta)
     return float(np.median(ta)), float(np.median(tb)), float(np.median(ratios))

@@ -276,7 +276,8 @@ def test_the_input_runs_as_written_where_the_optimizer_fails(monkeypatch):
 
 def test_latency_stops_once_every_pair_is_on_one_side(monkeypatch):
     """With ``decide_at``, a timing stops after MIN_PAIRS pairs all faster (or all slower) than it,
-    once the pairs took DECIDE_SECONDS; pairs on both sides go on to the pairs asked for."""
+    after FAR_PAIRS all beyond it by a factor FAR, once the pairs took DECIDE_SECONDS; pairs on
+    both sides go on to the pairs asked for."""
     from red_onnx import verify
 
     model = onnx.load(str(DIGITS_CNN))
@@ -284,17 +285,21 @@ def test_latency_stops_once_every_pair_is_on_one_side(monkeypatch):
     clock = itertools.count()  # every timed run takes one tick: each ratio is exactly 1
     monkeypatch.setattr(verify.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(verify, "_repeats", lambda sess, feeds: (1, 1e-3))
-    _, _, ratio = verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.5)
+    _, _, ratio = verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.1)
     assert ratio == 1.0 and next(clock) == 2 * 2 * verify.MIN_PAIRS  # a start and a stop per model and pair
     clock = itertools.count()
-    verify.latency_ratio(model, model, feeds, pairs=30, decide_at=0.5)
+    verify.latency_ratio(model, model, feeds, pairs=30, decide_at=0.95)
     assert next(clock) == 2 * 2 * verify.MIN_PAIRS
+    for far in (verify.FAR * 1.01, 1 / (verify.FAR * 1.01)):  # ratios of 1 are far from these
+        clock = itertools.count()
+        verify.latency_ratio(model, model, feeds, pairs=30, decide_at=far)
+        assert next(clock) == 2 * 2 * verify.FAR_PAIRS
     clock = itertools.count()
     verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.0)  # never all on one side
     assert next(clock) == 2 * 2 * 30
     clock = itertools.count()
     monkeypatch.setattr(verify, "DECIDE_SECONDS", 17)  # 2 ticks a pair: 8 pairs are too short, 9 are not
-    verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.5)
+    verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.1)
     assert next(clock) == 2 * 2 * 9
 
 
