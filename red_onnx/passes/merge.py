@@ -17,6 +17,7 @@ paths); the exact rule above then removes them.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 
@@ -177,12 +178,18 @@ def _memo_plan(ctx: Context, space: Space, merges: bool) -> tuple[np.ndarray, ..
     values it reads), and which channels no consumer reads."""
     segments = space.segments if space.segments is not None else np.zeros(0, int)
     unread = space.consumer_norms() == 0
-    weights = [t.values for p in space.producers for t in (p.weight, p.bias) if t is not None]  # as stored: no copy
-    layout = repr([(p.op, p.group, p.node.attrs.get("transB", 0)) for p in space.producers]
-                  + [space.homogeneous, space.zero_preserving, merges]).encode()
-    plan = ctx.memoized("exact plan", weights + [space.path_rows(), segments, unread, np.frombuffer(layout, np.uint8)],
+    plan = ctx.memoized(f"exact plan {merges}", _stored(space) + [space.path_rows(), segments, unread],
                         lambda: exact_plan(space, merges=merges, unread=unread))
     return (*(a.copy() for a in plan), unread)
+
+
+def _stored(space: Space) -> list[np.ndarray]:
+    """What a space's producer rows and kind are computed from, for memo keys: the producers'
+    weights and biases as stored (no float64 copy), their layouts, the path's kind."""
+    layout = repr([(p.op, p.group, p.node.attrs.get("transB", 0), p.bias is None) for p in space.producers]
+                  + [space.homogeneous, space.zero_preserving]).encode()
+    return [t.values for p in space.producers for t in (p.weight, p.bias) if t is not None] + [
+        np.frombuffer(layout, np.uint8)]
 
 
 def _pairwise(x: np.ndarray) -> np.ndarray:
@@ -232,17 +239,19 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
     mode = "+".join(kind for kind, on in (("merge", merging), ("prune", pruning)) if on)
     candidates, info = [], {}
     for k, space in enumerate(spaces):
-        rows, consumer_norms = space.producer_rows(), space.consumer_norms()
-        removals = ctx.memoized(f"removals {mode} {space.homogeneous}",
-                                [rows, consumer_norms, space.path_rows(), stats[k].seen],
-                                lambda: _removals(space, rows, consumer_norms, stats[k], merging, pruning))
+        consumer_norms = space.consumer_norms()
+        # the float64 rows only where needed (a later build's memo hit needs those of its merges
+        # only): VGG-11's classifier rows are 205 MB, and all its spaces' took 1 s a build
+        rows = functools.cache(space.producer_rows)
+        removals = ctx.memoized(f"removals {mode}", _stored(space) + [consumer_norms, space.path_rows(), stats[k].seen],
+                                lambda: _removals(space, rows(), consumer_norms, stats[k], merging, pruning))
         if not removals:
             continue
         saving = _channel_saving(space, ctx.shapes)
         edited = (space.producers if merging else []) + ([c.layer for c in space.consumers] if pruning else [])
         tensors = tuple(t.name for layer in edited for t in (layer.weight, layer.bias) if t is not None)
-        info[k] = {"rows": rows, "weights": np.linalg.norm(rows, axis=1) * np.maximum(consumer_norms, 1e-12),
-                   "constants": stats[k].constants}
+        info[k] = {"rows": rows, "constants": stats[k].constants, "weights": functools.cache(
+            lambda rows=rows, norms=consumer_norms: np.linalg.norm(rows(), axis=1) * np.maximum(norms, 1e-12))}
         cumulative = np.sqrt(np.cumsum([e * e for e, _, _ in removals]))
         for level, m in enumerate(_level_sizes(len(removals), space.channels, ctx.channel_align)):
             chosen = [(j, i) for _, j, i in removals[:m]]
@@ -377,8 +386,8 @@ def _cluster_edits(space: Space, info: dict, pairs: list[tuple[int, int]]) -> di
         if np.array_equal(up, roots):
             break
         roots = up
-    rows = info["rows"].copy()
-    weights = info["weights"]
+    rows = info["rows"]().copy()
+    weights = info["weights"]()
     order = np.argsort(roots, kind="stable")  # clusters by root, members ascending
     starts = np.flatnonzero(np.diff(roots[order], prepend=-1))
     sizes = np.diff(starts, append=c)
