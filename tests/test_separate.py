@@ -561,3 +561,20 @@ def test_latency_guard_undoes_separations(monkeypatch):
     assert any("latency guard" in note for note in rep.notes)
     row = next(r for r in rep.layers if r["name"] == "conv0")
     assert "latency guard" in row["separate"]["left_alone"]
+
+
+def test_latency_guard_times_a_result_near_the_slack_twice(monkeypatch):
+    """A first timing just under LATENCY_SLACK is repeated and the mean decides: 1.02 then 1.08 is
+    too slow (the separation is undone); 1.02 then 1.0 is not."""
+    import red_onnx
+    from red_onnx import verify
+
+    rng = np.random.default_rng(40)
+    w, _ = planted_weight(rng, 32, 8, (3, 3), d=2)
+    model = make_conv_model((1, 8, 16, 16), w, None, pads=[1, 1, 1, 1])
+    for second, undone in ((1.08, 1), (1.0, 0)):
+        ratios = iter([1.02, second, 1.0, 1.0])
+        monkeypatch.setattr(verify, "latency_ratio", lambda a, b, feeds, **kw: (1e-3, 1e-3, next(ratios)))
+        _, rep = red_onnx.compress(model, tolerance=0, passes=["separate"])
+        assert rep.latency["separations_undone"] == undone
+        assert rep.latency["ratio"] == (1.0 if undone else 1.01)
