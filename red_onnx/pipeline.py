@@ -572,12 +572,13 @@ def _latency(prep: Prepared, current: Build) -> tuple[float, float, float]:
     """verify.latency_ratio of the result to the input (stopped early where clearly on one side of
     LATENCY_SLACK); where well over it, timed again and the faster of the two kept (a busy machine
     slows one timing, rarely two); where near it (LATENCY_NEAR), timed again and the mean of the
-    two kept. The input's timing session is made once per call where the
-    model is under 256 MiB (else once per timing)."""
+    two kept. The input's timing session is made once per call where the model is under 256 MiB
+    (else once per timing)."""
     if model_io.model_bytes(prep.canonical) >= TIMING_SESSION_BYTES:
         timing = prep.canonical  # a large model's second copy is not kept (nor over 2 GB, made at all)
     else:
         prep.timing = timing = prep.timing or verify.timing_session(prep.canonical)
+
     def timing_once():
         return verify.latency_ratio(timing, current.light, prep.probes.verification[0], arrays_b=current.arrays,
                                     seconds=LATENCY_SECONDS, decide_at=LATENCY_SLACK)

@@ -878,7 +878,7 @@ def test_transpose_before_flatten_folds_into_the_feature_columns(perm, how, kind
     b = Builder(seed=3)
     x = b.input("x", ["N", 3, 5, 4])
     y = b.relu(b.conv(x, 3, 6, name="conv"))
-    y = b.output(head(b, transposed_features(b, y, 6, 5, 4, perm, how), 120, kind), ["N", 7])
+    b.output(head(b, transposed_features(b, y, 6, 5, 4, perm, how), 120, kind), ["N", 7])
     model = b.model()
 
     result, report = compress0(model, passes=FOLD_ONLY)
@@ -905,7 +905,7 @@ def test_folded_transpose_lets_a_duplicate_channel_merge_exactly():
     b.output(b.gemm(transposed_features(b, y, 6, 5, 4, (0, 3, 2, 1), "computed"), 120, 7, name="fc"), ["N", 7])
     model = b.model()
 
-    result, report = compress0(model)
+    result, _ = compress0(model)
 
     (conv,) = nodes_of(result, "Conv")
     assert node_input_value(result, conv, 1).shape[0] == 5
