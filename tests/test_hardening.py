@@ -938,12 +938,15 @@ def random_models(draw) -> onnx.ModelProto:
                 h, size = g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2]), size // 2
             else:
                 h = g.node("AveragePool", [h], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
-    head = draw(st.sampled_from(["gap_gemm", "flatten_gemm", "flatten_matmul", "conv"]))
+    head = draw(st.sampled_from(["gap_gemm", "flatten_gemm", "flatten_matmul", "transposed_gemm", "conv"]))
     if head == "conv":
         g.output(g.conv_w(h, *rand_layer(rng, 3, c, 3)))
         return g.model()
     if head == "gap_gemm":
         h, features = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1), c
+    elif head == "transposed_gemm":  # channels last before the flatten (folded into the Gemm's columns)
+        perm = draw(st.sampled_from([[0, 2, 3, 1], [0, 3, 2, 1], [0, 1, 3, 2]]))
+        h, features = g.node("Flatten", [g.node("Transpose", [h], perm=perm)], axis=1), c * size * size
     else:
         h, features = g.node("Flatten", [h], axis=1), c * size * size
     m = draw(st.integers(2, 10))
