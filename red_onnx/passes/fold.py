@@ -85,14 +85,11 @@ def run(ctx: Context) -> PassResult:
     start = time.perf_counter()
     graph = ctx.graph
     _name_nodes(graph)
-    counts = {
-        "identities_removed": _remove_identities(graph),
-        "gemm_scalars_folded": _fold_gemm_scalars(graph),
-        "affine_folded": 0,
-        "transposes_folded": _fold_transposes_into_features(graph, ctx.shapes, ctx.exclude),
-    }
-    rows = []
+    counts = {"identities_removed": _remove_identities(graph), "gemm_scalars_folded": _fold_gemm_scalars(graph)}
     layers, _ = find_layers(graph, ctx.exclude)
+    counts["affine_folded"] = 0
+    counts["transposes_folded"] = _fold_transposes_into_features(graph, ctx.shapes, layers)
+    rows = []
     for layer in layers:
         folded = []
         while (step := _fold_next(graph, layer, ctx.shapes)) is not None:
@@ -178,10 +175,10 @@ def _fold_gemm_scalars(graph: gs.Graph) -> int:
     return folded
 
 
-def _fold_transposes_into_features(graph: gs.Graph, shapes: dict[str, tuple[int, ...]], exclude) -> int:
-    """Fold each Transpose flattened into features for linear layers into their weight columns
-    (see the module docstring); returns how many."""
-    layers = {id(layer.node): layer for layer in find_layers(graph, exclude)[0]}
+def _fold_transposes_into_features(graph: gs.Graph, shapes: dict[str, tuple[int, ...]], found: list[Layer]) -> int:
+    """Fold each Transpose flattened into features for linear layers (of ``found``) into their
+    weight columns (see the module docstring); returns how many."""
+    layers = {id(layer.node): layer for layer in found}
     outputs = {t.name for t in graph.outputs}
     folded = 0
     for node in list(graph.nodes):
