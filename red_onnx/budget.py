@@ -198,6 +198,10 @@ class Budget:
         #: first pass of every tolerance, and the passes after it where it accepted the same edits)
         #: skips the session's creation (0.12 s on the captcha CRNN's 902 nodes)
         self.sessions: dict[str, Any] = {}
+        #: of the probes after the ranking ones, the one that deviated most in the last run on all
+        #: probes, of this spend or an earlier one (the next pass's edits strain the same probes,
+        #: often): a decision (:meth:`_Runs.on_all`) runs it alone first
+        self.worst: int | None = None
 
     def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize,
               arrays: dict[str, np.ndarray] | None = None, per_level: bool = False) -> Spent:
@@ -272,7 +276,8 @@ class Budget:
 
         def on_all(k: int) -> float:
             if k not in full:
-                full[k] = runs.on_all(list(state(k).values()), decide=True) if runs.screening else on_ranking(k)
+                full[k] = runs.on_all(list(state(k).values()), screened.get(k), decide=True) if runs.screening \
+                    else on_ranking(k)
             return full[k]
 
         lo = self._longest(on_ranking, predicted, len(steps) + 1, runs.left)
@@ -453,9 +458,6 @@ class _Runs:
         self.down: Downstream | None = None
         self.digests: dict[str, str] = {}
         self.measured: set[frozenset[str]] = set()  # edited sets measured alone so far
-        #: of the probes after the ranking ones, the one that deviated most in the last run on all
-        #: probes: a decision (:meth:`on_all`) runs it alone first
-        self.worst: int | None = None
 
     def left(self) -> bool:
         return self.evaluations < self.budget.max_evaluations
@@ -486,25 +488,25 @@ class _Runs:
         feeds = {**self.base, **self.materialize(chosen)}
         if decide and self.screening and getattr(self.all, "one_by_one", False):
             later = range(self.count, len(self.budget.probes))
-            if self.worst is not None:  # the probe that deviated most last time goes first
-                later = [self.worst] + [k for k in later if k != self.worst]
+            if self.budget.worst is not None:  # the probe that deviated most last time goes first
+                later = [self.budget.worst] + [k for k in later if k != self.budget.worst]
             worst, most = screened, (-1.0, None)
             for k in later:
                 d = self._on_probe(self.budget.probes[k], self.reference[k], feeds)
                 worst, most = max(worst, d), max(most, (d, k))
                 if worst > self.budget.target:
                     return worst
-            self.worst = most[1]
+            self.budget.worst = most[1]
             return worst
-        if decide and self.screening and self.worst is not None:  # the probe that deviated most last time
-            alone = self._on_probe(self.budget.probes[self.worst], self.reference[self.worst], feeds)
+        if decide and self.screening and self.budget.worst is not None:  # the probe that deviated most last time
+            alone = self._on_probe(self.budget.probes[self.budget.worst], self.reference[self.budget.worst], feeds)
             if alone > self.budget.target:
                 return max(screened, alone)
         per_sample = verify.sample_deviations(self.reference, self.all(feeds))
         if not per_sample.size:
             return 0.0
         if self.screening:  # of the probes after the ranking ones (which screen anyway)
-            self.worst = self.count + int(per_sample[self.count:].max(axis=1).argmax())
+            self.budget.worst = self.count + int(per_sample[self.count:].max(axis=1).argmax())
         return float(per_sample.max())
 
     def _on_probe(self, probe: Feeds, reference: list[np.ndarray], feeds: dict[str, np.ndarray]) -> float:

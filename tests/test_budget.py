@@ -497,12 +497,12 @@ def test_a_decision_runs_the_last_worst_probe_alone_first(batch):
             p["x"][:, 0] = 0.0  # zeroing row 0 shows on probe 6 only
     budget, runs, hidden, harmless, calls = counted_runs(w, probes)
     assert runs.count == 4 and runs.screening and getattr(runs.all, "one_by_one", False) == (batch == 2)
-    assert runs.on_all([hidden]) > budget.target and runs.worst == 6
+    assert runs.on_all([hidden]) > budget.target and budget.worst == 6
     for chosen, over in (([hidden], True), ([harmless], False)):
         screened = runs.on_ranking(chosen)
         calls.clear()
         full = runs.on_all(chosen, screened)
-        runs.worst = 6
+        budget.worst = 6  # kept by the budget for the later spends too
         calls.clear()
         decided = runs.on_all(chosen, screened, decide=True)
         assert len(calls) == (1 if over else 2 if batch == 1 else 4)
