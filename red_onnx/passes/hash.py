@@ -61,7 +61,7 @@ def run(ctx: Context) -> PassResult:
                 name, factor, entries, error, scales, distinct = c.data
                 ctx.hashed[name] = (scales, codebooks[c.key])  # hashed = fl(codebook[i] · scale)
                 result.layers.append({"name": c.slot.split(":", 1)[1], "bandwidth_factor": factor, "modes": entries,
-                                      "distinct_before": distinct, "weight_error": round(error, 6)})
+                                      "distinct_before": distinct(), "weight_error": round(error, 6)})
             result.counts["layers_hashed"] = len(spent.accepted)
             result.counts["deviation_allocated"] = round(spent.deviation_after, 6)
     result.modified = result.counts["layers_hashed"] > 0
@@ -134,7 +134,7 @@ def _layer_candidates(ctx: Context, layer: Layer) -> list[tuple[Candidate, np.nd
         saving = w.nbytes - _encoded_bytes(w, len(codebook), ctx.codebook)
         error = float(np.linalg.norm(values - w)) / norm if norm else 0.0
         c = Candidate(f"hash:{layer.name}:{level}", f"hash:{layer.name}", (0, 0, saving), error, level,
-                      (layer.weight.name, factor, len(codebook), error, scales, distinct()))
+                      (layer.weight.name, factor, len(codebook), error, scales, distinct))
         out.append((c, layer.stored(values), codebook))
     return out
 
