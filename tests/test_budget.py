@@ -569,20 +569,29 @@ def test_steps_after_the_prefix_are_confirmed_on_all_probes_once():
 
 def test_a_chain_over_the_target_on_all_probes_keeps_its_longest_part_that_fits():
     """A step the ranking and strained probes cannot see (row 0, over the target on probe 6 only)
-    is taken in the chain; the last state fails on all probes, and the bisection keeps the steps
-    before it (the step after it is dropped); without any step that fits, the state before. Once
-    a run on all probes has seen it, the strained probes hold probe 6, and the chain never takes it."""
+    is taken in the chain; the last state fails on all probes, the bisection keeps the steps
+    before it, and the steps after it are tried again on that state; without any step that fits,
+    the state before; where probe 6 is among the strained probes, the chain never takes it."""
     w, probes, budget, runs, hidden, harmless, full = chain_setup()
     h1, h2, h3 = harmless
     steps = [(c.slot, 0, 0.0) for c in (h1, h2, hidden, h3)]
     slots = {c.slot: [c] for c in (h1, h2, hidden, h3)}
     accepted, current = budget._try_next(steps, slots, {}, 0.0, runs)
-    assert sorted(accepted) == ["row1", "row2"] and current <= budget.target
-    assert full == [["h1", "h2", "hidden", "h3"], ["h1", "h2"], ["h1", "h2", "hidden"]]
-    assert budget.strained[0] == 6  # learned from the runs on all probes: the next chain runs it
-    full.clear()
-    accepted, current = budget._try_next([("row0", 0, 0.0)], {"row0": [hidden]}, {}, 0.0, runs)
-    assert accepted == {} and full == []
-    budget.strained = [4, 5]
-    accepted, current = budget._try_next([("row0", 0, 0.0)], {"row0": [hidden]}, {}, 0.0, runs)
-    assert accepted == {} and current == 0.0 and full == [["hidden"]]
+    assert sorted(accepted) == ["row1", "row2", "row3"] and current <= budget.target
+    assert full == [["h1", "h2", "hidden", "h3"], ["h1", "h2"], ["h1", "h2", "hidden"], ["h1", "h2", "h3"]]
+    for strained, runs_on_all in (([4, 5], [["hidden"]]), ([6, 4, 5], [])):
+        budget.strained = strained
+        full.clear()
+        accepted, current = budget._try_next([("row0", 0, 0.0)], {"row0": [hidden]}, {}, 0.0, runs)
+        assert accepted == {} and current == 0.0 and full == runs_on_all
+
+
+def test_strained_probes_the_spend_does_not_hold_are_ignored():
+    """A later tolerance starts from the probes before an earlier one's back-off added some: the
+    strained probes kept from then may be past the end (O-Net at 0.1,0.3,0.5,1 failed on it)."""
+    w, probes, budget, runs, hidden, harmless, full = chain_setup()
+    budget.strained = [len(probes) + 2, 5, 2]  # past the end, strained, a ranking probe
+    assert runs.strained() == [5]
+    assert runs.on_all([hidden], decide=True) > budget.target
+    accepted, _ = budget._try_next([("row1", 0, 0.0)], {"row1": [harmless[0]]}, {}, 0.0, runs)
+    assert list(accepted) == ["row1"]
