@@ -143,11 +143,8 @@ RANKING_VALUES = 1000
 #: sub-model's session costs more than it saves)
 DOWNSTREAM_SECONDS = 0.02
 #: the search past the longest fitting prefix stops after this many steps that fit the ranking
-#: probes and not the strained ones
+#: probes and not all allocation probes (each cost a run on all of them)
 PATIENCE_MISSES = 3
-#: probes that deviated most in the last run on all probes, which the steps after the longest
-#: fitting prefix are tried on before the last of them that fits is confirmed on all probes
-STRAINED = 3
 #: Budget sessions kept for the later builds of a call: at most this many, each of a model whose
 #: weights outside the edited ones take at most SESSION_CACHE_BYTES
 SESSIONS_KEPT = 4
@@ -201,11 +198,10 @@ class Budget:
         #: first pass of every tolerance, and the passes after it where it accepted the same edits)
         #: skips the session's creation (0.12 s on the captcha CRNN's 902 nodes)
         self.sessions: dict[str, Any] = {}
-        #: of the probes after the ranking ones, the STRAINED that deviated most in the last run on
-        #: all probes, most first, of this spend or an earlier one (the next pass's edits strain the
-        #: same probes, often): a decision (:meth:`_Runs.on_all`) runs the first alone first, and
-        #: the steps after the longest fitting prefix are tried on them (:meth:`_try_next`)
-        self.strained: list[int] = []
+        #: of the probes after the ranking ones, the one that deviated most in the last run on all
+        #: probes, of this spend or an earlier one (the next pass's edits strain the same probes,
+        #: often): a decision (:meth:`_Runs.on_all`) runs it alone first
+        self.worst: int | None = None
 
     def spend(self, model: Any, candidates: list[Candidate], materialize: Materialize,
               arrays: dict[str, np.ndarray] | None = None, per_level: bool = False) -> Spent:
@@ -346,52 +342,24 @@ class Budget:
     def _try_next(self, later: list[tuple[str, int, float]], slots: dict[str, list[Candidate]],
                   accepted: dict[str, Candidate], current: float, runs: _Runs) -> tuple[dict[str, Candidate], float]:
         """The steps after the longest fitting prefix, one by one where predicted to fit: on the
-        ranking probes, then on the strained probes (the STRAINED that deviated most in the last
-        run on all of them), until PATIENCE_MISSES fit the first and not the second. The last
-        state that fits is then measured on all probes; where it does not fit, the longest chain
-        of the steps taken that does (:meth:`_confirmed`), and the search goes on after the step
-        that failed (a miss too). A step taken costs a few runs instead of one on all probes
-        (PP-OCRv6 at 0.1 took 4 here, at 0.3 s each on all 16 probes: its call ran 11.4 s
-        against 12.9 s, the same output)."""
+        ranking probes, then on all, until PATIENCE_MISSES fit the first and not the second."""
         misses = 0
-        while True:
-            chain, base = [], (accepted, current)  # chain: (state, index in later of its last step)
-            for n, (slot, i, cost) in enumerate(later):
-                if slot in accepted and slots[slot].index(accepted[slot]) >= i or not runs.left() \
-                        or current * current + cost > self.target * self.target:
-                    continue
-                trial = list({**accepted, slot: slots[slot][i]}.values())
-                screened = runs.on_ranking(trial)
-                if screened > self.target:
-                    continue
-                dev = runs.on_strained(trial, screened) if runs.screening else screened
-                if dev <= self.target:
-                    accepted, current = {c.slot: c for c in trial}, dev
-                    chain.append((accepted, n))
-                else:
-                    misses += 1
-                    if misses >= PATIENCE_MISSES:
-                        break
-            if not runs.screening or not chain:
-                return accepted, current
-            kept, current = self._confirmed([state for state, _ in chain], base, runs)
-            accepted = chain[kept][0] if kept >= 0 else base[0]
-            misses += kept < len(chain) - 1
-            if kept == len(chain) - 1 or misses >= PATIENCE_MISSES:
-                return accepted, current
-            later = later[chain[kept + 1][1] + 1:]  # after the step that failed on all probes
-
-    def _confirmed(self, chain: list[dict[str, Candidate]], base: tuple[dict[str, Candidate], float], runs: _Runs
-                   ) -> tuple[int, float]:
-        """Of the states ``chain`` took after ``base`` (a state and its deviation on all probes),
-        each one step more, the last whose deviation on all probes fits the target (the last
-        first, then bisection): its index (-1: ``base``) and that deviation."""
-        lo, hi, k, measured = -1, len(chain), len(chain) - 1, {-1: base[1]}
-        while hi - lo > 1:
-            measured[k] = runs.on_all(list(chain[k].values()), decide=True)
-            lo, hi = (k, hi) if measured[k] <= self.target else (lo, k)
-            k = (lo + hi) // 2
-        return lo, measured[lo]
+        for slot, i, cost in later:
+            if slot in accepted and slots[slot].index(accepted[slot]) >= i or not runs.left() \
+                    or current * current + cost > self.target * self.target:
+                continue
+            trial = list({**accepted, slot: slots[slot][i]}.values())
+            screened = runs.on_ranking(trial)
+            if screened > self.target:
+                continue
+            dev = runs.on_all(trial, screened, decide=True) if runs.screening else screened
+            if dev <= self.target:
+                accepted, current = {c.slot: c for c in trial}, dev
+            else:
+                misses += 1
+                if misses >= PATIENCE_MISSES:
+                    break
+        return accepted, current
 
     def _profile_slot(self, slot: str, levels: list[Candidate], slots: dict, added: dict, runs: _Runs,
                       before: float, per_level: bool) -> None:
@@ -518,46 +486,30 @@ class _Runs:
         if self.screening and screened > self.budget.target:
             return screened
         feeds = {**self.base, **self.materialize(chosen)}
-        strained = self.strained()
+        if self.budget.worst is not None and not self.count <= self.budget.worst < len(self.budget.probes):
+            self.budget.worst = None  # a later tolerance starts from the probes before an earlier one's back-off
         if decide and self.screening and getattr(self.all, "one_by_one", False):
-            later = strained[:1] + [k for k in range(self.count, len(self.budget.probes)) if k not in strained[:1]]
-            worst, each = screened, {}
-            for k in later:  # the probe that deviated most last time goes first
-                each[k] = self._on_probe(self.budget.probes[k], self.reference[k], feeds)
-                worst = max(worst, each[k])
+            later = range(self.count, len(self.budget.probes))
+            if self.budget.worst is not None:  # the probe that deviated most last time goes first
+                later = [self.budget.worst] + [k for k in later if k != self.budget.worst]
+            worst, most = screened, (-1.0, None)
+            for k in later:
+                d = self._on_probe(self.budget.probes[k], self.reference[k], feeds)
+                worst, most = max(worst, d), max(most, (d, k))
                 if worst > self.budget.target:
                     return worst
-            self.budget.strained = sorted(each, key=each.get, reverse=True)[:STRAINED]
+            self.budget.worst = most[1]
             return worst
-        if decide and self.screening and strained:  # the probe that deviated most last time
-            alone = self._on_probe(self.budget.probes[strained[0]], self.reference[strained[0]], feeds)
+        if decide and self.screening and self.budget.worst is not None:  # the probe that deviated most last time
+            alone = self._on_probe(self.budget.probes[self.budget.worst], self.reference[self.budget.worst], feeds)
             if alone > self.budget.target:
                 return max(screened, alone)
         per_sample = verify.sample_deviations(self.reference, self.all(feeds))
         if not per_sample.size:
             return 0.0
         if self.screening:  # of the probes after the ranking ones (which screen anyway)
-            order = np.argsort(-per_sample[self.count:].max(axis=1), kind="stable")[:STRAINED]
-            self.budget.strained = [self.count + int(k) for k in order]
+            self.budget.worst = self.count + int(per_sample[self.count:].max(axis=1).argmax())
         return float(per_sample.max())
-
-    def on_strained(self, chosen: list[Candidate], screened: float) -> float:
-        """The deviation with ``chosen`` applied on the ranking probes (``screened``) and the
-        strained probes (:attr:`Budget.strained`), each alone, up to the first over the target: a
-        lower bound of the deviation on all probes, at a few runs' cost."""
-        self.evaluations += 1
-        feeds = {**self.base, **self.materialize(chosen)}
-        worst = screened
-        for k in self.strained():
-            if worst > self.budget.target:
-                break
-            worst = max(worst, self._on_probe(self.budget.probes[k], self.reference[k], feeds))
-        return worst
-
-    def strained(self) -> list[int]:
-        """The budget's strained probes that this spend's probes hold (a later tolerance starts
-        from the probes before an earlier one's back-off added some)."""
-        return [k for k in self.budget.strained if self.count <= k < len(self.budget.probes)]
 
     def _on_probe(self, probe: Feeds, reference: list[np.ndarray], feeds: dict[str, np.ndarray]) -> float:
         from . import verify
