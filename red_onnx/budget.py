@@ -549,9 +549,9 @@ class _Runs:
         return added
 
 
-def run_all(sess: Any, probes: list[Feeds]) -> list[list[np.ndarray]]:
+def run_all(sess: Any, probes: list[Feeds], known: dict | None = None) -> list[list[np.ndarray]]:
     """Every probe's outputs, in one batch where the model allows it (see :func:`probe_runner`)."""
-    run = probe_runner(sess, probes, {})
+    run = probe_runner(sess, probes, {}, known)
     return run.unedited if hasattr(run, "unedited") else run({})
 
 
@@ -559,9 +559,10 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray],
                  outputs: tuple[str, ...] | None = None) -> Callable[[dict[str, np.ndarray]], list[list[np.ndarray]]]:
     """A function of the weight feeds returning each probe's outputs, running all probes as one
     batch where the model allows it (its outputs split per sample equal the one-by-one run, checked
-    on the first and the last probe). ``known``: where that was checked before for a session with
-    the same ``outputs`` (the input model's names of what the session returns: a rewrite may rename
-    its own) and as many probes (the check costs three runs)."""
+    on the first and the last probe). ``known``: what that check found before, per output (the
+    input model's name of what the session returns, ``outputs``: a rewrite may rename its own) and
+    number of probes: a session whose outputs were all checked, in this session or another (the
+    input model's, a build's), skips the check (it costs three runs)."""
 
     def one_by_one(feeds, subset=probes):
         return [sess.run(None, {**probe, **feeds}) for probe in subset]
@@ -571,12 +572,13 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray],
     if len(probes) < 2 or any(x.shape[:1] != (1,) for p in probes for x in p.values()) or any(
             i.name in probes[0] and i.shape[:1] == [1] for i in sess.get_inputs()):  # the input's batch size is fixed
         return one_by_one
-    key = (outputs or tuple(o.name for o in sess.get_outputs()), len(probes)) if known is not None else None
+    outputs = outputs or tuple(o.name for o in sess.get_outputs())
+    key = (outputs, len(probes)) if known is not None else None
     if key is not None and known.get(key, 0) is None:
         return one_by_one
     stacked = {name: np.concatenate([p[name] for p in probes]) for name in probes[0]}
-    if key is not None and key in known:
-        axes = known[key]
+    if key is not None and all((name, len(probes)) in known for name in outputs):
+        axes = [known[name, len(probes)] for name in outputs]
 
         def batch_known(feeds):
             try:
@@ -587,8 +589,10 @@ def probe_runner(sess: Any, probes: list[Feeds], weights: dict[str, np.ndarray],
 
         return batch_known
     runner = _checked_runner(sess, probes, weights, stacked, one_by_one)
-    if key is not None:
-        known[key] = getattr(runner, "axes", None)
+    if key is not None and hasattr(runner, "axes"):
+        known.update({(name, len(probes)): axis for name, axis in zip(outputs, runner.axes)})
+    elif key is not None:
+        known[key] = None
     return runner
 
 

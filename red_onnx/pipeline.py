@@ -345,7 +345,9 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
             ref_session = verify.input_session(original, ref_names, optimize=False)
             reference = _finite(_run_all(ref_session, probes.verification, input_model=True), ref_names)
         if opts.tolerance > 0:
-            allocation = _finite(_run_all(ref_session, probes.allocation, input_model=True), ref_names)
+            batch_axes = {}  # what the budget's sessions need not check again (budget.probe_runner)
+            allocation = _finite(_run_all(ref_session, probes.allocation, input_model=True, known=batch_axes),
+                                 ref_names)
             measured_before = None
             if profile_path is not None:
                 measured_before = profile.load(profile_path, profile.fingerprint(
@@ -353,6 +355,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
                     opts.probe_inputs))
             budget = Budget(opts.tolerance, probes.allocation, allocation, ref_names, plan, progress=opts.progress,
                             profile=measured_before)
+            budget.memo["batch axes"] = batch_axes
             if "hash" in opts.passes and INDEX_TYPES[opts.codebook]:
                 budget.mac_worth, budget.macs = MAC_WORTH, before.macs
         del ref_session
@@ -665,10 +668,11 @@ def _fresh_verification(model: onnx.ModelProto, ref_names: list[str], probes, sp
     return _run_all(verify.input_session(model, ref_names), probes.verification, input_model=True)
 
 
-def _run_all(sess, probes: list[dict], input_model: bool = False) -> list[list[np.ndarray]]:
+def _run_all(sess, probes: list[dict], input_model: bool = False, known: dict | None = None
+             ) -> list[list[np.ndarray]]:
     """Every probe's outputs (:func:`budget.run_all`); the input model failing on them is bad input."""
     try:
-        return run_all(sess, probes)
+        return run_all(sess, probes, known)
     except Exception as err:
         if not input_model:
             raise

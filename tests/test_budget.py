@@ -412,6 +412,33 @@ def test_probe_runner_batches_only_where_samples_stay_apart(mixes_batch):
         np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("mixes_batch", [False, True])
+def test_probe_runner_reuses_another_sessions_check_per_output(mixes_batch):
+    """The input model's check serves the budget's session, which returns some of its outputs:
+    no run before its own where every output was checked; a model that mixes samples is never
+    batched (the check is not skipped on its word)."""
+    from red_onnx import verify
+    from red_onnx.budget import probe_runner
+
+    g = Builder()
+    x = g.input("x", ["N", 4])
+    y = g.node("MatMul", [x, g.const(np.random.default_rng(0).standard_normal((4, 3)))])
+    if mixes_batch:
+        y = g.node("Sub", [y, g.node("ReduceMean", [y], axes=[0], keepdims=1)])
+    g.node("Identity", [y], outputs=["y"])
+    g.node("Relu", [y], outputs=["z"])
+    g.output("y")
+    g.output("z")
+    probes = uniform_probes(np.random.default_rng(1), 4, 5)
+    known = {}
+    probe_runner(CountingSession(session(g.model())), probes, {}, known)  # the input model's run
+    only_z = CountingSession(verify.session(g.model(), ["z"]))
+    run = probe_runner(only_z, probes, {}, known, ("z",))
+    assert only_z.runs == (3 if mixes_batch else 0)
+    for out, probe in zip(run({}), probes):
+        np.testing.assert_allclose(out[0], only_z.sess.run(None, probe)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_probe_runner_runs_a_fixed_batch_size_one_by_one_without_trying_a_batch():
     """An input whose batch size is fixed at 1 cannot take a batch: no check runs, no stacked copy."""
     from red_onnx.budget import probe_runner
