@@ -938,9 +938,20 @@ def random_models(draw) -> onnx.ModelProto:
                 h, size = g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2]), size // 2
             else:
                 h = g.node("AveragePool", [h], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
-    head = draw(st.sampled_from(["gap_gemm", "flatten_gemm", "flatten_matmul", "transposed_gemm", "conv"]))
+    head = draw(st.sampled_from(["gap_gemm", "flatten_gemm", "flatten_matmul", "transposed_gemm", "conv", "tokens"]))
     if head == "conv":
         g.output(g.conv_w(h, *rand_layer(rng, 3, c, 3)))
+        return g.model()
+    if head == "tokens":  # the map as (N, H·W, C) tokens into a feed-forward block: channels on the last axis
+        h = g.node("Transpose", [g.node("Reshape", [h, g.init([0, c, -1], dtype=np.int64)])], perm=[0, 2, 1])
+        for _ in range(draw(st.integers(1, 2))):
+            m = draw(st.integers(2, 10))
+            w, b = rand_layer(rng, m, c)
+            plan = _plan(draw, rng, m)
+            w, b = plant(w, b if draw(st.booleans()) else None, plan)
+            h = _activation(draw, g, rng, _affine(draw, g, rng, g.matmul_w(h, w, b), m, 2, plan), m, 2, plan)
+            c = m
+        g.output(g.matmul_w(h, *rand_layer(rng, 3, c)))
         return g.model()
     if head == "gap_gemm":
         h, features = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1), c
@@ -1027,6 +1038,13 @@ def test_property_random_graphs_lossy_results_keep_their_promise(model, toleranc
     assert model.SerializeToString() == before
     assert_preserved(model, result)
     assert report.verified and report.output_deviation <= tolerance
+    over = fresh_inputs_over(model, result, tolerance)
+    assert over <= 8, f"{over} of 64 inputs deviate more than {tolerance}"
+
+
+def fresh_inputs_over(model: onnx.ModelProto, result: onnx.ModelProto, tolerance: float) -> int:
+    """Of 64 N(0, 1) inputs the tool never saw, how many make an output of ``result`` deviate from
+    ``model``'s by more than ``tolerance`` (relative L2); every output finite."""
     rng = np.random.default_rng(12345)
     a, b = ort_session(model), ort_session(result)
     shape = [1] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
@@ -1036,19 +1054,24 @@ def test_property_random_graphs_lossy_results_keep_their_promise(model, toleranc
         ys, ys2 = a.run(None, feeds), b.run(None, feeds)
         assert all(np.isfinite(y2).all() for y2 in ys2)
         over += max(rel_l2(y, y2) for y, y2 in zip(ys, ys2)) > tolerance
-    assert over <= 8, f"{over} of 64 inputs deviate more than {tolerance}"
+    return over
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(wide_models(), st.lists(st.sampled_from([0.01, 0.05, 0.2, 1.0]), min_size=2, max_size=3, unique=True))
-def test_property_several_tolerances_in_one_call_equal_single_calls(model, tolerances):
+def test_property_several_tolerances_in_one_call_keep_each_promise(model, tolerances):
     """One call at several tolerances (one preparation, the profile and the budget's state shared,
-    each output built, verified and backed off on its own) writes what a call at each tolerance
-    alone writes. State kept across tolerances broke this once: O-Net at 0.1,0.3,0.5,1 failed where
-    an earlier tolerance's back-off had added probes."""
+    each output built, verified and backed off on its own) writes, per tolerance, an output that
+    keeps its promise as a single call's does. State kept across tolerances broke this once: O-Net
+    at 0.1,0.3,0.5,1 failed where an earlier tolerance's back-off had added probes. The outputs need
+    not be a single call's: a profile entry measured in one build serves another whose earlier
+    passes accepted other edits (one draw: MACs 78,264 at 0.01 after 0.05, 86,112 alone)."""
+    before = model.SerializeToString()
     for t, result, report in red_onnx.compress_each(model, tolerances):
-        alone, _ = red_onnx.compress(model, t)
-        assert report.verified and result.SerializeToString() == alone.SerializeToString(), t
+        assert model.SerializeToString() == before
+        assert_preserved(model, result)
+        assert report.verified and report.output_deviation <= t
+        assert fresh_inputs_over(model, result, t) <= 8, t
 
 
 def check_lossless(model):
