@@ -12,6 +12,10 @@ both directions, through the ops the handler registry knows:
 * its **path ops** sit in between; their per-channel parameters (BN statistics, PRelu slopes,
   depthwise kernels) join each channel's identity.
 
+The channel axis is axis 1 (N, C, *spatial), or the last axis where the producers are MatMuls on
+inputs of rank 3 or more ((N, T, C): a transformer's feed-forward block, a channels-last MLP);
+ops that treat axis 1 apart (pooling, BatchNormalization, Conv, Flatten) freeze such a space.
+
 * a **Concat** on the channel axis places the space at an offset of its output, a **Split** or a
   **Slice** on it cuts the space into segments (merges stay inside one; sizes and bounds follow), a **Transpose**
   moves the channel axis (to the last axis for a MatMul, say); past them the space may go through
@@ -106,6 +110,7 @@ class Space:
     homogeneous: bool = True
     zero_preserving: bool = True
     frozen: str | None = None
+    last: bool = False  # channels on the last axis (MatMul producers on inputs of rank 3 or more)
 
     @property
     def name(self) -> str:
@@ -114,6 +119,10 @@ class Space:
     def freeze(self, reason: str) -> None:
         if self.frozen is None:
             self.frozen = reason
+
+    def axis(self, rank: int | None) -> int | None:
+        """The channel axis of a tensor of the space of rank ``rank``."""
+        return None if rank is None else rank - 1 if self.last else 1
 
     def producer_rows(self) -> np.ndarray:
         """(C, D) float64: every producer's [weight row, bias] side by side."""
@@ -203,7 +212,7 @@ def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
     for layer in layers:
         if layer.output.name in seen:
             continue
-        space = Space(layer.out_channels)
+        space = Space(layer.out_channels, last=_channels_last(layer, walk))
         _flood(layer.output, space, seen, by_output, walk)
         for node, entered in space.concats:  # a second input of the space would be missed: not supported
             if any(t.name in space.tensors and t.name != entered for t in node.inputs):
@@ -247,6 +256,8 @@ def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, wa
                     space.freeze("producers of different widths")
                 if layer.group != 1:
                     space.freeze(f"produced by grouped {layer.op} '{layer.name}'")
+                if _channels_last(layer, walk) != space.last and walk.rank(layer.output) != 2:
+                    space.freeze("producers with their channels on different axes")
         elif tensor.inputs:
             node = tensor.inputs[0]
             if id(node) not in visited_nodes:
@@ -279,8 +290,8 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk, backwar
 def _depthwise(layer: Layer, space: Space) -> list[gs.Tensor]:
     """A depthwise conv is a path op: its kernels and bias are per-channel parameters."""
     node = layer.node
-    if layer.out_channels != space.channels:
-        space.freeze(f"depthwise Conv '{node.name}' of another width")
+    if layer.out_channels != space.channels or space.last:
+        space.freeze(f"depthwise Conv '{node.name}' of another width or on channels last")
         return []
     space.depthwise.append(node)
     space.resizes.append(lambda keep, c: node.attrs.__setitem__("group", len(keep)))
@@ -305,8 +316,12 @@ def _consumer(node: gs.Node, layer: Layer | None, tensor: gs.Tensor, space: Spac
         space.freeze(f"feeds grouped {op} '{node.name}'")
         return []
     w = layer.get_weight()
-    if op == "Conv" and w.shape[1] == c:
+    rank = walk.rank(tensor)
+    if op == "Conv" and w.shape[1] == c and not space.last:
         space.consumers.append(Consumer(layer, 1))
+        return []
+    if op == "MatMul" and space.last and w.shape[1] == c and rank is not None:
+        space.consumers.append(Consumer(layer, 1, axis=rank - 1))
         return []
     if op in ("Gemm", "MatMul") and w.shape[1] % c == 0 and _features_axis_ok(layer, tensor, walk.shapes, c):
         space.consumers.append(Consumer(layer, w.shape[1] // c))
@@ -355,6 +370,9 @@ class _Unary(Handler):
     """Activations and pooling: channel-wise, so the space goes through unchanged."""
 
     def through(self, node, tensor, space, walk, backward):
+        if space.last and node.op in ELEMENTWISE_ONLY:
+            space.freeze(f"{node.op} '{node.name}' on a tensor with its channels last")
+            return []
         if node.op in ("Resize", "Upsample") and not _resize_keeps_channels(node):
             space.freeze(f"{node.op} '{node.name}' that may resize the channel axis")
             return []
@@ -380,7 +398,7 @@ class _Unary(Handler):
 @register("Pad")
 class _Pad(Handler):
     def through(self, node, tensor, space, walk, backward):
-        if not _zero_pad(node) or _pads_channels(node):
+        if not _zero_pad(node) or _pads_channels(node) or space.last:
             space.freeze(f"Pad '{node.name}' that is not a spatial zero pad")
             return []
         return [node.outputs[0], node.inputs[0]]
@@ -391,8 +409,8 @@ class _BatchNorm(Handler):
     """Its four statistics are per-channel parameters (equal for channels that merge)."""
 
     def through(self, node, tensor, space, walk, backward):
-        if not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]):
-            space.freeze(f"BatchNormalization '{node.name}' with non-constant parameters")
+        if not all(isinstance(t, gs.Constant) for t in node.inputs[1:5]) or space.last:
+            space.freeze(f"BatchNormalization '{node.name}' with non-constant parameters or on channels last")
             return []
         if any(len(t.outputs) > 1 for t in node.inputs[1:5]) or len({id(t) for t in node.inputs[1:5]}) < 4:
             space.freeze(f"BatchNormalization '{node.name}' with parameters shared with other nodes")
@@ -433,7 +451,7 @@ class _Arithmetic(Handler):
 @register(*SPATIAL_REDUCE)
 class _SpatialReduce(Handler):
     def through(self, node, tensor, space, walk, backward):
-        if not _spatial_reduce(node, walk.rank(tensor)):
+        if not _spatial_reduce(node, walk.rank(tensor)) or space.last:
             return super().through(node, tensor, space, walk, backward)
         return [node.outputs[0], node.inputs[0]]
 
@@ -444,7 +462,7 @@ class _ToFeatures(Handler):
     [c·B, (c+1)·B); a constant Reshape target follows the new count."""
 
     def through(self, node, tensor, space, walk, backward):
-        if backward:
+        if backward or space.last:
             return super().through(node, tensor, space, walk, backward)
         return _to_features(node, tensor, space, walk.shapes)
 
@@ -487,7 +505,8 @@ class _Entry(Handler):
 @register("Concat")
 class _Concat(_Entry):
     def entry(self, node, tensor, space, walk):
-        if _axis(node, tensor, walk, 1) != 1:
+        axis = space.axis(walk.rank(tensor))
+        if axis is None or _axis(node, tensor, walk, 1) != axis:
             space.freeze(f"Concat '{node.name}' not on the channel axis")
             return []
         widths = [walk.shapes.get(t.name) for t in node.inputs]
@@ -495,16 +514,17 @@ class _Concat(_Entry):
         if any(w is None for w in widths) or out_shape is None:
             space.freeze(f"Concat '{node.name}' with unknown input widths")
             return []
-        offsets = np.cumsum([0] + [w[1] for w in widths])
+        offsets = np.cumsum([0] + [w[axis] for w in widths])
         space.concats.append((node, tensor.name))
-        return [(node.outputs[0], _Span(1, 0, space.channels, int(offsets[k]), int(out_shape[1])))
+        return [(node.outputs[0], _Span(axis, 0, space.channels, int(offsets[k]), int(out_shape[axis])))
                 for k, t in enumerate(node.inputs) if t is tensor]
 
 
 @register("Split")
 class _Split(_Entry):
     def entry(self, node, tensor, space, walk):
-        if _axis(node, tensor, walk, 0) != 1:
+        axis = space.axis(walk.rank(tensor))
+        if axis is None or _axis(node, tensor, walk, 0) != axis:
             space.freeze(f"Split '{node.name}' not on the channel axis")
             return []
         sizes = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
@@ -533,7 +553,7 @@ class _Split(_Entry):
                 node.attrs["split"] = counts
 
         space.resizes.append(resize)
-        return [(out, _Span(1, lo, hi, -lo, hi - lo)) for out, (lo, hi) in zip(node.outputs, ranges)]
+        return [(out, _Span(axis, lo, hi, -lo, hi - lo)) for out, (lo, hi) in zip(node.outputs, ranges)]
 
 
 @register("Transpose")
@@ -543,7 +563,7 @@ class _Transpose(_Entry):
         if rank is None:
             space.freeze(f"Transpose '{node.name}' of unknown rank")
             return []
-        return [(node.outputs[0], _Span(_moved(node, rank, 1), 0, space.channels, 0, space.channels))]
+        return [(node.outputs[0], _Span(_moved(node, rank, space.axis(rank)), 0, space.channels, 0, space.channels))]
 
     def tail(self, node, tensor, axis, space, walk):
         rank = walk.rank(tensor)
@@ -554,7 +574,7 @@ class _Transpose(_Entry):
 class _Slice(_Entry):
     def through(self, node, tensor, space, walk, backward):
         axes = _slice_axes(node, tensor, walk)
-        if not backward and axes is not None and 1 not in axes:
+        if not backward and axes is not None and space.axis(walk.rank(tensor)) not in axes:
             return [node.outputs[0]]  # a spatial crop keeps the channels
         return super().through(node, tensor, space, walk, backward)
 
@@ -563,7 +583,8 @@ class _Slice(_Entry):
         if axes is None:
             space.freeze(f"Slice '{node.name}' with computed bounds")
             return []
-        k = axes.index(1)
+        axis = space.axis(walk.rank(tensor))
+        k = axes.index(axis)
         starts, ends = node.inputs[1], node.inputs[2]
         steps = node.inputs[4] if len(node.inputs) > 4 and node.inputs[4].name else None
         if (steps is not None and int(np.atleast_1d(steps.values)[k]) != 1) or len(starts.outputs) > 1 \
@@ -586,7 +607,7 @@ class _Slice(_Entry):
                 const.values = values.reshape(const.values.shape).astype(const.values.dtype)
 
         space.resizes.append(resize)
-        return [(node.outputs[0], _Span(1, lo, hi, -lo, hi - lo))]
+        return [(node.outputs[0], _Span(axis, lo, hi, -lo, hi - lo))]
 
 
 def _moved(node: gs.Node, rank: int, axis: int) -> int:
@@ -638,6 +659,11 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
                 space.freeze(f"past a Concat/Split/Transpose, reaches {node.op} '{node.name}'{why}")
                 return
             stack.extend(nxt)
+
+
+def _channels_last(layer: Layer, walk: Walk) -> bool:
+    """A MatMul (x·B) writes its channels on the last axis; on inputs of rank 3 or more that is not axis 1."""
+    return layer.op == "MatMul" and (walk.rank(layer.output) or 2) > 2
 
 
 def _is_depthwise(layer: Layer) -> bool:
@@ -710,7 +736,7 @@ def _add_param(space: Space, const: gs.Constant, tensor: gs.Tensor, shapes: dict
     if values.size == 1:
         return True
     rank = _rank(tensor, shapes)
-    axis = _channel_axis(values.shape, space.channels, rank)
+    axis = _channel_axis(values.shape, space.channels, rank, space.axis(rank))
     if axis is None:
         space.freeze(f"{where}: constant of shape {values.shape} is not one value per channel")
         return False
@@ -721,14 +747,14 @@ def _add_param(space: Space, const: gs.Constant, tensor: gs.Tensor, shapes: dict
     return True
 
 
-def _channel_axis(shape: tuple[int, ...], channels: int, rank: int | None) -> int | None:
-    """The axis of a constant that broadcasts along axis 1 of a rank-``rank`` tensor, or None."""
-    if rank is None or len(shape) > rank or rank < 2:
+def _channel_axis(shape: tuple[int, ...], channels: int, rank: int | None, axis: int | None = 1) -> int | None:
+    """The axis of a constant that broadcasts along ``axis`` of a rank-``rank`` tensor, or None."""
+    if rank is None or axis is None or len(shape) > rank or rank < 2:
         return None
     padded = (1,) * (rank - len(shape)) + tuple(shape)
-    if padded[1] != channels or any(d != 1 for i, d in enumerate(padded) if i != 1):
+    if padded[axis] != channels or any(d != 1 for i, d in enumerate(padded) if i != axis):
         return None
-    return 1 - (rank - len(shape))
+    return axis - (rank - len(shape))
 
 
 def _resize_keeps_channels(node: gs.Node) -> bool:

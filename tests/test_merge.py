@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import red_onnx
 from conftest import Builder
-from graphs import (assert_same, attr, check_exact, inits, merge0, merge_counts, node, plant, rand_layer,
-                    removed, rel_l2, session, view_weight)
+from graphs import (assert_same, attr, check_exact, inits, merge0, merge_counts, merge_reasons, node, plant,
+                    rand_layer, removed, rel_l2, session, view_weight)
 
 MULTIPLES = [(5, 1, 2.5), (6, 2, 0.4)]  # row 5 = 2.5·row 1, row 6 = 0.4·row 2
 DUPLICATES = [(5, 1, 1.0), (6, 2, 1.0)]
@@ -251,6 +251,96 @@ def test_gemm_broadcast_bias_producer():
     h = g.node("Relu", [g.gemm_w(x, w1, np.array([0.3], np.float32), name="fc1")])
     g.output(g.gemm_w(h, *rand_layer(rng, 4, 8), name="fc2"))
     check_exact(g.model(), {"fc1": 1})
+
+
+# --------------------------------------------------------------------------------------------- #
+# channels last: MatMuls on (N, T, C), as a transformer's feed-forward block
+
+
+def gelu(g: Builder, x: str) -> str:
+    """GELU as exporters write it: x · 0.5 · (1 + erf(x / √2))."""
+    e = g.node("Erf", [g.node("Div", [x, g.init(np.array(np.sqrt(2.0), np.float32))])])
+    return g.node("Mul", [g.node("Mul", [x, g.node("Add", [e, g.init(np.array(1.0, np.float32))])]),
+                          g.init(np.array(0.5, np.float32))])
+
+
+def feed_forward(plan, act="Relu", scale=None, seed=13, t=5, d=6, h=8):
+    """x(N,T,D) → mm1 (+bias, h channels on the last axis, planted) → act → [× per-channel scale] → mm2 → y."""
+    rng = np.random.default_rng(seed)
+    w1, b1 = plant(*rand_layer(rng, h, d), plan)
+    w2, b2 = rand_layer(rng, 4, h)
+    g = Builder()
+    y = g.matmul_w(g.input("x", ["N", t, d]), w1, b1, name="mm1")
+    y = gelu(g, y) if act == "Gelu" else g.node(act, [y])
+    if scale is not None:
+        y = g.node("Mul", [y, g.init(scale.astype(np.float32))])
+    g.output(g.matmul_w(y, w2, b2, name="mm2"))
+    return g.model(), w2
+
+
+def test_channels_last_feed_forward_block():
+    """Multiples and a dead neuron of a (N, T, C) MatMul merge into the next MatMul's rows (numpy oracle)."""
+    plan = [(3, 0, 2.0), (5, 1, 1.0), (6, 0, 0.0)]
+    model, w2 = feed_forward(plan)
+    result, _ = check_exact(model, {"mm1": 3})
+    oracle = np.delete(merged_columns(w2, plan[:2]), 4, axis=1)  # the dead channel 6 is column 4 once 3, 5 are gone
+    np.testing.assert_allclose(view_weight(result, "mm2"), oracle, rtol=1e-6, atol=1e-7)
+
+
+def test_channels_last_gelu_and_a_per_channel_scale():
+    """Through an exported GELU (not homogeneous) duplicates merge, multiples do not; a per-channel
+    scale on the last axis (a layer scale) must be equal for the pair."""
+    scale = np.linspace(0.5, 1.5, 8)
+    scale[5] = scale[1]  # channel 5 duplicates channel 1 and is scaled alike; 6 duplicates 2, scaled unlike it
+    model, _ = feed_forward([(5, 1, 1.0), (6, 2, 1.0), (7, 0, 3.0)], act="Gelu", scale=scale)
+    check_exact(model, {"mm1": 1})
+
+
+@pytest.mark.parametrize("op, attrs", [("MaxPool", {"kernel_shape": [2], "strides": [2]}),
+                                       ("LayerNormalization", {"axis": -1}),
+                                       ("BatchNormalization", {})])
+def test_channels_last_space_frozen_where_axis_1_is_treated_apart(op, attrs):
+    """A pooling, BatchNormalization (statistics per axis-1 entry, here the sequence) or a
+    LayerNormalization over the channels does not act channel by channel on (N, T, C)."""
+    rng = np.random.default_rng(14)
+    w1, b1 = plant(*rand_layer(rng, 8, 6), DUPLICATES)
+    g = Builder()
+    y = g.node("Relu", [g.matmul_w(g.input("x", ["N", 4, 6]), w1, b1, name="mm1")])
+    if op == "LayerNormalization":
+        y = g.node(op, [y, g.init(np.ones(8, np.float32)), g.init(np.zeros(8, np.float32))], **attrs)
+    elif op == "BatchNormalization":
+        y = g.bn(y, 4)
+    else:
+        y = g.node(op, [y], **attrs)
+    width = 4 if op == "MaxPool" else 8
+    g.output(g.matmul_w(y, *rand_layer(rng, 3, width), name="mm2"))
+    result, report = check_exact(g.model(), {})
+    assert any(op in r for r in merge_reasons(report)), merge_reasons(report)
+
+
+def test_channels_last_through_a_transpose_to_a_conv():
+    """(N, T, C) → Transpose → (N, C, T) → Conv1d: the conv reads the MatMul's channels on axis 1."""
+    rng = np.random.default_rng(15)
+    w1, b1 = plant(*rand_layer(rng, 8, 6), MULTIPLES)
+    g = Builder()
+    y = g.node("Relu", [g.matmul_w(g.input("x", ["N", 5, 6]), w1, b1, name="mm1")])
+    y = g.node("Transpose", [y], perm=[0, 2, 1])
+    w2, b2 = rand_layer(rng, 4, 8, 3)
+    g.output(g.node("Conv", [y, g.init(w2[:, :, 1]), g.init(b2)], name="conv2", kernel_shape=[3], pads=[1, 1]))
+    check_exact(g.model(), {"mm1": 2})
+
+
+def test_a_transposed_sequence_axis_is_not_taken_for_the_channels():
+    """(N, 6, 6) → Transpose → a MatMul over the last axis, which is the sequence now: the six
+    channels must not couple to its six inputs (they did while axis 1 was taken for the channels)."""
+    rng = np.random.default_rng(16)
+    w1, b1 = plant(*rand_layer(rng, 6, 6), [(5, 1, 1.0)])
+    g = Builder()
+    y = g.node("Relu", [g.matmul_w(g.input("x", ["N", 6, 6]), w1, b1, name="mm1")])
+    y = g.node("Transpose", [y], perm=[0, 2, 1])
+    g.output(g.matmul_w(y, *rand_layer(rng, 3, 6), name="mm2"))
+    result, report = check_exact(g.model(), {})
+    assert any("Transpose" in r for r in merge_reasons(report)), merge_reasons(report)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -103,6 +103,26 @@ def test_constant_channel_into_biasless_matmul_gets_a_bias():
     assert_same(model, result)
 
 
+def test_constant_channel_of_a_sequence_matmul_folds_exactly():
+    """Channels last, (N, T, C): a zero-weight neuron of a feed-forward block is the same constant at
+    every position; folded into the next MatMul's bias (numpy oracle), exactly."""
+    rng = np.random.default_rng(6)
+    g = Builder(6)
+    w1 = rng.standard_normal((8, 6)).astype(np.float32)
+    b1 = rng.uniform(0.5, 1, 8).astype(np.float32)
+    w1[[2, 7]] = 0
+    h = g.relu(g.matmul_w(g.input("x", ["N", 5, 6]), w1, b1, name="mm1"))
+    w2, b2 = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    g.output(g.matmul_w(h, w2, b2, name="mm2"))
+    model = g.model()
+    result, report = prune0(model)
+    assert counts(report)["constant_channels_folded"] == 2
+    np.testing.assert_allclose(view_weight(result, "mm2"), np.delete(w2, [2, 7], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(inits(result)[next(n for n in result.graph.node if n.name == "mm2_bias").input[1]],
+                               b2 + w2[:, [2, 7]] @ b1[[2, 7]], rtol=1e-5)
+    assert_same(model, result)
+
+
 def test_zero_bias_added_for_nothing_is_dropped_again():
     """A biasless consumer whose space prunes nothing keeps its form (no Add left behind)."""
     rng = np.random.default_rng(5)
@@ -120,9 +140,18 @@ def test_zero_bias_added_for_nothing_is_dropped_again():
 
 
 def tiny_chain(tiny=(1, 6), scale=1e-4, seed=0, consumer="conv"):
-    """conv1 (8 ch) → relu → conv2 / flatten+gemm, where conv2 barely reads channels ``tiny``."""
+    """conv1 (8 ch) → relu → conv2 / flatten+gemm, where conv2 barely reads channels ``tiny``
+    (``consumer`` "sequence": a feed-forward block on (N, T, C), mm1 → relu → mm2)."""
     rng = np.random.default_rng(seed)
     g = Builder(seed)
+    if consumer == "sequence":
+        w1 = rng.standard_normal((8, 6)).astype(np.float32) / 2
+        h = g.relu(g.matmul_w(g.input("x", ["N", 5, 6]), w1, rng.standard_normal(8).astype(np.float32) * 0.1,
+                              name="conv1"))
+        w2 = rng.standard_normal((4, 8)).astype(np.float32) / 3
+        w2[:, list(tiny)] *= scale
+        g.output(g.matmul_w(h, w2, rng.standard_normal(4).astype(np.float32), name="mm2"))
+        return g.model()
     x = g.input("x", ["N", 3, 6, 6])
     w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) / 5
     h = g.relu(g.conv_w(x, w1, rng.standard_normal(8).astype(np.float32) * 0.1, name="conv1"))
@@ -138,7 +167,7 @@ def tiny_chain(tiny=(1, 6), scale=1e-4, seed=0, consumer="conv"):
     return g.model()
 
 
-@pytest.mark.parametrize("consumer", ["conv", "gemm"])
+@pytest.mark.parametrize("consumer", ["conv", "gemm", "sequence"])
 def test_tiny_channels_pruned_within_the_tolerance(consumer):
     model = tiny_chain(consumer=consumer)
     tol = 0.01
