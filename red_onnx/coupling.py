@@ -213,6 +213,8 @@ def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
         if layer.output.name in seen:
             continue
         space = Space(layer.out_channels, last=_channels_last(layer, walk))
+        if layer.op == "MatMul" and walk.rank(layer.output) is None:
+            space.freeze(f"MatMul '{layer.name}' output of unknown shape (which axis holds its channels?)")
         _flood(layer.output, space, seen, by_output, walk)
         for node, entered in space.concats:  # a second input of the space would be missed: not supported
             if any(t.name in space.tensors and t.name != entered for t in node.inputs):
