@@ -37,7 +37,8 @@ class Probes:
 
 def random_probes(specs: Specs, count: int, rng: np.random.Generator,
                   ranges: dict[str, tuple[float, float]] | None = None) -> list[Feeds]:
-    """``count`` samples: N(0,1) floats (uniform in ``ranges[name]`` where given); integers and bools 0."""
+    """``count`` samples: N(0,1) floats (uniform in ``ranges[name]`` where given); integers
+    uniform among the integers of ``ranges[name]``, 0 where none is given; bools False."""
     ranges = ranges or {}
     samples = []
     for _ in range(count):
@@ -50,6 +51,9 @@ def random_probes(specs: Specs, count: int, rng: np.random.Generator,
                 else:
                     x = rng.standard_normal(shape)
                 feeds[name] = x.astype(dtype)
+            elif np.issubdtype(dtype, np.integer) and name in ranges:
+                low, high = ranges[name]
+                feeds[name] = rng.integers(int(np.ceil(low)), int(np.floor(high)), size=shape, endpoint=True).astype(dtype)
             else:
                 feeds[name] = np.zeros(shape, dtype=dtype)
         samples.append(feeds)
@@ -99,6 +103,12 @@ def make_probes(specs: Specs, seed: int = 0, allocation: int = 16, verification:
             raise InputError(f"--probe-range {name}: the model has no input named '{name}' (inputs: {', '.join(specs)})")
         if not (np.isfinite(low) and np.isfinite(high) and low < high):
             raise InputError(f"--probe-range {name}: needs finite LOW < HIGH, got {low}, {high}")
+        dtype = specs[name][1]
+        if np.issubdtype(dtype, np.integer) and not (np.iinfo(dtype).min <= np.ceil(low) <= np.floor(high)
+                                                    <= np.iinfo(dtype).max):
+            raise InputError(f"--probe-range {name}: no {np.dtype(dtype).name} value between {low:g} and {high:g}")
+        if not np.issubdtype(dtype, np.floating) and not np.issubdtype(dtype, np.integer):
+            raise InputError(f"--probe-range {name}: input '{name}' is {np.dtype(dtype).name}, not a number")
     rng = np.random.default_rng(seed)
     if arrays is not None:
         samples = file_probes(arrays, specs)

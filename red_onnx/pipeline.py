@@ -334,6 +334,8 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
     plan = verify.measure_plan(original)
     measured, _ = verify.measured_tensors(original)
     ref_names = list(dict.fromkeys(measured + [o.name for o in original.graph.output]))
+    if opts.probe_inputs is None:
+        _integer_probe_ranges(original, specs, opts, report)
     probes = make_probes(specs, opts.seed, opts.allocation, opts.check, opts.probe_ranges, opts.probe_inputs)
     reference, budget = None, None
     if opts.verify:  # one session on the input model for both probe sets
@@ -387,6 +389,34 @@ def _release_freed_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _integer_probe_ranges(original: onnx.ModelProto, specs: dict, opts: Options, report: Report) -> None:
+    """Integer inputs without a --probe-range: one that only indexes the rows of constant tables
+    (Gather on axis 0: token ids into an embedding) is probed uniformly over the rows every table
+    has; any other stays 0 on every probe, which the report says (all probes then agree on it)."""
+    constants = {t.name: tuple(t.dims) for t in original.graph.initializer}
+    constants.update({n.output[0]: tuple(a.t.dims) for n in original.graph.node if n.op_type == "Constant"
+                      for a in n.attribute if a.name == "value"})
+    given = dict(opts.probe_ranges or {})
+    for name, (_, dtype) in specs.items():
+        if not np.issubdtype(dtype, np.integer) or name in given:
+            continue
+        readers = [n for n in original.graph.node if name in n.input]
+        rows = [constants.get(n.input[0], ())[:1] for n in readers
+                if n.op_type == "Gather" and list(n.input[1:]) == [name] and _attr(n, "axis", 0) == 0]
+        if readers and len(rows) == len(readers) and all(rows) and min(rows)[0] > 0:
+            given[name] = (0.0, float(min(rows)[0] - 1))
+            report.notes.append(f"integer input '{name}' probed uniformly in 0..{min(rows)[0] - 1}, the rows of the "
+                                f"table(s) it indexes (--probe-range {name}:LOW,HIGH or --probe-inputs to choose)")
+        elif opts.tolerance > 0:
+            report.notes.append(f"integer input '{name}' is 0 on every probe: give --probe-range {name}:LOW,HIGH or "
+                                f"--probe-inputs so that the probes vary it")
+    opts.probe_ranges = given or opts.probe_ranges
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _notes_on_input(original: onnx.ModelProto, opts: Options, report: Report) -> None:

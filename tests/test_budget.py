@@ -18,6 +18,7 @@ from conftest import Builder
 from graphs import session
 from red_onnx import deviation
 from red_onnx.budget import Budget, Candidate, make_probes, random_probes
+from red_onnx.errors import InputError
 
 
 def mm_model(w: np.ndarray):
@@ -137,6 +138,21 @@ def test_probe_sets_are_disjoint_and_in_range():
     assert len({x.tobytes() for x in xs}) == 9
     r = random_probes(specs, 3, np.random.default_rng(0))
     assert all(f["input"].dtype == np.float32 for f in r)
+
+
+def test_integer_inputs_take_the_integers_of_their_range():
+    """An integer input with a range gets every integer of it (bounds included), in its own dtype;
+    without one it is 0; a range holding no integer, or a range for a bool, is refused."""
+    specs = {"ids": ((1, 64), np.dtype(np.int64)), "mask": ((1, 64), np.dtype(np.int32)),
+             "flag": ((1,), np.dtype(bool))}
+    p = make_probes(specs, seed=1, allocation=4, verification=4, ranges={"ids": (2, 7.5)})
+    ids = np.concatenate([f["ids"] for f in p.allocation + p.verification])
+    assert ids.dtype == np.int64 and set(np.unique(ids)) == set(range(2, 8))
+    assert all(not f["mask"].any() and f["mask"].dtype == np.int32 for f in p.allocation)
+    with pytest.raises(InputError, match="no int64 value"):
+        make_probes(specs, ranges={"ids": (0.2, 0.8)})
+    with pytest.raises(InputError, match="not a number"):
+        make_probes(specs, ranges={"flag": (0, 1)})
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -146,3 +146,38 @@ def test_the_second_build_is_abandoned_without_enough_gain(monkeypatch):
     result, report = red_onnx.compress(model, **kwargs)
     assert [s[0] for s in seen[:2]] == [1.0, 0.1] and seen[1][1:] == (None, None)  # abandoned: None
     assert result.SerializeToString() == plain.SerializeToString()
+
+
+def embedding_model(index_op: str = "Gather"):
+    """ids (N, 6) int64 → Gather rows of a 50 x 32 table (or Cast to float: not an index) → MatMul → Relu → MatMul."""
+    rng = np.random.default_rng(0)
+    g = Builder(0)
+    ids = g.input("ids", ["N", 6], elem=onnx.TensorProto.INT64)
+    if index_op == "Gather":
+        e = g.node("Gather", [g.init(rng.standard_normal((50, 32))), ids], axis=0)
+    else:
+        e = g.node("Tile", [g.node("Unsqueeze", [g.node("Cast", [ids], to=onnx.TensorProto.FLOAT),
+                                                  g.init([2], dtype=np.int64)]), g.init([1, 1, 32], dtype=np.int64)])
+    h = g.node("Relu", [g.matmul_w(e, rng.standard_normal((64, 32)).astype(np.float32) / 6, name="mm1")])
+    g.output(g.matmul_w(h, rng.standard_normal((3, 64)).astype(np.float32) / 8, name="mm2"))
+    return g.model()
+
+
+def test_token_ids_are_probed_over_the_rows_of_their_table(monkeypatch):
+    """An integer input that only indexes an embedding table is probed uniformly over its rows (all
+    0 before: every probe alike, so the verification saw one input); the report says so."""
+    seen = []
+    make = pipeline.make_probes
+    monkeypatch.setattr(pipeline, "make_probes", lambda *a, **k: seen.append(make(*a, **k)) or seen[-1])
+    _, report = red_onnx.compress(embedding_model(), tolerance=0.05)
+    ids = np.concatenate([f["ids"] for f in seen[0].allocation + seen[0].verification])
+    assert ids.min() == 0 and ids.max() == 49 and len(np.unique(ids)) == 50
+    assert any("'ids' probed uniformly in 0..49" in n for n in report.notes), report.notes
+    assert report.verified
+
+
+def test_other_integer_inputs_stay_0_and_the_report_says_so():
+    _, report = red_onnx.compress(embedding_model("Cast"), tolerance=0.05)
+    assert any("'ids' is 0 on every probe" in n for n in report.notes), report.notes
+    _, report = red_onnx.compress(embedding_model("Cast"), tolerance=0.05, probe_ranges={"ids": (0, 9)})
+    assert not any("'ids'" in n for n in report.notes), report.notes
