@@ -4,6 +4,8 @@ distinct values per channel scale (65 536 with ``codebook="auto"``) is stored as
     indices (uint8/uint16) → Cast(int32) → Gather(codebook) [→ Mul(per-channel scale)]
 
 in standard ops; onnxruntime folds the chain at session creation, so inference speed is unchanged.
+A float16 weight with scales is decoded in float32 and Cast to float16 (onnxruntime's CPU provider
+has no float16 Mul, so it could not fold the chain and decoded it on every run: a UNet 1.6x slower).
 Weights become few-valued by hashing (:mod:`red_onnx.passes.hash`) or were so already.
 """
 
@@ -201,6 +203,9 @@ def _encode_weight(ctx: Context, constant: gs.Constant, layer: Layer | None,
     if isinstance(form, str):
         return form
     codebook, indices, scales = form
+    widened = scales is not None and codebook.dtype == np.float16
+    if widened:  # onnxruntime CPU has no float16 Mul to fold at session creation: decode in float32, then
+        codebook, scales = codebook.astype(np.float32), scales.astype(np.float32)  # Cast (exact: see below)
     before = stored.nbytes
     after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
     if after + NODE_OVERHEAD >= before:
@@ -222,6 +227,11 @@ def _encode_weight(ctx: Context, constant: gs.Constant, layer: Layer | None,
         nodes += [gs.Node("Gather", gather, {"axis": 0}, [book, idx32], [gathered]),
                   gs.Node("Mul", unique_name(f"{name}_scale", taken),
                           inputs=[gathered, gs.Constant(new["scales"], scales)], outputs=[decoded])]
+    if widened:  # a product of two float16 values is exact in float32, so one rounding: float16's own Mul
+        narrowed = gs.Variable(unique_name(f"{name}_decoded16", taken), dtype=np.float16)
+        nodes.append(gs.Node("Cast", unique_name(f"{name}_cast16", taken), {"to": onnx.TensorProto.FLOAT16},
+                             [decoded], [narrowed]))
+        decoded = narrowed
     for user in list(constant.outputs):
         user.inputs = [decoded if t is constant else t for t in user.inputs]
     graph.nodes.extend(nodes)
