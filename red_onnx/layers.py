@@ -380,6 +380,11 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int |
         b2 = b if len(b) > 1 else tuple(b) + (1,)
         batch = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
         return int(np.prod(batch)) * a2[-2] * a2[-1] * b2[-1]
+    if node.op_type in ("LSTM", "GRU", "RNN"):  # per step and direction: gates·H × (I + H)
+        x, w, r = (get(name) for name in node.input[:3])
+        if x is None or w is None or r is None or len(x) != 3:
+            return None
+        return x[0] * x[1] * w[0] * w[1] * (w[2] + r[2])  # (T·N or N·T) · directions · gates·H · (I + H)
     return 0
 
 

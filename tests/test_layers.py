@@ -350,6 +350,20 @@ def test_matmul_between_two_activations():
     assert a.params == 0
 
 
+@pytest.mark.parametrize("op, gates, directions", [("GRU", 3, 2), ("LSTM", 4, 1), ("RNN", 1, 1)])
+def test_recurrent_macs_per_step_and_direction(op, gates, directions):
+    """T steps of gates·H × (I + H) per direction (were counted as 0)."""
+    t, i, h = 7, 5, 6
+    b = Builder(seed=15)
+    x = b.input("x", [t, "N", i])
+    w = b.init(np.zeros((directions, gates * h, i)))
+    r = b.init(np.zeros((directions, gates * h, h)))
+    attrs = {"direction": "bidirectional"} if directions == 2 else {}
+    y = b.node(op, [x, w, r], hidden_size=h, n_outputs=1, **attrs)
+    b.output(y, [t, directions, "N", h])
+    assert analysis_of(b, {"x": (t, 1, i)}).macs == t * directions * gates * h * (i + h)
+
+
 def test_node_macs_unknown_shape_is_none():
     node = onnx.helper.make_node("Conv", ["x", "w"], ["y"])
     assert node_macs(node, {"w": (2, 1, 3, 3)}) is None
