@@ -307,18 +307,82 @@ def tensor_shapes(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...]
             del tshape.dim[:]
             for d in shape:
                 tshape.dim.add().dim_value = d
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-    except Exception:
-        inferred = fixed
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for _ in range(SHAPE_ROUNDS):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+        except Exception:
+            inferred = fixed
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+        if not _fold_shape_inputs(fixed, shapes):
+            break
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
+
+
+#: rounds of shape inference, each after :func:`_fold_shape_inputs` gave it more constants
+SHAPE_ROUNDS = 4
+#: the ops :func:`_fold_shape_inputs` evaluates on small integer tensors
+_SHAPE_MATH = {
+    "Identity": lambda v, a: v[0], "Cast": lambda v, a: v[0].astype(onnx.helper.tensor_dtype_to_np_dtype(a["to"])),
+    "Add": lambda v, a: v[0] + v[1], "Sub": lambda v, a: v[0] - v[1], "Mul": lambda v, a: v[0] * v[1],
+    "Concat": lambda v, a: np.concatenate(v, axis=a["axis"]),
+    "Gather": lambda v, a: np.take(v[0], v[1], axis=a.get("axis", 0)),
+    "Unsqueeze": lambda v, a: np.expand_dims(v[0], tuple(a["axes"] if "axes" in a else v[1].tolist())),
+    "Squeeze": lambda v, a: np.squeeze(v[0], tuple(a["axes"] if "axes" in a else v[1].tolist())),
+    "Slice": lambda v, a: _slice(v, a),
+    "Reshape": lambda v, a: v[0].reshape([d if d != 0 else v[0].shape[i] for i, d in enumerate(v[1].tolist())]),
+}
+#: ops whose output shape depends on the value of this input (index): the inputs folded
+_SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0, "Resize": 3, "Slice": 1}
+
+
+def _slice(v: list[np.ndarray], a: dict) -> np.ndarray:
+    starts, ends = (v[1], v[2]) if len(v) > 2 else (np.array(a["starts"]), np.array(a["ends"]))
+    axes = v[3] if len(v) > 3 else np.array(a.get("axes", range(len(starts))))
+    steps = v[4] if len(v) > 4 else np.ones(len(starts), np.int64)
+    index = [slice(None)] * v[0].ndim
+    for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
+        index[axis] = slice(start, end, step)
+    return v[0][tuple(index)]
+
+
+def _fold_shape_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Where shape inference stopped at an op whose output shape follows a computed input (a
+    Reshape to Concat(Shape(x)[:2], [-1]) in an opset-11 export: onnx's data propagation does not
+    read that Slice), evaluate that input from the static shapes (Shape, Slice, Concat, Gather,
+    arithmetic on small integer tensors) and feed it to the op as a constant, in ``model``, a copy
+    used for inference only. Returns whether anything was folded."""
+    integers = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+              if t.data_type in integers and len(t.dims) <= 1 and int(np.prod(t.dims)) <= 64}
+    folded = False
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Constant" and "value" in attrs and attrs["value"].data_type in integers:
+            values[node.output[0]] = onnx.numpy_helper.to_array(attrs["value"])
+        elif node.op_type == "Shape" and node.input[0] in shapes:
+            values[node.output[0]] = np.array(shapes[node.input[0]][attrs.get("start", 0):attrs.get("end")], np.int64)
+        elif node.op_type in _SHAPE_MATH and all(not name or name in values for name in node.input):
+            try:
+                values[node.output[0]] = np.asarray(_SHAPE_MATH[node.op_type]([values[n] for n in node.input if n],
+                                                                              attrs))
+            except (KeyError, ValueError, IndexError, TypeError):
+                pass
+        k = _SHAPE_INPUTS.get(node.op_type)
+        if k is not None and len(node.input) > k and node.output[0] not in shapes and node.input[k] in values \
+                and node.input[k] not in {t.name for t in model.graph.initializer}:
+            name = node.input[k] + "_folded_for_inference"
+            if name not in {t.name for t in model.graph.initializer}:
+                model.graph.initializer.append(onnx.numpy_helper.from_array(values[node.input[k]].astype(np.int64),
+                                                                             name))
+            node.input[k] = name
+            folded = True
+    return folded
 
 
 def refresh_shapes(graph: gs.Graph, template: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
