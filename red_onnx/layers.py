@@ -337,8 +337,9 @@ _SHAPE_MATH = {
     "Slice": lambda v, a: _slice(v, a),
     "Reshape": lambda v, a: v[0].reshape([d if d != 0 else v[0].shape[i] for i, d in enumerate(v[1].tolist())]),
 }
-#: ops whose output shape depends on the value of this input (index): the inputs folded
-_SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0, "Resize": 3, "Slice": 1}
+#: ops whose output shape depends on the values of these inputs (indices): the inputs folded
+_SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Resize": (2, 3),
+                 "Slice": (1, 2, 3, 4)}
 
 
 def _slice(v: list[np.ndarray], a: dict) -> np.ndarray:
@@ -373,15 +374,16 @@ def _fold_shape_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
                                                                               attrs))
             except (KeyError, ValueError, IndexError, TypeError):
                 pass
-        k = _SHAPE_INPUTS.get(node.op_type)
-        if k is not None and len(node.input) > k and node.output[0] not in shapes and node.input[k] in values \
-                and node.input[k] not in {t.name for t in model.graph.initializer}:
-            name = node.input[k] + "_folded_for_inference"
-            if name not in {t.name for t in model.graph.initializer}:
-                model.graph.initializer.append(onnx.numpy_helper.from_array(values[node.input[k]].astype(np.int64),
-                                                                             name))
-            node.input[k] = name
-            folded = True
+        if node.output[0] in shapes:
+            continue
+        initializers = {t.name for t in model.graph.initializer}
+        for k in _SHAPE_INPUTS.get(node.op_type, ()):
+            if k < len(node.input) and node.input[k] in values and node.input[k] not in initializers:
+                name = node.input[k] + "_folded_for_inference"
+                if name not in initializers:
+                    model.graph.initializer.append(onnx.numpy_helper.from_array(values[node.input[k]], name))
+                node.input[k] = name
+                folded = True
     return folded
 
 
