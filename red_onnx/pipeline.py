@@ -404,7 +404,8 @@ def _integer_probe_ranges(original: onnx.ModelProto, specs: dict, opts: Options,
             continue
         readers = [n for n in original.graph.node if name in n.input]
         rows = [constants.get(n.input[0], ())[:1] for n in readers
-                if n.op_type == "Gather" and list(n.input[1:]) == [name] and _attr(n, "axis", 0) == 0]
+                if n.op_type == "Gather" and list(n.input[1:]) == [name]
+                and {a.name: a.i for a in n.attribute}.get("axis", 0) == 0]
         if readers and len(rows) == len(readers) and all(rows) and min(rows)[0] > 0:
             given[name] = (0.0, float(min(rows)[0] - 1))
             report.notes.append(f"integer input '{name}' probed uniformly in 0..{min(rows)[0] - 1}, the rows of the "
@@ -413,10 +414,6 @@ def _integer_probe_ranges(original: onnx.ModelProto, specs: dict, opts: Options,
             report.notes.append(f"integer input '{name}' is 0 on every probe: give --probe-range {name}:LOW,HIGH or "
                                 f"--probe-inputs so that the probes vary it")
     opts.probe_ranges = given or opts.probe_ranges
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _notes_on_input(original: onnx.ModelProto, opts: Options, report: Report) -> None:

@@ -397,20 +397,27 @@ class CountingSession:
         return self.sess.get_inputs()
 
 
+def batch_model(mixes_batch: bool, second_output: bool = False):
+    """y = x·W (N, 4 → 3), minus its mean over the batch where ``mixes_batch``; also z = relu(y)."""
+    g = Builder()
+    y = g.node("MatMul", [g.input("x", ["N", 4]), g.const(np.random.default_rng(0).standard_normal((4, 3)))])
+    if mixes_batch:
+        y = g.node("Sub", [y, g.node("ReduceMean", [y], axes=[0], keepdims=1)])
+    g.node("Identity", [y], outputs=["y"])
+    g.output("y")
+    if second_output:
+        g.node("Relu", [y], outputs=["z"])
+        g.output("z")
+    return g.model()
+
+
 @pytest.mark.parametrize("mixes_batch", [False, True])
 def test_probe_runner_batches_only_where_samples_stay_apart(mixes_batch):
     """All probes run as one batch unless the model mixes samples (here y = x - mean over the
     batch); either way each probe's outputs equal its own run."""
     from red_onnx.budget import probe_runner
 
-    g = Builder()
-    x = g.input("x", ["N", 4])
-    y = g.node("MatMul", [x, g.const(np.random.default_rng(0).standard_normal((4, 3)))])
-    if mixes_batch:
-        y = g.node("Sub", [y, g.node("ReduceMean", [y], axes=[0], keepdims=1)])
-    g.node("Identity", [y], outputs=["y"])
-    g.output("y")
-    sess = CountingSession(session(g.model()))
+    sess = CountingSession(session(batch_model(mixes_batch)))
     probes = uniform_probes(np.random.default_rng(1), 4, 5)
     run = probe_runner(sess, probes, {})
     sess.runs = 0
@@ -436,19 +443,11 @@ def test_probe_runner_reuses_another_sessions_check_per_output(mixes_batch):
     from red_onnx import verify
     from red_onnx.budget import probe_runner
 
-    g = Builder()
-    x = g.input("x", ["N", 4])
-    y = g.node("MatMul", [x, g.const(np.random.default_rng(0).standard_normal((4, 3)))])
-    if mixes_batch:
-        y = g.node("Sub", [y, g.node("ReduceMean", [y], axes=[0], keepdims=1)])
-    g.node("Identity", [y], outputs=["y"])
-    g.node("Relu", [y], outputs=["z"])
-    g.output("y")
-    g.output("z")
+    model = batch_model(mixes_batch, second_output=True)
     probes = uniform_probes(np.random.default_rng(1), 4, 5)
     known = {}
-    probe_runner(CountingSession(session(g.model())), probes, {}, known)  # the input model's run
-    only_z = CountingSession(verify.session(g.model(), ["z"]))
+    probe_runner(CountingSession(session(model)), probes, {}, known)  # the input model's run
+    only_z = CountingSession(verify.session(model, ["z"]))
     run = probe_runner(only_z, probes, {}, known, ("z",))
     assert only_z.runs == (3 if mixes_batch else 0)
     for out, probe in zip(run({}), probes):
