@@ -406,7 +406,9 @@ def _integer_probe_ranges(original: onnx.ModelProto, specs: dict, opts: Options,
         rows = [constants.get(n.input[0], ())[:1] for n in readers
                 if n.op_type == "Gather" and list(n.input[1:]) == [name]
                 and {a.name: a.i for a in n.attribute}.get("axis", 0) == 0]
-        if readers and len(rows) == len(readers) and all(rows) and min(rows)[0] > 0:
+        if readers and len(rows) == len(readers) and all(rows) and min(rows)[0] == 1:
+            continue  # a one-row table: 0 is its only index
+        if readers and len(rows) == len(readers) and all(rows) and min(rows)[0] > 1:
             given[name] = (0.0, float(min(rows)[0] - 1))
             report.notes.append(f"integer input '{name}' probed uniformly in 0..{min(rows)[0] - 1}, the rows of the "
                                 f"table(s) it indexes (--probe-range {name}:LOW,HIGH or --probe-inputs to choose)")

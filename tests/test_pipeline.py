@@ -148,13 +148,13 @@ def test_the_second_build_is_abandoned_without_enough_gain(monkeypatch):
     assert result.SerializeToString() == plain.SerializeToString()
 
 
-def embedding_model(index_op: str = "Gather"):
-    """ids (N, 6) int64 → Gather rows of a 50 x 32 table (or Cast to float: not an index) → MatMul → Relu → MatMul."""
+def embedding_model(index_op: str = "Gather", rows: int = 50):
+    """ids (N, 6) int64 → Gather rows of a ``rows`` x 32 table (or Cast to float: not an index) → MatMul → Relu → MatMul."""
     rng = np.random.default_rng(0)
     g = Builder(0)
     ids = g.input("ids", ["N", 6], elem=onnx.TensorProto.INT64)
     if index_op == "Gather":
-        e = g.node("Gather", [g.init(rng.standard_normal((50, 32))), ids], axis=0)
+        e = g.node("Gather", [g.init(rng.standard_normal((rows, 32))), ids], axis=0)
     else:
         e = g.node("Tile", [g.node("Unsqueeze", [g.node("Cast", [ids], to=onnx.TensorProto.FLOAT),
                                                   g.init([2], dtype=np.int64)]), g.init([1, 1, 32], dtype=np.int64)])
@@ -181,3 +181,8 @@ def test_other_integer_inputs_stay_0_and_the_report_says_so():
     assert any("'ids' is 0 on every probe" in n for n in report.notes), report.notes
     _, report = red_onnx.compress(embedding_model("Cast"), tolerance=0.05, probe_ranges={"ids": (0, 9)})
     assert not any("'ids'" in n for n in report.notes), report.notes
+
+
+def test_a_one_row_table_is_indexed_by_0_alone():
+    _, report = red_onnx.compress(embedding_model(rows=1), tolerance=0.05)
+    assert report.verified and not any("'ids'" in n for n in report.notes), report.notes
