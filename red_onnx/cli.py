@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "samples; half choose the edits, half verify")
     p.add_argument("--probe-range", action="append", default=[], metavar="NAME:LOW,HIGH",
                    help="uniform probes in [LOW, HIGH] for that input instead of N(0,1); an integer "
-                   "input gets the integers in it (default: the rows of the embedding table it indexes, "
-                   "else 0) (repeatable)")
+                   "input gets the integers in it (default: the rows of the embedding table it indexes; "
+                   "uint8/int8: all values; else 0) (repeatable)")
     p.add_argument("--no-latency-check", action="store_true", help="keep every rewrite (separations, channel "
                    "counts) even where onnxruntime CPU runs the result slower (e.g. for a TensorRT target)")
     p.add_argument("--codebook", choices=("uint8", "auto", "off"), default="uint8",

@@ -394,7 +394,8 @@ def _release_freed_memory() -> None:
 def _integer_probe_ranges(original: onnx.ModelProto, specs: dict, opts: Options, report: Report) -> None:
     """Integer inputs without a --probe-range: one that only indexes the rows of constant tables
     (Gather on axis 0: token ids into an embedding) is probed uniformly over the rows every table
-    has; any other stays 0 on every probe, which the report says (all probes then agree on it)."""
+    has; a uint8 or int8 one (an image's pixels) over all its values; any other stays 0 on every
+    probe, which the report says (all probes then agree on it)."""
     constants = {t.name: tuple(t.dims) for t in original.graph.initializer}
     constants.update({n.output[0]: tuple(a.t.dims) for n in original.graph.node if n.op_type == "Constant"
                       for a in n.attribute if a.name == "value"})
@@ -412,6 +413,11 @@ def _integer_probe_ranges(original: onnx.ModelProto, specs: dict, opts: Options,
             given[name] = (0.0, float(min(rows)[0] - 1))
             report.notes.append(f"integer input '{name}' probed uniformly in 0..{min(rows)[0] - 1}, the rows of the "
                                 f"table(s) it indexes (--probe-range {name}:LOW,HIGH or --probe-inputs to choose)")
+        elif np.dtype(dtype).itemsize == 1:  # uint8 / int8: an image's pixels, most often
+            info = np.iinfo(dtype)
+            given[name] = (float(info.min), float(info.max))
+            report.notes.append(f"integer input '{name}' ({np.dtype(dtype).name}) probed uniformly over all its values, "
+                                f"{info.min}..{info.max} (--probe-range {name}:LOW,HIGH or --probe-inputs to choose)")
         elif opts.tolerance > 0:
             report.notes.append(f"integer input '{name}' is 0 on every probe: give --probe-range {name}:LOW,HIGH or "
                                 f"--probe-inputs so that the probes vary it")

@@ -148,11 +148,11 @@ def test_the_second_build_is_abandoned_without_enough_gain(monkeypatch):
     assert result.SerializeToString() == plain.SerializeToString()
 
 
-def embedding_model(index_op: str = "Gather", rows: int = 50):
+def embedding_model(index_op: str = "Gather", rows: int = 50, elem=onnx.TensorProto.INT64):
     """ids (N, 6) int64 → Gather rows of a ``rows`` x 32 table (or Cast to float: not an index) → MatMul → Relu → MatMul."""
     rng = np.random.default_rng(0)
     g = Builder(0)
-    ids = g.input("ids", ["N", 6], elem=onnx.TensorProto.INT64)
+    ids = g.input("ids", ["N", 6], elem=elem)
     if index_op == "Gather":
         e = g.node("Gather", [g.init(rng.standard_normal((rows, 32))), ids], axis=0)
     else:
@@ -186,3 +186,14 @@ def test_other_integer_inputs_stay_0_and_the_report_says_so():
 def test_a_one_row_table_is_indexed_by_0_alone():
     _, report = red_onnx.compress(embedding_model(rows=1), tolerance=0.05)
     assert report.verified and not any("'ids'" in n for n in report.notes), report.notes
+
+
+def test_uint8_inputs_are_probed_over_all_their_values(monkeypatch):
+    """A uint8 input cast to float (an image's pixels) is probed over 0..255, with a note."""
+    seen = []
+    make = pipeline.make_probes
+    monkeypatch.setattr(pipeline, "make_probes", lambda *a, **k: seen.append(make(*a, **k)) or seen[-1])
+    _, report = red_onnx.compress(embedding_model("Cast", elem=onnx.TensorProto.UINT8), tolerance=0.05)
+    x = np.concatenate([f["ids"] for f in seen[0].allocation + seen[0].verification])
+    assert x.dtype == np.uint8 and x.min() < 20 and x.max() > 235
+    assert any("(uint8) probed uniformly over all its values, 0..255" in n for n in report.notes), report.notes
