@@ -197,6 +197,42 @@ def find_layers(graph: gs.Graph, exclude: re.Pattern | None = None) -> tuple[lis
     return layers, skipped
 
 
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+
+@dataclass
+class RecurrentWeight(Layer):
+    """A recurrent node's input (W) or recurrent (R) weight, (directions, gates·H, I or H), viewed
+    as rows ``(directions·gates·H, I or H)``: what the hash and codebook passes read and store.
+    Not a layer the channel passes rewrite (:func:`find_layers` does not return it)."""
+
+    which: str = "W"
+
+    @property
+    def name(self) -> str:
+        return f"{self.node.name}:{self.which}"
+
+    def viewed(self, w: np.ndarray) -> np.ndarray:
+        return w.reshape(-1, w.shape[-1])
+
+    def stored(self, view: np.ndarray) -> np.ndarray:
+        shape = self.weight.values.shape
+        return np.ascontiguousarray(np.asarray(view, dtype=self.weight.values.dtype).reshape(shape))
+
+
+def recurrent_weights(graph: gs.Graph, exclude: re.Pattern | None = None) -> list[RecurrentWeight]:
+    """The W and R weights of every LSTM, GRU and RNN node: private float constants of rank 3."""
+    found = []
+    for node in graph.nodes:
+        if node.op not in RECURRENT_OPS or (exclude is not None and exclude.search(node.name or "")):
+            continue
+        for which, tensor in zip("WR", node.inputs[1:3]):
+            if isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1 and tensor.values.ndim == 3 \
+                    and is_float(tensor.values):
+                found.append(RecurrentWeight(node, tensor, which=which))
+    return found
+
+
 def _out_size(node: gs.Node, weight: gs.Constant) -> int:
     w = weight.values
     if node.op == "Conv":

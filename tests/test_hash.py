@@ -896,3 +896,30 @@ def test_float16_weights_with_scales_decode_in_float32_where_onnxruntime_folds_t
     feeds = {"x": np.random.default_rng(5).standard_normal((2, 8, 6, 6)).astype(np.float16)}
     for y, y2 in zip(run(plain, feeds), run(result, feeds)):
         np.testing.assert_array_equal(y, y2)
+
+
+@pytest.mark.parametrize("op, gates", [("LSTM", 4), ("GRU", 3)])
+def test_recurrent_weights_are_hashed_and_stored_as_codebooks(op, gates):
+    """An LSTM's or GRU's W and R (directions, gates·H, I or H) are hashed row by row and stored as
+    codebooks (they were left plain): within the tolerance on fresh inputs, the same outputs with
+    onnxruntime's optimizer (the decoding folded) as without."""
+    rng = np.random.default_rng(21)
+    t, i, h = 6, 24, 32
+    b = Builder(seed=21)
+    x = b.input("x", [t, "N", i])
+    w = b.init(rng.standard_normal((2, gates * h, i)) / np.sqrt(i), "W")
+    r = b.init(rng.standard_normal((2, gates * h, h)) / np.sqrt(h), "R")
+    y = b.node(op, [x, w, r], hidden_size=h, direction="bidirectional", n_outputs=1)
+    b.output(y, [t, 2, "N", h])
+    model = b.model()
+    tolerance = 0.01
+    result, report = red_onnx.compress(model, tolerance=tolerance, passes=["hash"], input_shapes={"x": (t, 1, i)})
+    assert report.verified and report.output_deviation <= tolerance
+    assert pass_row(report, "hash")["layers_hashed"] == 2 and pass_row(report, "codebook")["weights_encoded"] == 2
+    assert report.bytes_after < 0.5 * report.bytes_before
+    assert not {t.name for t in result.graph.initializer} & {"W", "R"}  # both decoded from codebooks
+    feeds = {"x": rng.standard_normal((t, 1, i)).astype(np.float32)}  # decoded at session creation or per run: alike
+    np.testing.assert_allclose(session_opt(result).run(None, feeds)[0], run(result, feeds)[0], rtol=1e-5, atol=1e-6)
+    for _ in range(8):
+        feeds = {"x": rng.standard_normal((t, 1, i)).astype(np.float32)}
+        assert rel_l2(run(model, feeds)[0], run(result, feeds)[0]) <= tolerance

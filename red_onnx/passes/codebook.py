@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from numba import njit
 
 from ..context import Context, PassResult
-from ..layers import LINEAR_OPS, Layer, find_layers, unique_name
+from ..layers import LINEAR_OPS, RECURRENT_OPS, Layer, find_layers, recurrent_weights, unique_name
 
 NAME = "codebook"
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
@@ -35,12 +35,14 @@ def run(ctx: Context) -> PassResult:
     result = PassResult(NAME)
     rows = result.layers
     if INDEX_TYPES[ctx.codebook]:
-        layers = {id(layer.weight): layer for layer in find_layers(ctx.graph, ctx.exclude)[0]}
+        recurrent = recurrent_weights(ctx.graph, ctx.exclude)
+        layers = {id(layer.weight): layer for layer in find_layers(ctx.graph, ctx.exclude)[0] + recurrent}
         weights = {}
         for node in ctx.graph.nodes:
             if node.op in LINEAR_OPS and len(node.inputs) > 1 \
                     and isinstance(node.inputs[1], gs.Constant):
                 weights.setdefault(id(node.inputs[1]), node.inputs[1])
+        weights.update({id(r.weight): r.weight for r in recurrent})
         if ctx.exclude is not None:  # a weight any excluded node reads stays as it is
             weights = {k: w for k, w in weights.items() if not any(ctx.exclude.search(u.name) for u in w.outputs)}
         for key, weight in weights.items():
@@ -67,6 +69,8 @@ def _scale_shape(layer: Layer, channels: int, ndim: int) -> tuple[int, ...] | No
         return (1, channels)
     if layer.op == "ConvTranspose" and layer.group == 1:
         return (1, channels) + (1,) * (ndim - 2)
+    if layer.op in RECURRENT_OPS:  # rows of (directions, gates·H, I or H)
+        return layer.weight.values.shape[:2] + (1,)
     return None
 
 
