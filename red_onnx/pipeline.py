@@ -425,6 +425,12 @@ def _integer_probe_ranges(original: onnx.ModelProto, specs: dict, opts: Options,
 
 
 def _notes_on_input(original: onnx.ModelProto, opts: Options, report: Report) -> None:
+    for inp in original.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        free = [d.dim_param or "?" for d in list(dims)[1:] if not d.dim_value > 0]
+        if free and inp.name in (opts.input_shapes or {}):
+            report.notes.append(f"input '{inp.name}' keeps its dynamic dimension(s) {', '.join(free)}; the result was "
+                                f"built and verified at {'x'.join(map(str, opts.input_shapes[inp.name]))} only")
     custom = sorted({n.domain for n in original.graph.node if n.domain not in STANDARD_DOMAINS})
     if any(n.op_type in QUANTIZED_OPS for n in original.graph.node):
         report.notes.append("the model is already quantized: its quantized layers are left alone")
