@@ -1,8 +1,8 @@
 """Architectures the bench models lack, with random weights: does every promise hold?
 
 The bench's real models are CNNs and a CRNN/SVTR. Users bring more: squeeze-excitation blocks,
-channel shuffles, U-Nets, transformers, ConvNeXt-style channels-last MLPs, GRUs, embeddings of
-token ids, float16 exports. Each is built here with torch (random weights, batch-norm statistics
+channel shuffles, U-Nets, transformers (a ViT among them), ConvNeXt-style channels-last MLPs, an
+MLP-Mixer, GRUs, embeddings of token ids, float16 exports. Each is built here with torch (random weights, batch-norm statistics
 randomised) and compressed at several tolerances (all passes, default options: N(0, 1) probes,
 token ids over their table's rows). Per row: the exit, the result's validity and interface, the
 deviation on 256 new probes from the tool's probe distribution measured as the tool measures
@@ -152,6 +152,34 @@ def _nets():
             y = F.relu(s.c(s.ps(s.b(x))))
             return torch.sigmoid(s.cls(y)), s.box(y)
 
+    class ViTLike(nn.Module):  # patch conv, class token, 2 pre-norm GELU encoder layers, LayerNorm, head
+        def __init__(s, d=48):
+            super().__init__()
+            s.patch, s.cls = nn.Conv2d(3, d, 8, 8), nn.Parameter(torch.randn(1, 1, d) * 0.02)
+            s.pos = nn.Parameter(torch.randn(1, 17, d) * 0.02)
+            layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True, activation="gelu",
+                                               norm_first=True)
+            s.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            for p in s.enc.parameters():
+                nn.init.xavier_uniform_(p) if p.dim() > 1 else nn.init.uniform_(p, -0.1, 0.1)
+            s.norm, s.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+        def forward(s, x):
+            t = torch.cat([s.cls.expand(x.shape[0], -1, -1), s.patch(x).flatten(2).transpose(1, 2)], 1) + s.pos
+            return s.head(s.norm(s.enc(t))[:, 0])
+
+    class MixerLike(nn.Module):  # MLP-Mixer block: a token-mixing MLP (on the transposed tokens), a channel MLP
+        def __init__(s, d=32):
+            super().__init__()
+            s.patch, s.ln1, s.ln2 = nn.Conv2d(3, d, 8, 8), nn.LayerNorm(d), nn.LayerNorm(d)
+            s.tok = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+            s.ch, s.head = nn.Sequential(nn.Linear(d, 128), nn.GELU(), nn.Linear(128, d)), nn.Linear(d, 10)
+
+        def forward(s, x):
+            t = s.patch(x).flatten(2).transpose(1, 2)
+            t = t + s.tok(s.ln1(t).transpose(1, 2)).transpose(1, 2)
+            return s.head((t + s.ch(s.ln2(t))).mean(1))
+
     f32, f16, i64 = torch.float32, torch.float16, torch.int64
     return {
         "efficientnet_like": (EfficientNetLike, (1, 3, 64, 64), f32),
@@ -160,6 +188,8 @@ def _nets():
         "transformer_like": (TransformerLike, (1, 12, 16), f32),
         "bert_like": (BertLike, (1, 12), i64),
         "convnext_like": (ConvNeXtLike, (1, 3, 64, 64), f32),
+        "vit_like": (ViTLike, (1, 3, 32, 32), f32),
+        "mixer_like": (MixerLike, (1, 3, 32, 32), f32),
         "gru_like": (GRULike, (1, 8, 20), f32),
         "detector_head": (DetectorHead, (1, 3, 64, 64), f32),
         "efficientnet_like_fp16": (EfficientNetLike, (1, 3, 64, 64), f16),
