@@ -397,6 +397,7 @@ def _fold_shape_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     integers = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
     values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
               if t.data_type in integers and len(t.dims) <= 1 and int(np.prod(t.dims)) <= 64}
+    initializers = {t.name for t in model.graph.initializer}
     folded = False
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -412,12 +413,12 @@ def _fold_shape_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
                 pass
         if node.output[0] in shapes:
             continue
-        initializers = {t.name for t in model.graph.initializer}
         for k in _SHAPE_INPUTS.get(node.op_type, ()):
             if k < len(node.input) and node.input[k] in values and node.input[k] not in initializers:
                 name = node.input[k] + "_folded_for_inference"
                 if name not in initializers:
                     model.graph.initializer.append(onnx.numpy_helper.from_array(values[node.input[k]], name))
+                    initializers.add(name)
                 node.input[k] = name
                 folded = True
     return folded

@@ -407,11 +407,12 @@ def _integer_probe_ranges(original: onnx.ModelProto, specs: dict, opts: Options,
         rows = [constants.get(n.input[0], ())[:1] for n in readers
                 if n.op_type == "Gather" and list(n.input[1:]) == [name]
                 and {a.name: a.i for a in n.attribute}.get("axis", 0) == 0]
-        if readers and len(rows) == len(readers) and all(rows) and min(rows)[0] == 1:
+        table = min(rows)[0] if readers and len(rows) == len(readers) and all(rows) else 0  # rows every table has
+        if table == 1:
             continue  # a one-row table: 0 is its only index
-        if readers and len(rows) == len(readers) and all(rows) and min(rows)[0] > 1:
-            given[name] = (0.0, float(min(rows)[0] - 1))
-            report.notes.append(f"integer input '{name}' probed uniformly in 0..{min(rows)[0] - 1}, the rows of the "
+        if table > 1:
+            given[name] = (0.0, float(table - 1))
+            report.notes.append(f"integer input '{name}' probed uniformly in 0..{table - 1}, the rows of the "
                                 f"table(s) it indexes (--probe-range {name}:LOW,HIGH or --probe-inputs to choose)")
         elif np.dtype(dtype).itemsize == 1:  # uint8 / int8: an image's pixels, most often
             info = np.iinfo(dtype)
