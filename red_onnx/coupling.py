@@ -800,6 +800,6 @@ def _spatial_reduce(node: gs.Node, rank: int | None) -> bool:
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
         axes = node.inputs[1].values.tolist()
-    if axes is None or rank is None or node.attrs.get("keepdims", 1) != 1:
+    if axes is None or rank is None:
         return False
     return not {a % rank for a in np.atleast_1d(axes).tolist()} & {0, 1}

@@ -355,6 +355,32 @@ def test_spatial_reduce_keeps_space():
     check_exact(model_of(path), {"conv1": 1})
 
 
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceMax", "ReduceSum"])
+@pytest.mark.parametrize("consumer", ["gemm", "matmul"])
+@pytest.mark.parametrize("axes", [[2, 3], [-1, -2]])
+def test_spatial_reduce_without_kept_dims_keeps_space(op, consumer, axes):
+    """Global pooling as ``x.mean([2, 3])`` exports it (keepdims=0: (N, C), the channels still on
+    axis 1) into a linear layer: the planted duplicate merges, the function stays."""
+    rng = np.random.default_rng(12)
+    g = Builder(12)
+    h = g.node("Relu", [g.conv_w(g.input("x", ["N", 3, 6, 6]), *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    h = g.node(op, [h, g.const(axes, dtype=np.int64)], keepdims=0) if op == "ReduceSum" else \
+        g.node(op, [h], axes=axes, keepdims=0)  # ReduceSum's axes are an input from opset 13
+    w, b = rand_layer(rng, 4, 8)
+    g.output(g.gemm_w(h, w, b, name="fc") if consumer == "gemm" else g.matmul_w(h, w, b, name="fc"))
+    check_exact(g.model(), {"conv1": 1})
+
+
+def test_channel_reduce_without_kept_dims_freezes():
+    """keepdims=0 over the channel axis leaves no channels: the space is frozen, nothing merges."""
+    rng = np.random.default_rng(13)
+    g = Builder(13)
+    h = g.node("Relu", [g.conv_w(g.input("x", ["N", 3, 6, 6]), *plant(*rand_layer(rng, 8, 3, 3), DUP), name="conv1")])
+    h = g.node("Flatten", [g.node("ReduceMean", [h], axes=[1], keepdims=0)], axis=1)
+    g.output(g.gemm_w(h, *rand_layer(rng, 4, 36), name="fc"))
+    exact_or_frozen(g.model(), [{}])
+
+
 def test_bn_parameters_sharing_one_initializer():
     """After initializer de-duplication (onnxoptimizer / onnxsim), BN scale and var can be ONE tensor."""
     def path(g, h):

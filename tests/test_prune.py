@@ -123,6 +123,29 @@ def test_constant_channel_of_a_sequence_matmul_folds_exactly():
     assert_same(model, result)
 
 
+@pytest.mark.parametrize("op, factor", [("ReduceMean", 1), ("ReduceMax", 1), ("ReduceSum", 36)])
+def test_constant_channel_through_global_pooling_without_kept_dims(op, factor):
+    """``x.mean([2, 3])`` (keepdims=0) before a Gemm: a constant channel c reaches the Gemm as c (a sum:
+    36·c over the 6×6 positions), folded into its bias (numpy oracle), exactly."""
+    rng = np.random.default_rng(7)
+    g = Builder(7)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) / 5
+    b1 = rng.uniform(0.5, 1.5, 8).astype(np.float32)
+    w1[[1, 6]] = 0
+    h = g.relu(g.conv_w(g.input("x", ["N", 3, 6, 6]), w1, b1, name="conv1"))
+    axes = g.const([2, 3], dtype=np.int64)
+    h = g.node(op, [h, axes], keepdims=0) if op == "ReduceSum" else g.node(op, [h], axes=[2, 3], keepdims=0)
+    w2, b2 = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    g.output(g.gemm_w(h, w2, b2, name="fc"))
+    model = g.model()
+    result, report = prune0(model)
+    assert counts(report)["constant_channels_folded"] == 2
+    np.testing.assert_array_equal(view_weight(result, "fc"), np.delete(w2, [1, 6], axis=1))
+    fc = next(n for n in result.graph.node if n.name == "fc")
+    np.testing.assert_allclose(inits(result)[fc.input[2]], b2 + factor * w2[:, [1, 6]] @ b1[[1, 6]], rtol=1e-5)
+    assert_same(model, result)
+
+
 def test_zero_bias_added_for_nothing_is_dropped_again():
     """A biasless consumer whose space prunes nothing keeps its form (no Add left behind)."""
     rng = np.random.default_rng(5)
