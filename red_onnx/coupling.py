@@ -453,7 +453,8 @@ class _Arithmetic(Handler):
 @register(*SPATIAL_REDUCE)
 class _SpatialReduce(Handler):
     def through(self, node, tensor, space, walk, backward):
-        if not _spatial_reduce(node, walk.rank(tensor)) or space.last:
+        rank = walk.rank(tensor)
+        if rank is None or not _reduces_none_of(node, rank, {0, space.axis(rank)}):
             return super().through(node, tensor, space, walk, backward)
         return [node.outputs[0], node.inputs[0]]
 
@@ -796,10 +797,18 @@ def _pads_channels(node: gs.Node) -> bool:
     return rank > 1 and (pads[1] != 0 or pads[rank + 1] != 0)
 
 
-def _spatial_reduce(node: gs.Node, rank: int | None) -> bool:
+def _reduces_none_of(node: gs.Node, rank: int, kept: set[int]) -> bool:
+    """Whether a Reduce* node on a tensor of ``rank`` leaves the axes ``kept`` (batch, channels) alone:
+    its axes are known and miss them (with or without kept dims, the channels stay on axis 1, or
+    on the last axis)."""
     axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+    if axes is None and len(node.inputs) > 1:
+        if not isinstance(node.inputs[1], gs.Constant):
+            return False
         axes = node.inputs[1].values.tolist()
-    if axes is None or rank is None:
+    if axes is None:
         return False
-    return not {a % rank for a in np.atleast_1d(axes).tolist()} & {0, 1}
+    axes = np.atleast_1d(axes).tolist()
+    if not axes:  # every axis, unless noop_with_empty_axes
+        return node.attrs.get("noop_with_empty_axes", 0) == 1
+    return not {a % rank for a in axes} & kept

@@ -371,6 +371,15 @@ def test_spatial_reduce_without_kept_dims_keeps_space(op, consumer, axes):
     check_exact(g.model(), {"conv1": 1})
 
 
+def test_reduce_without_axes_is_over_every_axis():
+    """ReduceSum with an empty axes input sums every axis, the channels too (a global energy norm):
+    merging a duplicate would change that sum, so the space is frozen."""
+    def path(g, h):
+        h = g.node("Relu", [h])
+        return g.node("Div", [h, g.node("ReduceSum", [h, g.const(np.zeros(0), dtype=np.int64)], keepdims=1)])
+    exact_or_frozen(model_of(path), [{}])
+
+
 def test_channel_reduce_without_kept_dims_freezes():
     """keepdims=0 over the channel axis leaves no channels: the space is frozen, nothing merges."""
     rng = np.random.default_rng(13)

@@ -318,6 +318,37 @@ def test_channels_last_space_frozen_where_axis_1_is_treated_apart(op, attrs):
     assert any(op in r for r in merge_reasons(report)), merge_reasons(report)
 
 
+@pytest.mark.parametrize("op, keepdims, consumer", [("ReduceMean", 0, "gemm"), ("ReduceMean", 0, "matmul"),
+                                                     ("ReduceMax", 1, "matmul"), ("ReduceSum", 0, "gemm")])
+def test_channels_last_through_pooling_over_the_tokens(op, keepdims, consumer):
+    """Mean pooling over the tokens, (N, T, C) → (N, C) or (N, 1, C) (a ViT's or a Mixer's head):
+    the channels stay on the last axis, and the planted multiples merge into the head (numpy oracle)."""
+    rng = np.random.default_rng(17)
+    w1, b1 = plant(*rand_layer(rng, 8, 6), MULTIPLES)
+    g = Builder()
+    y = g.node("Relu", [g.matmul_w(g.input("x", ["N", 5, 6]), w1, b1, name="mm1")])
+    axes = g.const([1], dtype=np.int64)
+    y = g.node(op, [y, axes], keepdims=keepdims) if op == "ReduceSum" else g.node(op, [y], axes=[1], keepdims=keepdims)
+    w2, b2 = rand_layer(rng, 4, 8)
+    g.output(g.gemm_w(y, w2, b2, name="head") if consumer == "gemm" else g.matmul_w(y, w2, b2, name="head"))
+    result, _ = check_exact(g.model(), {"mm1": 2})
+    np.testing.assert_allclose(view_weight(result, "head"), merged_columns(w2, MULTIPLES), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("axes", [[-1], [1, 2], []])
+def test_channels_last_space_frozen_by_a_reduce_over_the_channels(axes):
+    """A reduce over the channels (also among the token axes, or over every axis: no axes) leaves
+    no channel space; nothing merges, with the reason."""
+    rng = np.random.default_rng(18)
+    w1, b1 = plant(*rand_layer(rng, 8, 6), MULTIPLES)
+    g = Builder()
+    y = g.node("Relu", [g.matmul_w(g.input("x", ["N", 5, 6]), w1, b1, name="mm1")])
+    y = g.node("ReduceSum", [y, g.const(axes, dtype=np.int64)], keepdims=1)
+    g.output(g.node("Mul", [y, g.node("Relu", [g.matmul_w(g.input("z", ["N", 5, 6]), *rand_layer(rng, 8, 6))])]))
+    result, report = check_exact(g.model(), {})
+    assert any("ReduceSum" in r for r in merge_reasons(report)), merge_reasons(report)
+
+
 def test_channels_last_through_a_transpose_to_a_conv():
     """(N, T, C) → Transpose → (N, C, T) → Conv1d: the conv reads the MatMul's channels on axis 1."""
     rng = np.random.default_rng(15)
