@@ -319,7 +319,7 @@ def _consumer(node: gs.Node, layer: Layer | None, tensor: gs.Tensor, space: Spac
         return []
     w = layer.get_weight()
     rank = walk.rank(tensor)
-    if op == "Conv" and w.shape[1] == c and not space.last:
+    if op in ("Conv", "ConvTranspose") and w.shape[1] == c and not space.last:
         space.consumers.append(Consumer(layer, 1))
         return []
     if op == "MatMul" and space.last and w.shape[1] == c and rank is not None:

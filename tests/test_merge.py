@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -18,6 +19,9 @@ import red_onnx
 from conftest import Builder
 from graphs import (assert_same, attr, check_exact, inits, merge0, merge_counts, merge_reasons, node, plant,
                     rand_layer, removed, rel_l2, session, view_weight)
+from red_onnx.coupling import channel_spaces
+from red_onnx.layers import input_specs, tensor_shapes
+from red_onnx.passes.merge import _channel_saving
 
 MULTIPLES = [(5, 1, 2.5), (6, 2, 0.4)]  # row 5 = 2.5·row 1, row 6 = 0.4·row 2
 DUPLICATES = [(5, 1, 1.0), (6, 2, 1.0)]
@@ -251,6 +255,42 @@ def test_gemm_broadcast_bias_producer():
     h = g.node("Relu", [g.gemm_w(x, w1, np.array([0.3], np.float32), name="fc1")])
     g.output(g.gemm_w(h, *rand_layer(rng, 4, 8), name="fc2"))
     check_exact(g.model(), {"fc1": 1})
+
+
+# --------------------------------------------------------------------------------------------- #
+# a ConvTranspose reading the space (a U-Net's or a decoder's upsampling)
+
+
+def up_chain(plan, k=2, stride=2, group=1, seed=19, w1=None):
+    """x(N,3,6,6) → conv1 (8 ch, planted) → Relu → ConvTranspose (k, stride; 4·group ch) → y."""
+    rng = np.random.default_rng(seed)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), plan) if w1 is None else w1
+    g = Builder(seed)
+    h = g.node("Relu", [g.conv_w(g.input("x", ["N", 3, 6, 6]), w1, b1, name="conv1")])
+    w2 = rng.standard_normal((8, 4, k, k)).astype(np.float32)  # stored (in, out/group, k, k)
+    b2 = rng.standard_normal(4 * group).astype(np.float32)
+    g.output(g.node("ConvTranspose", [h, g.init(w2), g.init(b2)], name="up", kernel_shape=[k, k],
+                    strides=[stride, stride], group=group, **({"pads": [1, 1, 1, 1]} if k == 3 else {})))
+    return g.model(), w2
+
+
+@pytest.mark.parametrize("k, stride", [(2, 2), (3, 2), (3, 1)])
+def test_multiples_merge_into_a_conv_transpose(k, stride):
+    """The ConvTranspose's input channels are its stored weight's rows (axis 0): channel 5 = 2.5·channel 1
+    moves into row 1 (numpy oracle), exactly; the MACs saved are what the budget was told."""
+    model, w2 = up_chain(MULTIPLES, k, stride)
+    result, report = check_exact(model, {"conv1": 2})
+    oracle = merged_columns(w2.swapaxes(0, 1), MULTIPLES).swapaxes(0, 1)
+    np.testing.assert_allclose(inits(result)[node(result, "up").input[1]], oracle, rtol=1e-6, atol=1e-6)
+    shapes = tensor_shapes(model, input_specs(model))
+    space = next(s for s in channel_spaces(gs.import_onnx(model), shapes) if s.name == "conv1")
+    assert report.macs_before - report.macs_after == 2 * _channel_saving(space, shapes)[0]
+
+
+def test_grouped_conv_transpose_consumer_freezes():
+    model, _ = up_chain(MULTIPLES, group=2)
+    result, report = check_exact(model, {})
+    assert any("grouped ConvTranspose" in r for r in merge_reasons(report)), merge_reasons(report)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -87,6 +87,23 @@ def test_padded_consumer_keeps_the_constant_channel():
     assert_same(model, result)
 
 
+def test_constant_channel_into_a_conv_transpose_is_kept():
+    """A ConvTranspose sums a different number of its taps at different outputs (stride 2, kernel 3:
+    1, 2 or 4), so a constant input channel is no constant bias: kept at tolerance 0, with the reason."""
+    rng = np.random.default_rng(8)
+    g = Builder(8)
+    w1 = rng.standard_normal((6, 3, 3, 3)).astype(np.float32) / 5
+    w1[2] = 0
+    h = g.relu(g.conv_w(g.input("x", ["N", 3, 6, 6]), w1, np.ones(6, np.float32), name="conv1"))
+    g.output(g.node("ConvTranspose", [h, g.init(rng.standard_normal((6, 4, 3, 3)).astype(np.float32))],
+                    name="up", kernel_shape=[3, 3], strides=[2, 2]))
+    model = g.model()
+    result, report = prune0(model)
+    assert out_channels(result)["conv1"] == 6
+    assert any("ConvTranspose" in a["reason"] and a["pass"] == "prune" for a in report.left_alone)
+    assert_same(model, result)
+
+
 def test_constant_channel_into_biasless_matmul_gets_a_bias():
     """MatMul consumers without bias get one (an Add) carrying the folded constant."""
     rng = np.random.default_rng(4)
@@ -163,7 +180,7 @@ def test_zero_bias_added_for_nothing_is_dropped_again():
 
 
 def tiny_chain(tiny=(1, 6), scale=1e-4, seed=0, consumer="conv"):
-    """conv1 (8 ch) → relu → conv2 / flatten+gemm, where conv2 barely reads channels ``tiny``
+    """conv1 (8 ch) → relu → conv2 / ConvTranspose / flatten+gemm, where it barely reads channels ``tiny``
     (``consumer`` "sequence": a feed-forward block on (N, T, C), mm1 → relu → mm2)."""
     rng = np.random.default_rng(seed)
     g = Builder(seed)
@@ -182,6 +199,11 @@ def tiny_chain(tiny=(1, 6), scale=1e-4, seed=0, consumer="conv"):
         w2 = rng.standard_normal((4, 8, 3, 3)).astype(np.float32) / 5
         w2[:, list(tiny)] *= scale
         g.output(g.conv_w(h, w2, rng.standard_normal(4).astype(np.float32), name="conv2"))
+    elif consumer == "transpose":  # stored (in, out, k, k): the input channels are rows
+        w2 = rng.standard_normal((8, 4, 2, 2)).astype(np.float32) / 5
+        w2[list(tiny)] *= scale
+        g.output(g.node("ConvTranspose", [h, g.init(w2), g.init(rng.standard_normal(4).astype(np.float32))],
+                        name="conv2", kernel_shape=[2, 2], strides=[2, 2]))
     else:
         flat = g.node("Flatten", [h], axis=1)
         w2 = rng.standard_normal((5, 8 * 36)).astype(np.float32) / 20
@@ -190,7 +212,7 @@ def tiny_chain(tiny=(1, 6), scale=1e-4, seed=0, consumer="conv"):
     return g.model()
 
 
-@pytest.mark.parametrize("consumer", ["conv", "gemm", "sequence"])
+@pytest.mark.parametrize("consumer", ["conv", "gemm", "sequence", "transpose"])
 def test_tiny_channels_pruned_within_the_tolerance(consumer):
     model = tiny_chain(consumer=consumer)
     tol = 0.01

@@ -27,7 +27,7 @@ from ..activations import channel_stats
 from ..budget import Candidate, Spent
 from ..context import Context, PassResult
 from ..coupling import Space, channel_spaces, remove_channels
-from ..layers import refresh_shapes
+from ..layers import Layer, refresh_shapes
 from ..profile import digest
 from . import prune
 
@@ -349,20 +349,25 @@ def _channel_saving(space: Space, shapes: dict) -> tuple[int, int, int]:
     for layer in space.producers:
         w = layer.get_weight()
         row = int(np.prod(w.shape[1:])) + (1 if layer.bias is not None else 0)
-        out_shape = shapes.get(layer.output.name) or shapes.get(layer.node.outputs[0].name)
-        spatial = int(np.prod(out_shape[2:])) if out_shape and layer.op in ("Conv", "ConvTranspose") else 1
-        macs += spatial * int(np.prod(w.shape[1:]))
+        macs += _positions(layer, shapes) * int(np.prod(w.shape[1:]))
         params += row
         nbytes += row * w.dtype.itemsize
     for consumer in space.consumers:
         w = consumer.layer.get_weight()
         col = w.shape[0] * int(np.prod(w.shape[1:])) // consumer.span(space.channels)[3]
-        out_shape = shapes.get(consumer.layer.node.outputs[0].name)
-        spatial = int(np.prod(out_shape[2:])) if out_shape and consumer.layer.op == "Conv" else 1
-        macs += spatial * col
+        macs += _positions(consumer.layer, shapes) * col
         params += col
         nbytes += col * w.dtype.itemsize
     return macs, params, nbytes
+
+
+def _positions(layer: Layer, shapes: dict) -> int:
+    """Positions at which a conv applies its kernel: its output's (Conv), its input's (ConvTranspose);
+    1 for a Gemm or MatMul, or an unknown shape."""
+    if layer.op not in ("Conv", "ConvTranspose"):
+        return 1
+    shape = shapes.get((layer.node.outputs[0] if layer.op == "Conv" else layer.node.inputs[0]).name)
+    return int(np.prod(shape[2:])) if shape else 1
 
 
 def _cluster_edits(space: Space, info: dict, pairs: list[tuple[int, int]]) -> dict[str, np.ndarray]:

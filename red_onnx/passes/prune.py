@@ -131,6 +131,11 @@ def fold_constant_channels(ctx: Context, result: PassResult, counts: Counter) ->
             result.leave(space.name, f"{int(constant.sum())} constant channel(s) kept: read by conv(s) that pad their "
                                      f"input ({', '.join(padded)}), where the border would see 0")
             continue
+        transposed = [c.layer.name for c in space.consumers if c.layer.op == "ConvTranspose"]
+        if transposed:
+            result.leave(space.name, f"{int(constant.sum())} constant channel(s) kept: read by ConvTranspose "
+                                     f"({', '.join(transposed)}), whose outputs sum different numbers of its taps")
+            continue
         found.append((space, np.flatnonzero(constant)))
     if not found:
         return []
