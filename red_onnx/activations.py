@@ -10,7 +10,8 @@ For channel j of a space, read by consumer c as a_j (c's input channel; a Flatte
 - ``constants[c][j]``: what consumer c reads of channel j once its producers' weight rows are zero
   (its bias through the path: ReLU, BN, ...), per block position, shape (C, block): the constant a
   pruned channel leaves behind, the same on every input (averaged over positions, where a padded
-  depthwise conv on the path makes the border differ).
+  depthwise conv on the path makes the border differ); for a ConvTranspose, times the share of
+  its taps an output receives, so that folding it over all taps adds its mean contribution.
 """
 
 from __future__ import annotations
@@ -49,9 +50,19 @@ def channel_stats(ctx, spaces: list[Space], constants: bool = True) -> list[Spac
             for space in spaces:
                 for p in space.producers:
                     zeroed[p.weight.name] = np.zeros_like(p.weight.values)
-            values = [[x.mean(axis=2) for x in per] for per in consumer_inputs(model, zeroed, spaces, probes[0])]
+            values = [[x.mean(axis=2) * _taps_per_output(c.layer, x.shape[2], ctx.shapes)
+                       for c, x in zip(space.consumers, per)]
+                      for space, per in zip(spaces, consumer_inputs(model, zeroed, spaces, probes[0]))]
         ctx.memo[key] = [SpaceStats(s, v) for s, v in zip(seen, values)]
     return ctx.memo[key]
+
+
+def _taps_per_output(layer, positions: int, shapes: dict) -> float:
+    """For a ConvTranspose, the share of its kernel's taps an output receives on average (its
+    input's positions over its output's): a constant input channel adds Σ taps · this per output
+    on average (1/4 at stride 2 with a 2×2 kernel); 1 for the other consumers, which read every tap."""
+    out = shapes.get(layer.node.outputs[0].name) if layer.op == "ConvTranspose" else None
+    return positions / float(np.prod(out[2:])) if out and np.prod(out[2:]) else 1.0
 
 
 def consumer_inputs(model, arrays: dict[str, np.ndarray], spaces: list[Space], feeds: dict[str, np.ndarray]

@@ -104,6 +104,28 @@ def test_constant_channel_into_a_conv_transpose_is_kept():
     assert_same(model, result)
 
 
+def test_a_pruned_channel_into_a_conv_transpose_leaves_its_mean_tap():
+    """Stride 2, 2×2 kernel: each output receives one of the 4 taps, so a channel pruned to its constant
+    c leaves c · (Σ taps) / 4 in the bias (numpy oracle), not c · Σ taps. Its taps are equal here, so
+    that is nearly exact and fits a small tolerance."""
+    rng = np.random.default_rng(12)
+    g = Builder(12)
+    w1 = rng.standard_normal((6, 3, 3, 3)).astype(np.float32) / 5
+    w1[2] *= 1e-5
+    b1 = np.full(6, 0.1, np.float32)
+    b1[2] = 1.0  # channel 2: relu(1 + ~0) = 1 on every input
+    h = g.relu(g.conv_w(g.input("x", ["N", 3, 6, 6]), w1, b1, name="conv1"))
+    w2 = rng.standard_normal((6, 4, 2, 2)).astype(np.float32)
+    w2[2] = rng.standard_normal(4).astype(np.float32)[:, None, None]
+    b2 = rng.standard_normal(4).astype(np.float32)
+    g.output(g.node("ConvTranspose", [h, g.init(w2), g.init(b2)], name="up", kernel_shape=[2, 2], strides=[2, 2]))
+    model = g.model()
+    result, report = red_onnx.compress(model, tolerance=0.01, passes=["prune"])
+    assert out_channels(result)["conv1"] == 5 and report.output_deviation <= 0.01
+    up = next(n for n in result.graph.node if n.name == "up")
+    np.testing.assert_allclose(inits(result)[up.input[2]], b2 + w2[2, :, 0, 0], rtol=1e-4)
+
+
 def test_constant_channel_into_biasless_matmul_gets_a_bias():
     """MatMul consumers without bias get one (an Add) carrying the folded constant."""
     rng = np.random.default_rng(4)
