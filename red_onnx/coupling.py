@@ -423,6 +423,26 @@ class _BatchNorm(Handler):
         return [node.outputs[0], node.inputs[0]]
 
 
+@register("InstanceNormalization")
+class _InstanceNorm(Handler):
+    """Each channel normalized over its own positions, then its scale and bias: per-channel
+    parameters (equal for channels that merge); the normalization divides a multiple's factor away
+    only up to its epsilon, so only equal channels merge exactly (not homogeneous)."""
+
+    def through(self, node, tensor, space, walk, backward):
+        params = node.inputs[1:3]
+        if not all(isinstance(t, gs.Constant) for t in params) or space.last:
+            space.freeze(f"InstanceNormalization '{node.name}' with non-constant parameters or on channels last")
+            return []
+        if any(len(t.outputs) > 1 for t in params) or params[0] is params[1]:
+            space.freeze(f"InstanceNormalization '{node.name}' with parameters shared with other nodes")
+            return []
+        space.params.extend(ChannelParam(t, 0) for t in params)
+        space.homogeneous = False
+        space.zero_preserving = False
+        return [node.outputs[0], node.inputs[0]]
+
+
 @register("Mul", "Add", "Sub", "Div")
 class _Arithmetic(Handler):
     """With a per-channel or scalar constant: a path parameter. Between two tensors of the space

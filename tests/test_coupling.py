@@ -390,6 +390,27 @@ def test_channel_reduce_without_kept_dims_freezes():
     exact_or_frozen(g.model(), [{}])
 
 
+def instance_norm(scale_5: float):
+    """conv1 → InstanceNormalization (scale[5] = ``scale_5``, bias[5] = bias[1]) → Relu."""
+    def path(g, h):
+        scale, bias = np.linspace(0.5, 1.2, 8), np.linspace(-0.3, 0.4, 8)
+        scale[5], bias[5] = scale_5, bias[1]
+        return g.node("Relu", [g.node("InstanceNormalization", [h, g.const(scale), g.const(bias)], epsilon=1e-5)])
+    return path
+
+
+@pytest.mark.parametrize("scale_5, plan, expected", [
+    (0.6, DUP, {"conv1": 1}),   # equal channels, equal scale and bias: merged
+    (0.9, DUP, {}),             # another scale: left
+    (0.6, MULT, {}),            # a multiple: equal after the normalization up to its epsilon only
+])
+def test_instance_norm_is_a_per_channel_path_op(scale_5, plan, expected):
+    """InstanceNormalization acts channel by channel (a style-transfer or GAN generator's norm)."""
+    model = model_of(instance_norm(scale_5), plan=plan)
+    assert spaces(model)["conv1"].frozen is None
+    check_exact(model, expected)
+
+
 def test_bn_parameters_sharing_one_initializer():
     """After initializer de-duplication (onnxoptimizer / onnxsim), BN scale and var can be ONE tensor."""
     def path(g, h):
