@@ -169,6 +169,14 @@ def bn(g: Builder, rng: np.random.Generator, x: str, c: int, like: list[tuple[in
     return g.node("BatchNormalization", [x] + [g.const(a) for a in (gamma, beta, mean, var)], epsilon=1e-5)
 
 
+def instance_norm(g: Builder, rng: np.random.Generator, x: str, c: int, like: list[tuple[int, int]] = ()) -> str:
+    """InstanceNormalization with random scale and bias; channel j copies channel i's for (j, i) in ``like``."""
+    scale, bias = rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c), rng.standard_normal(c)
+    for j, i in like:
+        scale[j], bias[j] = scale[i], bias[i]
+    return g.node("InstanceNormalization", [x, g.const(scale), g.const(bias)], epsilon=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- #
 # inputs left alone: weights that are graph inputs
 
@@ -917,13 +925,14 @@ def random_models(draw) -> onnx.ModelProto:
         plan = _plan(draw, rng, c_out)
         w, b = plant(w, b if draw(st.booleans()) else None, plan)
         h = g.conv_w(h, w, b)
-        if draw(st.booleans()):
-            h = bn(g, rng, h, c_out, like=[(j, i) for j, i, _ in plan if draw(st.booleans())])
+        norm = draw(st.sampled_from(["none", "bn", "instance"]))
+        if norm != "none":
+            h = (bn if norm == "bn" else instance_norm)(g, rng, h, c_out, [(j, i) for j, i, _ in plan if draw(st.booleans())])
         h = _affine(draw, g, rng, h, c_out, 4, plan)
         return _activation(draw, g, rng, h, c_out, 4, plan)
 
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "conv", "residual", "concat", "pool"]))
+        kind = draw(st.sampled_from(["conv", "conv", "residual", "concat", "pool", "up"]))
         if kind == "conv":
             c_out = draw(st.integers(2, 8))
             h, c = conv_block(h, c, c_out, draw(st.sampled_from([1, 3]))), c_out
@@ -934,13 +943,22 @@ def random_models(draw) -> onnx.ModelProto:
         elif kind == "concat":
             a, b = draw(st.integers(1, 5)), draw(st.integers(1, 5))
             h, c = g.node("Concat", [conv_block(h, c, a, 3), conv_block(h, c, b, 1)], axis=1), a + b
+        elif kind == "up" and size <= 8:  # a U-Net's upsampling: reads the space before, makes its own
+            c_out = draw(st.integers(2, 8))
+            w, b = rand_layer(rng, c_out, c, 2)
+            plan = _plan(draw, rng, c_out)
+            w, b = plant(w, b, plan)  # view (out, in, k, k); stored (in, out, k, k)
+            h = g.node("ConvTranspose", [h, g.init(w.swapaxes(0, 1).copy()), g.init(b)], kernel_shape=[2, 2],
+                       strides=[2, 2])
+            h, c, size = _activation(draw, g, rng, h, c_out, 4, plan), c_out, size * 2
         else:
             pool = draw(st.sampled_from(["MaxPool", "AveragePool"]))
             if pool == "MaxPool" and size >= 2:
                 h, size = g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2]), size // 2
             else:
                 h = g.node("AveragePool", [h], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
-    head = draw(st.sampled_from(["gap_gemm", "flatten_gemm", "flatten_matmul", "transposed_gemm", "conv", "tokens"]))
+    head = draw(st.sampled_from(["gap_gemm", "mean_gemm", "flatten_gemm", "flatten_matmul", "transposed_gemm", "conv",
+                                 "tokens"]))
     if head == "conv":
         g.output(g.conv_w(h, *rand_layer(rng, 3, c, 3)))
         return g.model()
@@ -953,10 +971,17 @@ def random_models(draw) -> onnx.ModelProto:
             w, b = plant(w, b if draw(st.booleans()) else None, plan)
             h = _activation(draw, g, rng, _affine(draw, g, rng, g.matmul_w(h, w, b), m, 2, plan), m, 2, plan)
             c = m
+        if draw(st.booleans()):  # mean over the tokens, (N, T, C) → (N, C)
+            h = g.node("ReduceMean", [h], axes=[1], keepdims=0)
         g.output(g.matmul_w(h, *rand_layer(rng, 3, c)))
         return g.model()
     if head == "gap_gemm":
         h, features = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1), c
+    elif head == "mean_gemm":  # x.mean([2, 3]) (or a sum, a max): keepdims=0
+        op = draw(st.sampled_from(["ReduceMean", "ReduceMax", "ReduceSum"]))
+        axes = g.const([2, 3], dtype=np.int64)
+        h = g.node(op, [h, axes], keepdims=0) if op == "ReduceSum" else g.node(op, [h], axes=[2, 3], keepdims=0)
+        features = c
     elif head == "transposed_gemm":  # channels last before the flatten (folded into the Gemm's columns)
         perm = draw(st.sampled_from([[0, 2, 3, 1], [0, 3, 2, 1], [0, 1, 3, 2]]))
         h, features = g.node("Flatten", [g.node("Transpose", [h], perm=perm)], axis=1), c * size * size
