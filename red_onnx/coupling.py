@@ -35,6 +35,7 @@ positively homogeneous (f(s·x) = s·f(x) for s > 0).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -83,10 +84,36 @@ class Consumer:
 
 @dataclass
 class ChannelParam:
-    """A per-channel tensor on the path (BN statistics, PRelu slope, depthwise kernel, constant)."""
+    """A per-channel tensor on the path (BN statistics, PRelu slope, depthwise kernel, constant);
+    past a Concat or Split, the space's channels [lo, hi) are its entries [lo + shift, hi + shift)."""
 
     tensor: gs.Constant
     axis: int  # its channel axis
+    lo: int = 0
+    hi: int | None = None  # None: the space's channel count
+    shift: int = 0
+
+    def rows(self, channels: int) -> np.ndarray:
+        """(channels, D) float64: each channel's entries; a channel outside [lo, hi) gets zeros and
+        a flag, so that it never takes the parameters of one inside."""
+        v = np.moveaxis(self.tensor.values, self.axis, 0)
+        hi = channels if self.hi is None else self.hi
+        if (self.lo, hi, self.shift) == (0, channels, 0) and v.shape[0] == channels:
+            return v.reshape(channels, -1).astype(np.float64)
+        part = v[self.lo + self.shift:hi + self.shift].reshape(hi - self.lo, -1).astype(np.float64)
+        out = np.zeros((channels, part.shape[1] + 1))
+        out[self.lo:hi, :-1] = part
+        out[self.lo:hi, -1] = 1.0
+        return out
+
+    def keep(self, keep: np.ndarray, channels: int) -> None:
+        """Keep the entries of the kept channels ``keep`` (and every entry outside the span)."""
+        hi = channels if self.hi is None else self.hi
+        values = self.tensor.values
+        inside = keep[(keep >= self.lo) & (keep < hi)] + self.shift
+        index = np.concatenate([np.arange(self.lo + self.shift), inside,
+                                np.arange(hi + self.shift, values.shape[self.axis])]).astype(int)
+        self.tensor.values = np.take(values, index, axis=self.axis)
 
 
 #: Called by :func:`remove_channels` with (kept channel indices, channels before): an op's
@@ -138,8 +165,7 @@ class Space:
 
     def path_rows(self) -> np.ndarray:
         """(C, D) float64: the per-channel parameters on the path (must be equal to merge)."""
-        parts = [np.moveaxis(p.tensor.values, p.axis, 0).reshape(self.channels, -1).astype(np.float64)
-                 for p in self.params]
+        parts = [p.rows(self.channels) for p in self.params]
         if self.segments is not None:
             parts.append(self.segments[:, None].astype(np.float64))
         return np.concatenate(parts, axis=1) if parts else np.zeros((self.channels, 0))
@@ -193,7 +219,7 @@ def remove_channels(space: Space, keep: np.ndarray, mixing: np.ndarray) -> None:
         if producer.bias is not None and producer.bias.values.size == c:
             producer.bias.values = np.take(producer.bias.values, keep, axis=producer.bias.values.ndim - 1)
     for param in space.params:
-        param.tensor.values = np.take(param.tensor.values, keep, axis=param.axis)
+        param.keep(keep, c)
     for resize in space.resizes:
         resize(keep, c)
     space.channels = len(keep)
@@ -345,10 +371,11 @@ class Handler:
         space.freeze(f"passes through {node.op} '{node.name}'")
         return []
 
-    def tail(self, node: gs.Node, tensor: gs.Tensor, axis: int, space: Space, walk: Walk
+    def tail(self, node: gs.Node, tensor: gs.Tensor, span: _Span, space: Space, walk: Walk
              ) -> list[tuple[gs.Tensor, int]] | None:
-        """Past a Concat, Split, Slice or Transpose (the channels on ``axis`` of ``tensor``): the
-        (tensor, channel axis) pairs the space continues on, or None where it cannot go on."""
+        """Past a Concat, Split, Slice or Transpose (the space's channels [span.lo, span.hi) on
+        axis ``span.axis`` of ``tensor``, at offset ``span.shift`` of ``span.total``): the (tensor,
+        channel axis) pairs the space continues on, or None where it cannot go on."""
         return None
 
 
@@ -388,8 +415,8 @@ class _Unary(Handler):
         space.pass_unary(node.op, node)
         return [node.outputs[0], node.inputs[0]]
 
-    def tail(self, node, tensor, axis, space, walk):
-        op = node.op
+    def tail(self, node, tensor, span, space, walk):
+        op, axis = node.op, span.axis
         if (axis != 1 and op in ELEMENTWISE_ONLY) or (op in ("Resize", "Upsample") and not _resize_keeps_channels(node)) \
                 or (op == "PRelu" and not (isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.size == 1)):
             return None  # pooling moves values across the (now spatial) channel axis; a per-channel slope
@@ -421,6 +448,19 @@ class _BatchNorm(Handler):
         space.homogeneous = False
         space.zero_preserving = False
         return [node.outputs[0], node.inputs[0]]
+
+    def tail(self, node, tensor, span, space, walk):
+        """After a Concat (a DenseNet layer's or a CSP block's norm) or a Split: the space's
+        channels are entries [lo + shift, hi + shift) of its statistics."""
+        params = node.inputs[1:5]
+        if span.axis != 1 or node.inputs[0] is not tensor or not all(isinstance(t, gs.Constant) for t in params) \
+                or any(len(t.outputs) > 1 for t in params) or len({id(t) for t in params}) < 4 \
+                or any(t.values.shape != (span.total,) for t in params):
+            return None
+        space.params.extend(ChannelParam(t, 0, span.lo, span.hi, span.shift) for t in params)
+        space.homogeneous = False
+        space.zero_preserving = False
+        return [(node.outputs[0], span.axis)]
 
 
 @register("InstanceNormalization")
@@ -462,11 +502,11 @@ class _Arithmetic(Handler):
             space.homogeneous = False
         return [node.outputs[0], *node.inputs]
 
-    def tail(self, node, tensor, axis, space, walk):
+    def tail(self, node, tensor, span, space, walk):
         if tensor not in node.inputs or not any(isinstance(t, gs.Constant) and t.values.size == 1 for t in node.inputs):
             return None
         space.pass_constant(node.op, node, next(t for t in node.inputs if isinstance(t, gs.Constant)))
-        return [(node.outputs[0], axis)]
+        return [(node.outputs[0], span.axis)]
 
 
 
@@ -497,7 +537,7 @@ class _Shape(Handler):
     def through(self, node, tensor, space, walk, backward):
         return []
 
-    def tail(self, node, tensor, axis, space, walk):
+    def tail(self, node, tensor, span, space, walk):
         return []
 
 
@@ -588,9 +628,9 @@ class _Transpose(_Entry):
             return []
         return [(node.outputs[0], _Span(_moved(node, rank, space.axis(rank)), 0, space.channels, 0, space.channels))]
 
-    def tail(self, node, tensor, axis, space, walk):
+    def tail(self, node, tensor, span, space, walk):
         rank = walk.rank(tensor)
-        return None if rank is None else [(node.outputs[0], _moved(node, rank, axis))]
+        return None if rank is None else [(node.outputs[0], _moved(node, rank, span.axis))]
 
 
 @register("Slice")
@@ -663,6 +703,7 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
     stack = [(start, span.axis)]
     while stack and space.frozen is None:
         tensor, axis = stack.pop()
+        here = dataclasses.replace(span, axis=axis)
         if tensor.name in walk.graph_outputs:
             space.freeze(f"reaches graph output '{tensor.name}'")
             return
@@ -676,7 +717,7 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
                 space.consumers.append(Consumer(layer, 1, span.lo, span.hi, span.shift, span.total, axis))
                 continue
             handler = HANDLERS.get(node.op)
-            nxt = handler.tail(node, tensor, axis, space, walk) if handler is not None else None
+            nxt = handler.tail(node, tensor, here, space, walk) if handler is not None else None
             if nxt is None:
                 why = f": {walk.skipped[node.name]}" if node.name in walk.skipped else ""
                 space.freeze(f"past a Concat/Split/Transpose, reaches {node.op} '{node.name}'{why}")

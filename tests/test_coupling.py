@@ -496,6 +496,63 @@ def test_concat_offsets_merge_in_every_input():
     check_exact(model, {"convA": 1, "convB": 2})
 
 
+def dense_block(plan_b, like=True):
+    """A DenseNet-style block: conv1 (8 ch) and convB (6 ch, planted ``plan_b``) concatenated, then
+    BatchNormalization → Relu → conv2 over the 14 channels; with ``like``, the BN statistics of a
+    planted pair (at convB's offset 8) are equal."""
+    rng = np.random.default_rng(23)
+    g = Builder()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.node("Relu", [g.conv_w(x, *rand_layer(rng, 8, 3, 3), name="conv1")])
+    b = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 6, 3, 3), plan_b), name="convB")])
+    h = bn_like(g, rng, g.node("Concat", [a, b], axis=1), 14, [(8 + j, 8 + i) for j, i, _ in plan_b] if like else [])
+    g.output(g.conv_w(g.node("Relu", [h]), *rand_layer(rng, 4, 14, 3), name="conv2"))
+    return g.model()
+
+
+def bn_like(g, rng, h, width, like):
+    """BatchNormalization with random statistics; entry j copies entry i for (j, i) in ``like``."""
+    stats = [rng.uniform(0.5, 1.5, width), rng.standard_normal(width), rng.standard_normal(width),
+             rng.uniform(0.5, 2.0, width)]
+    for j, i in like:
+        for v in stats:
+            v[j] = v[i]
+    return g.node("BatchNormalization", [h] + [g.const(v) for v in stats], epsilon=1e-5)
+
+
+def test_batchnorm_after_a_concat_is_a_per_channel_path_op():
+    """A BN after a Concat (a DenseNet layer's, a CSP block's): the space's channels are entries at
+    its offset of the statistics; equal channels with equal statistics merge, exactly, and the
+    statistics lose those entries."""
+    model = dense_block(DUP)
+    assert spaces(model)["convB"].frozen is None
+    result, _ = check_exact(model, {"convB": 1})
+    bn = next(n for n in result.graph.node if n.op_type == "BatchNormalization")
+    assert [inits(result)[t].shape for t in bn.input[1:5]] == [(13,)] * 4
+
+
+def test_batchnorm_after_a_concat_keeps_channels_with_other_statistics():
+    check_exact(dense_block(DUP, like=False), {})
+
+
+def test_batchnorm_after_a_split():
+    """conv1 (14 ch) split into 8 + 6, the second part normalized on its own: its channels 8.. are
+    entries 0.. of that BN's statistics; the planted pair (13 = 9) merges within its segment."""
+    rng = np.random.default_rng(24)
+    g = Builder()
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 14, 3, 3), [(13, 9, 1.0)]), name="conv1")])
+    a, b = g.node("Split", [h, g.const([8, 6], dtype=np.int64)], n_outputs=2, axis=1)
+    b = g.node("Relu", [bn_like(g, rng, b, 6, [(5, 1)])])
+    g.output(g.node("Add", [g.conv_w(a, *rand_layer(rng, 4, 8, 3), name="convA"),
+                            g.conv_w(b, *rand_layer(rng, 4, 6, 3), name="convB")]))
+    model = g.model()
+    assert spaces(model)["conv1"].frozen is None
+    result, _ = check_exact(model, {"conv1": 1})
+    bn = next(n for n in result.graph.node if n.op_type == "BatchNormalization")
+    assert [inits(result)[t].shape for t in bn.input[1:5]] == [(5,)] * 4
+
+
 def test_concat_to_graph_output_freezes():
     rng = np.random.default_rng(22)
     g = Builder()
