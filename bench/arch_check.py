@@ -1,7 +1,7 @@
 """Architectures the bench models lack, with random weights: does every promise hold?
 
 The bench's real models are CNNs and a CRNN/SVTR. Users bring more: squeeze-excitation blocks,
-channel shuffles, U-Nets, transformers (a ViT among them), ConvNeXt-style channels-last MLPs, an
+channel shuffles, dense blocks, U-Nets, transformers (a ViT among them), ConvNeXt-style channels-last MLPs, an
 MLP-Mixer, GRUs, embeddings of token ids, float16 exports. Each is built here with torch (random weights, batch-norm statistics
 randomised) and compressed at several tolerances (all passes, default options: N(0, 1) probes,
 token ids over their table's rows). Per row: the exit, the result's validity and interface, the
@@ -180,8 +180,24 @@ def _nets():
             t = t + s.tok(s.ln1(t).transpose(1, 2)).transpose(1, 2)
             return s.head((t + s.ch(s.ln2(t))).mean(1))
 
+    class DenseNetLike(nn.Module):  # dense layers: BN-ReLU-conv on the concat of all earlier maps; x.mean([2, 3]) head
+        def __init__(s, growth=12, layers=4):
+            super().__init__()
+            s.stem = nn.Conv2d(3, 16, 3, 2, 1)
+            s.layers = nn.ModuleList(
+                nn.Sequential(nn.BatchNorm2d(16 + k * growth), nn.ReLU(), nn.Conv2d(16 + k * growth, 32, 1),
+                              nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, growth, 3, 1, 1)) for k in range(layers))
+            s.norm, s.fc = nn.BatchNorm2d(16 + layers * growth), nn.Linear(16 + layers * growth, 10)
+
+        def forward(s, x):
+            features = [s.stem(x)]
+            for layer in s.layers:
+                features.append(layer(torch.cat(features, 1)))
+            return s.fc(F.relu(s.norm(torch.cat(features, 1))).mean([2, 3]))
+
     f32, f16, i64 = torch.float32, torch.float16, torch.int64
     return {
+        "densenet_like": (DenseNetLike, (1, 3, 32, 32), f32),
         "efficientnet_like": (EfficientNetLike, (1, 3, 64, 64), f32),
         "shufflenet_like": (ShuffleNetLike, (1, 3, 64, 64), f32),
         "unet_like": (UNetLike, (1, 3, 32, 32), f32),

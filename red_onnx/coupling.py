@@ -518,6 +518,15 @@ class _SpatialReduce(Handler):
             return super().through(node, tensor, space, walk, backward)
         return [node.outputs[0], node.inputs[0]]
 
+    def tail(self, node, tensor, span, space, walk):
+        rank = walk.rank(tensor)
+        if rank is None or node.inputs[0] is not tensor or not _reduces_none_of(node, rank, {0, span.axis}):
+            return None
+        axes = node.attrs.get("axes")
+        axes = node.inputs[1].values.tolist() if axes is None else axes
+        gone = sum(a % rank < span.axis for a in np.atleast_1d(axes).tolist()) if not node.attrs.get("keepdims", 1) else 0
+        return [(node.outputs[0], span.axis - gone)]
+
 
 @register("Flatten", "Reshape")
 class _ToFeatures(Handler):

@@ -496,17 +496,21 @@ def test_concat_offsets_merge_in_every_input():
     check_exact(model, {"convA": 1, "convB": 2})
 
 
-def dense_block(plan_b, like=True):
+def dense_block(plan_b, like=True, head="conv"):
     """A DenseNet-style block: conv1 (8 ch) and convB (6 ch, planted ``plan_b``) concatenated, then
-    BatchNormalization → Relu → conv2 over the 14 channels; with ``like``, the BN statistics of a
-    planted pair (at convB's offset 8) are equal."""
+    BatchNormalization → Relu → conv2 over the 14 channels (``head`` "mean": x.mean([2, 3]) → Gemm);
+    with ``like``, the BN statistics of a planted pair (at convB's offset 8) are equal."""
     rng = np.random.default_rng(23)
     g = Builder()
     x = g.input("x", ["N", 3, 8, 8])
     a = g.node("Relu", [g.conv_w(x, *rand_layer(rng, 8, 3, 3), name="conv1")])
     b = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 6, 3, 3), plan_b), name="convB")])
     h = bn_like(g, rng, g.node("Concat", [a, b], axis=1), 14, [(8 + j, 8 + i) for j, i, _ in plan_b] if like else [])
-    g.output(g.conv_w(g.node("Relu", [h]), *rand_layer(rng, 4, 14, 3), name="conv2"))
+    h = g.node("Relu", [h])
+    if head == "mean":
+        g.output(g.gemm_w(g.node("ReduceMean", [h], axes=[2, 3], keepdims=0), *rand_layer(rng, 4, 14), name="fc"))
+    else:
+        g.output(g.conv_w(h, *rand_layer(rng, 4, 14, 3), name="conv2"))
     return g.model()
 
 
@@ -520,11 +524,12 @@ def bn_like(g, rng, h, width, like):
     return g.node("BatchNormalization", [h] + [g.const(v) for v in stats], epsilon=1e-5)
 
 
-def test_batchnorm_after_a_concat_is_a_per_channel_path_op():
-    """A BN after a Concat (a DenseNet layer's, a CSP block's): the space's channels are entries at
-    its offset of the statistics; equal channels with equal statistics merge, exactly, and the
-    statistics lose those entries."""
-    model = dense_block(DUP)
+@pytest.mark.parametrize("head", ["conv", "mean"])
+def test_batchnorm_after_a_concat_is_a_per_channel_path_op(head):
+    """A BN after a Concat (a DenseNet layer's, a CSP block's; then a conv, or a global mean into a
+    Gemm): the space's channels are entries at its offset of the statistics; equal channels with
+    equal statistics merge, exactly, and the statistics lose those entries."""
+    model = dense_block(DUP, head=head)
     assert spaces(model)["convB"].frozen is None
     result, _ = check_exact(model, {"convB": 1})
     bn = next(n for n in result.graph.node if n.op_type == "BatchNormalization")
