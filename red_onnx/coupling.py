@@ -522,9 +522,7 @@ class _SpatialReduce(Handler):
         rank = walk.rank(tensor)
         if rank is None or node.inputs[0] is not tensor or not _reduces_none_of(node, rank, {0, span.axis}):
             return None
-        axes = node.attrs.get("axes")
-        axes = node.inputs[1].values.tolist() if axes is None else axes
-        gone = sum(a % rank < span.axis for a in np.atleast_1d(axes).tolist()) if not node.attrs.get("keepdims", 1) else 0
+        gone = 0 if node.attrs.get("keepdims", 1) else sum(a % rank < span.axis for a in _reduce_axes(node))
         return [(node.outputs[0], span.axis - gone)]
 
 
@@ -867,18 +865,21 @@ def _pads_channels(node: gs.Node) -> bool:
     return rank > 1 and (pads[1] != 0 or pads[rank + 1] != 0)
 
 
+def _reduce_axes(node: gs.Node) -> list[int] | None:
+    """A Reduce* node's axes (attribute, or constant input); None where unknown or absent (all)."""
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        axes = node.inputs[1].values
+    return None if axes is None else np.atleast_1d(axes).astype(int).tolist()
+
+
 def _reduces_none_of(node: gs.Node, rank: int, kept: set[int]) -> bool:
     """Whether a Reduce* node on a tensor of ``rank`` leaves the axes ``kept`` (batch, channels) alone:
     its axes are known and miss them (with or without kept dims, the channels stay on axis 1, or
     on the last axis)."""
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1:
-        if not isinstance(node.inputs[1], gs.Constant):
-            return False
-        axes = node.inputs[1].values.tolist()
+    axes = _reduce_axes(node)
     if axes is None:
         return False
-    axes = np.atleast_1d(axes).tolist()
     if not axes:  # every axis, unless noop_with_empty_axes
         return node.attrs.get("noop_with_empty_axes", 0) == 1
     return not {a % rank for a in axes} & kept
