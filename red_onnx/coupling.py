@@ -418,8 +418,9 @@ class _Unary(Handler):
     def tail(self, node, tensor, span, space, walk):
         op, axis = node.op, span.axis
         if (axis != 1 and op in ELEMENTWISE_ONLY) or (op in ("Resize", "Upsample") and not _resize_keeps_channels(node)) \
-                or (op == "PRelu" and not (isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.size == 1)):
-            return None  # pooling moves values across the (now spatial) channel axis; a per-channel slope
+                or (op == "PRelu" and not (isinstance(node.inputs[1], gs.Constant)
+                                           and _add_tail_param(space, node.inputs[1], tensor, span, walk))):
+            return None  # pooling moves values across the (now spatial) channel axis; a computed slope
         space.pass_unary(op, node)
         return [(node.outputs[0], axis)]
 
@@ -503,9 +504,11 @@ class _Arithmetic(Handler):
         return [node.outputs[0], *node.inputs]
 
     def tail(self, node, tensor, span, space, walk):
-        if tensor not in node.inputs or not any(isinstance(t, gs.Constant) and t.values.size == 1 for t in node.inputs):
+        const = [t for t in node.inputs if isinstance(t, gs.Constant)]
+        if len(node.inputs) != 2 or tensor not in node.inputs or not const \
+                or not _add_tail_param(space, const[0], tensor, span, walk):
             return None
-        space.pass_constant(node.op, node, next(t for t in node.inputs if isinstance(t, gs.Constant)))
+        space.pass_constant(node.op, node, const[0])
         return [(node.outputs[0], span.axis)]
 
 
@@ -815,6 +818,18 @@ def _add_param(space: Space, const: gs.Constant, tensor: gs.Tensor, shapes: dict
         space.freeze(f"{where}: per-channel constant '{const.name}' is shared with other nodes")
         return False
     space.params.append(ChannelParam(const, axis))
+    return True
+
+
+def _add_tail_param(space: Space, const: gs.Constant, tensor: gs.Tensor, span: _Span, walk: Walk) -> bool:
+    """Past a Concat or Split: a scalar needs nothing; a constant with one value per channel of the
+    tensor (``span.total``, on ``span.axis``), not shared, is a parameter of the space's entries."""
+    if const.values.size == 1:
+        return True
+    axis = _channel_axis(const.values.shape, span.total, walk.rank(tensor), span.axis)
+    if axis is None or len(const.outputs) > 1:
+        return False
+    space.params.append(ChannelParam(const, axis, span.lo, span.hi, span.shift))
     return True
 
 

@@ -540,6 +540,27 @@ def test_batchnorm_after_a_concat_keeps_channels_with_other_statistics():
     check_exact(dense_block(DUP, like=False), {})
 
 
+@pytest.mark.parametrize("equal, expected", [(True, {"convB": 1}), (False, {})])
+def test_per_channel_constants_and_slope_after_a_concat(equal, expected):
+    """Past a Concat, a per-channel scale (1, C, 1, 1), a per-channel bias (C, 1, 1) and a PRelu
+    slope are parameters at the space's offset: the planted pair merges where their entries are
+    equal, not otherwise."""
+    rng = np.random.default_rng(25)
+    g = Builder()
+    x = g.input("x", ["N", 3, 8, 8])
+    a = g.node("Relu", [g.conv_w(x, *rand_layer(rng, 8, 3, 3), name="conv1")])
+    b = g.node("Relu", [g.conv_w(x, *plant(*rand_layer(rng, 6, 3, 3), DUP), name="convB")])
+    scale, bias, slope = rng.uniform(0.5, 1.5, 14), rng.standard_normal(14), rng.uniform(0.1, 0.3, 14)
+    for v in (scale, bias, slope):
+        v[8 + 5] = v[8 + 1] if equal else v[8 + 1] + 0.1
+    h = g.node("Mul", [g.node("Concat", [a, b], axis=1), g.const(scale.reshape(1, 14, 1, 1))])
+    h = g.node("PRelu", [g.node("Add", [h, g.const(bias.reshape(14, 1, 1))]), g.const(slope.reshape(14, 1, 1))])
+    g.output(g.conv_w(h, *rand_layer(rng, 4, 14, 3), name="conv2"))
+    model = g.model()
+    assert spaces(model)["convB"].frozen is None
+    check_exact(model, expected)
+
+
 def test_batchnorm_after_a_split():
     """conv1 (14 ch) split into 8 + 6, the second part normalized on its own: its channels 8.. are
     entries 0.. of that BN's statistics; the planted pair (13 = 9) merges within its segment."""

@@ -943,8 +943,11 @@ def random_models(draw) -> onnx.ModelProto:
         elif kind == "concat":
             a, b = draw(st.integers(1, 5)), draw(st.integers(1, 5))
             h, c = g.node("Concat", [conv_block(h, c, a, 3), conv_block(h, c, b, 1)], axis=1), a + b
-            if draw(st.booleans()):  # normalized after the concat (DenseNet, CSP blocks)
+            after = draw(st.sampled_from(["none", "bn", "affine"]))  # after the concat (DenseNet, CSP blocks)
+            if after == "bn":
                 h = g.node("Relu", [bn(g, rng, h, c)])
+            elif after == "affine":
+                h = _affine(draw, g, rng, h, c, 4, [])
         elif kind == "up" and size <= 8:  # a U-Net's upsampling: reads the space before, makes its own
             c_out = draw(st.integers(2, 8))
             w, b = rand_layer(rng, c_out, c, 2)
