@@ -78,8 +78,30 @@ class Consumer:
 
     def columns(self, channels: int) -> np.ndarray:
         """(O, total, B) float64 view of the consumer's input weights, B = block × kernel."""
-        w = self.layer.get_weight().astype(np.float64)
-        return w.reshape(w.shape[0], self.span(channels)[3], -1)
+        return self.dense(self.layer.get_weight().astype(np.float64), self.span(channels)[3])
+
+    def dense(self, w: np.ndarray, total: int) -> np.ndarray:
+        """A weight in the view layout as (O, total, B): a grouped conv's (O, I/g, *k) is spread
+        block-diagonally, output o of group G reading inputs [G·I/g, (G+1)·I/g)."""
+        g = self.layer.group
+        if g == 1:
+            return w.reshape(w.shape[0], total, -1)
+        o, per = w.shape[0], w.shape[1]
+        out = np.zeros((o, total, int(np.prod(w.shape[2:]))), w.dtype)
+        for group in range(g):
+            rows = slice(group * (o // g), (group + 1) * (o // g))
+            out[rows, group * per:(group + 1) * per] = w[rows].reshape(o // g, per, -1)
+        return out
+
+    def compact(self, w3: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+        """The inverse of :meth:`dense` for (O, C, B) whose blocks hold C/g columns each: the view
+        layout (O, C/g, *kernel) (or (O, C·B/kernel, *kernel) ungrouped)."""
+        g = self.layer.group
+        if g == 1:
+            return w3.reshape((w3.shape[0], -1) + kernel)
+        o, per = w3.shape[0], w3.shape[1] // g
+        return np.concatenate([w3[group * (o // g):(group + 1) * (o // g), group * per:(group + 1) * per]
+                               for group in range(g)]).reshape((o, per) + kernel)
 
 
 @dataclass
@@ -138,6 +160,20 @@ class Space:
     zero_preserving: bool = True
     frozen: str | None = None
     last: bool = False  # channels on the last axis (MatMul producers on inputs of rank 3 or more)
+    #: read or written by grouped convs of this many groups: channel c is in block c // (C / groups),
+    #: merges stay inside a block, and every removal takes as many channels from each block
+    groups: int = 1
+
+    def set_groups(self, groups: int, where: str) -> None:
+        if groups == 1 or groups == self.groups:
+            return
+        if self.groups != 1 or self.channels % groups or self.segments is not None or self.last:
+            self.freeze(f"{where}: groups that do not match the space's")
+        self.groups = groups
+
+    def blocks(self) -> np.ndarray:
+        """Each channel's block (see :attr:`groups`)."""
+        return np.arange(self.channels) // (self.channels // self.groups)
 
     @property
     def name(self) -> str:
@@ -168,6 +204,8 @@ class Space:
         parts = [p.rows(self.channels) for p in self.params]
         if self.segments is not None:
             parts.append(self.segments[:, None].astype(np.float64))
+        if self.groups > 1:
+            parts.append(self.blocks()[:, None].astype(np.float64))
         return np.concatenate(parts, axis=1) if parts else np.zeros((self.channels, 0))
 
     def consumer_norms(self) -> np.ndarray:
@@ -175,8 +213,7 @@ class Space:
         total = np.zeros(self.channels)
         for c in self.consumers:
             lo, hi, shift, width = c.span(self.channels)
-            w = c.layer.get_weight()
-            w3 = w.reshape(w.shape[0], width, -1)[:, lo + shift:hi + shift]  # in its own dtype: no float64 copy
+            w3 = c.dense(c.layer.get_weight(), width)[:, lo + shift:hi + shift]  # in its own dtype: no float64 copy
             total[lo:hi] += np.einsum("otb,otb->t", w3, w3, dtype=np.float64)
         return np.sqrt(total)
 
@@ -213,7 +250,10 @@ def remove_channels(space: Space, keep: np.ndarray, mixing: np.ndarray) -> None:
         cols = np.flatnonzero((keep >= lo) & (keep < hi))  # kept channels of this range (merges stay in it)
         merged = np.einsum("ocb,ck->okb", w3[:, lo + shift:hi + shift], mixing[lo:hi, cols], optimize=True)
         w3 = np.concatenate([w3[:, :lo + shift], merged, w3[:, hi + shift:]], axis=1)
-        consumer.layer.set_weight(w3.reshape((w.shape[0], w3.shape[1] * consumer.block) + w.shape[2:]))
+        if consumer.layer.group > 1:  # balanced removals keep the blocks equal and diagonal
+            consumer.layer.set_weight(consumer.compact(w3, w.shape[2:]))
+        else:
+            consumer.layer.set_weight(w3.reshape((w.shape[0], w3.shape[1] * consumer.block) + w.shape[2:]))
     for producer in space.producers:
         producer.set_weight(producer.get_weight()[keep])
         if producer.bias is not None and producer.bias.values.size == c:
@@ -282,8 +322,7 @@ def _flood(start: gs.Variable, space: Space, seen: set[str], by_output: dict, wa
                 space.producers.append(layer)
                 if layer.out_channels != space.channels:
                     space.freeze("producers of different widths")
-                if layer.group != 1:
-                    space.freeze(f"produced by grouped {layer.op} '{layer.name}'")
+                space.set_groups(layer.group, f"produced by grouped {layer.op} '{layer.name}'")
                 if _channels_last(layer, walk) != space.last and walk.rank(layer.output) != 2:
                     space.freeze("producers with their channels on different axes")
         elif tensor.inputs:
@@ -340,11 +379,15 @@ def _consumer(node: gs.Node, layer: Layer | None, tensor: gs.Tensor, space: Spac
     if layer.node.inputs[0] is not tensor:
         space.freeze(f"feeds {op} '{node.name}' in a non-data input")
         return []
-    if layer.group != 1:
-        space.freeze(f"feeds grouped {op} '{node.name}'")
-        return []
     w = layer.get_weight()
     rank = walk.rank(tensor)
+    if layer.group != 1:
+        if op not in ("Conv", "ConvTranspose") or w.shape[1] * layer.group != c or space.last:
+            space.freeze(f"feeds grouped {op} '{node.name}'")
+            return []
+        space.set_groups(layer.group, f"feeds grouped {op} '{node.name}'")
+        space.consumers.append(Consumer(layer, 1))
+        return []
     if op in ("Conv", "ConvTranspose") and w.shape[1] == c and not space.last:
         space.consumers.append(Consumer(layer, 1))
         return []
@@ -611,7 +654,8 @@ class _Split(_Entry):
         else:
             space.freeze(f"Split '{node.name}' into equal parts (merging would unbalance them)")
             return []
-        if space.segments is not None or sum(values) != space.channels or len(values) != len(node.outputs):
+        if space.segments is not None or space.groups > 1 or sum(values) != space.channels \
+                or len(values) != len(node.outputs):
             space.freeze(f"Split '{node.name}' of another width, or a second Split")
             return []
         bounds = np.cumsum([0] + values)

@@ -152,7 +152,7 @@ def test_shape_op_does_not_freeze():
 
 
 @pytest.mark.parametrize("case, reason", [
-    ("concat_self", "Concat"), ("split", "Split"), ("transpose_then_pool", "Transpose"), ("grouped", "grouped"),
+    ("concat_self", "Concat"), ("split", "Split"), ("transpose_then_pool", "Transpose"),
     ("softmax", "Softmax"), ("mulconst_bad_shape", "Mul"), ("reduce_channels", "ReduceMean"),
     ("output", "graph output")])
 def test_frozen_reasons(case, reason):
@@ -182,8 +182,6 @@ def test_frozen_reasons(case, reason):
         g.output(h)
     if case == "transpose_then_pool":
         g.output(g.conv_w(h, *rand_layer(rng, 4, cin, 1), name="conv2"))
-    elif case == "grouped":
-        g.output(g.conv_w(h, *rand_layer(rng, 4, 4, 3), name="conv2", group=2))
     else:
         g.output(g.conv_w(h, *rand_layer(rng, 4, cin, 3), name="conv2"))
     model = g.model()
@@ -194,6 +192,63 @@ def test_frozen_reasons(case, reason):
     result, report = check_exact(model, {})
     assert any(reason in r for r in merge_reasons(report)), merge_reasons(report)
     assert merge_counts(report)["spaces_frozen"] >= 2  # conv1's space and the output's
+
+
+# --------------------------------------------------------------------------------------------- #
+# grouped convs (ResNeXt, RegNet): merges inside a group's block, as many in every block
+
+
+def grouped_model(plan, producer_plan=(), groups=2):
+    """x → conv0 (4 ch) → Relu → conv1 (8 ch, grouped ``groups`` when ``producer_plan`` is given,
+    rows planted) → Relu → conv2 (4 ch, grouped ``groups``: output o of group G reads channels
+    [G·8/g, (G+1)·8/g)) → y; conv1 planted with ``plan``."""
+    rng = np.random.default_rng(27)
+    g = Builder()
+    h = g.node("Relu", [g.conv_w(g.input("x", ["N", 3, 8, 8]), *rand_layer(rng, 4, 3, 3), name="conv0")])
+    if producer_plan:
+        w1, b1 = plant(*rand_layer(rng, 8, 4 // groups, 3), list(producer_plan))
+        h = g.conv_w(h, w1, b1, name="conv1", group=groups)
+    else:
+        h = g.conv_w(h, *plant(*rand_layer(rng, 8, 4, 3), plan), name="conv1")
+    w2, b2 = rand_layer(rng, 4, 8 // groups, 3)
+    g.output(g.conv_w(g.node("Relu", [h]), w2, b2, name="conv2", group=groups))
+    return g.model(), w2
+
+
+def test_grouped_consumer_merges_inside_its_blocks():
+    """Multiples inside block 0 (1 = 2.5·0) and block 1 (5 = 0.4·4) merge: one per block, and the
+    grouped weight keeps its layout (numpy oracle: per group, the partner's column moves onto its
+    root)."""
+    plan = [(1, 0, 2.5), (5, 4, 0.4)]
+    model, w2 = grouped_model(plan)
+    space = spaces(model)["conv1"]
+    assert space.frozen is None and space.groups == 2
+    result, _ = check_exact(model, {"conv1": 2})
+    oracle = w2.astype(np.float64).copy()  # (4, 4, 3, 3): outputs 0-1 read channels 0-3, outputs 2-3 channels 4-7
+    oracle[:2, 0] += 2.5 * oracle[:2, 1]
+    oracle[2:, 0] += 0.4 * oracle[2:, 1]
+    oracle = np.delete(oracle, 1, axis=1)
+    np.testing.assert_allclose(view_weight(result, "conv2"), oracle, rtol=1e-6, atol=1e-6)
+    assert attr(node(result, "conv2"), "group") == 2
+
+
+@pytest.mark.parametrize("plan", [[(1, 0, 1.0)], [(5, 1, 1.0)]])
+def test_grouped_consumer_keeps_unbalanced_or_crossing_pairs(plan):
+    """A duplicate in one block only would leave the blocks unequal; one across blocks reads other
+    inputs: both stay."""
+    model, _ = grouped_model(plan)
+    assert spaces(model)["conv1"].frozen is None
+    check_exact(model, {})
+
+
+def test_grouped_producer_merges_inside_its_blocks():
+    """conv1 grouped (2 groups of 4 outputs, each reading 2 of conv0's channels): equal rows inside
+    each block merge, one per block; its input space (conv0) is a grouped consumer's too."""
+    model, _ = grouped_model([], producer_plan=[(1, 0, 1.0), (6, 7, 1.0)])
+    s = spaces(model)
+    assert s["conv1"].frozen is None and s["conv1"].groups == 2 and s["conv0"].groups == 2
+    result, _ = check_exact(model, {"conv1": 2})
+    assert attr(node(result, "conv1"), "group") == 2
 
 
 # --------------------------------------------------------------------------------------------- #

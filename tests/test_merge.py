@@ -287,10 +287,12 @@ def test_multiples_merge_into_a_conv_transpose(k, stride):
     assert report.macs_before - report.macs_after == 2 * _channel_saving(space, shapes)[0]
 
 
-def test_grouped_conv_transpose_consumer_freezes():
-    model, _ = up_chain(MULTIPLES, group=2)
-    result, report = check_exact(model, {})
-    assert any("grouped ConvTranspose" in r for r in merge_reasons(report)), merge_reasons(report)
+@pytest.mark.parametrize("plan, expected", [(MULTIPLES, {}), ([(1, 0, 2.5), (6, 7, 0.4)], {"conv1": 2})])
+def test_grouped_conv_transpose_consumer(plan, expected):
+    """Grouped in 2: channels 0-3 feed its first 4 outputs, 4-7 the others; pairs inside a block,
+    one in each, merge; pairs across blocks do not."""
+    model, _ = up_chain(plan, group=2)
+    check_exact(model, expected)
 
 
 # --------------------------------------------------------------------------------------------- #

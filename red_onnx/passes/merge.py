@@ -72,7 +72,7 @@ def remove_redundant(ctx: Context, result: PassResult, counts: Counter, merges: 
                 result.leave(space.name, space.frozen)
                 continue
             root, scale, dead, unread_channels = _memo_plan(ctx, space, merges)
-            kept_back = align(root, scale, dead, ctx.channel_align)
+            kept_back = align(root, scale, dead, ctx.channel_align, space.groups)
             unread = int(np.sum(dead & unread_channels))
             merged = int(np.sum(root != np.arange(space.channels)))
             if merged or dead.any():
@@ -97,17 +97,25 @@ def remove_redundant(ctx: Context, result: PassResult, counts: Counter, merges: 
     counts["spaces_frozen"] = len(result.left_alone)
 
 
-def align(root: np.ndarray, scale: np.ndarray, dead: np.ndarray, multiple: int) -> int:
+def align(root: np.ndarray, scale: np.ndarray, dead: np.ndarray, multiple: int, groups: int = 1) -> int:
     """Keep back removals (in place: a kept channel is its own root, at scale 1) so that the kept
     count is a multiple of ``multiple``, or the count before where that is less (``multiple`` 0:
-    keep every channel); returns how many."""
+    keep every channel), and, with ``groups`` (see :attr:`red_onnx.coupling.Space.groups`), as
+    many are removed from every block; returns how many."""
     c = len(root)
     removed = np.flatnonzero((root != np.arange(c)) | dead)
-    kept = c - len(removed)
-    if multiple == 1 or len(removed) == 0:
+    if len(removed) == 0 or multiple == 1 and groups == 1:
         return 0
-    target = c if multiple == 0 else min(c, -(-kept // multiple) * multiple)
-    back = removed[::-1][:target - kept]  # the last ones: any is exact
+    if groups == 1:
+        kept = c - len(removed)
+        target = c if multiple == 0 else min(c, -(-kept // multiple) * multiple)
+        back = removed[::-1][:target - kept]  # the last ones: any is exact
+    else:
+        per_block = [removed[removed // (c // groups) == b] for b in range(groups)]
+        k = min(min(len(r) for r in per_block), c // groups - 1)  # removals per block; a block keeps one
+        while k and (multiple == 0 or multiple > 1 and (c - groups * k) % multiple):
+            k -= 1
+        back = np.concatenate([r[::-1][:len(r) - k] for r in per_block]).astype(int)
     root[back], scale[back], dead[back] = back, 1.0, False
     return len(back)
 
@@ -252,12 +260,12 @@ def spend(ctx: Context, merging: bool, pruning: bool) -> tuple[Spent, list]:
         tensors = tuple(t.name for layer in edited for t in (layer.weight, layer.bias) if t is not None)
         info[k] = {"rows": rows, "constants": stats[k].constants, "weights": functools.cache(
             lambda rows=rows, norms=consumer_norms: np.linalg.norm(rows(), axis=1) * np.maximum(norms, 1e-12))}
-        cumulative = np.sqrt(np.cumsum([e * e for e, _, _ in removals]))
-        for level, m in enumerate(_level_sizes(len(removals), space.channels, ctx.channel_align)):
-            chosen = [(j, i) for _, j, i in removals[:m]]
+        for level, taken in enumerate(_levels(removals, space, ctx.channel_align)):
+            chosen, m = [(j, i) for _, j, i in taken], len(taken)
             key = f"{mode}:{space.name}:{m}:" + digest(np.asarray(chosen, np.int64))
+            error = float(np.sqrt(sum(e * e for e, _, _ in taken)))
             candidates.append(Candidate(key=key, slot=f"{mode}:{k}", saving=tuple(m * x for x in saving),
-                                        error=float(cumulative[m - 1]), level=level, data=(k, chosen), tensors=tensors))
+                                        error=error, level=level, data=(k, chosen), tensors=tensors))
     if not candidates:
         return Spent([], 0.0, 0.0, 0), added
 
@@ -331,6 +339,23 @@ def _removals(space: Space, rows: np.ndarray, consumer_norms: np.ndarray, stats,
     if len(removals) >= space.channels:  # a space keeps a channel
         removals = removals[:space.channels - 1]
     return removals
+
+
+def _levels(removals: list[tuple[float, int, int]], space: Space, multiple: int) -> list[list[tuple[float, int, int]]]:
+    """The removals each level takes, mild to aggressive: the first :func:`_level_sizes` of the
+    list; in a space of grouped convs, the first k of every block (the blocks stay equal), for the
+    k whose kept count is a multiple of ``multiple`` (or all)."""
+    if space.groups == 1:
+        return [removals[:m] for m in _level_sizes(len(removals), space.channels, multiple)]
+    blocks = space.blocks()
+    per_block = [[r for r in removals if blocks[r[1]] == b] for b in range(space.groups)]
+    most = min(min(len(p) for p in per_block), space.channels // space.groups - 1)  # a block keeps a channel
+    levels = []
+    for k in _level_sizes(most):
+        if multiple > 1 and (space.channels - space.groups * k) % multiple:
+            continue
+        levels.append(sorted((r for p in per_block for r in p[:k]), key=lambda r: r[0]))
+    return levels
 
 
 def _level_sizes(n: int, channels: int = 0, multiple: int = 1) -> list[int]:

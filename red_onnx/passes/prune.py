@@ -103,13 +103,13 @@ def edits(space: Space, constants: list[np.ndarray], channels: np.ndarray, edite
         if len(chosen) == 0:
             continue
         w = layer.viewed(edited.get(layer.weight.name, layer.weight.values))
-        w3 = w.reshape(w.shape[0], total, -1).copy()  # in its own dtype: VGG's classifier is 100 MB
+        w3 = consumer.dense(w, total).copy()  # in its own dtype: VGG's classifier is 100 MB
         cols = w3[:, chosen + shift].astype(np.float64)
         value = np.repeat(mean[chosen], cols.shape[2] // mean.shape[1], axis=1)  # a conv's kernel sees one value
         bias = np.asarray(edited.get(layer.bias.name, layer.bias.values))
         edited[layer.bias.name] = (bias + np.einsum("ojb,jb->o", cols, value).reshape(bias.shape)).astype(bias.dtype)
         w3[:, chosen + shift] = 0.0
-        edited[layer.weight.name] = layer.stored(w3.reshape(w.shape))
+        edited[layer.weight.name] = layer.stored(consumer.compact(w3, w.shape[2:]) if layer.group > 1 else w3.reshape(w.shape))
 
 
 def fold_constant_channels(ctx: Context, result: PassResult, counts: Counter) -> list[Layer]:
