@@ -918,14 +918,15 @@ def random_models(draw) -> onnx.ModelProto:
     h = g.input("x", ["N", c, size, size])
 
     def conv_block(h: str, c_in: int, c_out: int, k: int) -> str:
-        w, b = rand_layer(rng, c_out, c_in, k)
-        if k > 1 and draw(st.booleans()):  # one kernel per input channel, scaled: an exact separation
+        groups = draw(st.sampled_from([1, 1, 2])) if c_in % 2 == 0 and c_out % 2 == 0 and c_in > 2 else 1
+        w, b = rand_layer(rng, c_out, c_in // groups, k)
+        if k > 1 and groups == 1 and draw(st.booleans()):  # one kernel per input channel, scaled: an exact separation
             base = rng.standard_normal((1, c_in, k, k)).astype(np.float32)
             w = (rng.standard_normal((c_out, c_in, 1, 1)).astype(np.float32) * base / np.float32(3 * k))
         plan = _plan(draw, rng, c_out)
         w, b = plant(w, b if draw(st.booleans()) else None, plan)
-        h = g.conv_w(h, w, b)
-        norm = draw(st.sampled_from(["none", "bn", "instance"]))
+        h = g.conv_w(h, w, b, group=groups)
+        norm = draw(st.sampled_from(["none", "bn", "instance"] if size >= 4 else ["none", "bn"]))
         if norm != "none":
             h = (bn if norm == "bn" else instance_norm)(g, rng, h, c_out, [(j, i) for j, i, _ in plan if draw(st.booleans())])
         h = _affine(draw, g, rng, h, c_out, 4, plan)
@@ -1037,7 +1038,7 @@ def wide_models(draw) -> onnx.ModelProto:
     c_out = draw(st.integers(12, 32))
     h, c = conv(h, c, c_out), c_out
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["conv", "residual", "concat", "depthwise"]))
+        kind = draw(st.sampled_from(["conv", "residual", "concat", "depthwise", "grouped"]))
         if kind == "conv":
             c_out = draw(st.integers(12, 32))
             h, c = conv(h, c, c_out), c_out
@@ -1046,6 +1047,9 @@ def wide_models(draw) -> onnx.ModelProto:
         elif kind == "concat":
             a, b = draw(st.integers(6, 16)), draw(st.integers(6, 16))
             h, c = g.node("Concat", [conv(h, c, a), conv(h, c, b, k=1)], axis=1), a + b
+        elif kind == "grouped" and c % 4 == 0:  # ResNeXt-style: groups of 4 channels
+            c_out = 4 * draw(st.integers(3, 8))
+            h, c = conv(h, c, c_out, group=4), c_out
         else:
             h = conv(h, c, c, group=c)
     w, b = rand_layer(rng, draw(st.integers(8, 16)), c * size * size)
@@ -1226,6 +1230,14 @@ MUTANTS = [(m, kind, seed) for m in ("digits_cnn", "digits_resnet") for kind, se
            for seed in seeds]
 
 
+def exact_bound(report: dict) -> float:
+    """Float rounding's 1e-5, or, where the report says the model amplifies rounding, the bound its
+    promise states (pipeline.OWN_ROUNDING_FACTOR times the input's own)."""
+    if not any(n.startswith("the exact rewrites deviate") for n in report["notes"]):
+        return 1e-5
+    return float(report["verification"]["promise"].split("float rounding (")[1].split(" ")[0])
+
+
 def _run_mutant(tmp_path, capsys, model_name: str, kind: str, seed: int) -> None:
     data = (REPO / "models" / f"{model_name}.onnx").read_bytes()
     mutated, what = mutate(data, kind, seed)
@@ -1243,7 +1255,8 @@ def _run_mutant(tmp_path, capsys, model_name: str, kind: str, seed: int) -> None
         result = onnx.load(str(out / "o.onnx"))
         onnx.checker.check_model(result)
         report = load_report(out / "r.json")
-        assert report["verified"] is True and report["output_deviation"] <= 1e-5, (where, report["output_deviation"])
+        assert report["verified"] is True and report["output_deviation"] <= exact_bound(report), (
+            where, report["output_deviation"])
     else:
         assert_one_error_line(rc, err, where)
         assert folder_entries(out) == [], where
