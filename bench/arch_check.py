@@ -1,7 +1,7 @@
 """Architectures the bench models lack, with random weights: does every promise hold?
 
 The bench's real models are CNNs and a CRNN/SVTR. Users bring more: squeeze-excitation blocks,
-channel shuffles, dense blocks, U-Nets, transformers (a ViT among them), ConvNeXt-style channels-last MLPs, an
+channel shuffles, dense blocks, grouped convs, U-Nets, transformers (a ViT among them), ConvNeXt-style channels-last MLPs, an
 MLP-Mixer, GRUs, embeddings of token ids, float16 exports. Each is built here with torch (random weights, batch-norm statistics
 randomised) and compressed at several tolerances (all passes, default options: N(0, 1) probes,
 token ids over their table's rows). Per row: the exit, the result's validity and interface, the
@@ -195,9 +195,26 @@ def _nets():
                 features.append(layer(torch.cat(features, 1)))
             return s.fc(F.relu(s.norm(torch.cat(features, 1))).mean([2, 3]))
 
+    class ResNeXtLike(nn.Module):  # bottlenecks whose 3x3 conv is grouped (8 groups of 8 channels)
+        def __init__(s, c=32, width=64, groups=8):
+            super().__init__()
+            s.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU())
+            s.blocks = nn.ModuleList(nn.Sequential(
+                nn.Conv2d(c, width, 1), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, width, 3, 1, 1, groups=groups), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, c, 1), nn.BatchNorm2d(c)) for _ in range(2))
+            s.fc = nn.Linear(c, 10)
+
+        def forward(s, x):
+            x = s.stem(x)
+            for block in s.blocks:
+                x = F.relu(x + block(x))
+            return s.fc(x.mean([2, 3]))
+
     f32, f16, i64 = torch.float32, torch.float16, torch.int64
     return {
         "densenet_like": (DenseNetLike, (1, 3, 32, 32), f32),
+        "resnext_like": (ResNeXtLike, (1, 3, 32, 32), f32),
         "efficientnet_like": (EfficientNetLike, (1, 3, 64, 64), f32),
         "shufflenet_like": (ShuffleNetLike, (1, 3, 64, 64), f32),
         "unet_like": (UNetLike, (1, 3, 32, 32), f32),
