@@ -651,10 +651,15 @@ class _Split(_Entry):
             values = sizes.values.reshape(-1).tolist()
         elif "split" in node.attrs:
             values = list(node.attrs["split"])
-        else:
-            space.freeze(f"Split '{node.name}' into equal parts (merging would unbalance them)")
-            return []
-        if space.segments is not None or space.groups > 1 or sum(values) != space.channels \
+        else:  # equal parts (a chunk): each keeps as many channels, as a grouped conv's blocks do
+            n = len(node.outputs)
+            if space.channels % n or space.segments is not None or space.groups not in (1, n):
+                space.freeze(f"Split '{node.name}' into equal parts of another width, or a second Split")
+                return []
+            space.set_groups(n, f"Split '{node.name}'")
+            values = [space.channels // n] * n
+        equal = sizes is None and "split" not in node.attrs
+        if space.segments is not None or space.groups > 1 and not equal or sum(values) != space.channels \
                 or len(values) != len(node.outputs):
             space.freeze(f"Split '{node.name}' of another width, or a second Split")
             return []
@@ -669,7 +674,8 @@ class _Split(_Entry):
             else:
                 node.attrs["split"] = counts
 
-        space.resizes.append(resize)
+        if not equal:  # equal parts stay equal: the node needs no sizes
+            space.resizes.append(resize)
         return [(out, _Span(axis, lo, hi, -lo, hi - lo)) for out, (lo, hi) in zip(node.outputs, ranges)]
 
 

@@ -152,7 +152,7 @@ def test_shape_op_does_not_freeze():
 
 
 @pytest.mark.parametrize("case, reason", [
-    ("concat_self", "Concat"), ("split", "Split"), ("transpose_then_pool", "Transpose"),
+    ("concat_self", "Concat"), ("transpose_then_pool", "Transpose"),
     ("softmax", "Softmax"), ("mulconst_bad_shape", "Mul"), ("reduce_channels", "ReduceMean"),
     ("output", "graph output")])
 def test_frozen_reasons(case, reason):
@@ -164,9 +164,6 @@ def test_frozen_reasons(case, reason):
     if case == "concat_self":
         h = g.node("Concat", [h, g.node("Relu", [h])], axis=1)
         cin = 16
-    elif case == "split":  # into equal parts: merging would unbalance them
-        h = g.node("Split", [h], n_outputs=2, axis=1)[0]
-        cin = 4
     elif case == "transpose_then_pool":  # a pool over the wrong axes once the channels moved
         h = g.node("Transpose", [g.node("Transpose", [h], perm=[0, 2, 1, 3])], perm=[0, 2, 1, 3])
         h = g.node("MaxPool", [g.node("Transpose", [h], perm=[0, 2, 3, 1])], kernel_shape=[2, 2])
@@ -239,6 +236,25 @@ def test_grouped_consumer_keeps_unbalanced_or_crossing_pairs(plan):
     model, _ = grouped_model(plan)
     assert spaces(model)["conv1"].frozen is None
     check_exact(model, {})
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("plan, expected", [([(1, 0, 1.0), (5, 4, 1.0)], {"conv1": 2}), ([(1, 0, 1.0)], {})])
+def test_equal_split_parts_lose_as_many_channels(opset, plan, expected):
+    """A chunk into 2 equal parts (no sizes; opset 18: num_outputs): a pair in each part merges and
+    the parts stay equal (the Split still needs no sizes); a pair in one part only stays."""
+    rng = np.random.default_rng(28)
+    g = Builder(opset=opset)
+    h = g.node("Relu", [g.conv_w(g.input("x", ["N", 3, 8, 8]), *plant(*rand_layer(rng, 8, 3, 3), plan), name="conv1")])
+    a, b = g.node("Split", [h], n_outputs=2, axis=1, **({"num_outputs": 2} if opset >= 18 else {}))
+    g.output(g.node("Add", [g.conv_w(a, *rand_layer(rng, 4, 4, 3), name="convA"),
+                            g.conv_w(b, *rand_layer(rng, 4, 4, 3), name="convB")]))
+    model = g.model()
+    assert spaces(model)["conv1"].frozen is None
+    result, _ = check_exact(model, expected)
+    split = next(n for n in result.graph.node if n.op_type == "Split")
+    assert len(split.input) == 1 and not any(a.name == "split" for a in split.attribute)
+    assert view_weight(result, "convA").shape[1] == view_weight(result, "convB").shape[1] == (3 if expected else 4)
 
 
 def test_grouped_producer_merges_inside_its_blocks():

@@ -933,7 +933,7 @@ def random_models(draw) -> onnx.ModelProto:
         return _activation(draw, g, rng, h, c_out, 4, plan)
 
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "conv", "residual", "concat", "pool", "up"]))
+        kind = draw(st.sampled_from(["conv", "conv", "residual", "concat", "pool", "up", "chunk"]))
         if kind == "conv":
             c_out = draw(st.integers(2, 8))
             h, c = conv_block(h, c, c_out, draw(st.sampled_from([1, 3]))), c_out
@@ -949,6 +949,10 @@ def random_models(draw) -> onnx.ModelProto:
                 h = g.node("Relu", [bn(g, rng, h, c)])
             elif after == "affine":
                 h = _affine(draw, g, rng, h, c, 4, [])
+        elif kind == "chunk" and c % 2 == 0:  # x.chunk(2, 1): an equal Split, a conv on each part, Concat
+            a, b = g.node("Split", [h], n_outputs=2, axis=1)
+            c_a, c_b = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+            h, c = g.node("Concat", [conv_block(a, c // 2, c_a, 3), conv_block(b, c // 2, c_b, 1)], axis=1), c_a + c_b
         elif kind == "up" and size <= 8:  # a U-Net's upsampling: reads the space before, makes its own
             c_out = draw(st.integers(2, 8))
             w, b = rand_layer(rng, c_out, c, 2)
