@@ -165,6 +165,8 @@ class Space:
     groups: int = 1
 
     def set_groups(self, groups: int, where: str) -> None:
+        """Grouped convs (or an equal Split) of ``groups`` blocks read or write the space; another
+        block count, a Split into segments or channels on the last axis freeze it."""
         if groups == 1 or groups == self.groups:
             return
         if self.groups != 1 or self.channels % groups or self.segments is not None or self.last:
