@@ -146,6 +146,7 @@ class Prepared:
     budget: Budget | None
     moved: int  # Constant nodes and sparse initializers turned into initializers
     timing: object = None  # the latency guard's session of the input (verify.timing_session), once made
+    own_rounding: tuple | None = None  # (verification probes, _own_rounding on them), once measured
 
 
 @dataclass
@@ -553,7 +554,9 @@ def build_verified(prep: Prepared, opts: Options, report: Report, keep_dense: fr
             attempt_build.verified = True
             return attempt_build
         if margin == 0:
-            own = _own_rounding(prep, report)
+            if prep.own_rounding is None or prep.own_rounding[0] is not prep.probes.verification:
+                prep.own_rounding = (prep.probes.verification, _own_rounding(prep, report))  # once per probe set
+            own = prep.own_rounding[1]
             if checked.rounding_max() <= OWN_ROUNDING_FACTOR * own:
                 attempt_build.rounding = OWN_ROUNDING_FACTOR * own
                 attempt_build.verified = True

@@ -126,15 +126,9 @@ def fold_constant_channels(ctx: Context, result: PassResult, counts: Counter) ->
             constant &= biases.any(axis=1)  # a zero row carries 0: merge's dead channels
         if not constant.any():
             continue
-        padded = [c.layer.name for c in space.consumers if _pads(c.layer)]
-        if padded:
-            result.leave(space.name, f"{int(constant.sum())} constant channel(s) kept: read by conv(s) that pad their "
-                                     f"input ({', '.join(padded)}), where the border would see 0")
-            continue
-        transposed = [c.layer.name for c in space.consumers if c.layer.op == "ConvTranspose"]
-        if transposed:
-            result.leave(space.name, f"{int(constant.sum())} constant channel(s) kept: read by ConvTranspose "
-                                     f"({', '.join(transposed)}), whose outputs sum different numbers of its taps")
+        blocked = _not_a_bias(space)
+        if blocked:
+            result.leave(space.name, f"{int(constant.sum())} constant channel(s) kept: {blocked}")
             continue
         found.append((space, np.flatnonzero(constant)))
     if not found:
@@ -156,6 +150,17 @@ def fold_constant_channels(ctx: Context, result: PassResult, counts: Counter) ->
     for name, values in edited.items():
         tensors[name].values = values
     return added
+
+
+def _not_a_bias(space: Space) -> str | None:
+    """Why a constant input channel is no constant bias for some consumer of ``space``, or None."""
+    padded = [c.layer.name for c in space.consumers if _pads(c.layer)]
+    if padded:
+        return f"read by conv(s) that pad their input ({', '.join(padded)}), where the border would see 0"
+    transposed = [c.layer.name for c in space.consumers if c.layer.op == "ConvTranspose"]
+    if transposed:
+        return f"read by ConvTranspose ({', '.join(transposed)}), whose outputs sum different numbers of its taps"
+    return None
 
 
 def _pads(layer: Layer) -> bool:
