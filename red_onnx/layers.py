@@ -233,6 +233,49 @@ def recurrent_weights(graph: gs.Graph, exclude: re.Pattern | None = None) -> lis
     return found
 
 
+@dataclass
+class SharedWeight(Layer):
+    """A float weight that no layer owns but whose values hashing may round: an embedding table (a
+    Gather's data) or a weight that several linear nodes read (tied weights, an unrolled RNN's
+    cells). Viewed as rows along its first axis (a table's rows, a Conv's or a transposed Gemm's
+    output channels); ``node`` is its first reader. Not a layer the channel passes rewrite."""
+
+    @property
+    def name(self) -> str:
+        return self.weight.name
+
+    def viewed(self, w: np.ndarray) -> np.ndarray:
+        return w.reshape(w.shape[0], -1)
+
+    def stored(self, view: np.ndarray) -> np.ndarray:
+        shape = self.weight.values.shape
+        return np.ascontiguousarray(np.asarray(view, dtype=self.weight.values.dtype).reshape(shape))
+
+
+def shared_weights(graph: gs.Graph, exclude: re.Pattern | None = None) -> list[SharedWeight]:
+    """Float constants of rank 2 or more read only as weights, by no excluded node, that
+    :func:`find_layers` cannot own: the data of Gathers by computed indices (embedding tables),
+    and the weights of several linear nodes."""
+
+    def as_weight(node: gs.Node, tensor: gs.Constant) -> bool:
+        if node.op == "Gather":
+            return node.inputs[0] is tensor and not isinstance(node.inputs[1], gs.Constant)
+        return node.op in LINEAR_OPS and len(node.inputs) > 1 and node.inputs[1] is tensor \
+            and node.inputs[0] is not tensor
+
+    found = []
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or tensor.values.ndim < 2 or not is_float(tensor.values):
+            continue
+        readers = list(tensor.outputs)
+        if not readers or not all(as_weight(n, tensor) for n in readers) \
+                or (len(readers) == 1 and readers[0].op != "Gather") \
+                or (exclude is not None and any(exclude.search(n.name or "") for n in readers)):
+            continue  # one linear reader: a layer, or left alone for its own reason
+        found.append(SharedWeight(readers[0], tensor))
+    return found
+
+
 def _out_size(node: gs.Node, weight: gs.Constant) -> int:
     w = weight.values
     if node.op == "Conv":

@@ -1026,8 +1026,8 @@ def test_property_random_graphs_whole_pipeline_lossless_with_channel_counts_alig
 def wide_models(draw) -> onnx.ModelProto:
     """Random conv nets on which every lossy pass finds something to spend: 12 to 32 channels, each
     output channel scaled by a log-uniform factor in [0.01, 1] (some matter little), plain, residual,
-    concatenated and depthwise blocks, weights large enough to hash, and a Gemm or MatMul head over
-    the flattened map."""
+    concatenated, depthwise, grouped and weight-sharing blocks, weights large enough to hash, and a
+    Gemm or MatMul head over the flattened map."""
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     g = Builder(seed)
@@ -1042,10 +1042,14 @@ def wide_models(draw) -> onnx.ModelProto:
     c_out = draw(st.integers(12, 32))
     h, c = conv(h, c, c_out), c_out
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["conv", "residual", "concat", "depthwise", "grouped"]))
+        kind = draw(st.sampled_from(["conv", "residual", "concat", "depthwise", "grouped", "tied"]))
         if kind == "conv":
             c_out = draw(st.integers(12, 32))
             h, c = conv(h, c, c_out), c_out
+        elif kind == "tied":  # one weight read by two convs (Siamese branches): hashed as one, never merged
+            w = g.init(rand_layer(rng, c, c, 3)[0])
+            branches = [g.node("Conv", [x, w], kernel_shape=[3, 3], pads=[1, 1, 1, 1]) for x in (h, g.node("Neg", [h]))]
+            h = g.node("Relu", [g.node("Add", branches)])
         elif kind == "residual":
             h = g.node("Add", [conv(h, c, c), h])
         elif kind == "concat":

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 from hypothesis import given, settings, strategies as st
 
 import red_onnx
-from red_onnx import kde
+from red_onnx import kde, layers as layers_mod
 from red_onnx.passes import codebook as codebook_pass, hash as hash_pass
 
 from conftest import REPO, Builder, assert_same_outputs, op_counts, random_feeds, rel_l2, run
@@ -923,3 +924,49 @@ def test_recurrent_weights_are_hashed_and_stored_as_codebooks(op, gates):
     for _ in range(8):
         feeds = {"x": rng.standard_normal((t, 1, i)).astype(np.float32)}
         assert rel_l2(run(model, feeds)[0], run(result, feeds)[0]) <= tolerance
+
+
+def test_embedding_tables_and_shared_weights_are_hashed_and_stored_as_codebooks():
+    """Weights no layer owns are hashed by rows and stored as codebooks (they were left plain): an
+    embedding table (a Gather's data) and a weight two Gemms share (an unrolled RNN's cell), each
+    within the tolerance on fresh inputs; the hashed table's rows each have their own scale."""
+    rng = np.random.default_rng(22)
+    vocab, d, t = 300, 48, 5
+    b = Builder(seed=22)
+    ids = b.input("ids", ["N", t], elem=onnx.TensorProto.INT64)
+    table = b.init(rng.standard_normal((vocab, d)) * rng.uniform(0.1, 3, (vocab, 1)), "embedding")
+    x = b.node("Gather", [table, ids], axis=0)  # (N, t, d)
+    w = b.init(rng.standard_normal((d, d)) / np.sqrt(d), "cell")  # (out, in): transB
+    first = b.node("Gather", [x, b.init(np.array(0, np.int64), dtype=np.int64)], axis=1)  # (N, d)
+    h = b.node("Tanh", [b.node("Gemm", [first, w], transB=1)])
+    second = b.node("Gather", [x, b.init(np.array(1, np.int64), dtype=np.int64)], axis=1)
+    y = b.node("Add", [h, b.node("Gemm", [second, w], transB=1)])
+    b.output(y, ["N", d])
+    model = b.model()
+    tolerance = 0.03
+    result, report = red_onnx.compress(model, tolerance=tolerance, passes=["hash"], input_shapes={"ids": (1, t)})
+    assert report.verified and report.output_deviation <= tolerance
+    hashed = {r["name"] for r in report.layers if "hash" in r}
+    assert hashed == {"embedding", "cell"}, hashed
+    assert set(codebook_rows(report)) == {"embedding", "cell"}
+    assert codebook_rows(report)["embedding"]["per_channel_scale"]
+    assert not {t.name for t in result.graph.initializer} & {"embedding", "cell"}
+    assert report.bytes_after < 0.5 * report.bytes_before
+    for _ in range(8):
+        feeds = {"ids": rng.integers(0, vocab, (1, t))}
+        assert rel_l2(run(model, feeds)[0], run(result, feeds)[0]) <= tolerance
+
+
+def test_a_table_gathered_by_constant_indices_or_read_as_data_is_not_a_weight():
+    """A constant gathered by constant indices (folded, not a table) and a constant two nodes read as
+    data (an Add) are left as they are."""
+    rng = np.random.default_rng(23)
+    b = Builder(seed=23)
+    x = b.input("x", ["N", 64])
+    c = b.init(rng.standard_normal((64, 64)), "grid")
+    picked = b.node("Gather", [c, b.init(np.array([0, 3]), dtype=np.int64)], axis=0)  # (2, 64)
+    y = b.node("Add", [b.node("MatMul", [x, b.init(rng.standard_normal((64, 64)) / 8, "w")]), c])
+    b.output(b.node("MatMul", [y, b.node("Transpose", [picked], perm=[1, 0])]), ["N", 2])
+    model = b.model()
+    names = {s.name for s in layers_mod.shared_weights(gs.import_onnx(model))}
+    assert names == set(), names

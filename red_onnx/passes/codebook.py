@@ -1,5 +1,6 @@
-"""Codebook storage (always runs, last, exact): a linear layer's weight that takes at most 256
-distinct values per channel scale (65 536 with ``codebook="auto"``) is stored as
+"""Codebook storage (always runs, last, exact): a weight (a linear layer's, a recurrent node's, an
+embedding table, or one several nodes share) that takes at most 256 distinct values per channel
+scale (65 536 with ``codebook="auto"``) is stored as
 
     indices (uint8/uint16) → Cast(int32) → Gather(codebook) [→ Mul(per-channel scale)]
 
@@ -19,7 +20,8 @@ import onnx_graphsurgeon as gs
 from numba import njit
 
 from ..context import Context, PassResult
-from ..layers import LINEAR_OPS, RECURRENT_OPS, Layer, find_layers, recurrent_weights, unique_name
+from ..layers import (LINEAR_OPS, RECURRENT_OPS, Layer, SharedWeight, find_layers, recurrent_weights,
+                      shared_weights, unique_name)
 
 NAME = "codebook"
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
@@ -29,20 +31,20 @@ NODE_OVERHEAD = 512  # bytes the Cast/Gather/Mul nodes and names add to the file
 
 
 def run(ctx: Context) -> PassResult:
-    """Store every linear layer's weight that has few distinct values as a codebook (exact, bit
-    for bit). Shared weights too: storage does not change the values any user sees."""
+    """Store every weight that has few distinct values as a codebook (exact, bit for bit). Shared
+    weights and embedding tables too: storage does not change the values any user sees."""
     start = time.perf_counter()
     result = PassResult(NAME)
     rows = result.layers
     if INDEX_TYPES[ctx.codebook]:
-        recurrent = recurrent_weights(ctx.graph, ctx.exclude)
-        layers = {id(layer.weight): layer for layer in find_layers(ctx.graph, ctx.exclude)[0] + recurrent}
+        others = recurrent_weights(ctx.graph, ctx.exclude) + shared_weights(ctx.graph, ctx.exclude)
+        layers = {id(layer.weight): layer for layer in find_layers(ctx.graph, ctx.exclude)[0] + others}
         weights = {}
         for node in ctx.graph.nodes:
             if node.op in LINEAR_OPS and len(node.inputs) > 1 \
                     and isinstance(node.inputs[1], gs.Constant):
                 weights.setdefault(id(node.inputs[1]), node.inputs[1])
-        weights.update({id(r.weight): r.weight for r in recurrent})
+        weights.update({id(r.weight): r.weight for r in others})
         if ctx.exclude is not None:  # a weight any excluded node reads stays as it is
             weights = {k: w for k, w in weights.items() if not any(ctx.exclude.search(u.name) for u in w.outputs)}
         for key, weight in weights.items():
@@ -61,6 +63,8 @@ def run(ctx: Context) -> PassResult:
 
 def _scale_shape(layer: Layer, channels: int, ndim: int) -> tuple[int, ...] | None:
     """Shape of a per-output-channel scale in the op's stored layout, or None."""
+    if isinstance(layer, SharedWeight):  # rows along the first axis
+        return (channels,) + (1,) * (layer.weight.values.ndim - 1)
     if layer.op == "Conv":
         return (channels,) + (1,) * (ndim - 1)
     if layer.op == "Gemm" and layer.node.attrs.get("transB", 0):
@@ -200,8 +204,8 @@ def _encode_weight(ctx: Context, constant: gs.Constant, layer: Layer | None,
         return f"{stored.size} weights, under the {MIN_ELEMENTS} worth a codebook"
     if stored.dtype not in (np.float16, np.float32, np.float64):
         return f"{stored.dtype} weights"
-    layout = repr((ctx.codebook, layer and (layer.op, layer.group, layer.node.attrs.get("transB", 0)),
-                   [h is None for h in hint]))
+    layout = repr((ctx.codebook, [h is None for h in hint], layer and (
+        type(layer).__name__, layer.op, layer.group, layer.node.attrs.get("transB", 0))))
     form = ctx.memoized("codebook form " + layout, [stored] + [h for h in hint if h is not None],
                         lambda: _codebook_form(stored, layer, ctx.codebook, hint))
     if isinstance(form, str):

@@ -10,7 +10,9 @@ form computes. Each layer offers the budget, per codebook size (N/8 and N/32 ent
 indices, N weights; 256 with uint8), the smallest bandwidth factor f whose codebook fits it (a
 wider one saves almost no more bytes, while the error grows with f); the budget ranks the layers
 by their measured deviation and spends on hashing only what the MAC-saving passes left. The
-hashed values are stored as codebooks by :mod:`red_onnx.passes.codebook`.
+hashed values are stored as codebooks by :mod:`red_onnx.passes.codebook`. Weights that no layer
+owns are hashed the same way, row by row: an LSTM's, GRU's or RNN's W and R, embedding tables,
+and weights several nodes share (:class:`red_onnx.layers.SharedWeight`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from ..budget import Candidate
 from ..context import Context, PassResult
 from ..kde import PooledChannels, hash_channels
-from ..layers import Layer, find_layers, recurrent_weights
+from ..layers import Layer, find_layers, recurrent_weights, shared_weights
 from ..profile import digest
 from .codebook import INDEX_TYPES, MIN_ELEMENTS, distinct_bits, split_scales
 
@@ -74,7 +76,8 @@ def _propose(ctx: Context, result: PassResult | None = None
     """Per layer and codebook size (:func:`_entry_targets`), the smallest bandwidth whose codebook
     fits: a wider bandwidth adds error and saves (almost) no more bytes. The layers are searched in
     threads (the KDE kernels release the GIL); each layer's result does not depend on the others."""
-    layers = find_layers(ctx.graph, ctx.exclude)[0] + recurrent_weights(ctx.graph, ctx.exclude)
+    layers = find_layers(ctx.graph, ctx.exclude)[0] + recurrent_weights(ctx.graph, ctx.exclude) \
+        + shared_weights(ctx.graph, ctx.exclude)
     done = []
 
     def search(layer: Layer):
