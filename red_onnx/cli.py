@@ -165,6 +165,22 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _numba_without_blas() -> None:
+    """numba looks for a BLAS the first time a jitted function runs, by importing scipy.linalg where
+    scipy is installed (0.2 s here, in every call that hashes); red_onnx's kernels use none. In the
+    command's own process, numba is loaded with scipy.linalg hidden, which it takes for no BLAS;
+    scipy.linalg imports as usual afterwards (a --metric function may use it)."""
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None  # an import of it raises ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401 (its BLAS check runs once, at import)
+    except ImportError:  # no numba: the pipeline's import says so
+        pass
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -176,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     written: list[str] = []  # what is on disk, for the message if writing the rest fails
     try:
+        _numba_without_blas()
         from . import model_io  # numpy, onnx and onnxruntime load here: --help and --version need none of them
         from . import metric
         from .pipeline import compress, compress_each

@@ -451,3 +451,12 @@ def test_help_and_version_need_no_heavy_imports():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "usage: red-onnx" in proc.stdout and proc.stdout.strip().endswith("[]")
+
+
+def test_the_command_loads_numba_without_its_blas_check_and_scipy_still_imports():
+    """numba's first jitted call imports scipy.linalg to look for a BLAS (0.2 s; red_onnx's kernels
+    use none): the command loads numba with it hidden (no BLAS), and scipy.linalg imports after."""
+    code = ("import sys; from red_onnx import cli; cli._numba_without_blas(); import numba.np.arraymath as a; "
+            "import scipy.linalg; print(a._HAVE_BLAS, scipy.linalg.det([[1.0, 2.0], [3.0, 4.0]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False" and float(out[1]) == pytest.approx(-2.0)
