@@ -236,8 +236,8 @@ def recurrent_weights(graph: gs.Graph, exclude: re.Pattern | None = None) -> lis
 @dataclass
 class SharedWeight(Layer):
     """A float weight that no layer owns but whose values hashing may round: an embedding table (a
-    Gather's data) or a weight that several linear nodes read (tied weights, an unrolled RNN's
-    cells). Viewed as rows along its first axis (a table's rows, a Conv's or a transposed Gemm's
+    Gather's data), a weight that several linear nodes read (tied weights, an unrolled RNN's
+    cells) or that reaches them through a Transpose. Viewed as rows along its first axis (a table's rows, a Conv's or a transposed Gemm's
     output channels); ``node`` is its first reader. Not a layer the channel passes rewrite."""
 
     @property
@@ -255,23 +255,33 @@ class SharedWeight(Layer):
 def shared_weights(graph: gs.Graph, exclude: re.Pattern | None = None) -> list[SharedWeight]:
     """Float constants of rank 2 or more read only as weights, by no excluded node, that
     :func:`find_layers` cannot own: the data of Gathers by computed indices (embedding tables),
-    and the weights of several linear nodes."""
+    the weights of several linear nodes, and weights a Transpose feeds to linear nodes (a tied
+    output layer as torch's dynamo exporter writes it: ``MatMul(x, Transpose(table))``)."""
+
+    def linear_weight(node: gs.Node, tensor: gs.Tensor) -> bool:
+        return node.op in LINEAR_OPS and len(node.inputs) > 1 and node.inputs[1] is tensor \
+            and node.inputs[0] is not tensor
 
     def as_weight(node: gs.Node, tensor: gs.Constant) -> bool:
         if node.op == "Gather":
             return node.inputs[0] is tensor and not isinstance(node.inputs[1], gs.Constant)
-        return node.op in LINEAR_OPS and len(node.inputs) > 1 and node.inputs[1] is tensor \
-            and node.inputs[0] is not tensor
+        if node.op == "Transpose":
+            out = node.outputs[0]
+            return out.name not in outputs and bool(out.outputs) and all(linear_weight(n, out) for n in out.outputs)
+        return linear_weight(node, tensor)
 
+    outputs = {t.name for t in graph.outputs}
     found = []
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant) or tensor.values.ndim < 2 or not is_float(tensor.values):
             continue
         readers = list(tensor.outputs)
         if not readers or not all(as_weight(n, tensor) for n in readers) \
-                or (len(readers) == 1 and readers[0].op != "Gather") \
-                or (exclude is not None and any(exclude.search(n.name or "") for n in readers)):
+                or (len(readers) == 1 and readers[0].op in LINEAR_OPS):
             continue  # one linear reader: a layer, or left alone for its own reason
+        users = readers + [n for r in readers if r.op == "Transpose" for n in r.outputs[0].outputs]
+        if exclude is not None and any(exclude.search(n.name or "") for n in users):
+            continue
         found.append(SharedWeight(readers[0], tensor))
     return found
 

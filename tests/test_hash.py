@@ -957,6 +957,32 @@ def test_embedding_tables_and_shared_weights_are_hashed_and_stored_as_codebooks(
         assert rel_l2(run(model, feeds)[0], run(result, feeds)[0]) <= tolerance
 
 
+def test_a_tied_output_layer_through_a_transpose_is_hashed_with_its_table():
+    """torch's dynamo exporter writes a language model's tied output layer as ``MatMul(x,
+    Transpose(table))`` on the embedding table itself: the table is hashed once, for both uses,
+    and the Transpose still reads it (one copy in the file); the head was hashed nowhere before."""
+    rng = np.random.default_rng(24)
+    vocab, d, t = 400, 32, 6
+    b = Builder(seed=24)
+    ids = b.input("ids", ["N", t], elem=onnx.TensorProto.INT64)
+    table = b.init(rng.standard_normal((vocab, d)), "table")
+    x = b.node("Relu", [b.matmul(b.node("Gather", [table, ids], axis=0), d, d)])
+    logits = b.node("MatMul", [x, b.node("Transpose", [table], perm=[1, 0])], name="head")
+    b.output(logits, ["N", t, vocab])
+    model = b.model()
+    tolerance = 0.03
+    result, report = red_onnx.compress(model, tolerance=tolerance, passes=["hash"], input_shapes={"ids": (1, t)})
+    assert report.verified and report.output_deviation <= tolerance
+    assert "table" in {r["name"] for r in report.layers if "hash" in r}
+    assert "table" in codebook_rows(report)
+    floats = [tensor.dims for tensor in result.graph.initializer if tensor.data_type == onnx.TensorProto.FLOAT]
+    assert [vocab, d] not in floats and [d, vocab] not in floats  # stored once, as indices
+    assert report.bytes_after < 0.5 * report.bytes_before
+    for _ in range(8):
+        feeds = {"ids": rng.integers(0, vocab, (1, t))}
+        assert rel_l2(run(model, feeds)[0], run(result, feeds)[0]) <= tolerance
+
+
 def test_a_table_gathered_by_constant_indices_or_read_as_data_is_not_a_weight():
     """A constant gathered by constant indices (folded, not a table) and a constant two nodes read as
     data (an Add) are left as they are."""
