@@ -17,7 +17,7 @@ import red_onnx
 from red_onnx.errors import InputError
 
 from conftest import (Builder, assert_identical_outputs, assert_preserved, assert_same_outputs, attr, compress0,
-                      initializer, node_input_value, nodes_of, op_counts)
+                      initializer, node_input_value, nodes_of, op_counts, run)
 
 FOLD_ONLY: list[str] = []  # passes=[]: canonicalization only, so oracles see the fold alone
 
@@ -927,3 +927,50 @@ def test_transpose_read_by_another_node_is_not_folded():
     assert op_counts(result)["Transpose"] == 1
     assert fold_report(report)["transposes_folded"] == 0
     assert_same_outputs(model, result)
+
+
+def tied_lm(copy: str, vocab: int = 300, d: int = 32, t: int = 5, flip_bit: bool = False) -> onnx.ModelProto:
+    """A language model whose output layer is tied to its embedding table, as torch's TorchScript
+    exporter writes it: a second initializer holding the table's transpose (``copy="transposed"``,
+    MatMul) or the table itself (``copy="same"``, Gemm transB=1)."""
+    rng = np.random.default_rng(31)
+    table = rng.standard_normal((vocab, d)).astype(np.float32)
+    b = Builder(seed=31)
+    ids = b.input("ids", ["N", t], elem=onnx.TensorProto.INT64)
+    x = b.node("Relu", [b.matmul(b.node("Gather", [b.init(table, "table"), ids], axis=0), d, d)])
+    head = table.T.copy() if copy == "transposed" else table.copy()
+    if flip_bit:
+        head.view(np.uint32)[3, 4] ^= 1
+    if copy == "transposed":
+        logits = b.node("MatMul", [x, b.init(head, "head_weight")], name="head")
+    else:
+        x = b.node("Reshape", [x, b.init(np.array([-1, d]), dtype=np.int64)])
+        logits = b.node("Gemm", [x, b.init(head, "head_weight")], name="head", transB=1)
+    b.output(logits)
+    return b.model()
+
+
+@pytest.mark.parametrize("copy", ["transposed", "same"])
+def test_a_copy_of_an_embedding_table_reads_the_table(copy):
+    """The tied output layer's copy of the table is dropped: the head reads the table (through a
+    Transpose), the file holds it once, and the outputs are bit for bit the input's."""
+    model = tied_lm(copy)
+    result, report = red_onnx.compress(model, tolerance=0, input_shapes={"ids": (1, 5)})
+    assert report.verified
+    assert {"table", "head_weight"} & {t.name for t in result.graph.initializer} == {"table"}
+    assert report.bytes_after < 0.55 * report.bytes_before
+    head = next(n for n in result.graph.node if n.name == "head")
+    producer = next((n for n in result.graph.node if head.input[1] in n.output), None)
+    assert (producer.op_type, producer.input[0]) == ("Transpose", "table") if copy == "transposed" \
+        else head.input[1] == "table"
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        feeds = {"ids": rng.integers(0, 300, (1, 5))}
+        assert np.array_equal(run(model, feeds)[0], run(result, feeds)[0])
+
+
+def test_a_table_copy_that_differs_in_one_bit_is_kept():
+    model = tied_lm("transposed", flip_bit=True)
+    result, report = red_onnx.compress(model, tolerance=0, input_shapes={"ids": (1, 5)})
+    assert {"table", "head_weight"} <= {t.name for t in result.graph.initializer}
+    assert next(p for p in report.passes if p["name"] == "fold")["table_copies_tied"] == 0

@@ -8,6 +8,8 @@ Exact rewrites only:
   other consumer: ``y = s ⊙ (W x + b) + t  ⇒  W' = diag(s) W,  b' = s ⊙ b + t``. It covers
   ``BatchNormalization`` (``s = γ / sqrt(σ² + ε)``, ``t = β − μ s``) and ``Mul``/``Div``/``Add``/``Sub``
   by a per-channel or scalar constant (how Paddle exports an unfused BN).
+* A linear layer's weight that is a copy of an embedding table, or of its transpose (a tied output
+  layer the exporter stored twice), reads the table (through a ``Transpose``): stored once.
 * A ``Transpose`` that keeps the batch axis first, flattened into features read only by linear
   layers (``Transpose → Flatten/Reshape(N, F) → Gemm/MatMul``: a Caffe or Keras export that flattens
   channels last), folds into those layers' input columns: with ``idx`` the transposed tensor's
@@ -26,9 +28,12 @@ from onnx import numpy_helper
 
 from ..context import Context, PassResult
 from ..errors import InputError
-from ..layers import LINEAR_OPS, Layer, find_layers
+from ..layers import LINEAR_OPS, Layer, find_layers, is_float, unique_name
 
 NAME = "fold"
+#: A copy of an embedding table smaller than this many bytes is left as it is (a Transpose node
+#: and its names cost about a hundred bytes).
+TIED_MIN_BYTES = 4096
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
@@ -85,7 +90,8 @@ def run(ctx: Context) -> PassResult:
     start = time.perf_counter()
     graph = ctx.graph
     _name_nodes(graph)
-    counts = {"identities_removed": _remove_identities(graph), "gemm_scalars_folded": _fold_gemm_scalars(graph)}
+    counts = {"identities_removed": _remove_identities(graph), "gemm_scalars_folded": _fold_gemm_scalars(graph),
+              "table_copies_tied": _tie_table_copies(graph, ctx.exclude)}
     layers, _ = find_layers(graph, ctx.exclude)
     counts["affine_folded"] = 0
     counts["transposes_folded"] = _fold_transposes_into_features(graph, ctx.shapes, layers)
@@ -153,6 +159,56 @@ def _training(node: gs.Node) -> bool:
         return False
     mode = node.inputs[2]
     return not (isinstance(mode, gs.Constant) and not bool(np.asarray(mode.values).any()))
+
+
+def _tie_table_copies(graph: gs.Graph, exclude) -> int:
+    """A linear node's weight that equals an embedding table (a Gather's data, by computed
+    indices) or its transpose bit for bit, as exporters store a tied output layer a second time,
+    reads the table instead, through a Transpose where transposed (onnxruntime folds it at session
+    creation): the file holds the table once, and hashing rounds it once for both uses. Returns
+    how many copies were dropped."""
+    tables = {}
+    for node in graph.nodes:
+        data = node.inputs[0] if node.op == "Gather" and len(node.inputs) == 2 else None
+        if isinstance(data, gs.Constant) and not isinstance(node.inputs[1], gs.Constant) and data.values.ndim == 2 \
+                and is_float(data.values) and data.values.nbytes >= TIED_MIN_BYTES:
+            tables.setdefault(id(data), data)
+    tied: dict[int, gs.Tensor] = {}  # id(copy) → what its readers read now
+    transposed: dict[int, gs.Variable] = {}
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    for node in list(graph.nodes):
+        w = node.inputs[1] if node.op in LINEAR_OPS and len(node.inputs) > 1 else None
+        if not isinstance(w, gs.Constant) or id(w) in tables or w.values.ndim != 2 \
+                or exclude is not None and exclude.search(node.name or ""):
+            continue
+        if id(w) not in tied:
+            for table in tables.values():
+                t = table.values
+                if w.values.dtype != t.dtype or w.values.size != t.size:
+                    continue
+                if w.values.shape == t.shape and _same_bits(w.values, t):
+                    tied[id(w)] = table
+                elif w.values.shape == t.shape[::-1] and _same_bits(w.values, t.T):
+                    if id(table) not in transposed:
+                        out = gs.Variable(unique_name(f"{table.name}_transposed", taken), dtype=t.dtype)
+                        graph.nodes.append(gs.Node("Transpose", unique_name(f"{table.name}_transpose", taken),
+                                                   {"perm": [1, 0]}, [table], [out]))
+                        transposed[id(table)] = out
+                    tied[id(w)] = transposed[id(table)]
+                else:
+                    continue
+                break
+        if id(w) in tied:
+            node.inputs[1] = tied[id(w)]
+    return len(tied)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal bit for bit (-0.0 and 0.0 differ; so do NaNs of other payloads), a few values first."""
+    unsigned = np.dtype(f"u{a.dtype.itemsize}")
+    if not np.array_equal(a.flat[:16].view(unsigned), b.flat[:16].view(unsigned)):  # copies, in C order
+        return False
+    return bool(np.array_equal(np.ascontiguousarray(a).view(unsigned), np.ascontiguousarray(b).view(unsigned)))
 
 
 def _fold_gemm_scalars(graph: gs.Graph) -> int:
