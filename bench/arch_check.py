@@ -1,8 +1,9 @@
 """Architectures the bench models lack, with random weights: does every promise hold?
 
 The bench's real models are CNNs and a CRNN/SVTR. Users bring more: squeeze-excitation blocks,
-channel shuffles, dense blocks, grouped convs, U-Nets, transformers (a ViT among them), ConvNeXt-style channels-last MLPs, an
-MLP-Mixer, GRUs, embeddings of token ids, float16 exports. Each is built here with torch (random weights, batch-norm statistics
+channel shuffles, dense blocks, grouped convs, U-Nets, transformers (a ViT among them, and a
+language model whose output layer is tied to its embedding table), ConvNeXt-style channels-last
+MLPs, an MLP-Mixer, GRUs, embeddings of token ids, float16 exports. Each is built here with torch (random weights, batch-norm statistics
 randomised) and compressed at several tolerances (all passes, default options: N(0, 1) probes,
 token ids over their table's rows). Per row: the exit, the result's validity and interface, the
 deviation on 256 new probes from the tool's probe distribution measured as the tool measures
@@ -119,6 +120,16 @@ def _nets():
         def forward(s, ids):
             return s.cls(s.enc(s.emb(ids) + s.pos)[:, 0])
 
+    class TiedLMLike(nn.Module):  # token ids → embedding → 2 GELU encoder layers → output layer tied to the table
+        def __init__(s):
+            super().__init__()
+            s.emb, s.pos = nn.Embedding(100, 32), nn.Parameter(torch.randn(1, 12, 32) * 0.1)
+            s.enc, s.head = encoder(32, 4, 64, "gelu"), nn.Linear(32, 100, bias=False)
+            s.head.weight = s.emb.weight  # the exporter stores a transposed copy for the head
+
+        def forward(s, ids):
+            return s.head(s.enc(s.emb(ids) + s.pos))
+
     class ConvNeXtLike(nn.Module):  # depthwise 7x7, LayerNorm and MLP on channels last, layer scale
         def __init__(s):
             super().__init__()
@@ -220,6 +231,7 @@ def _nets():
         "unet_like": (UNetLike, (1, 3, 32, 32), f32),
         "transformer_like": (TransformerLike, (1, 12, 16), f32),
         "bert_like": (BertLike, (1, 12), i64),
+        "tied_lm_like": (TiedLMLike, (1, 12), i64),
         "convnext_like": (ConvNeXtLike, (1, 3, 64, 64), f32),
         "vit_like": (ViTLike, (1, 3, 32, 32), f32),
         "mixer_like": (MixerLike, (1, 3, 32, 32), f32),
