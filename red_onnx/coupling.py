@@ -8,7 +8,9 @@ both directions, through the ops the handler registry knows:
 * its **producers** are the linear layers writing one of its tensors (a residual Add makes two
   producers share a space: a merge must hold in every producer);
 * its **consumers** are the linear layers reading one of its tensors; a Flatten or Reshape to
-  features maps channel c to the block of features [c·B, (c+1)·B);
+  features maps channel c to the block of features [c·B, (c+1)·B); past a Transpose to
+  (seq, batch, C), an LSTM, GRU or RNN reads the channels as the input features of its W (a CRNN's
+  or a speech model's conv front end);
 * its **path ops** sit in between; their per-channel parameters (BN statistics, PRelu slopes,
   depthwise kernels) join each channel's identity.
 
@@ -43,7 +45,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layers import LINEAR_OPS, Layer, find_layers
+from .layers import LINEAR_OPS, Layer, RecurrentInput, find_layers, recurrent_inputs
 
 # unary op → (positively homogeneous, maps 0 to 0)
 UNARY = {
@@ -274,7 +276,8 @@ def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
     layers = [layer for layer in all_layers if not _is_depthwise(layer)]  # depthwise convs are path ops
     by_output = {layer.output.name: layer for layer in layers}
     walk = Walk({id(layer.node): layer for layer in all_layers}, {s.name: s.reason for s in skipped}, shapes,
-                {t.name for t in graph.outputs}, {t.name for t in graph.inputs})
+                {t.name for t in graph.outputs}, {t.name for t in graph.inputs},
+                {id(r.node): r for r in recurrent_inputs(graph, exclude)})
     seen: set[str] = set()
     spaces = []
     for layer in layers:
@@ -300,6 +303,7 @@ class Walk:
     shapes: dict[str, tuple[int, ...]]
     graph_outputs: set[str]
     graph_inputs: set[str]
+    recurrent: dict[int, RecurrentInput]  # id(node) → its input weight, for the recurrent nodes whose X may change
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         return _rank(tensor, self.shapes)
@@ -772,8 +776,10 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
         rank = walk.rank(tensor)
         for node in tensor.outputs:
             layer = walk.by_node.get(id(node))
-            if node.op in ("Conv", "Gemm", "MatMul") and layer is not None and layer.node.inputs[0] is tensor \
-                    and layer.group == 1 and layer.get_weight().shape[1] == span.total and rank is not None \
+            layer = layer or walk.recurrent.get(id(node))  # an LSTM, GRU or RNN reading X (seq, batch, features)
+            if node.op in ("Conv", "Gemm", "MatMul", "LSTM", "GRU", "RNN") and layer is not None \
+                    and layer.node.inputs[0] is tensor and layer.group == 1 and rank is not None \
+                    and layer.get_weight().shape[1] == span.total \
                     and axis == (1 if node.op == "Conv" else rank - 1) and not layer.node.attrs.get("transA", 0) \
                     and not _is_depthwise(layer):
                 space.consumers.append(Consumer(layer, 1, span.lo, span.hi, span.shift, span.total, axis))

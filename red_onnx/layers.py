@@ -133,6 +133,21 @@ class Layer:
             self.node.attrs["beta"] = 1.0
         self.node.inputs = self.node.inputs[:2] + [self.bias]
 
+    def add_to_bias(self, stored: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """The bias ``stored`` (its stored layout) plus ``delta`` (``(out,)``)."""
+        return (stored + delta.reshape(stored.shape)).astype(stored.dtype)
+
+    def remove_bias(self, graph: gs.Graph) -> None:
+        """Drop the bias (a MatMul's Add node too)."""
+        if self.bias_node is not None:  # MatMul + Add: the MatMul writes the Add's output again
+            self.node.outputs = self.bias_node.outputs
+            self.bias_node.outputs = []
+            graph.nodes.remove(self.bias_node)
+            self.bias_node = None
+        else:
+            self.node.inputs = self.node.inputs[:2]
+        self.bias = None
+
 
 def unique_name(base: str, taken: set[str]) -> str:
     """``base``, or ``base_1``, ``base_2``, … : the first not in ``taken`` (which it joins)."""
@@ -218,6 +233,63 @@ class RecurrentWeight(Layer):
     def stored(self, view: np.ndarray) -> np.ndarray:
         shape = self.weight.values.shape
         return np.ascontiguousarray(np.asarray(view, dtype=self.weight.values.dtype).reshape(shape))
+
+
+@dataclass
+class RecurrentInput(RecurrentWeight):
+    """A recurrent node's input weight W as a layer that reads its input X (seq, batch, I): its
+    columns, X's features, may follow a channel space (x·Wᵀ + Wb is linear in x at every step, in
+    every gate); its rows, directions·gates·H, stay. Its bias is B's first half per direction (Wb;
+    Rb, the recurrent half, stays)."""
+
+    def stored(self, view: np.ndarray) -> np.ndarray:
+        directions, rows = self.weight.values.shape[:2]
+        return np.ascontiguousarray(np.asarray(view, dtype=self.weight.values.dtype).reshape(directions, rows, -1))
+
+    def get_bias(self) -> np.ndarray:
+        directions, rows = self.weight.values.shape[:2]
+        if self.bias is None:
+            return np.zeros(directions * rows, dtype=self.weight.values.dtype)
+        return self.bias.values[:, :rows].reshape(-1).astype(self.weight.values.dtype)
+
+    def set_bias(self, bias: np.ndarray, graph: gs.Graph) -> None:
+        directions, rows = self.weight.values.shape[:2]
+        if self.bias is None:  # B = [Wb, Rb] per direction, zeros; X, W, R, B are inputs 0 to 3
+            taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+            self.bias = gs.Constant(unique_name(f"{self.node.name}_B", taken),
+                                    np.zeros((directions, 2 * rows), self.weight.values.dtype))
+            inputs = list(self.node.inputs) + [gs.Variable.empty() for _ in range(4 - len(self.node.inputs))]
+            inputs[3] = self.bias
+            self.node.inputs = inputs
+        values = self.bias.values.copy()
+        values[:, :rows] = np.asarray(bias, values.dtype).reshape(directions, rows)
+        self.bias.values = values
+
+    def add_to_bias(self, stored: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        directions, rows = self.weight.values.shape[:2]
+        out = np.array(stored, copy=True)
+        out[:, :rows] += delta.reshape(directions, rows).astype(out.dtype)
+        return out
+
+    def remove_bias(self, graph: gs.Graph) -> None:
+        inputs = list(self.node.inputs)
+        inputs[3] = gs.Variable.empty()
+        while len(inputs) > 3 and not inputs[-1].name:
+            inputs.pop()
+        self.node.inputs = inputs
+        self.bias = None
+
+
+def recurrent_inputs(graph: gs.Graph, exclude: re.Pattern | None = None) -> list[RecurrentInput]:
+    """The recurrent nodes whose W is a private float constant and B, if any, a private constant:
+    the ones whose input features the channel passes may rewrite."""
+    found = []
+    for r in recurrent_weights(graph, exclude):
+        b = r.node.inputs[3] if len(r.node.inputs) > 3 and r.node.inputs[3].name else None
+        if r.which == "W" and (b is None or isinstance(b, gs.Constant) and len(b.outputs) == 1
+                               and b.values.shape == (r.weight.values.shape[0], 2 * r.weight.values.shape[1])):
+            found.append(RecurrentInput(r.node, r.weight, b, which="W"))
+    return found
 
 
 def recurrent_weights(graph: gs.Graph, exclude: re.Pattern | None = None) -> list[RecurrentWeight]:

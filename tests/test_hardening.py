@@ -981,7 +981,17 @@ def random_models(draw) -> onnx.ModelProto:
             w, b = plant(w, b if draw(st.booleans()) else None, plan)
             h = _activation(draw, g, rng, _affine(draw, g, rng, g.matmul_w(h, w, b), m, 2, plan), m, 2, plan)
             c = m
-        if draw(st.booleans()):  # mean over the tokens, (N, T, C) → (N, C)
+        end = draw(st.sampled_from(["matmul", "mean", "GRU", "LSTM"]))
+        if end in ("GRU", "LSTM"):  # (T, N, C) into a recurrent node, which reads the channels as features
+            gates, hidden = {"GRU": 3, "LSTM": 4}[end], draw(st.integers(2, 4))
+            w = rng.standard_normal((1, gates * hidden, c)).astype(np.float32) / np.sqrt(c)
+            r = rng.standard_normal((1, gates * hidden, hidden)).astype(np.float32) / np.sqrt(hidden)
+            inputs = [g.node("Transpose", [h], perm=[1, 0, 2]), g.init(w), g.init(r)]
+            if draw(st.booleans()):
+                inputs.append(g.init(rng.standard_normal((1, 2 * gates * hidden)).astype(np.float32)))
+            g.output(g.node(end, inputs, hidden_size=hidden, n_outputs=1))
+            return g.model()
+        if end == "mean":  # mean over the tokens, (N, T, C) → (N, C)
             h = g.node("ReduceMean", [h], axes=[1], keepdims=0)
         g.output(g.matmul_w(h, *rand_layer(rng, 3, c)))
         return g.model()

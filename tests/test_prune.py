@@ -400,3 +400,88 @@ def test_latency_guard_gives_up_channel_removals(monkeypatch):
     assert any("latency guard" in n for n in report.notes)
     _, off = red_onnx.compress(model, tolerance=0, passes=["prune"], latency_check=False)
     assert off.macs_after < report.macs_after and not off.latency
+
+
+# --------------------------------------------------------------------------------------------- #
+# an LSTM, GRU or RNN reading the channels (a CRNN's or a speech model's conv front end)
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def conv_rnn(op: str, w1: np.ndarray, b1: np.ndarray, bias: bool = True, seq: int = 7, hidden: int = 6,
+             seed: int = 40) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Conv1d (3 → C channels) → ReLU → Transpose to (seq, N, C) → bidirectional ``op``: its X
+    reads the conv's channels as features. Returns the model and the recurrent node's W, R, B."""
+    rng = np.random.default_rng(seed)
+    c, gates = w1.shape[0], GATES[op]
+    g = Builder(seed)
+    h = g.relu(g.node("Conv", [g.input("x", ["N", 3, seq]), g.init(w1), g.init(b1)], name="conv1",
+                      kernel_shape=[3], pads=[1, 1]))
+    xs = g.node("Transpose", [h], perm=[2, 0, 1])
+    weights = {"W": rng.standard_normal((2, gates * hidden, c)).astype(np.float32) / np.sqrt(c),
+               "R": rng.standard_normal((2, gates * hidden, hidden)).astype(np.float32) / np.sqrt(hidden)}
+    inputs = [xs, g.init(weights["W"], "W"), g.init(weights["R"], "R")]
+    if bias:
+        weights["B"] = rng.standard_normal((2, 2 * gates * hidden)).astype(np.float32) * 0.3
+        inputs.append(g.init(weights["B"], "B"))
+    y = g.node(op, inputs, name="rnn", hidden_size=hidden, direction="bidirectional", n_outputs=1)
+    g.output(y)
+    return g.model(), weights
+
+
+def conv1d_weights(seed: int, c: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((c, 3, 3)) / 3).astype(np.float32), (rng.standard_normal(c) * 0.5).astype(np.float32)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_channels_merge_into_a_recurrent_node_input(op):
+    """Channels 5 = channel 1 and 7 = 2 × channel 2 (through ReLU) merge into the recurrent node's
+    input columns, exactly (they stayed: the space was frozen at the recurrent node)."""
+    w1, b1 = conv1d_weights(41)
+    w1[5], b1[5] = w1[1], b1[1]
+    w1[7], b1[7] = 2 * w1[2], 2 * b1[2]
+    model, weights = conv_rnn(op, w1, b1)
+    result, report = red_onnx.compress(model, tolerance=0, passes=["merge"])
+    assert report.verified
+    w = inits(result)[next(n for n in result.graph.node if n.name == "rnn").input[1]]
+    assert w.shape == (2, GATES[op] * 6, 6)
+    expected = np.delete(weights["W"], [5, 7], axis=2)  # numpy oracle: merged columns added to their partners
+    expected[:, :, 1] += weights["W"][:, :, 5]
+    expected[:, :, 2] += 2 * weights["W"][:, :, 7]
+    np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
+    assert_same(model, result)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_constant_channel_folds_into_a_recurrent_nodes_input_bias(bias):
+    """Channel 4 is ReLU(0.7) = 0.7 on every input: at tolerance 0 it goes, its contribution
+    W[:, :, 4]·0.7 joins Wb, the input half of B (created where the node had none; Rb untouched)."""
+    w1, b1 = conv1d_weights(42)
+    w1[4], b1[4] = 0.0, 0.7
+    model, weights = conv_rnn("GRU", w1, b1, bias=bias)
+    result, report = prune0(model)
+    rnn = next(n for n in result.graph.node if n.name == "rnn")
+    values = inits(result)
+    assert values[rnn.input[1]].shape == (2, 18, 7)
+    b = weights.get("B", np.zeros((2, 36), np.float32))
+    expected = b.copy()
+    expected[:, :18] += weights["W"][:, :, 4] * np.float32(0.7)
+    np.testing.assert_allclose(values[rnn.input[3]], expected, rtol=1e-5, atol=1e-6)
+    assert_same(model, result)
+
+
+def test_a_channel_the_recurrent_node_barely_feels_is_pruned_within_the_tolerance():
+    """Channel 3's conv row is a ten-thousandth of the others: pruned to its mean at tolerance 0.01,
+    within it on fresh inputs."""
+    w1, b1 = conv1d_weights(43)
+    w1[3] *= 1e-4
+    b1[3] = 0.2
+    model, _ = conv_rnn("LSTM", w1, b1)
+    result, report = red_onnx.compress(model, tolerance=0.01, passes=["prune"])
+    assert report.verified and report.output_deviation <= 0.01
+    assert out_channels(result)["conv1"] < 8
+    rng = np.random.default_rng(9)
+    for _ in range(4):
+        feeds = rng_feeds(model, rng, 2)
+        assert rel_l2(session(model).run(None, feeds)[0], session(result).run(None, feeds)[0]) <= 0.01

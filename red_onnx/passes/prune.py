@@ -78,16 +78,8 @@ def add_biases(ctx: Context, spaces: list[Space]) -> list[Layer]:
 def drop_zero_biases(graph: gs.Graph, added: list[Layer]) -> None:
     """Remove the biases :func:`add_biases` added that are still zero (no channel was folded there)."""
     for layer in {id(layer): layer for layer in added}.values():
-        if layer.bias is None or np.any(layer.bias.values):
-            continue
-        if layer.bias_node is not None:  # MatMul + Add: the MatMul writes the Add's output again
-            layer.node.outputs = layer.bias_node.outputs
-            layer.bias_node.outputs = []
-            graph.nodes.remove(layer.bias_node)
-            layer.bias_node = None
-        else:
-            layer.node.inputs = layer.node.inputs[:2]
-        layer.bias = None
+        if layer.bias is not None and not np.any(layer.bias.values):
+            layer.remove_bias(graph)
 
 
 def edits(space: Space, constants: list[np.ndarray], channels: np.ndarray, edited: dict[str, np.ndarray]) -> None:
@@ -107,7 +99,7 @@ def edits(space: Space, constants: list[np.ndarray], channels: np.ndarray, edite
         cols = w3[:, chosen + shift].astype(np.float64)
         value = np.repeat(mean[chosen], cols.shape[2] // mean.shape[1], axis=1)  # a conv's kernel sees one value
         bias = np.asarray(edited.get(layer.bias.name, layer.bias.values))
-        edited[layer.bias.name] = (bias + np.einsum("ojb,jb->o", cols, value).reshape(bias.shape)).astype(bias.dtype)
+        edited[layer.bias.name] = layer.add_to_bias(bias, np.einsum("ojb,jb->o", cols, value))
         w3[:, chosen + shift] = 0.0
         edited[layer.weight.name] = layer.stored(consumer.compact(w3, w.shape[2:]) if layer.group > 1 else w3.reshape(w.shape))
 
