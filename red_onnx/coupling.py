@@ -20,8 +20,10 @@ ops that treat axis 1 apart (pooling, BatchNormalization, Conv, Flatten) freeze 
 
 * a **Concat** on the channel axis places the space at an offset of its output, a **Split** or a
   **Slice** on it cuts the space into segments (merges stay inside one; sizes and bounds follow), a **Transpose**
-  moves the channel axis (to the last axis for a MatMul, say); past them the space may go through
-  parameter-free elementwise ops only, to its consumers.
+  moves the channel axis (to the last axis for a MatMul, say), a **Reshape** that merges the channel
+  axis with the axes after it makes each channel a block of features; past them the space may go
+  through parameter-free elementwise ops, Squeeze/Unsqueeze and Gathers or Slices of other axes
+  only, to its consumers.
 
 Each op the flood follows is one :class:`Handler` in the registry (``HANDLERS``, filled by
 :func:`register`): how a space passes through it (``through``), how it passes past a Concat,
@@ -503,7 +505,7 @@ class _BatchNorm(Handler):
         """After a Concat (a DenseNet layer's or a CSP block's norm) or a Split: the space's
         channels are entries [lo + shift, hi + shift) of its statistics."""
         params = node.inputs[1:5]
-        if span.axis != 1 or node.inputs[0] is not tensor or not all(isinstance(t, gs.Constant) for t in params) \
+        if span.axis != 1 or span.block != 1 or node.inputs[0] is not tensor or not all(isinstance(t, gs.Constant) for t in params) \
                 or any(len(t.outputs) > 1 for t in params) or len({id(t) for t in params}) < 4 \
                 or any(t.values.shape != (span.total,) for t in params):
             return None
@@ -581,12 +583,53 @@ class _SpatialReduce(Handler):
 @register("Flatten", "Reshape")
 class _ToFeatures(Handler):
     """(N, C, *spatial) → (N, C·B) feeding linear layers: channel c becomes the block of features
-    [c·B, (c+1)·B); a constant Reshape target follows the new count."""
+    [c·B, (c+1)·B); a constant Reshape target follows the new count. A Reshape that merges the
+    channel axis with the axes after it into a tensor of rank 3 or more, (N, C, H, W) → (N, C·H, W)
+    say, or past a Transpose (W, N, C, H) → (W, N, C·H) (a CRNN's features per step), continues the
+    space in blocks of features, to its consumers (:func:`_tail`)."""
 
     def through(self, node, tensor, space, walk, backward):
         if backward or space.last:
             return super().through(node, tensor, space, walk, backward)
+        out = walk.shapes.get(node.outputs[0].name)
+        if node.op == "Reshape" and out is not None and len(out) > 2:
+            span = _Span(1, 0, space.channels, 0, space.channels)
+            nxt = self.tail(node, tensor, span, space, walk)
+            if nxt is None:
+                space.freeze(f"Reshape '{node.name}' that does not merge the channels with the axes after them")
+                return []
+            _tail(nxt[0][0], dataclasses.replace(span, block=nxt[0][2]), space, walk)
+            return []
         return _to_features(node, tensor, space, walk.shapes)
+
+    def tail(self, node, tensor, span, space, walk):
+        if node.op != "Reshape" or node.inputs[0] is not tensor:
+            return None
+        shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
+        a = span.axis
+        if shape_in is None or shape_out is None or len(shape_out) <= a:
+            return None
+        merged = next((m for m in range(1, len(shape_in) - a + 1)
+                       if tuple(shape_out[:a]) == tuple(shape_in[:a]) and tuple(shape_out[a + 1:]) == tuple(shape_in[a + m:])
+                       and shape_out[a] == int(np.prod(shape_in[a:a + m]))), None)
+        if merged is None:
+            return None
+        block = int(np.prod(shape_in[a + 1:a + merged]))
+        features = span.total * span.block * block
+        target = node.inputs[1]
+        if isinstance(target, gs.Constant):
+            values = np.atleast_1d(target.values)
+            if len(target.outputs) > 1 or values.size != len(shape_out) or values[a] not in (features, -1):
+                return None
+            if values[a] == features:
+                def resize(keep, c, target=target, a=a, per=span.block * block, total=span.total):
+                    new = np.atleast_1d(target.values).copy()
+                    new[a] = (total - (c - len(keep))) * per
+                    target.values = new.reshape(target.values.shape)
+                space.resizes.append(resize)
+        elif not _from_shapes(target):
+            return None
+        return [(node.outputs[0], a, span.block * block)]
 
 
 @register("Shape")
@@ -607,6 +650,7 @@ class _Span:
     hi: int
     shift: int
     total: int
+    block: int = 1  # features per channel on ``axis`` (a Reshape merged the channel axis with later ones)
 
 
 class _Entry(Handler):
@@ -707,6 +751,10 @@ class _Slice(_Entry):
             return [node.outputs[0]]  # a spatial crop keeps the channels
         return super().through(node, tensor, space, walk, backward)
 
+    def tail(self, node, tensor, span, space, walk):
+        axes = _slice_axes(node, tensor, walk)  # another axis cut (a sequence reversed, cropped)
+        return None if axes is None or span.axis in axes or node.inputs[0] is not tensor else [(node.outputs[0], span.axis)]
+
     def entry(self, node, tensor, space, walk):
         axes = _slice_axes(node, tensor, walk)
         if axes is None:
@@ -739,6 +787,94 @@ class _Slice(_Entry):
         return [(node.outputs[0], _Span(axis, lo, hi, -lo, hi - lo))]
 
 
+@register("Gather")
+class _Gather(Handler):
+    """Constant indices on an axis other than the batch's and the channels' (one step of a
+    sequence, x[:, :, -1]): the channels stay, on the axis that a scalar index may have moved."""
+
+    def through(self, node, tensor, space, walk, backward):
+        rank, rank_out = walk.rank(tensor), walk.rank(node.outputs[0])
+        axis = None if backward or rank is None else _gathered_axis(node, tensor, rank, space.axis(rank))
+        if axis is None or axis != space.axis(rank_out) or int(node.attrs.get("axis", 0)) % rank == 0:
+            return super().through(node, tensor, space, walk, backward)
+        return [node.outputs[0]]
+
+    def tail(self, node, tensor, span, space, walk):
+        rank = walk.rank(tensor)
+        axis = None if rank is None else _gathered_axis(node, tensor, rank, span.axis)
+        return None if axis is None else [(node.outputs[0], axis)]
+
+
+def _gathered_axis(node: gs.Node, tensor: gs.Tensor, rank: int, axis: int) -> int | None:
+    """Where a Gather of ``tensor`` by constant indices on another axis puts ``axis``; None if it
+    gathers on ``axis`` itself, reads ``tensor`` as indices, or the indices are computed."""
+    indices = node.inputs[1]
+    g = int(node.attrs.get("axis", 0)) % rank
+    if node.inputs[0] is not tensor or not isinstance(indices, gs.Constant) or g == axis:
+        return None
+    return axis if g > axis else axis - 1 + np.ndim(indices.values)
+
+
+@register("Squeeze", "Unsqueeze")
+class _Squeeze(Handler):
+    """Axes of size 1 removed or added, neither the batch's nor the channels': the channels stay
+    (on axis 1, or last), as after a global pooling squeezed to (N, C)."""
+
+    def through(self, node, tensor, space, walk, backward):
+        rank_in, rank_out = walk.rank(node.inputs[0]), walk.rank(node.outputs[0])
+        axis = None if rank_in is None else _squeezed_axis(node, rank_in, space.axis(rank_in))
+        if axis is None or axis != space.axis(rank_out) or 0 in _squeeze_axes(node, rank_in):
+            return super().through(node, tensor, space, walk, backward)
+        return [node.outputs[0], node.inputs[0]]
+
+    def tail(self, node, tensor, span, space, walk):
+        rank = walk.rank(tensor)
+        axis = None if rank is None else _squeezed_axis(node, rank, span.axis)
+        return None if axis is None else [(node.outputs[0], axis)]
+
+
+def _squeeze_axes(node: gs.Node, rank_in: int) -> list[int] | None:
+    """A Squeeze's axes (of its input) or an Unsqueeze's (of its output), non-negative; None where
+    computed, or a Squeeze without axes (every axis of size 1, maybe the channels')."""
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        axes = node.inputs[1].values
+    if axes is None:
+        return None
+    axes = np.atleast_1d(axes)
+    rank = rank_in if node.op == "Squeeze" else rank_in + axes.size
+    return sorted(int(a) % rank for a in axes)
+
+
+def _squeezed_axis(node: gs.Node, rank_in: int, axis: int) -> int | None:
+    """Where a Squeeze or Unsqueeze of a rank-``rank_in`` tensor puts ``axis``; None where it
+    squeezes that axis or its axes are unknown."""
+    axes = _squeeze_axes(node, rank_in)
+    if axes is None or node.op == "Squeeze" and axis in axes:
+        return None
+    if node.op == "Squeeze":
+        return axis - sum(a < axis for a in axes)
+    for a in axes:  # output positions, ascending: each one at or before the channels moves them on
+        axis += a <= axis
+    return axis
+
+
+def _from_shapes(target: gs.Tensor, depth: int = 12) -> bool:
+    """A computed Reshape shape that reads its sizes off tensors' shapes (Shape → Gather → Mul →
+    Unsqueeze → Concat, with -1 as the only literal size): it follows a new channel count."""
+    node = target.inputs[0] if target.inputs else None
+    if node is None or depth == 0:
+        return False
+    if node.op == "Shape":
+        return True
+    if node.op in ("Unsqueeze", "Squeeze", "Cast", "Gather", "Slice"):  # their other inputs: indices, axes
+        return _from_shapes(node.inputs[0], depth - 1)
+    if node.op in ("Mul", "Concat"):
+        return all(_from_shapes(t, depth - 1) if not isinstance(t, gs.Constant)
+                   else node.op == "Concat" and np.all(t.values == -1) for t in node.inputs)
+    return False
+
+
 def _moved(node: gs.Node, rank: int, axis: int) -> int:
     """Where a Transpose puts ``axis``."""
     return list(node.attrs.get("perm", range(rank - 1, -1, -1))).index(axis)
@@ -766,10 +902,10 @@ ELEMENTWISE_ONLY = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPoo
 def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
     """Follow a space past a Concat/Split/Slice/Transpose: the handlers' ``tail`` rules (parameter-free
     elementwise ops, Transposes), and the linear layers that consume it; anything else freezes."""
-    stack = [(start, span.axis)]
+    stack = [(start, span.axis, span.block)]
     while stack and space.frozen is None:
-        tensor, axis = stack.pop()
-        here = dataclasses.replace(span, axis=axis)
+        tensor, axis, block = stack.pop()
+        span = here = dataclasses.replace(span, axis=axis, block=block)
         if tensor.name in walk.graph_outputs:
             space.freeze(f"reaches graph output '{tensor.name}'")
             return
@@ -779,10 +915,10 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
             layer = layer or walk.recurrent.get(id(node))  # an LSTM, GRU or RNN reading X (seq, batch, features)
             if node.op in ("Conv", "Gemm", "MatMul", "LSTM", "GRU", "RNN") and layer is not None \
                     and layer.node.inputs[0] is tensor and layer.group == 1 and rank is not None \
-                    and layer.get_weight().shape[1] == span.total \
+                    and layer.get_weight().shape[1] == span.total * span.block \
                     and axis == (1 if node.op == "Conv" else rank - 1) and not layer.node.attrs.get("transA", 0) \
                     and not _is_depthwise(layer):
-                space.consumers.append(Consumer(layer, 1, span.lo, span.hi, span.shift, span.total, axis))
+                space.consumers.append(Consumer(layer, span.block, span.lo, span.hi, span.shift, span.total, axis))
                 continue
             handler = HANDLERS.get(node.op)
             nxt = handler.tail(node, tensor, here, space, walk) if handler is not None else None
@@ -790,7 +926,7 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
                 why = f": {walk.skipped[node.name]}" if node.name in walk.skipped else ""
                 space.freeze(f"past a Concat/Split/Transpose, reaches {node.op} '{node.name}'{why}")
                 return
-            stack.extend(nxt)
+            stack.extend(entry if len(entry) == 3 else (*entry, block) for entry in nxt)
 
 
 def _channels_last(layer: Layer, walk: Walk) -> bool:
@@ -884,6 +1020,8 @@ def _add_tail_param(space: Space, const: gs.Constant, tensor: gs.Tensor, span: _
     tensor (``span.total``, on ``span.axis``), not shared, is a parameter of the space's entries."""
     if const.values.size == 1:
         return True
+    if span.block != 1:
+        return False
     axis = _channel_axis(const.values.shape, span.total, walk.rank(tensor), span.axis)
     if axis is None or len(const.outputs) > 1:
         return False

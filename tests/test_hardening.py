@@ -968,7 +968,14 @@ def random_models(draw) -> onnx.ModelProto:
             else:
                 h = g.node("AveragePool", [h], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
     head = draw(st.sampled_from(["gap_gemm", "mean_gemm", "flatten_gemm", "flatten_matmul", "transposed_gemm", "conv",
-                                 "tokens"]))
+                                 "tokens", "squeezed_gemm", "crnn"]))
+    if head == "crnn":  # per column, the channels times the rows as features: (W, N, C·H) into an LSTM
+        seq = g.node("Transpose", [h], perm=[3, 0, 1, 2])
+        x = g.node("Reshape", [seq, g.init([size, -1, c * size], dtype=np.int64)])
+        w = rng.standard_normal((1, 8, c * size)).astype(np.float32) / np.sqrt(c * size)
+        r = rng.standard_normal((1, 8, 2)).astype(np.float32)
+        g.output(g.node("LSTM", [x, g.init(w), g.init(r)], hidden_size=2, n_outputs=1))
+        return g.model()
     if head == "conv":
         g.output(g.conv_w(h, *rand_layer(rng, 3, c, 3)))
         return g.model()
@@ -997,6 +1004,9 @@ def random_models(draw) -> onnx.ModelProto:
         return g.model()
     if head == "gap_gemm":
         h, features = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1), c
+    elif head == "squeezed_gemm":  # F.adaptive_avg_pool2d(x, 1).squeeze(-1).squeeze(-1)
+        h = g.node("Squeeze", [g.node("GlobalAveragePool", [h]), g.const([3], dtype=np.int64)])
+        h, features = g.node("Squeeze", [h, g.const([2], dtype=np.int64)]), c
     elif head == "mean_gemm":  # x.mean([2, 3]) (or a sum, a max): keepdims=0
         op = draw(st.sampled_from(["ReduceMean", "ReduceMax", "ReduceSum"]))
         axes = g.const([2, 3], dtype=np.int64)

@@ -804,3 +804,115 @@ def test_close_pairs_by_projection_agree_with_all_pairs(seed):
     expected = [(a, b) for a in range(300) for b in range(a + 1, 300) if dist[a, b] <= 1e-5]
     assert _close_pairs(x, 1e-5) == expected
     assert (11, 12) not in expected and {(3, 7), (10, 250), (40, 41), (40, 299), (41, 299)} <= set(expected)
+
+
+# --------------------------------------------------------------------------------------------- #
+# squeezed, gathered and reshaped into blocks of features on the way to the consumers
+
+
+@pytest.mark.parametrize("axes", ["attribute", "input"])
+def test_global_pooling_squeezed_to_features(axes):
+    """GlobalAveragePool → Squeeze(2, 3) → Gemm (``F.adaptive_avg_pool2d(x, 1).squeeze(-1).squeeze(-1)``):
+    the channels merge into the Gemm's columns (a Squeeze froze the space)."""
+    rng = np.random.default_rng(51)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
+    g = Builder(opset=11 if axes == "attribute" else 13)
+    h = g.node("GlobalAveragePool", [g.relu(g.conv_w(g.input("x", ["N", 3, 6, 6]), w1, b1, name="conv1"))])
+    h = g.node("Squeeze", [h], axes=[2, 3]) if axes == "attribute" else \
+        g.node("Squeeze", [h, g.const([-1, -2], dtype=np.int64)])
+    g.output(g.gemm_w(h, *rand_layer(rng, 4, 8), name="fc"))
+    check_exact(g.model(), {"conv1": 2})
+
+
+def test_the_last_step_of_a_sequence_into_a_gemm():
+    """Conv1d (N, C, T) → x[:, :, -1] (a Gather) → Gemm: the channels merge into the Gemm."""
+    rng = np.random.default_rng(52)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
+    g = Builder()
+    h = g.relu(g.node("Conv", [g.input("x", ["N", 3, 7]), g.init(w1[..., 1]), g.init(b1)], name="conv1",
+                      kernel_shape=[3], pads=[1, 1]))
+    h = g.node("Gather", [h, g.const(np.array(-1), dtype=np.int64)], axis=2)
+    g.output(g.gemm_w(h, *rand_layer(rng, 4, 8), name="fc"))
+    check_exact(g.model(), {"conv1": 2})
+
+
+def test_the_batch_or_the_channels_gathered_freeze():
+    rng = np.random.default_rng(53)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
+    g = Builder()
+    h = g.relu(g.node("Conv", [g.input("x", ["N", 3, 7]), g.init(w1[..., 1]), g.init(b1)], name="conv1",
+                      kernel_shape=[3], pads=[1, 1]))
+    h = g.node("Gather", [h, g.const(np.array([0, 1, 2, 3, 4, 5, 6, 7]), dtype=np.int64)], axis=1)
+    g.output(g.node("Gather", [h, g.const(np.array(-1), dtype=np.int64)], axis=2))
+    result, report = check_exact(g.model(), {})
+    assert any("Gather" in r for r in merge_reasons(report)), merge_reasons(report)
+
+
+def crnn(target: str, height: int = 2, width: int = 5, seed: int = 54) -> tuple[onnx.ModelProto, np.ndarray]:
+    """Conv (N, 8, H, W) → Transpose (W, N, 8, H) → Reshape (W, N, 8·H) → LSTM: a CRNN's features per
+    step, channel c the block [c·H, (c+1)·H) of the LSTM's inputs. ``target``: the Reshape's shape,
+    "constant" ([W, -1, 8·H]), or "computed" from Shape as torch exports ``x.reshape(w, n, c * h)``.
+    Returns the model and the LSTM's W."""
+    rng = np.random.default_rng(seed)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
+    g = Builder(seed)
+    h = g.relu(g.conv_w(g.input("x", ["N", 3, height, width]), w1, b1, name="conv1"))
+    t = g.node("Transpose", [h], perm=[3, 0, 1, 2])
+    if target == "constant":
+        shape = g.const([width, -1, 8 * height], dtype=np.int64)
+    else:
+        dims = [g.node("Gather", [g.node("Shape", [h]), g.const(np.array(k), dtype=np.int64)], axis=0) for k in range(4)]
+        pieces = [g.node("Unsqueeze", [d, g.const([0], dtype=np.int64)]) for d in (dims[3], dims[0])]
+        pieces.append(g.node("Unsqueeze", [g.node("Mul", [dims[1], dims[2]]), g.const([0], dtype=np.int64)]))
+        shape = g.node("Concat", pieces, axis=0)
+    x = g.node("Reshape", [t, shape])
+    w = (rng.standard_normal((1, 12, 8 * height)) / 4).astype(np.float32)
+    r = (rng.standard_normal((1, 12, 3)) / 2).astype(np.float32)
+    g.output(g.node("LSTM", [x, g.init(w, "W"), g.init(r, "R")], name="lstm", hidden_size=3, n_outputs=1))
+    return g.model(), w
+
+
+@pytest.mark.parametrize("target", ["constant", "computed"])
+def test_crnn_features_merge_in_blocks_into_an_lstm(target):
+    """The merged channels' blocks of H features move onto their partners' (numpy oracle), the
+    Reshape target follows (constant) or adapts (computed from Shape), and the outputs agree."""
+    model, w = crnn(target)
+    result, _ = check_exact(model, {"conv1": 2})
+    lstm = next(n for n in result.graph.node if n.name == "lstm")
+    blocks = w.reshape(1, 12, 8, 2)
+    expected = blocks.copy()
+    for j, i, s in MULTIPLES:
+        expected[:, :, i] += np.float32(s) * blocks[:, :, j]
+    expected = np.delete(expected, [j for j, _, _ in MULTIPLES], axis=2).reshape(1, 12, 12)
+    np.testing.assert_allclose(inits(result)[lstm.input[1]], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reshape_that_splits_the_channels_freezes():
+    """(W, N, 8, H) → (W, N, 4, 2·H): channels split across axes, not merged with the ones after."""
+    rng = np.random.default_rng(55)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
+    g = Builder(55)
+    h = g.relu(g.conv_w(g.input("x", ["N", 3, 2, 5]), w1, b1, name="conv1"))
+    x = g.node("Reshape", [g.node("Transpose", [h], perm=[3, 0, 1, 2]), g.const([5, -1, 4, 4], dtype=np.int64)])
+    g.output(g.node("Reshape", [x, g.const([5, -1, 16], dtype=np.int64)]))
+    result, report = check_exact(g.model(), {})
+    assert any("Reshape" in r for r in merge_reasons(report)), merge_reasons(report)
+
+
+@pytest.mark.parametrize("squeeze", [True, False])
+def test_a_sequence_and_its_reverse_into_two_grus(squeeze):
+    """Conv (N, 8, 1, W) → Squeeze(2) (or a Reshape to (N, 8, W)) → Transpose → GRU, and its time-reversed
+    Slice → a second GRU (a bidirectional recurrent layer written as two): both read the channels."""
+    rng = np.random.default_rng(56)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
+    g = Builder(56)
+    h = g.relu(g.conv_w(g.input("x", ["N", 3, 1, 6]), w1, b1, name="conv1"))
+    h = g.node("Squeeze", [h, g.const([2], dtype=np.int64)]) if squeeze else \
+        g.node("Reshape", [h, g.const([0, 8, 6], dtype=np.int64)])
+    seq = g.node("Transpose", [h], perm=[2, 0, 1])
+    rev = g.node("Slice", [seq, g.const([-1], dtype=np.int64), g.const([-(2**62)], dtype=np.int64),
+                           g.const([0], dtype=np.int64), g.const([-1], dtype=np.int64)])
+    outs = [g.node("GRU", [x, g.init(rng.standard_normal((1, 9, 8)) / 3), g.init(rng.standard_normal((1, 9, 3)) / 2)],
+                   hidden_size=3, n_outputs=1) for x in (seq, rev)]
+    g.output(g.node("Add", outs))
+    check_exact(g.model(), {"conv1": 2})
