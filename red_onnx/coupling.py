@@ -47,7 +47,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layers import LINEAR_OPS, Layer, RecurrentInput, find_layers, recurrent_inputs
+from .layers import LINEAR_OPS, Layer, RecurrentInput, SharedLinear, find_layers, recurrent_inputs, shared_linears
 
 # unary op → (positively homogeneous, maps 0 to 0)
 UNARY = {
@@ -167,6 +167,8 @@ class Space:
     #: read or written by grouped convs of this many groups: channel c is in block c // (C / groups),
     #: merges stay inside a block, and every removal takes as many channels from each block
     groups: int = 1
+    #: per shared weight among the consumers (id of its SharedLinear), the readers met reading the space
+    reads: dict[int, set[int]] = field(default_factory=dict)
 
     def set_groups(self, groups: int, where: str) -> None:
         """Grouped convs (or an equal Split) of ``groups`` blocks read or write the space; another
@@ -279,7 +281,7 @@ def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
     by_output = {layer.output.name: layer for layer in layers}
     walk = Walk({id(layer.node): layer for layer in all_layers}, {s.name: s.reason for s in skipped}, shapes,
                 {t.name for t in graph.outputs}, {t.name for t in graph.inputs},
-                {id(r.node): r for r in recurrent_inputs(graph, exclude)})
+                {id(r.node): r for r in recurrent_inputs(graph, exclude)}, shared_linears(graph, exclude))
     seen: set[str] = set()
     spaces = []
     for layer in layers:
@@ -292,6 +294,10 @@ def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
         for node, entered in space.concats:  # a second input of the space would be missed: not supported
             if any(t.name in space.tensors and t.name != entered for t in node.inputs):
                 space.freeze(f"Concat '{node.name}' joins the space with itself")
+        for consumer in space.consumers:  # a shared weight is rewritten for all its readers: all must read the space
+            layer = consumer.layer
+            if isinstance(layer, SharedLinear) and len(space.reads[id(layer)]) != len(layer.readers):
+                space.freeze(f"{layer.op} weight '{layer.name}' shared with nodes that read other tensors")
         spaces.append(space)
     return spaces
 
@@ -306,6 +312,7 @@ class Walk:
     graph_outputs: set[str]
     graph_inputs: set[str]
     recurrent: dict[int, RecurrentInput]  # id(node) → its input weight, for the recurrent nodes whose X may change
+    shared: dict[int, SharedLinear]  # id(node) → the weight it shares with other Gemm or Conv nodes
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         return _rank(tensor, self.shapes)
@@ -354,7 +361,7 @@ def _through(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk, backwar
     if layer is not None and _is_depthwise(layer):
         return _depthwise(layer, space)
     if node.op in LINEAR_OPS and not backward:
-        return _consumer(node, layer, tensor, space, walk)
+        return _consumer(node, layer or walk.shared.get(id(node)), tensor, space, walk)
     handler = HANDLERS.get(node.op)
     if handler is None:
         space.freeze(f"passes through {node.op} '{node.name}'")
@@ -378,13 +385,28 @@ def _depthwise(layer: Layer, space: Space) -> list[gs.Tensor]:
     return [layer.output, node.inputs[0]]
 
 
+def _add_consumer(space: Space, consumer: Consumer, node: gs.Node) -> None:
+    """Register ``consumer``, met at ``node``; a shared weight once, each of its readers reading
+    the same channels in the same layout (else the space freezes)."""
+    layer = consumer.layer
+    if not isinstance(layer, SharedLinear):
+        space.consumers.append(consumer)
+        return
+    first = next((c for c in space.consumers if c.layer is layer), None)
+    if first is None:
+        space.consumers.append(consumer)
+    elif first != consumer:
+        space.freeze(f"{layer.op} weight '{layer.name}' read by nodes that see the channels differently")
+    space.reads.setdefault(id(layer), set()).add(id(node))
+
+
 def _consumer(node: gs.Node, layer: Layer | None, tensor: gs.Tensor, space: Space, walk: Walk) -> list[gs.Tensor]:
     """A linear layer reading the space: its input columns follow the space's channels."""
     op, c = node.op, space.channels
     if layer is None:
         space.freeze(f"feeds {op} '{node.name}' which is left alone: {walk.skipped.get(node.name, 'not a layer')}")
         return []
-    if layer.node.inputs[0] is not tensor:
+    if node.inputs[0] is not tensor:
         space.freeze(f"feeds {op} '{node.name}' in a non-data input")
         return []
     w = layer.get_weight()
@@ -394,16 +416,16 @@ def _consumer(node: gs.Node, layer: Layer | None, tensor: gs.Tensor, space: Spac
             space.freeze(f"feeds grouped {op} '{node.name}'")
             return []
         space.set_groups(layer.group, f"feeds grouped {op} '{node.name}'")
-        space.consumers.append(Consumer(layer, 1))
+        _add_consumer(space, Consumer(layer, 1), node)
         return []
     if op in ("Conv", "ConvTranspose") and w.shape[1] == c and not space.last:
-        space.consumers.append(Consumer(layer, 1))
+        _add_consumer(space, Consumer(layer, 1), node)
         return []
     if op == "MatMul" and space.last and w.shape[1] == c and rank is not None:
-        space.consumers.append(Consumer(layer, 1, axis=rank - 1))
+        _add_consumer(space, Consumer(layer, 1, axis=rank - 1), node)
         return []
     if op in ("Gemm", "MatMul") and w.shape[1] % c == 0 and _features_axis_ok(layer, tensor, walk.shapes, c):
-        space.consumers.append(Consumer(layer, w.shape[1] // c))
+        _add_consumer(space, Consumer(layer, w.shape[1] // c), node)
         return []
     space.freeze(f"feeds {op} '{node.name}' with {w.shape[1]} inputs for {c} channels")
     return []
@@ -912,13 +934,14 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
         rank = walk.rank(tensor)
         for node in tensor.outputs:
             layer = walk.by_node.get(id(node))
-            layer = layer or walk.recurrent.get(id(node))  # an LSTM, GRU or RNN reading X (seq, batch, features)
+            # an LSTM, GRU or RNN reading X (seq, batch, features); a Gemm or Conv sharing its weight
+            layer = layer or walk.recurrent.get(id(node)) or walk.shared.get(id(node))
             if node.op in ("Conv", "Gemm", "MatMul", "LSTM", "GRU", "RNN") and layer is not None \
-                    and layer.node.inputs[0] is tensor and layer.group == 1 and rank is not None \
+                    and node.inputs[0] is tensor and layer.group == 1 and rank is not None \
                     and layer.get_weight().shape[1] == span.total * span.block \
                     and axis == (1 if node.op == "Conv" else rank - 1) and not layer.node.attrs.get("transA", 0) \
                     and not _is_depthwise(layer):
-                space.consumers.append(Consumer(layer, span.block, span.lo, span.hi, span.shift, span.total, axis))
+                _add_consumer(space, Consumer(layer, span.block, span.lo, span.hi, span.shift, span.total, axis), node)
                 continue
             handler = HANDLERS.get(node.op)
             nxt = handler.tail(node, tensor, here, space, walk) if handler is not None else None

@@ -280,6 +280,60 @@ class RecurrentInput(RecurrentWeight):
         self.bias = None
 
 
+@dataclass
+class SharedLinear(Layer):
+    """One weight that several Gemm or Conv nodes of the same attributes read (an unrolled RNN's
+    cell, applied at every step), with its bias, if any, read by the same nodes: a layer the channel
+    passes may rewrite as one where every reader reads the same channels (the coupling checks).
+    ``node`` is the first reader; ``readers`` all of them."""
+
+    readers: list[gs.Node] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.weight.name
+
+    def set_bias(self, bias: np.ndarray, graph: gs.Graph) -> None:
+        if self.bias is not None:
+            super().set_bias(bias, graph)
+            return
+        taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        self.bias = gs.Constant(unique_name(f"{self.weight.name}_bias", taken),
+                                np.ascontiguousarray(bias, dtype=self.weight.values.dtype))
+        for node in self.readers:
+            if node.op == "Gemm":
+                node.attrs["beta"] = 1.0
+            node.inputs = node.inputs[:2] + [self.bias]
+
+    def remove_bias(self, graph: gs.Graph) -> None:
+        for node in self.readers:
+            node.inputs = node.inputs[:2]
+        self.bias = None
+
+
+def shared_linears(graph: gs.Graph, exclude: re.Pattern | None = None) -> dict[int, SharedLinear]:
+    """id(reader) → its :class:`SharedLinear`, for every float weight read as the weight of two or
+    more Gemm (transA 0, alpha 1) or Conv nodes with equal attributes and no other reader, whose
+    bias, if any, is a constant the same nodes read as their bias, and no one else; none excluded."""
+    found = {}
+    for tensor in graph.tensors().values():
+        readers = list(tensor.outputs) if isinstance(tensor, gs.Constant) else []
+        if len(readers) < 2 or not is_float(tensor.values) \
+                or any(n.op not in ("Gemm", "Conv") or len(n.inputs) < 2 or n.inputs[1] is not tensor
+                       or n.inputs[0] is tensor or n.attrs != readers[0].attrs or n.op != readers[0].op
+                       or n.attrs.get("transA", 0) or n.attrs.get("alpha", 1.0) != 1.0 for n in readers) \
+                or exclude is not None and any(exclude.search(n.name or "") for n in readers):
+            continue
+        biases = {id(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else None for n in readers}
+        bias = readers[0].inputs[2] if len(biases) == 1 and None not in biases else None
+        if len(biases) != 1 or bias is not None and (not isinstance(bias, gs.Constant) or len(bias.outputs) != len(readers)
+                                                     or bias.values.size != _out_size(readers[0], tensor)):
+            continue
+        layer = SharedLinear(readers[0], tensor, bias, readers=readers)
+        found.update({id(n): layer for n in readers})
+    return found
+
+
 def recurrent_inputs(graph: gs.Graph, exclude: re.Pattern | None = None) -> list[RecurrentInput]:
     """The recurrent nodes whose W is a private float constant and B, if any, a private constant:
     the ones whose input features the channel passes may rewrite."""

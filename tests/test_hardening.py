@@ -988,7 +988,15 @@ def random_models(draw) -> onnx.ModelProto:
             w, b = plant(w, b if draw(st.booleans()) else None, plan)
             h = _activation(draw, g, rng, _affine(draw, g, rng, g.matmul_w(h, w, b), m, 2, plan), m, 2, plan)
             c = m
-        end = draw(st.sampled_from(["matmul", "mean", "GRU", "LSTM"]))
+        end = draw(st.sampled_from(["matmul", "mean", "GRU", "LSTM", "cell"]))
+        if end == "cell":  # a cell unrolled over the first steps: one Gemm weight (and bias) every step reads
+            seq = g.node("Transpose", [h], perm=[1, 0, 2])
+            w, b = rand_layer(rng, 3, c)
+            cell = [g.init(w)] + ([g.init(b)] if draw(st.booleans()) else [])
+            steps = [g.node("Gemm", [g.node("Gather", [seq, g.const(np.array(t), dtype=np.int64)], axis=0)] + cell,
+                            transB=1) for t in range(2)]
+            g.output(g.node("Concat", steps, axis=1))
+            return g.model()
         if end in ("GRU", "LSTM"):  # (T, N, C) into a recurrent node, which reads the channels as features
             gates, hidden = {"GRU": 3, "LSTM": 4}[end], draw(st.integers(2, 4))
             w = rng.standard_normal((1, gates * hidden, c)).astype(np.float32) / np.sqrt(c)

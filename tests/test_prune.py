@@ -485,3 +485,73 @@ def test_a_channel_the_recurrent_node_barely_feels_is_pruned_within_the_toleranc
     for _ in range(4):
         feeds = rng_feeds(model, rng, 2)
         assert rel_l2(session(model).run(None, feeds)[0], session(result).run(None, feeds)[0]) <= 0.01
+
+
+# --------------------------------------------------------------------------------------------- #
+# a weight several Gemms share (an RNN cell unrolled over the steps) reading the channels
+
+
+def unrolled(w1: np.ndarray, b1: np.ndarray, bias: bool = True, stranger: bool = False, steps: int = 4,
+             seed: int = 60) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray | None]:
+    """Conv1d (N, 3, T) → ReLU → Transpose (T, N, C) → per step t a Gather and a Gemm, all with one
+    weight (and bias): a cell unrolled as the captcha CRNN's LSTM is. ``stranger``: one more Gemm
+    reads the weight, on another input. Returns the model, the shared weight and bias."""
+    rng = np.random.default_rng(seed)
+    c = w1.shape[0]
+    g = Builder(seed)
+    h = g.relu(g.node("Conv", [g.input("x", ["N", 3, steps]), g.init(w1), g.init(b1)], name="conv1",
+                      kernel_shape=[3], pads=[1, 1]))
+    seq = g.node("Transpose", [h], perm=[2, 0, 1])
+    w = (rng.standard_normal((5, c)) / np.sqrt(c)).astype(np.float32)
+    b = (rng.standard_normal(5) * 0.3).astype(np.float32) if bias else None
+    cell = [g.init(w, "cell_w")] + ([g.init(b, "cell_b")] if bias else [])
+    outs = [g.node("Gemm", [g.node("Gather", [seq, g.const(np.array(t), dtype=np.int64)], axis=0)] + cell,
+                   name=f"cell_{t}", transB=1) for t in range(steps)]
+    if stranger:
+        outs.append(g.node("Gemm", [g.input("z", ["N", c])] + cell, name="stranger", transB=1))
+    g.output(g.node("Concat", outs, axis=1))
+    return g.model(), w, b
+
+
+def test_channels_merge_into_a_weight_the_steps_share():
+    """Merged channels' columns move onto their partners' once, in the one weight every step reads."""
+    w1, b1 = conv1d_weights(61)
+    w1[5], b1[5] = w1[1], b1[1]
+    w1[7], b1[7] = 2 * w1[2], 2 * b1[2]
+    model, w, _ = unrolled(w1, b1)
+    result, report = red_onnx.compress(model, tolerance=0, passes=["merge"])
+    assert report.verified
+    cells = [n for n in result.graph.node if n.name.startswith("cell_")]
+    assert len({n.input[1] for n in cells}) == 1  # still one weight
+    expected = np.delete(w, [5, 7], axis=1)
+    expected[:, 1] += w[:, 5]
+    expected[:, 2] += 2 * w[:, 7]
+    np.testing.assert_allclose(inits(result)[cells[0].input[1]], expected, rtol=1e-5, atol=1e-6)
+    assert_same(model, result)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_constant_channel_folds_once_into_a_shared_bias(bias):
+    """Channel 4 is ReLU(0.7): it goes, and W[:, 4]·0.7 joins the one bias all steps read (made for
+    all of them where they had none)."""
+    w1, b1 = conv1d_weights(62)
+    w1[4], b1[4] = 0.0, 0.7
+    model, w, b = unrolled(w1, b1, bias=bias)
+    result, report = prune0(model)
+    cells = [n for n in result.graph.node if n.name.startswith("cell_")]
+    assert len({n.input[2] for n in cells}) == 1 and len(cells[0].input) == 3
+    expected = (b if bias else np.zeros(5, np.float32)) + w[:, 4] * np.float32(0.7)
+    np.testing.assert_allclose(inits(result)[cells[0].input[2]], expected, rtol=1e-5, atol=1e-6)
+    assert inits(result)[cells[0].input[1]].shape == (5, 7)
+    assert_same(model, result)
+
+
+def test_a_shared_weight_that_another_tensor_also_reads_stays():
+    """One more Gemm reads the weight on another input: its columns cannot follow the channels."""
+    w1, b1 = conv1d_weights(63)
+    w1[5], b1[5] = w1[1], b1[1]
+    model, w, _ = unrolled(w1, b1, stranger=True)
+    result, report = red_onnx.compress(model, tolerance=0, passes=["merge"])
+    assert out_channels(result)["conv1"] == 8
+    assert any("shared with nodes that read other tensors" in a["reason"] for a in report.left_alone), report.left_alone
+    assert_same(model, result)

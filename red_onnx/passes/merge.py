@@ -27,7 +27,7 @@ from ..activations import channel_stats
 from ..budget import Candidate, Spent
 from ..context import Context, PassResult
 from ..coupling import Space, channel_spaces, remove_channels
-from ..layers import RECURRENT_OPS, Layer, refresh_shapes
+from ..layers import RECURRENT_OPS, Layer, SharedLinear, refresh_shapes
 from ..profile import digest
 from . import prune
 
@@ -388,14 +388,16 @@ def _channel_saving(space: Space, shapes: dict) -> tuple[int, int, int]:
 
 def _positions(layer: Layer, shapes: dict) -> int:
     """Positions at which a conv applies its kernel: its output's (Conv), its input's (ConvTranspose);
-    its input's steps (a recurrent node, per direction); 1 for a Gemm or MatMul, or an unknown shape."""
+    its input's steps (a recurrent node, per direction); 1 for a Gemm or MatMul, or an unknown shape;
+    times the readers of a shared weight."""
+    copies = len(layer.readers) if isinstance(layer, SharedLinear) else 1  # a shared weight: at each reader
     if layer.op in RECURRENT_OPS:
         shape = shapes.get(layer.node.inputs[0].name)
         return int(np.prod(shape[:-1])) if shape else 1
     if layer.op not in ("Conv", "ConvTranspose"):
-        return 1
+        return copies
     shape = shapes.get((layer.node.outputs[0] if layer.op == "Conv" else layer.node.inputs[0]).name)
-    return int(np.prod(shape[2:])) if shape else 1
+    return copies * int(np.prod(shape[2:])) if shape else copies
 
 
 def _cluster_edits(space: Space, info: dict, pairs: list[tuple[int, int]]) -> dict[str, np.ndarray]:
