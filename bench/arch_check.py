@@ -3,7 +3,8 @@
 The bench's real models are CNNs and a CRNN/SVTR. Users bring more: squeeze-excitation blocks,
 channel shuffles, dense blocks, grouped convs, U-Nets, transformers (a ViT among them, and a
 language model whose output layer is tied to its embedding table), ConvNeXt-style channels-last
-MLPs, an MLP-Mixer, GRUs, embeddings of token ids, float16 exports. Each is built here with torch (random weights, batch-norm statistics
+MLPs, an MLP-Mixer, GRUs, a CRNN (conv features per column into a BiLSTM), embeddings of token ids,
+float16 exports. Each is built here with torch (random weights, batch-norm statistics
 randomised) and compressed at several tolerances (all passes, default options: N(0, 1) probes,
 token ids over their table's rows). Per row: the exit, the result's validity and interface, the
 deviation on 256 new probes from the tool's probe distribution measured as the tool measures
@@ -151,6 +152,18 @@ def _nets():
         def forward(s, x):
             return s.fc(s.gru(F.relu(s.conv(x)).transpose(1, 2))[0])
 
+    class CRNNLike(nn.Module):  # conv stack, per column the channels times the rows as features, BiLSTM, classes
+        def __init__(s):
+            super().__init__()
+            s.convs = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                                    nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d((2, 1)))
+            s.lstm, s.fc = nn.LSTM(32 * 4, 48, bidirectional=True), nn.Linear(96, 11)
+
+        def forward(s, x):
+            f = s.convs(x)  # (N, 32, 4, W)
+            n, c, h, w = f.shape
+            return s.fc(s.lstm(f.permute(3, 0, 1, 2).reshape(w, n, c * h))[0])
+
     class DetectorHead(nn.Module):  # InstanceNorm, grouped conv, Hardswish, PixelShuffle, two outputs (sigmoid)
         def __init__(s):
             super().__init__()
@@ -236,6 +249,7 @@ def _nets():
         "vit_like": (ViTLike, (1, 3, 32, 32), f32),
         "mixer_like": (MixerLike, (1, 3, 32, 32), f32),
         "gru_like": (GRULike, (1, 8, 20), f32),
+        "crnn_like": (CRNNLike, (1, 1, 16, 32), f32),
         "detector_head": (DetectorHead, (1, 3, 64, 64), f32),
         "efficientnet_like_fp16": (EfficientNetLike, (1, 3, 64, 64), f16),
         "unet_like_fp16": (UNetLike, (1, 3, 32, 32), f16),
