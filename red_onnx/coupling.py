@@ -605,10 +605,11 @@ class _SpatialReduce(Handler):
 @register("Flatten", "Reshape")
 class _ToFeatures(Handler):
     """(N, C, *spatial) → (N, C·B) feeding linear layers: channel c becomes the block of features
-    [c·B, (c+1)·B); a constant Reshape target follows the new count. A Reshape that merges the
-    channel axis with the axes after it into a tensor of rank 3 or more, (N, C, H, W) → (N, C·H, W)
-    say, or past a Transpose (W, N, C, H) → (W, N, C·H) (a CRNN's features per step), continues the
-    space in blocks of features, to its consumers (:func:`_tail`)."""
+    [c·B, (c+1)·B); a constant Reshape target follows the new count. A Reshape to rank 3 or more
+    that keeps the axes before the channels and the channels an axis of their own keeps the space
+    ((N, C, H, W) → (N, C, H·W)); one that merges the channel axis with the axes after it,
+    (N, C, H, W) → (N, C·H, W) say, or past a Transpose (W, N, C, H) → (W, N, C·H) (a CRNN's
+    features per step), continues the space in blocks of features, to its consumers (:func:`_tail`)."""
 
     def through(self, node, tensor, space, walk, backward):
         if backward or space.last:
@@ -618,9 +619,12 @@ class _ToFeatures(Handler):
             span = _Span(1, 0, space.channels, 0, space.channels)
             nxt = self.tail(node, tensor, span, space, walk)
             if nxt is None:
-                space.freeze(f"Reshape '{node.name}' that does not merge the channels with the axes after them")
+                space.freeze(f"Reshape '{node.name}' that mixes the channels with other axes")
                 return []
-            _tail(nxt[0][0], dataclasses.replace(span, block=nxt[0][2]), space, walk)
+            (out_tensor, axis, block), = nxt
+            if (axis, block) == (1, 1):  # the channels stay on axis 1: the space goes on as before
+                return [out_tensor]
+            _tail(out_tensor, dataclasses.replace(span, axis=axis, block=block), space, walk)
             return []
         return _to_features(node, tensor, space, walk.shapes)
 
@@ -629,22 +633,23 @@ class _ToFeatures(Handler):
             return None
         shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
         a = span.axis
-        if shape_in is None or shape_out is None or len(shape_out) <= a:
+        if shape_in is None or shape_out is None or len(shape_out) <= a or tuple(shape_out[:a]) != tuple(shape_in[:a]):
             return None
-        merged = next((m for m in range(1, len(shape_in) - a + 1)
-                       if tuple(shape_out[:a]) == tuple(shape_in[:a]) and tuple(shape_out[a + 1:]) == tuple(shape_in[a + m:])
-                       and shape_out[a] == int(np.prod(shape_in[a:a + m]))), None)
+        merged = next((m for m in range(1, len(shape_in) - a + 1)  # the channels and the next m - 1 axes
+                       if shape_out[a] == int(np.prod(shape_in[a:a + m]))
+                       and int(np.prod(shape_out[a + 1:])) == int(np.prod(shape_in[a + m:]))), None)
         if merged is None:
             return None
         block = int(np.prod(shape_in[a + 1:a + merged]))
         features = span.total * span.block * block
         target = node.inputs[1]
         if isinstance(target, gs.Constant):
-            values = np.atleast_1d(target.values)
-            if len(target.outputs) > 1 or values.size != len(shape_out) or values[a] not in (features, -1):
+            values = np.atleast_1d(target.values)  # 0 copies the input's size there: the channels', unmerged
+            if len(target.outputs) > 1 or values.size != len(shape_out) \
+                    or values[a] not in (features, -1) + ((0,) if merged == 1 else ()):
                 return None
             if values[a] == features:
-                def resize(keep, c, target=target, a=a, per=span.block * block, total=span.total):
+                def resize(keep, c, target=target, per=span.block * block, total=span.total):
                     new = np.atleast_1d(target.values).copy()
                     new[a] = (total - (c - len(keep))) * per
                     target.values = new.reshape(target.values.shape)

@@ -916,3 +916,26 @@ def test_a_sequence_and_its_reverse_into_two_grus(squeeze):
                    hidden_size=3, n_outputs=1) for x in (seq, rev)]
     g.output(g.node("Add", outs))
     check_exact(g.model(), {"conv1": 2})
+
+
+@pytest.mark.parametrize("target", [[0, 8, 16], [0, 0, -1], [1, -1, 16], "computed"])
+def test_spatial_axes_flattened_into_tokens(target):
+    """(N, 8, 4, 4) → Reshape (N, 8, 16) → Transpose → MatMul on the tokens (``x.flatten(2).transpose(1, 2)``,
+    a patch embedding), and a Conv1d on (N, 8, 16): the channels stay an axis of their own and merge
+    into both readers; a constant 8 in the target follows the new count."""
+    rng = np.random.default_rng(57)
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
+    g = Builder(57)
+    h = g.relu(g.conv_w(g.input("x", ["N", 3, 4, 4]), w1, b1, name="conv1"))
+    if target == "computed":
+        dims = [g.node("Unsqueeze", [g.node("Gather", [g.node("Shape", [h]), g.const(np.array(k), dtype=np.int64)],
+                                            axis=0), g.const([0], dtype=np.int64)]) for k in range(2)]
+        shape = g.node("Concat", dims + [g.const([-1], dtype=np.int64)], axis=0)
+    else:
+        shape = g.const(target, dtype=np.int64)
+    flat = g.node("Reshape", [h, shape])
+    tokens = g.matmul_w(g.node("Transpose", [flat], perm=[0, 2, 1]), *rand_layer(rng, 5, 8), name="mm")
+    conv = g.node("Conv", [flat, g.init(rand_layer(rng, 5, 8, 3)[0][..., 1])], name="conv1d", kernel_shape=[3],
+                  pads=[1, 1])
+    g.output(g.node("Add", [tokens, g.node("Transpose", [conv], perm=[0, 2, 1])]))
+    check_exact(g.model(), {"conv1": 2}, batch=1 if target == [1, -1, 16] else 3)
