@@ -329,6 +329,17 @@ def test_channels_last_feed_forward_block():
     np.testing.assert_allclose(view_weight(result, "mm2"), oracle, rtol=1e-6, atol=1e-7)
 
 
+def test_a_token_channel_saves_its_macs_at_every_token():
+    """The saving the budget ranks by: one channel of mm1 on 5 tokens saves 5·(6 + 4) MACs, as the
+    model's MACs drop (it counted one token)."""
+    model, _ = feed_forward([(3, 0, 2.0), (5, 1, 1.0)])
+    result, report = check_exact(model, {"mm1": 2})
+    shapes = tensor_shapes(model, input_specs(model))
+    space = next(s for s in channel_spaces(gs.import_onnx(model), shapes) if s.name == "mm1")
+    assert _channel_saving(space, shapes)[0] == 5 * (6 + 4)
+    assert report.macs_before - report.macs_after == 2 * _channel_saving(space, shapes)[0]
+
+
 def test_channels_last_gelu_and_a_per_channel_scale():
     """Through an exported GELU (not homogeneous) duplicates merge, multiples do not; a per-channel
     scale on the last axis (a layer scale) must be equal for the pair."""

@@ -388,12 +388,15 @@ def _channel_saving(space: Space, shapes: dict) -> tuple[int, int, int]:
 
 def _positions(layer: Layer, shapes: dict) -> int:
     """Positions at which a conv applies its kernel: its output's (Conv), its input's (ConvTranspose);
-    its input's steps (a recurrent node, per direction); 1 for a Gemm or MatMul, or an unknown shape;
-    times the readers of a shared weight."""
+    its input's steps (a recurrent node, per direction), its input's rows (a MatMul: the tokens); 1
+    for a Gemm, or an unknown shape; times the readers of a shared weight."""
     copies = len(layer.readers) if isinstance(layer, SharedLinear) else 1  # a shared weight: at each reader
     if layer.op in RECURRENT_OPS:
         shape = shapes.get(layer.node.inputs[0].name)
         return int(np.prod(shape[:-1])) if shape else 1
+    if layer.op == "MatMul":  # on (N, T, C) tokens: once per token, as layers.node_macs counts it
+        shape = shapes.get(layer.node.inputs[0].name)
+        return copies * (int(np.prod(shape[:-1])) if shape and len(shape) > 1 else 1)
     if layer.op not in ("Conv", "ConvTranspose"):
         return copies
     shape = shapes.get((layer.node.outputs[0] if layer.op == "Conv" else layer.node.inputs[0]).name)
