@@ -155,8 +155,9 @@ def _nets():
     class CRNNLike(nn.Module):  # conv stack, per column the channels times the rows as features, BiLSTM, classes
         def __init__(s):
             super().__init__()
-            s.convs = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                                    nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d((2, 1)))
+            s.convs = nn.Sequential(
+                nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d((2, 1)))
             s.lstm, s.fc = nn.LSTM(32 * 4, 48, bidirectional=True), nn.Linear(96, 11)
 
         def forward(s, x):

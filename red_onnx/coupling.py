@@ -47,7 +47,8 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layers import LINEAR_OPS, Layer, RecurrentInput, SharedLinear, find_layers, recurrent_inputs, shared_linears
+from .layers import (LINEAR_OPS, Layer, RecurrentInput, SharedLinear, find_layers, recurrent_inputs,
+                     shared_linears)
 
 # unary op → (positively homogeneous, maps 0 to 0)
 UNARY = {
@@ -445,10 +446,11 @@ class Handler:
         return []
 
     def tail(self, node: gs.Node, tensor: gs.Tensor, span: _Span, space: Space, walk: Walk
-             ) -> list[tuple[gs.Tensor, int]] | None:
+             ) -> list[tuple] | None:
         """Past a Concat, Split, Slice or Transpose (the space's channels [span.lo, span.hi) on
-        axis ``span.axis`` of ``tensor``, at offset ``span.shift`` of ``span.total``): the (tensor,
-        channel axis) pairs the space continues on, or None where it cannot go on."""
+        axis ``span.axis`` of ``tensor``, at offset ``span.shift`` of ``span.total``, ``span.block``
+        features each): the (tensor, channel axis[, features per channel]) the space continues on,
+        or None where it cannot go on."""
         return None
 
 
@@ -527,7 +529,8 @@ class _BatchNorm(Handler):
         """After a Concat (a DenseNet layer's or a CSP block's norm) or a Split: the space's
         channels are entries [lo + shift, hi + shift) of its statistics."""
         params = node.inputs[1:5]
-        if span.axis != 1 or span.block != 1 or node.inputs[0] is not tensor or not all(isinstance(t, gs.Constant) for t in params) \
+        if span.axis != 1 or span.block != 1 or node.inputs[0] is not tensor \
+                or not all(isinstance(t, gs.Constant) for t in params) \
                 or any(len(t.outputs) > 1 for t in params) or len({id(t) for t in params}) < 4 \
                 or any(t.values.shape != (span.total,) for t in params):
             return None
@@ -633,7 +636,8 @@ class _ToFeatures(Handler):
             return None
         shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
         a = span.axis
-        if shape_in is None or shape_out is None or len(shape_out) <= a or tuple(shape_out[:a]) != tuple(shape_in[:a]):
+        if shape_in is None or shape_out is None or len(shape_out) <= a \
+                or tuple(shape_out[:a]) != tuple(shape_in[:a]):
             return None
         merged = next((m for m in range(1, len(shape_in) - a + 1)  # the channels and the next m - 1 axes
                        if shape_out[a] == int(np.prod(shape_in[a:a + m]))
@@ -654,7 +658,7 @@ class _ToFeatures(Handler):
                     new[a] = (total - (c - len(keep))) * per
                     target.values = new.reshape(target.values.shape)
                 space.resizes.append(resize)
-        elif not _from_shapes(target):
+        elif not _from_shapes(target, space.tensors | {tensor.name}):
             return None
         return [(node.outputs[0], a, span.block * block)]
 
@@ -780,7 +784,9 @@ class _Slice(_Entry):
 
     def tail(self, node, tensor, span, space, walk):
         axes = _slice_axes(node, tensor, walk)  # another axis cut (a sequence reversed, cropped)
-        return None if axes is None or span.axis in axes or node.inputs[0] is not tensor else [(node.outputs[0], span.axis)]
+        if axes is None or span.axis in axes or node.inputs[0] is not tensor:
+            return None
+        return [(node.outputs[0], span.axis)]
 
     def entry(self, node, tensor, space, walk):
         axes = _slice_axes(node, tensor, walk)
@@ -886,18 +892,19 @@ def _squeezed_axis(node: gs.Node, rank_in: int, axis: int) -> int | None:
     return axis
 
 
-def _from_shapes(target: gs.Tensor, depth: int = 12) -> bool:
-    """A computed Reshape shape that reads its sizes off tensors' shapes (Shape → Gather → Mul →
-    Unsqueeze → Concat, with -1 as the only literal size): it follows a new channel count."""
+def _from_shapes(target: gs.Tensor, carriers: set[str], depth: int = 12) -> bool:
+    """A computed Reshape shape that reads its sizes off the shapes of tensors that carry the space
+    (``carriers``: Shape → Gather → Mul → Unsqueeze → Concat, with -1 as the only literal size): it
+    follows a new channel count."""
     node = target.inputs[0] if target.inputs else None
     if node is None or depth == 0:
         return False
     if node.op == "Shape":
-        return True
+        return node.inputs[0].name in carriers
     if node.op in ("Unsqueeze", "Squeeze", "Cast", "Gather", "Slice"):  # their other inputs: indices, axes
-        return _from_shapes(node.inputs[0], depth - 1)
+        return _from_shapes(node.inputs[0], carriers, depth - 1)
     if node.op in ("Mul", "Concat"):
-        return all(_from_shapes(t, depth - 1) if not isinstance(t, gs.Constant)
+        return all(_from_shapes(t, carriers, depth - 1) if not isinstance(t, gs.Constant)
                    else node.op == "Concat" and np.all(t.values == -1) for t in node.inputs)
     return False
 
@@ -932,7 +939,7 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
     stack = [(start, span.axis, span.block)]
     while stack and space.frozen is None:
         tensor, axis, block = stack.pop()
-        span = here = dataclasses.replace(span, axis=axis, block=block)
+        span = dataclasses.replace(span, axis=axis, block=block)
         if tensor.name in walk.graph_outputs:
             space.freeze(f"reaches graph output '{tensor.name}'")
             return
@@ -949,7 +956,7 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
                 _add_consumer(space, Consumer(layer, span.block, span.lo, span.hi, span.shift, span.total, axis), node)
                 continue
             handler = HANDLERS.get(node.op)
-            nxt = handler.tail(node, tensor, here, space, walk) if handler is not None else None
+            nxt = handler.tail(node, tensor, span, space, walk) if handler is not None else None
             if nxt is None:
                 why = f": {walk.skipped[node.name]}" if node.name in walk.skipped else ""
                 space.freeze(f"past a Concat/Split/Transpose, reaches {node.op} '{node.name}'{why}")

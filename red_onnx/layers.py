@@ -326,8 +326,9 @@ def shared_linears(graph: gs.Graph, exclude: re.Pattern | None = None) -> dict[i
             continue
         biases = {id(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else None for n in readers}
         bias = readers[0].inputs[2] if len(biases) == 1 and None not in biases else None
-        if len(biases) != 1 or bias is not None and (not isinstance(bias, gs.Constant) or len(bias.outputs) != len(readers)
-                                                     or bias.values.size != _out_size(readers[0], tensor)):
+        if len(biases) != 1 or bias is not None and (
+                not isinstance(bias, gs.Constant) or len(bias.outputs) != len(readers)
+                or bias.values.size != _out_size(readers[0], tensor)):
             continue
         layer = SharedLinear(readers[0], tensor, bias, readers=readers)
         found.update({id(n): layer for n in readers})
@@ -363,8 +364,9 @@ def recurrent_weights(graph: gs.Graph, exclude: re.Pattern | None = None) -> lis
 class SharedWeight(Layer):
     """A float weight that no layer owns but whose values hashing may round: an embedding table (a
     Gather's data), a weight that several linear nodes read (tied weights, an unrolled RNN's
-    cells) or that reaches them through a Transpose. Viewed as rows along its first axis (a table's rows, a Conv's or a transposed Gemm's
-    output channels); ``node`` is its first reader. Not a layer the channel passes rewrite."""
+    cells) or that reaches them through a Transpose. Viewed as rows along its first axis (a
+    table's rows, a Conv's or a transposed Gemm's output channels); ``node`` is its first reader.
+    Not a layer the channel passes rewrite (:class:`SharedLinear` is, where they may)."""
 
     @property
     def name(self) -> str:

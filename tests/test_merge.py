@@ -872,7 +872,8 @@ def crnn(target: str, height: int = 2, width: int = 5, seed: int = 54) -> tuple[
     if target == "constant":
         shape = g.const([width, -1, 8 * height], dtype=np.int64)
     else:
-        dims = [g.node("Gather", [g.node("Shape", [h]), g.const(np.array(k), dtype=np.int64)], axis=0) for k in range(4)]
+        dims = [g.node("Gather", [g.node("Shape", [h]), g.const(np.array(k), dtype=np.int64)], axis=0)
+                for k in range(4)]
         pieces = [g.node("Unsqueeze", [d, g.const([0], dtype=np.int64)]) for d in (dims[3], dims[0])]
         pieces.append(g.node("Unsqueeze", [g.node("Mul", [dims[1], dims[2]]), g.const([0], dtype=np.int64)]))
         shape = g.node("Concat", pieces, axis=0)
