@@ -835,25 +835,27 @@ def test_global_pooling_squeezed_to_features(axes):
     check_exact(g.model(), {"conv1": 2})
 
 
+def planted_conv1d(g: Builder, rng: np.random.Generator) -> str:
+    """x (N, 3, 7) → Conv1d with MULTIPLES planted (8 channels) → ReLU."""
+    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
+    return g.relu(g.node("Conv", [g.input("x", ["N", 3, 7]), g.init(w1[..., 1]), g.init(b1)], name="conv1",
+                         kernel_shape=[3], pads=[1, 1]))
+
+
 def test_the_last_step_of_a_sequence_into_a_gemm():
     """Conv1d (N, C, T) → x[:, :, -1] (a Gather) → Gemm: the channels merge into the Gemm."""
     rng = np.random.default_rng(52)
-    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
     g = Builder()
-    h = g.relu(g.node("Conv", [g.input("x", ["N", 3, 7]), g.init(w1[..., 1]), g.init(b1)], name="conv1",
-                      kernel_shape=[3], pads=[1, 1]))
-    h = g.node("Gather", [h, g.const(np.array(-1), dtype=np.int64)], axis=2)
+    h = g.node("Gather", [planted_conv1d(g, rng), g.const(np.array(-1), dtype=np.int64)], axis=2)
     g.output(g.gemm_w(h, *rand_layer(rng, 4, 8), name="fc"))
     check_exact(g.model(), {"conv1": 2})
 
 
-def test_the_batch_or_the_channels_gathered_freeze():
+def test_a_gather_of_the_channels_freezes():
+    """A Gather on the channel axis (a permutation of them, here) freezes the space."""
     rng = np.random.default_rng(53)
-    w1, b1 = plant(*rand_layer(rng, 8, 3, 3), MULTIPLES)
     g = Builder()
-    h = g.relu(g.node("Conv", [g.input("x", ["N", 3, 7]), g.init(w1[..., 1]), g.init(b1)], name="conv1",
-                      kernel_shape=[3], pads=[1, 1]))
-    h = g.node("Gather", [h, g.const(np.array([0, 1, 2, 3, 4, 5, 6, 7]), dtype=np.int64)], axis=1)
+    h = g.node("Gather", [planted_conv1d(g, rng), g.const(np.arange(8), dtype=np.int64)], axis=1)
     g.output(g.node("Gather", [h, g.const(np.array(-1), dtype=np.int64)], axis=2))
     result, report = check_exact(g.model(), {})
     assert any("Gather" in r for r in merge_reasons(report)), merge_reasons(report)
