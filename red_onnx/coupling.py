@@ -601,7 +601,7 @@ class _SpatialReduce(Handler):
         rank = walk.rank(tensor)
         if rank is None or node.inputs[0] is not tensor or not _reduces_none_of(node, rank, {0, span.axis}):
             return None
-        gone = 0 if node.attrs.get("keepdims", 1) else sum(a % rank < span.axis for a in _reduce_axes(node))
+        gone = 0 if node.attrs.get("keepdims", 1) else sum(a % rank < span.axis for a in _listed_axes(node))
         return [(node.outputs[0], span.axis - gone)]
 
 
@@ -869,14 +869,11 @@ class _Squeeze(Handler):
 def _squeeze_axes(node: gs.Node, rank_in: int) -> list[int] | None:
     """A Squeeze's axes (of its input) or an Unsqueeze's (of its output), non-negative; None where
     computed, or a Squeeze without axes (every axis of size 1, maybe the channels')."""
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
-        axes = node.inputs[1].values
+    axes = _listed_axes(node)
     if axes is None:
         return None
-    axes = np.atleast_1d(axes)
-    rank = rank_in if node.op == "Squeeze" else rank_in + axes.size
-    return sorted(int(a) % rank for a in axes)
+    rank = rank_in if node.op == "Squeeze" else rank_in + len(axes)
+    return sorted(a % rank for a in axes)
 
 
 def _squeezed_axis(node: gs.Node, rank_in: int, axis: int) -> int | None:
@@ -945,9 +942,8 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
             return
         rank = walk.rank(tensor)
         for node in tensor.outputs:
-            layer = walk.by_node.get(id(node))
-            # an LSTM, GRU or RNN reading X (seq, batch, features); a Gemm or Conv sharing its weight
-            layer = layer or walk.recurrent.get(id(node)) or walk.shared.get(id(node))
+            # a layer; an LSTM, GRU or RNN reading X (seq, batch, features); a Gemm or Conv sharing its weight
+            layer = walk.by_node.get(id(node)) or walk.recurrent.get(id(node)) or walk.shared.get(id(node))
             if node.op in ("Conv", "Gemm", "MatMul", "LSTM", "GRU", "RNN") and layer is not None \
                     and node.inputs[0] is tensor and layer.group == 1 and rank is not None \
                     and layer.get_weight().shape[1] == span.total * span.block \
@@ -1111,8 +1107,9 @@ def _pads_channels(node: gs.Node) -> bool:
     return rank > 1 and (pads[1] != 0 or pads[rank + 1] != 0)
 
 
-def _reduce_axes(node: gs.Node) -> list[int] | None:
-    """A Reduce* node's axes (attribute, or constant input); None where unknown or absent (all)."""
+def _listed_axes(node: gs.Node) -> list[int] | None:
+    """A Reduce*'s, Squeeze's or Unsqueeze's axes (attribute, or constant input); None where
+    computed or absent."""
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
         axes = node.inputs[1].values
@@ -1123,7 +1120,7 @@ def _reduces_none_of(node: gs.Node, rank: int, kept: set[int]) -> bool:
     """Whether a Reduce* node on a tensor of ``rank`` leaves the axes ``kept`` (batch, channels) alone:
     its axes are known and miss them (with or without kept dims, the channels stay on axis 1, or
     on the last axis)."""
-    axes = _reduce_axes(node)
+    axes = _listed_axes(node)
     if axes is None:
         return False
     if not axes:  # every axis, unless noop_with_empty_axes

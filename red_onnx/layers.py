@@ -414,6 +414,12 @@ def shared_weights(graph: gs.Graph, exclude: re.Pattern | None = None) -> list[S
     return found
 
 
+def hashable_weights(graph: gs.Graph, exclude: re.Pattern | None = None) -> list[Layer]:
+    """Every weight whose values the hash and codebook passes may round or store: the layers', the
+    recurrent nodes' W and R, and the :func:`shared_weights`."""
+    return find_layers(graph, exclude)[0] + recurrent_weights(graph, exclude) + shared_weights(graph, exclude)
+
+
 def _out_size(node: gs.Node, weight: gs.Constant) -> int:
     w = weight.values
     if node.op == "Conv":

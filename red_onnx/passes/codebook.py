@@ -20,8 +20,7 @@ import onnx_graphsurgeon as gs
 from numba import njit
 
 from ..context import Context, PassResult
-from ..layers import (LINEAR_OPS, RECURRENT_OPS, Layer, SharedWeight, find_layers, recurrent_weights,
-                      shared_weights, unique_name)
+from ..layers import LINEAR_OPS, RECURRENT_OPS, Layer, SharedWeight, hashable_weights, unique_name
 
 NAME = "codebook"
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
@@ -37,14 +36,13 @@ def run(ctx: Context) -> PassResult:
     result = PassResult(NAME)
     rows = result.layers
     if INDEX_TYPES[ctx.codebook]:
-        others = recurrent_weights(ctx.graph, ctx.exclude) + shared_weights(ctx.graph, ctx.exclude)
-        layers = {id(layer.weight): layer for layer in find_layers(ctx.graph, ctx.exclude)[0] + others}
+        layers = {id(layer.weight): layer for layer in hashable_weights(ctx.graph, ctx.exclude)}
         weights = {}
         for node in ctx.graph.nodes:
             if node.op in LINEAR_OPS and len(node.inputs) > 1 \
                     and isinstance(node.inputs[1], gs.Constant):
                 weights.setdefault(id(node.inputs[1]), node.inputs[1])
-        weights.update({id(r.weight): r.weight for r in others})
+        weights.update({key: layer.weight for key, layer in layers.items()})
         if ctx.exclude is not None:  # a weight any excluded node reads stays as it is
             weights = {k: w for k, w in weights.items() if not any(ctx.exclude.search(u.name) for u in w.outputs)}
         for key, weight in weights.items():

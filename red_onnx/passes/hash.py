@@ -28,7 +28,7 @@ import numpy as np
 from ..budget import Candidate
 from ..context import Context, PassResult
 from ..kde import PooledChannels, hash_channels
-from ..layers import Layer, find_layers, recurrent_weights, shared_weights
+from ..layers import Layer, hashable_weights
 from ..profile import digest
 from .codebook import INDEX_TYPES, MIN_ELEMENTS, distinct_bits, split_scales
 
@@ -76,8 +76,7 @@ def _propose(ctx: Context, result: PassResult | None = None
     """Per layer and codebook size (:func:`_entry_targets`), the smallest bandwidth whose codebook
     fits: a wider bandwidth adds error and saves (almost) no more bytes. The layers are searched in
     threads (the KDE kernels release the GIL); each layer's result does not depend on the others."""
-    layers = find_layers(ctx.graph, ctx.exclude)[0] + recurrent_weights(ctx.graph, ctx.exclude) \
-        + shared_weights(ctx.graph, ctx.exclude)
+    layers = hashable_weights(ctx.graph, ctx.exclude)
     done = []
 
     def search(layer: Layer):
