@@ -165,6 +165,17 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _interrupted(err: BaseException | None) -> bool:
+    """Whether ``err`` was raised by, or while handling, a KeyboardInterrupt."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _numba_without_blas() -> None:
     """numba looks for a BLAS the first time a jitted function runs, by importing scipy.linalg where
     scipy is installed (0.2 s here, in every call that hashes); red_onnx's kernels use none. In the
@@ -192,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
 
     written: list[str] = []  # what is on disk, for the message if writing the rest fails
     try:
-        _numba_without_blas()
         from . import model_io  # numpy, onnx and onnxruntime load here: --help and --version need none of them
         from . import metric
         from .pipeline import compress, compress_each
         from .report import Report
+
+        _numba_without_blas()  # before the first jitted call, which would look for a BLAS
 
         tolerances = list(dict.fromkeys(args.tolerance or [DEFAULT_TOLERANCE]))
         search = args.metric is not None and args.tolerance is None  # else each tolerance is scored
@@ -250,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"red-onnx: interrupted; {_on_disk(written)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
+        if _interrupted(err):  # a Ctrl-C that a library wrapped (numba's import, in a __set_name__)
+            print(f"red-onnx: interrupted; {_on_disk(written)}", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if args.debug:
             traceback.print_exc()
         else:

@@ -460,3 +460,22 @@ def test_the_command_loads_numba_without_its_blas_check_and_scipy_still_imports(
             "import scipy.linalg; print(a._HAVE_BLAS, scipy.linalg.det([[1.0, 2.0], [3.0, 4.0]]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "False" and float(out[1]) == pytest.approx(-2.0)
+
+
+def test_a_ctrl_c_that_a_library_wrapped_is_an_interrupt(dirs, monkeypatch):
+    """A KeyboardInterrupt that a library re-raised as another error (Python wraps one raised in a
+    ``__set_name__`` during numba's import as a RuntimeError) exits 130 as an interrupt, not as an
+    internal error."""
+    from red_onnx import pipeline
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise RuntimeError("Error calling __set_name__") from err
+
+    monkeypatch.setattr(pipeline, "compress_each", interrupted)
+    src, out = dirs
+    proc = cli(DIGITS_CNN, out / "o.onnx")
+    assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stderr
+    assert "internal error" not in proc.stderr
