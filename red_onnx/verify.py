@@ -12,6 +12,7 @@ maximum over them. The model's deviation is the maximum over outputs and samples
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -379,8 +380,8 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
     may be a session made by :func:`timing_session` (kept for several timings). ``arrays_b``:
     the weights of a light ``model_b`` (see :func:`session`); ``seconds``: fewer pairs (at least
     MIN_PAIRS) where ``pairs`` would take longer (a slow model's timings vary less); ``decide_at``:
-    stop once the first MIN_PAIRS ratios or more are all on one side of it (a sign test: were the
-    median ratio at ``decide_at``, 7 of 7 on one side has probability 1/64), or the first FAR_PAIRS
+    stop once MIN_PAIRS ratios or more lie on one side of it (:func:`_one_side`, a sign test: were
+    the median ratio at ``decide_at``, 7 of 7 on one side has probability 1/64), or the first FAR_PAIRS
     are all beyond it by a factor FAR, and the pairs took DECIDE_SECONDS (a small model times all
     its pairs). Models over 2 GB (or
     ``one_at_a_time``) are timed one after the other, one session in memory at a time; the ratio
@@ -406,11 +407,22 @@ def latency_ratio(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feeds: dic
             times.append((time.perf_counter() - start) / repeats)
         if decide_at is not None and len(ta) >= FAR_PAIRS and (sum(ta) + sum(tb)) * repeats >= DECIDE_SECONDS:
             so_far = np.array(tb) / np.array(ta)
-            margin = 1.0 if len(ta) >= MIN_PAIRS else FAR
-            if (so_far < decide_at / margin).all() or (so_far > decide_at * margin).all():
+            if (so_far < decide_at / FAR).all() or (so_far > decide_at * FAR).all() or _one_side(so_far, decide_at):
                 break
     ratios = np.array(tb) / np.array(ta)
     return float(np.median(ta)), float(np.median(tb)), float(np.median(ratios))
+
+
+def _one_side(ratios: np.ndarray, at: float) -> bool:
+    """A sign test: whether the median of ``ratios`` lies on one side of ``at`` at the level of
+    MIN_PAIRS of MIN_PAIRS pairs on one side (probability 2^-MIN_PAIRS each way, were the median
+    at ``at``): k of n pairs on the other side (or on ``at``) pass where P(Bin(n, 1/2) <= k) is
+    that small (1 of 11, 2 of 14, 3 of 17), so one slow outlier no longer costs every pair."""
+    n = len(ratios)
+    if n < MIN_PAIRS:
+        return False
+    other = n - max(int((ratios < at).sum()), int((ratios > at).sum()))
+    return sum(math.comb(n, i) for i in range(other + 1)) <= 2 ** (n - MIN_PAIRS)
 
 
 def timing_session(model: onnx.ModelProto):

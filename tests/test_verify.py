@@ -304,6 +304,31 @@ def test_latency_stops_once_every_pair_is_on_one_side(monkeypatch):
     assert next(clock) == 2 * 2 * 9
 
 
+def test_latency_sign_test_tolerates_outliers(monkeypatch):
+    """A pair on the other side of ``decide_at`` (a busy moment) does not cost every pair: the
+    timing stops once the sign test decides (1 of 11, 2 of 14 pairs against), not before."""
+    from red_onnx import verify
+
+    assert verify._one_side(np.full(7, 0.9), 1.0) and not verify._one_side(np.full(6, 0.9), 1.0)
+    assert verify._one_side(np.r_[np.full(10, 0.9), 1.2], 1.0)
+    assert not verify._one_side(np.r_[np.full(9, 0.9), 1.2], 1.0)
+    assert verify._one_side(np.r_[np.full(12, 1.1), 0.9, 1.0], 1.0)  # a tie counts against
+    assert not verify._one_side(np.r_[np.full(11, 1.1), 0.9, 1.0], 1.0)
+    model = onnx.load(str(DIGITS_CNN))
+    feeds = {model.graph.input[0].name: np.zeros((1, 1, 8, 8), np.float32)}
+    lengths = [1, 1] * 3 + [1, 3] + [1, 1] * 40  # per timed run (a, b, a, b, ...): the fourth pair's b is slow
+    calls = []
+
+    def clock():  # a start and a stop per timed run, each run as long as ``lengths`` says
+        calls.append(None)
+        return sum(lengths[:len(calls) // 2])
+
+    monkeypatch.setattr(verify.time, "perf_counter", clock)
+    monkeypatch.setattr(verify, "_repeats", lambda sess, feeds: (1, 1e-3))
+    _, _, ratio = verify.latency_ratio(model, model, feeds, pairs=30, decide_at=1.1)
+    assert ratio == 1.0 and len(calls) == 2 * 2 * 11  # 10 pairs at 1 and one at 3: decided after 11, not 30
+
+
 def test_in_place_weights_path_agrees(monkeypatch):
     """The session path of models over IN_PLACE_BYTES (weights as external initializers, read from
     the graph's arrays) chooses and verifies exactly what the serialized path does."""
