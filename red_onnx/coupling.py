@@ -24,6 +24,10 @@ ops that treat axis 1 apart (pooling, BatchNormalization, Conv, Flatten) freeze 
   axis with the axes after it makes each channel a block of features; past them the space may go
   through parameter-free elementwise ops, Squeeze/Unsqueeze and Gathers or Slices of other axes
   only, to its consumers.
+* a **Reshape into attention heads** (..., C) → (..., h, C/h) of a value projection goes on through
+  Transposes and the MatMul softmax(scores)·v to the Reshape that joins the heads again, and the
+  output projection that reads it: each head keeps as many channels, merges stay inside one
+  (a query's or key's channels, contracted in the scores, freeze).
 
 Each op the flood follows is one :class:`Handler` in the registry (``HANDLERS``, filled by
 :func:`register`): how a space passes through it (``through``), how it passes past a Concat,
@@ -171,12 +175,13 @@ class Space:
     #: per shared weight among the consumers (id of its SharedLinear), the readers met reading the space
     reads: dict[int, set[int]] = field(default_factory=dict)
 
-    def set_groups(self, groups: int, where: str) -> None:
-        """Grouped convs (or an equal Split) of ``groups`` blocks read or write the space; another
-        block count, a Split into segments or channels on the last axis freeze it."""
+    def set_groups(self, groups: int, where: str, heads: bool = False) -> None:
+        """Grouped convs (or an equal Split, or attention ``heads``) of ``groups`` blocks read or
+        write the space; another block count, a Split into segments or (but for heads) channels on
+        the last axis freeze it."""
         if groups == 1 or groups == self.groups:
             return
-        if self.groups != 1 or self.channels % groups or self.segments is not None or self.last:
+        if self.groups != 1 or self.channels % groups or self.segments is not None or self.last and not heads:
             self.freeze(f"{where}: groups that do not match the space's")
         self.groups = groups
 
@@ -615,6 +620,8 @@ class _ToFeatures(Handler):
     features per step), continues the space in blocks of features, to its consumers (:func:`_tail`)."""
 
     def through(self, node, tensor, space, walk, backward):
+        if not backward and space.last and node.op == "Reshape" and _split_heads(node, tensor, space, walk):
+            return []
         if backward or space.last:
             return super().through(node, tensor, space, walk, backward)
         out = walk.shapes.get(node.outputs[0].name)
@@ -682,6 +689,9 @@ class _Span:
     shift: int
     total: int
     block: int = 1  # features per channel on ``axis`` (a Reshape merged the channel axis with later ones)
+    #: attention heads: the axis of the head, ``axis`` holding the channels within a head (see
+    #: :func:`_split_heads`); None where the channels are one axis
+    heads: int | None = None
 
 
 class _Entry(Handler):
@@ -933,15 +943,23 @@ ELEMENTWISE_ONLY = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPoo
 def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
     """Follow a space past a Concat/Split/Slice/Transpose: the handlers' ``tail`` rules (parameter-free
     elementwise ops, Transposes), and the linear layers that consume it; anything else freezes."""
-    stack = [(start, span.axis, span.block)]
+    stack = [(start, span.axis, span.block, span.heads)]
     while stack and space.frozen is None:
-        tensor, axis, block = stack.pop()
-        span = dataclasses.replace(span, axis=axis, block=block)
+        tensor, axis, block, heads = stack.pop()
+        span = dataclasses.replace(span, axis=axis, block=block, heads=heads)
         if tensor.name in walk.graph_outputs:
             space.freeze(f"reaches graph output '{tensor.name}'")
             return
         rank = walk.rank(tensor)
         for node in tensor.outputs:
+            if heads is not None:  # the channels span two axes: only the attention ops follow them
+                nxt = _heads_tail(node, tensor, span, space, walk)
+                if nxt is None:
+                    space.freeze(f"split into attention heads, reaches {node.op} '{node.name}' (only the value "
+                                 "path, through a softmax's MatMul, is followed)")
+                    return
+                stack.extend(nxt)
+                continue
             # a layer; an LSTM, GRU or RNN reading X (seq, batch, features); a Gemm or Conv sharing its weight
             layer = walk.by_node.get(id(node)) or walk.recurrent.get(id(node)) or walk.shared.get(id(node))
             if node.op in ("Conv", "Gemm", "MatMul", "LSTM", "GRU", "RNN") and layer is not None \
@@ -957,7 +975,81 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
                 why = f": {walk.skipped[node.name]}" if node.name in walk.skipped else ""
                 space.freeze(f"past a Concat/Split/Transpose, reaches {node.op} '{node.name}'{why}")
                 return
-            stack.extend(entry if len(entry) == 3 else (*entry, block) for entry in nxt)
+            stack.extend((*entry, None) if len(entry) == 3 else (*entry, block, None) for entry in nxt)
+
+
+def _split_heads(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk) -> bool:
+    """A Reshape of a channels-last space (..., C) into attention heads (..., h, C/h) with a
+    constant target: the channels go on in h blocks of C/h (each head keeps as many, merges stay
+    inside one: :attr:`Space.groups`), on two axes, to the attention's value MatMul and back
+    (:func:`_heads_tail`). The target's per-head size follows a new count."""
+    shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
+    target = node.inputs[1]
+    if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1 or node.inputs[0] is not tensor \
+            or tuple(shape_out[:-2]) != tuple(shape_in[:-1]) or shape_out[-2] * shape_out[-1] != space.channels \
+            or not isinstance(target, gs.Constant):
+        return False
+    values = np.atleast_1d(target.values)
+    if values.size != len(shape_out) or values[-2] != shape_out[-2] or values[-1] not in (shape_out[-1], -1):
+        return False
+    heads = int(shape_out[-2])
+    space.set_groups(heads, f"Reshape '{node.name}' into {heads} attention heads", heads=True)
+    if values[-1] != -1:
+        space.resizes.append(lambda keep, c: _set_target(node, -1, len(keep) // heads))
+    _tail(node.outputs[0], _Span(len(shape_out) - 1, 0, space.channels, 0, space.channels, heads=len(shape_out) - 2),
+          space, walk)
+    return True
+
+
+def _heads_tail(node: gs.Node, tensor: gs.Tensor, span: _Span, space: Space, walk: Walk) -> list[tuple] | None:
+    """Where the channels split into heads (:func:`_split_heads`) go next: a Transpose moves both
+    axes; the value MatMul softmax(scores) · v keeps them, per head (an output channel is a convex
+    combination of that channel of v: a constant channel stays that constant, a merge holds); a
+    Reshape that joins the head axis with the channels within it, (..., h, d) → (..., h·d), ends
+    the split. Anything else: None."""
+    rank = walk.rank(tensor)
+    if rank is None:
+        return None
+    if node.op == "Transpose":
+        return [(node.outputs[0], _moved(node, rank, span.axis), 1, _moved(node, rank, span.heads))]
+    if node.op == "MatMul" and node.inputs[1] is tensor and node.inputs[0] is not tensor \
+            and span.axis == rank - 1 and span.heads < rank - 2 and walk.rank(node.outputs[0]) == rank \
+            and _softmax_rows(node.inputs[0], walk):
+        return [(node.outputs[0], span.axis, 1, span.heads)]
+    if node.op == "Reshape" and node.inputs[0] is tensor and span.heads == span.axis - 1:
+        shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
+        target, h = node.inputs[1], span.heads
+        joined = None if shape_in is None else tuple(shape_in[:h]) + (shape_in[h] * shape_in[h + 1],) + tuple(
+            shape_in[h + 2:])
+        if shape_out is None or tuple(shape_out) != joined or not isinstance(target, gs.Constant):
+            return None
+        values = np.atleast_1d(target.values)
+        if values.size != len(joined) or values[h] not in (joined[h], -1) \
+                or any(v == -1 for k, v in enumerate(values) if k != h) and values[h] == -1:
+            return None
+        if values[h] != -1:
+            space.resizes.append(lambda keep, c: _set_target(node, h, len(keep)))
+        return [(node.outputs[0], h, 1, None)]
+    return None
+
+
+def _softmax_rows(scores: gs.Tensor, walk: Walk) -> bool:
+    """Whether ``scores`` is a Softmax over its last axis (rows that sum to 1)."""
+    node = scores.inputs[0] if scores.inputs else None
+    rank = walk.rank(scores)
+    return node is not None and node.op == "Softmax" and rank is not None \
+        and int(node.attrs.get("axis", -1)) % rank == rank - 1
+
+
+def _set_target(node: gs.Node, position: int, size: int) -> None:
+    """Set one entry of a Reshape's constant target (a copy where other nodes read it too)."""
+    target = node.inputs[1]
+    values = np.atleast_1d(target.values).copy()
+    values[position] = size
+    if len(target.outputs) > 1:
+        node.inputs[1] = gs.Constant(f"{target.name}_{node.name}", values.reshape(target.values.shape))
+    else:
+        target.values = values.reshape(target.values.shape)
 
 
 def _channels_last(layer: Layer, walk: Walk) -> bool:

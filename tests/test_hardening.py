@@ -988,7 +988,23 @@ def random_models(draw) -> onnx.ModelProto:
             w, b = plant(w, b if draw(st.booleans()) else None, plan)
             h = _activation(draw, g, rng, _affine(draw, g, rng, g.matmul_w(h, w, b), m, 2, plan), m, 2, plan)
             c = m
-        end = draw(st.sampled_from(["matmul", "mean", "GRU", "LSTM", "cell"]))
+        end = draw(st.sampled_from(["matmul", "mean", "GRU", "LSTM", "cell", "attention"]))
+        if end == "attention":  # separate q, k, v projections into heads, softmax(q·kᵀ)·v, an output projection
+            heads, d, t = draw(st.integers(1, 3)), draw(st.integers(1, 3)), size * size
+            e = heads * d
+
+            def into_heads(x, perm=(0, 2, 1, 3)):
+                return g.node("Transpose", [g.node("Reshape", [x, g.init([0, t, heads, d], dtype=np.int64)])],
+                              perm=list(perm))
+
+            q, k = (into_heads(g.matmul_w(h, *rand_layer(rng, e, c)), perm) for perm in ((0, 2, 1, 3), (0, 2, 3, 1)))
+            w, b = rand_layer(rng, e, c)
+            plan = [(j, i, s) for j, i, s in _plan(draw, rng, e) if j // d == i // d]  # inside a head
+            v = into_heads(g.matmul_w(h, *plant(w, b if draw(st.booleans()) else None, plan)))
+            p = g.node("Softmax", [g.node("MatMul", [q, k])], axis=-1)
+            h = g.node("Reshape", [g.node("Transpose", [g.node("MatMul", [p, v])], perm=[0, 2, 1, 3]),
+                                   g.init([0, t, e], dtype=np.int64)])
+            c, end = e, "matmul"
         if end == "cell":  # a cell unrolled over the first steps: one Gemm weight (and bias) every step reads
             seq = g.node("Transpose", [h], perm=[1, 0, 2])
             w, b = rand_layer(rng, 3, c)

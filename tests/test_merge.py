@@ -953,3 +953,83 @@ def test_spatial_axes_flattened_into_tokens(target):
                   pads=[1, 1])
     g.output(g.node("Add", [tokens, g.node("Transpose", [conv], perm=[0, 2, 1])]))
     check_exact(g.model(), {"conv1": 2}, batch=1 if target == [1, -1, 16] else 3)
+
+
+# --------------------------------------------------------------------------------------------- #
+# attention heads: the value projection's channels, per head, to the output projection
+
+
+def attention(plan, heads: int = 2, e: int = 8, t: int = 5, shared_target: bool = False, softmax: bool = True,
+              seed: int = 60) -> tuple[onnx.ModelProto, np.ndarray]:
+    """x (N, T, E) → q, k, v projections (MatMul + Add), each Reshape (N, T, h, d) → Transpose; softmax(q·kᵀ/√d)
+    · v → Transpose → Reshape (N, T, E) → output projection ``out``, as torch exports an attention written
+    with separate projections (HF BERT's). ``plan`` is planted in v's rows. ``shared_target``: one constant
+    for the three Reshapes into heads (the dynamo exporter's). Returns the model and ``out``'s weight (E, E)."""
+    rng = np.random.default_rng(seed)
+    d = e // heads
+    g = Builder(seed)
+    x = g.input("x", ["N", t, e])
+    split = g.const([0, t, heads, d], dtype=np.int64) if shared_target else None
+
+    def into_heads(h, perm=(0, 2, 1, 3)):
+        target = split if shared_target else g.const([0, t, heads, d], dtype=np.int64)
+        return g.node("Transpose", [g.node("Reshape", [h, target])], perm=list(perm))
+
+    q = into_heads(g.matmul_w(x, *rand_layer(rng, e, e), name="q"))
+    k = into_heads(g.matmul_w(x, *rand_layer(rng, e, e), name="k"), perm=(0, 2, 3, 1))
+    wv, bv = plant(*rand_layer(rng, e, e), plan)
+    v = into_heads(g.matmul_w(x, wv, bv, name="v"))
+    scores = g.node("Div", [g.node("MatMul", [q, k]), g.const(np.float32(np.sqrt(d)))])
+    p = g.node("Softmax", [scores], axis=-1) if softmax else g.node("Sigmoid", [scores])
+    c = g.node("Reshape", [g.node("Transpose", [g.node("MatMul", [p, v])], perm=[0, 2, 1, 3]),
+                           g.const([0, t, e], dtype=np.int64)])
+    w_out, b_out = rand_layer(rng, e, e)
+    g.output(g.matmul_w(c, w_out, b_out, name="out"))
+    return g.model(), w_out
+
+
+@pytest.mark.parametrize("shared_target", [False, True])
+def test_attention_value_channels_merge_per_head(shared_target):
+    """Multiples planted inside each head merge into the output projection's columns (numpy oracle);
+    each head keeps as many channels (d: 4 → 3), the Reshape targets follow (a target shared with
+    the query's and key's Reshapes is copied, theirs unchanged), and the outputs agree."""
+    plan = [(3, 1, 2.5), (6, 5, 0.4)]  # head 0: channel 3 = 2.5·channel 1; head 1: 6 = 0.4·5
+    model, w_out = attention(plan, shared_target=shared_target)
+    result, _ = check_exact(model, {"v": 2})
+    out = next(n for n in result.graph.node if n.name == "out")
+    expected = merged_columns(w_out, plan).T  # stored as MatMul's B: (E', E)
+    np.testing.assert_allclose(inits(result)[out.input[1]], expected, rtol=1e-5, atol=1e-6)
+    targets = sorted(tuple(inits(result)[n.input[1]].tolist()) for n in result.graph.node if n.op_type == "Reshape")
+    assert targets == [(0, 5, 2, 3), (0, 5, 2, 4), (0, 5, 2, 4), (0, 5, 6)]
+
+
+@pytest.mark.parametrize("plan", [[(5, 1, 2.5)], [(3, 1, 2.5)]])
+def test_attention_value_channels_stay_inside_their_heads(plan):
+    """A multiple in another head (channel 5 = 2.5·channel 1: heads 1 and 0) is not merged: each head
+    weighs its values by its own attention; one head's redundancy alone would leave the heads
+    unequal: nothing is removed."""
+    model, _ = attention(plan)
+    check_exact(model, {})
+
+
+def test_attention_value_constant_channels_fold_per_head():
+    """Dead value channels (zero rows: the bias through the softmax average, a constant) are folded
+    into the output projection's bias, one per head, exactly."""
+    model, _ = attention([])
+    v = next(n for n in model.graph.node if n.name == "v")
+    w = next(t for t in model.graph.initializer if t.name == v.input[1])
+    values = onnx.numpy_helper.to_array(w).copy()
+    values[:, [2, 7]] = 0.0  # MatMul B (E_in, E_out): output channels 2 (head 0) and 7 (head 1)
+    w.CopyFrom(onnx.numpy_helper.from_array(values, w.name))
+    result, report = red_onnx.compress(model, 0.0, passes=["merge", "prune"], latency_check=False)
+    assert removed(model, result) == {"v": 2}
+    assert_same(model, result, batch=3)
+
+
+def test_attention_query_and_key_stay_frozen_and_a_sigmoid_is_not_an_average():
+    """The query's and key's channels meet in the scores (a contraction): frozen, with the reason;
+    values weighed by a sigmoid, whose rows do not sum to 1, freeze too."""
+    model, _ = attention([(3, 1, 2.5), (6, 5, 0.4)], softmax=False)
+    result, report = check_exact(model, {})
+    reasons = merge_reasons(report)
+    assert sum("attention heads" in r for r in reasons) >= 3, reasons
