@@ -52,7 +52,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .layers import (LINEAR_OPS, Layer, RecurrentInput, SharedLinear, find_layers, recurrent_inputs,
-                     shared_linears)
+                     shared_linears, unique_name)
 
 # unary op → (positively homogeneous, maps 0 to 0)
 UNARY = {
@@ -287,7 +287,7 @@ def channel_spaces(graph: gs.Graph, shapes: dict[str, tuple[int, ...]],
     by_output = {layer.output.name: layer for layer in layers}
     walk = Walk({id(layer.node): layer for layer in all_layers}, {s.name: s.reason for s in skipped}, shapes,
                 {t.name for t in graph.outputs}, {t.name for t in graph.inputs},
-                {id(r.node): r for r in recurrent_inputs(graph, exclude)}, shared_linears(graph, exclude))
+                {id(r.node): r for r in recurrent_inputs(graph, exclude)}, shared_linears(graph, exclude), graph)
     seen: set[str] = set()
     spaces = []
     for layer in layers:
@@ -319,6 +319,7 @@ class Walk:
     graph_inputs: set[str]
     recurrent: dict[int, RecurrentInput]  # id(node) → its input weight, for the recurrent nodes whose X may change
     shared: dict[int, SharedLinear]  # id(node) → the weight it shares with other Gemm or Conv nodes
+    graph: gs.Graph | None = None  # (for a hook that adds a node)
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         return _rank(tensor, self.shapes)
@@ -984,18 +985,17 @@ def _split_heads(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk) -> 
     inside one: :attr:`Space.groups`), on two axes, to the attention's value MatMul and back
     (:func:`_heads_tail`). The target's per-head size follows a new count."""
     shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
-    target = node.inputs[1]
     if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1 or node.inputs[0] is not tensor \
-            or tuple(shape_out[:-2]) != tuple(shape_in[:-1]) or shape_out[-2] * shape_out[-1] != space.channels \
-            or not isinstance(target, gs.Constant):
+            or tuple(shape_out[:-2]) != tuple(shape_in[:-1]) or shape_out[-2] * shape_out[-1] != space.channels:
         return False
-    values = np.atleast_1d(target.values)
-    if values.size != len(shape_out) or values[-2] != shape_out[-2] or values[-1] not in (shape_out[-1], -1):
+    rank = len(shape_out)
+    (h, _), (d, set_d) = _target_entry(node, rank - 2, rank, walk), _target_entry(node, rank - 1, rank, walk)
+    if h != shape_out[-2] or d not in (shape_out[-1], -1):
         return False
     heads = int(shape_out[-2])
     space.set_groups(heads, f"Reshape '{node.name}' into {heads} attention heads", heads=True)
-    if values[-1] != -1:
-        space.resizes.append(lambda keep, c: _set_target(node, -1, len(keep) // heads))
+    if d != -1:
+        space.resizes.append(lambda keep, c: set_d(len(keep) // heads))
     _tail(node.outputs[0], _Span(len(shape_out) - 1, 0, space.channels, 0, space.channels, heads=len(shape_out) - 2),
           space, walk)
     return True
@@ -1018,17 +1018,16 @@ def _heads_tail(node: gs.Node, tensor: gs.Tensor, span: _Span, space: Space, wal
         return [(node.outputs[0], span.axis, 1, span.heads)]
     if node.op == "Reshape" and node.inputs[0] is tensor and span.heads == span.axis - 1:
         shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
-        target, h = node.inputs[1], span.heads
+        h = span.heads
         joined = None if shape_in is None else tuple(shape_in[:h]) + (shape_in[h] * shape_in[h + 1],) + tuple(
             shape_in[h + 2:])
-        if shape_out is None or tuple(shape_out) != joined or not isinstance(target, gs.Constant):
+        if shape_out is None or tuple(shape_out) != joined:
             return None
-        values = np.atleast_1d(target.values)
-        if values.size != len(joined) or values[h] not in (joined[h], -1) \
-                or any(v == -1 for k, v in enumerate(values) if k != h) and values[h] == -1:
+        size, set_size = _target_entry(node, h, len(joined), walk)
+        if size not in (joined[h], -1):
             return None
-        if values[h] != -1:
-            space.resizes.append(lambda keep, c: _set_target(node, h, len(keep)))
+        if size != -1:
+            space.resizes.append(lambda keep, c: set_size(len(keep)))
         return [(node.outputs[0], h, 1, None)]
     return None
 
@@ -1041,15 +1040,57 @@ def _softmax_rows(scores: gs.Tensor, walk: Walk) -> bool:
         and int(node.attrs.get("axis", -1)) % rank == rank - 1
 
 
-def _set_target(node: gs.Node, position: int, size: int) -> None:
-    """Set one entry of a Reshape's constant target (a copy where other nodes read it too)."""
+def _target_entry(node: gs.Node, position: int, rank: int, walk: Walk) -> tuple[int | None, Callable[[int], None]]:
+    """Entry ``position`` of a Reshape's target of ``rank`` entries where it is a literal: in a constant
+    target, or a constant piece of a Concat of 1-D pieces (as torch exports ``x.view(n, t, h, d)`` with
+    dynamic n and t); and a function setting it (on copies: the target, or the Concat, may be read by
+    other Reshapes, the query's and key's). (None, ...) where the entry is computed or the target unknown."""
     target = node.inputs[1]
-    values = np.atleast_1d(target.values).copy()
-    values[position] = size
-    if len(target.outputs) > 1:
-        node.inputs[1] = gs.Constant(f"{target.name}_{node.name}", values.reshape(target.values.shape))
+
+    def nothing(size: int) -> None:
+        raise AssertionError("unreachable: an unknown entry is not set")
+
+    taken = lambda: set(walk.graph.tensors()) | {n.name for n in walk.graph.nodes}  # noqa: E731
+    if isinstance(target, gs.Constant):
+        values = np.atleast_1d(target.values)
+        if values.size != rank:
+            return None, nothing
+
+        def set_constant(size: int) -> None:
+            new = np.atleast_1d(node.inputs[1].values).copy()
+            new[position] = size
+            node.inputs[1] = gs.Constant(unique_name(f"{target.name}_resized", taken()), new.reshape(target.values.shape))
+
+        return int(values[position]), set_constant
+    concat = target.inputs[0] if len(target.inputs) == 1 else None
+    if concat is None or concat.op != "Concat" or int(concat.attrs.get("axis", 0)) != 0 or walk.graph is None:
+        return None, nothing
+    start = 0
+    for k, piece in enumerate(concat.inputs):
+        length = np.atleast_1d(piece.values).size if isinstance(piece, gs.Constant) else \
+            (walk.shapes.get(piece.name) or (None,))[0]
+        if length is None:
+            return None, nothing
+        if start <= position < start + length:
+            break
+        start += length
     else:
-        target.values = values.reshape(target.values.shape)
+        return None, nothing
+    if not isinstance(piece, gs.Constant) or start + length > rank:
+        return None, nothing
+
+    def set_piece(size: int) -> None:
+        names = taken()
+        values = np.atleast_1d(piece.values).copy()
+        values[position - start] = size
+        inputs = list(concat.inputs)
+        inputs[k] = gs.Constant(unique_name(f"{piece.name}_resized", names), values.reshape(piece.values.shape))
+        out = gs.Variable(unique_name(f"{target.name}_resized", names), dtype=target.dtype, shape=target.shape)
+        walk.graph.nodes.insert(walk.graph.nodes.index(node), gs.Node(
+            "Concat", unique_name(f"{concat.name or 'Concat'}_resized", names), dict(concat.attrs), inputs, [out]))
+        node.inputs[1] = out  # the first Concat, where nothing else reads it, is left for cleanup
+
+    return int(np.atleast_1d(piece.values)[position - start]), set_piece
 
 
 def _channels_last(layer: Layer, walk: Walk) -> bool:

@@ -959,21 +959,31 @@ def test_spatial_axes_flattened_into_tokens(target):
 # attention heads: the value projection's channels, per head, to the output projection
 
 
-def attention(plan, heads: int = 2, e: int = 8, t: int = 5, shared_target: bool = False, softmax: bool = True,
+def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "constant", softmax: bool = True,
               seed: int = 60) -> tuple[onnx.ModelProto, np.ndarray]:
     """x (N, T, E) → q, k, v projections (MatMul + Add), each Reshape (N, T, h, d) → Transpose; softmax(q·kᵀ/√d)
     · v → Transpose → Reshape (N, T, E) → output projection ``out``, as torch exports an attention written
-    with separate projections (HF BERT's). ``plan`` is planted in v's rows. ``shared_target``: one constant
-    for the three Reshapes into heads (the dynamo exporter's). Returns the model and ``out``'s weight (E, E)."""
+    with separate projections (HF BERT's). ``plan`` is planted in v's rows. ``target`` of the Reshapes:
+    "constant"; "shared" (one constant for the three into heads, as the dynamo exporter writes); "computed"
+    (Concat of the input's N and T, read by Shape → Gather → Unsqueeze, and constants, as for a dynamic
+    batch and sequence); "computed_shared" (one such Concat for the three). Returns the model and ``out``'s
+    weight (E, E)."""
     rng = np.random.default_rng(seed)
     d = e // heads
     g = Builder(seed)
     x = g.input("x", ["N", t, e])
-    split = g.const([0, t, heads, d], dtype=np.int64) if shared_target else None
+
+    def shape(*tail):
+        if not target.startswith("computed"):
+            return g.const([0, t, *tail], dtype=np.int64)
+        dims = [g.node("Unsqueeze", [g.node("Gather", [g.node("Shape", [x]), g.const(np.array(k), dtype=np.int64)],
+                                            axis=0), g.const([0], dtype=np.int64)]) for k in (0, 1)]
+        return g.node("Concat", dims + [g.const([v], dtype=np.int64) for v in tail], axis=0)
+
+    split = shape(heads, d) if target in ("shared", "computed_shared") else None
 
     def into_heads(h, perm=(0, 2, 1, 3)):
-        target = split if shared_target else g.const([0, t, heads, d], dtype=np.int64)
-        return g.node("Transpose", [g.node("Reshape", [h, target])], perm=list(perm))
+        return g.node("Transpose", [g.node("Reshape", [h, split or shape(heads, d)])], perm=list(perm))
 
     q = into_heads(g.matmul_w(x, *rand_layer(rng, e, e), name="q"))
     k = into_heads(g.matmul_w(x, *rand_layer(rng, e, e), name="k"), perm=(0, 2, 3, 1))
@@ -981,26 +991,30 @@ def attention(plan, heads: int = 2, e: int = 8, t: int = 5, shared_target: bool 
     v = into_heads(g.matmul_w(x, wv, bv, name="v"))
     scores = g.node("Div", [g.node("MatMul", [q, k]), g.const(np.float32(np.sqrt(d)))])
     p = g.node("Softmax", [scores], axis=-1) if softmax else g.node("Sigmoid", [scores])
-    c = g.node("Reshape", [g.node("Transpose", [g.node("MatMul", [p, v])], perm=[0, 2, 1, 3]),
-                           g.const([0, t, e], dtype=np.int64)])
+    c = g.node("Reshape", [g.node("Transpose", [g.node("MatMul", [p, v])], perm=[0, 2, 1, 3]), shape(e)])
     w_out, b_out = rand_layer(rng, e, e)
     g.output(g.matmul_w(c, w_out, b_out, name="out"))
     return g.model(), w_out
 
 
-@pytest.mark.parametrize("shared_target", [False, True])
-def test_attention_value_channels_merge_per_head(shared_target):
+@pytest.mark.parametrize("target", ["constant", "shared", "computed", "computed_shared"])
+def test_attention_value_channels_merge_per_head(target):
     """Multiples planted inside each head merge into the output projection's columns (numpy oracle);
     each head keeps as many channels (d: 4 → 3), the Reshape targets follow (a target shared with
     the query's and key's Reshapes is copied, theirs unchanged), and the outputs agree."""
     plan = [(3, 1, 2.5), (6, 5, 0.4)]  # head 0: channel 3 = 2.5·channel 1; head 1: 6 = 0.4·5
-    model, w_out = attention(plan, shared_target=shared_target)
+    model, w_out = attention(plan, target=target)
     result, _ = check_exact(model, {"v": 2})
     out = next(n for n in result.graph.node if n.name == "out")
     expected = merged_columns(w_out, plan).T  # stored as MatMul's B: (E', E)
     np.testing.assert_allclose(inits(result)[out.input[1]], expected, rtol=1e-5, atol=1e-6)
-    targets = sorted(tuple(inits(result)[n.input[1]].tolist()) for n in result.graph.node if n.op_type == "Reshape")
-    assert targets == [(0, 5, 2, 3), (0, 5, 2, 4), (0, 5, 2, 4), (0, 5, 6)]
+    values = inits(result)
+    literal = sorted(tuple(values[i].tolist()) for n in result.graph.node if n.op_type in ("Reshape", "Concat")
+                     for i in n.input[1 if n.op_type == "Reshape" else 2:] if i in values)
+    expected_literal = {"computed": [(2,), (2,), (2,), (3,), (4,), (4,), (6,)],  # h, d of q, k, v; E
+                        "computed_shared": [(2,), (2,), (3,), (4,), (6,)]  # q's and k's, v's own Concat
+                        }.get(target, [(0, 5, 2, 3), (0, 5, 2, 4), (0, 5, 2, 4), (0, 5, 6)])
+    assert literal == expected_literal
 
 
 @pytest.mark.parametrize("plan", [[(5, 1, 2.5)], [(3, 1, 2.5)]])
