@@ -1,8 +1,9 @@
 """Architectures the bench models lack, with random weights: does every promise hold?
 
 The bench's real models are CNNs and a CRNN/SVTR. Users bring more: squeeze-excitation blocks,
-channel shuffles, dense blocks, grouped convs, U-Nets, transformers (a ViT among them, and a
-language model whose output layer is tied to its embedding table), ConvNeXt-style channels-last
+channel shuffles, dense blocks, grouped convs, U-Nets, transformers (a ViT among them, a BERT
+written as HF writes it, with separate query, key and value projections, and a language model
+whose output layer is tied to its embedding table), ConvNeXt-style channels-last
 MLPs, an MLP-Mixer, GRUs, a CRNN (conv features per column into a BiLSTM), embeddings of token ids,
 float16 exports. Each is built here with torch (random weights, batch-norm statistics
 randomised) and compressed at several tolerances (all passes, default options: N(0, 1) probes,
@@ -120,6 +121,32 @@ def _nets():
 
         def forward(s, ids):
             return s.cls(s.enc(s.emb(ids) + s.pos)[:, 0])
+
+    class HFLayer(nn.Module):  # a BERT layer as HF writes it: separate q, k, v projections, views into heads
+        def __init__(s, d=32, heads=4):
+            super().__init__()
+            s.heads, s.size = heads, d // heads
+            s.q, s.k, s.v, s.o = (nn.Linear(d, d) for _ in range(4))
+            s.ff1, s.ff2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+            s.ln1, s.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+        def forward(s, x):
+            def heads(y):
+                return y.view(y.size()[:-1] + (s.heads, s.size)).permute(0, 2, 1, 3)
+
+            scores = heads(s.q(x)) @ heads(s.k(x)).transpose(-1, -2) / s.size ** 0.5
+            c = (torch.softmax(scores, dim=-1) @ heads(s.v(x))).permute(0, 2, 1, 3).contiguous()
+            x = s.ln1(x + s.o(c.view(c.size()[:-2] + (s.heads * s.size,))))
+            return s.ln2(x + s.ff2(F.gelu(s.ff1(x))))
+
+    class HFBertLike(nn.Module):  # token ids → embedding → 2 HF-style BERT layers → first token → classes
+        def __init__(s):
+            super().__init__()
+            s.emb, s.pos = nn.Embedding(100, 32), nn.Parameter(torch.randn(1, 12, 32) * 0.1)
+            s.layers, s.cls = nn.Sequential(HFLayer(), HFLayer()), nn.Linear(32, 3)
+
+        def forward(s, ids):
+            return s.cls(s.layers(s.emb(ids) + s.pos)[:, 0])
 
     class TiedLMLike(nn.Module):  # token ids → embedding → 2 GELU encoder layers → output layer tied to the table
         def __init__(s):
@@ -245,6 +272,7 @@ def _nets():
         "unet_like": (UNetLike, (1, 3, 32, 32), f32),
         "transformer_like": (TransformerLike, (1, 12, 16), f32),
         "bert_like": (BertLike, (1, 12), i64),
+        "hf_bert_like": (HFBertLike, (1, 12), i64),
         "tied_lm_like": (TiedLMLike, (1, 12), i64),
         "convnext_like": (ConvNeXtLike, (1, 3, 64, 64), f32),
         "vit_like": (ViTLike, (1, 3, 32, 32), f32),

@@ -1008,6 +1008,8 @@ def _heads_tail(node: gs.Node, tensor: gs.Tensor, span: _Span, space: Space, wal
     Reshape that joins the head axis with the channels within it, (..., h, d) → (..., h·d), ends
     the split. Anything else: None."""
     rank = walk.rank(tensor)
+    if node.op == "Shape":  # reads the shape only (the batch and length for a target: its literals are checked)
+        return []
     if rank is None:
         return None
     if node.op == "Transpose":

@@ -966,19 +966,23 @@ def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "const
     with separate projections (HF BERT's). ``plan`` is planted in v's rows. ``target`` of the Reshapes:
     "constant"; "shared" (one constant for the three into heads, as the dynamo exporter writes); "computed"
     (Concat of the input's N and T, read by Shape → Gather → Unsqueeze, and constants, as for a dynamic
-    batch and sequence); "computed_shared" (one such Concat for the three). Returns the model and ``out``'s
+    batch and sequence; back from the heads, of the context's N and T, by Shape → Slice, as HF writes it);
+    "computed_shared" (one such Concat for the three). Returns the model and ``out``'s
     weight (E, E)."""
     rng = np.random.default_rng(seed)
     d = e // heads
     g = Builder(seed)
     x = g.input("x", ["N", t, e])
 
-    def shape(*tail):
+    def shape(*tail, of=None):
         if not target.startswith("computed"):
             return g.const([0, t, *tail], dtype=np.int64)
-        dims = [g.node("Unsqueeze", [g.node("Gather", [g.node("Shape", [x]), g.const(np.array(k), dtype=np.int64)],
-                                            axis=0), g.const([0], dtype=np.int64)]) for k in (0, 1)]
-        return g.node("Concat", dims + [g.const([v], dtype=np.int64) for v in tail], axis=0)
+        if of is not None:  # HF's c.view(c.size()[:-2] + (E,)): the context's own N and T
+            first = [g.node("Slice", [g.node("Shape", [of]), g.const([0], dtype=np.int64), g.const([2], dtype=np.int64)])]
+        else:
+            first = [g.node("Unsqueeze", [g.node("Gather", [g.node("Shape", [x]), g.const(np.array(k), dtype=np.int64)],
+                                                 axis=0), g.const([0], dtype=np.int64)]) for k in (0, 1)]
+        return g.node("Concat", first + [g.const([v], dtype=np.int64) for v in tail], axis=0)
 
     split = shape(heads, d) if target in ("shared", "computed_shared") else None
 
@@ -991,7 +995,8 @@ def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "const
     v = into_heads(g.matmul_w(x, wv, bv, name="v"))
     scores = g.node("Div", [g.node("MatMul", [q, k]), g.const(np.float32(np.sqrt(d)))])
     p = g.node("Softmax", [scores], axis=-1) if softmax else g.node("Sigmoid", [scores])
-    c = g.node("Reshape", [g.node("Transpose", [g.node("MatMul", [p, v])], perm=[0, 2, 1, 3]), shape(e)])
+    c = g.node("Transpose", [g.node("MatMul", [p, v])], perm=[0, 2, 1, 3])
+    c = g.node("Reshape", [c, shape(e, of=c)])
     w_out, b_out = rand_layer(rng, e, e)
     g.output(g.matmul_w(c, w_out, b_out, name="out"))
     return g.model(), w_out
@@ -1010,7 +1015,7 @@ def test_attention_value_channels_merge_per_head(target):
     np.testing.assert_allclose(inits(result)[out.input[1]], expected, rtol=1e-5, atol=1e-6)
     values = inits(result)
     literal = sorted(tuple(values[i].tolist()) for n in result.graph.node if n.op_type in ("Reshape", "Concat")
-                     for i in n.input[1 if n.op_type == "Reshape" else 2:] if i in values)
+                     for i in n.input[1 if n.op_type == "Reshape" else 0:] if i in values)
     expected_literal = {"computed": [(2,), (2,), (2,), (3,), (4,), (4,), (6,)],  # h, d of q, k, v; E
                         "computed_shared": [(2,), (2,), (3,), (4,), (6,)]  # q's and k's, v's own Concat
                         }.get(target, [(0, 5, 2, 3), (0, 5, 2, 4), (0, 5, 2, 4), (0, 5, 6)])
