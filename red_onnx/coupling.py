@@ -980,16 +980,16 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
 
 
 def _split_heads(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk) -> bool:
-    """A Reshape of a channels-last space (..., C) into attention heads (..., h, C/h) with a
-    constant target: the channels go on in h blocks of C/h (each head keeps as many, merges stay
-    inside one: :attr:`Space.groups`), on two axes, to the attention's value MatMul and back
-    (:func:`_heads_tail`). The target's per-head size follows a new count."""
+    """A Reshape of a channels-last space (..., C) into attention heads (..., h, C/h) whose target
+    holds h and C/h (or -1) as literals (:func:`_target_entry`): the channels go on in h blocks of
+    C/h (each head keeps as many, merges stay inside one: :attr:`Space.groups`), on two axes, to
+    the attention's value MatMul and back (:func:`_heads_tail`). The per-head size follows a new count."""
     shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
     if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1 or node.inputs[0] is not tensor \
             or tuple(shape_out[:-2]) != tuple(shape_in[:-1]) or shape_out[-2] * shape_out[-1] != space.channels:
         return False
     rank = len(shape_out)
-    (h, _), (d, set_d) = _target_entry(node, rank - 2, rank, walk), _target_entry(node, rank - 1, rank, walk)
+    (h, _), (d, set_d) = _target_entry(node, rank - 2, walk), _target_entry(node, rank - 1, walk)
     if h != shape_out[-2] or d not in (shape_out[-1], -1):
         return False
     heads = int(shape_out[-2])
@@ -1025,7 +1025,7 @@ def _heads_tail(node: gs.Node, tensor: gs.Tensor, span: _Span, space: Space, wal
             shape_in[h + 2:])
         if shape_out is None or tuple(shape_out) != joined:
             return None
-        size, set_size = _target_entry(node, h, len(joined), walk)
+        size, set_size = _target_entry(node, h, walk)
         if size not in (joined[h], -1):
             return None
         if size != -1:
@@ -1035,28 +1035,34 @@ def _heads_tail(node: gs.Node, tensor: gs.Tensor, span: _Span, space: Space, wal
 
 
 def _softmax_rows(scores: gs.Tensor, walk: Walk) -> bool:
-    """Whether ``scores`` is a Softmax over its last axis (rows that sum to 1)."""
+    """Whether ``scores`` is a Softmax over its last axis (rows that sum to 1; before opset 13 the
+    axis defaults to 1 and the axes from it are normalized together)."""
     node = scores.inputs[0] if scores.inputs else None
     rank = walk.rank(scores)
+    default = -1 if walk.graph is None or (walk.graph.opset or 13) >= 13 else 1
     return node is not None and node.op == "Softmax" and rank is not None \
-        and int(node.attrs.get("axis", -1)) % rank == rank - 1
+        and int(node.attrs.get("axis", default)) % rank == rank - 1
 
 
-def _target_entry(node: gs.Node, position: int, rank: int, walk: Walk) -> tuple[int | None, Callable[[int], None]]:
-    """Entry ``position`` of a Reshape's target of ``rank`` entries where it is a literal: in a constant
-    target, or a constant piece of a Concat of 1-D pieces (as torch exports ``x.view(n, t, h, d)`` with
-    dynamic n and t); and a function setting it (on copies: the target, or the Concat, may be read by
-    other Reshapes, the query's and key's). (None, ...) where the entry is computed or the target unknown."""
-    target = node.inputs[1]
+def _target_entry(node: gs.Node, position: int, walk: Walk) -> tuple[int | None, Callable[[int], None] | None]:
+    """Entry ``position`` of a Reshape's target, and a function that sets it to a literal: in a
+    constant target, or in a Concat of 1-D pieces (as torch exports ``x.view(n, t, h, d)`` with dynamic
+    n and t), a constant piece or a computed one of one entry (``x.size(2)``: its value is the
+    Reshape's output size there; the entries this is used for are fixed by the weights, so a
+    literal holds on every input). Set on copies: the target, or the Concat, may be read by other
+    Reshapes (the query's and key's). (None, None) where the target is unknown."""
+    target, shape_out = node.inputs[1], walk.shapes.get(node.outputs[0].name)
+    if walk.graph is None or shape_out is None:
+        return None, None
+    rank = len(shape_out)
 
-    def nothing(size: int) -> None:
-        raise AssertionError("unreachable: an unknown entry is not set")
+    def taken() -> set[str]:
+        return set(walk.graph.tensors()) | {n.name for n in walk.graph.nodes}
 
-    taken = lambda: set(walk.graph.tensors()) | {n.name for n in walk.graph.nodes}  # noqa: E731
     if isinstance(target, gs.Constant):
         values = np.atleast_1d(target.values)
         if values.size != rank:
-            return None, nothing
+            return None, None
 
         def set_constant(size: int) -> None:
             new = np.atleast_1d(node.inputs[1].values).copy()
@@ -1065,34 +1071,35 @@ def _target_entry(node: gs.Node, position: int, rank: int, walk: Walk) -> tuple[
 
         return int(values[position]), set_constant
     concat = target.inputs[0] if len(target.inputs) == 1 else None
-    if concat is None or concat.op != "Concat" or int(concat.attrs.get("axis", 0)) != 0 or walk.graph is None:
-        return None, nothing
+    if concat is None or concat.op != "Concat" or int(concat.attrs.get("axis", 0)) != 0:
+        return None, None
     start = 0
     for k, piece in enumerate(concat.inputs):
         length = np.atleast_1d(piece.values).size if isinstance(piece, gs.Constant) else \
             (walk.shapes.get(piece.name) or (None,))[0]
         if length is None:
-            return None, nothing
+            return None, None
         if start <= position < start + length:
             break
         start += length
     else:
-        return None, nothing
-    if not isinstance(piece, gs.Constant) or start + length > rank:
-        return None, nothing
+        return None, None
+    if start + length > rank or not isinstance(piece, gs.Constant) and length != 1:
+        return None, None
+    literal = np.atleast_1d(piece.values) if isinstance(piece, gs.Constant) else np.array([shape_out[position]])
 
     def set_piece(size: int) -> None:
         names = taken()
-        values = np.atleast_1d(piece.values).copy()
+        values = literal.astype(np.int64)
         values[position - start] = size
         inputs = list(concat.inputs)
-        inputs[k] = gs.Constant(unique_name(f"{piece.name}_resized", names), values.reshape(piece.values.shape))
+        inputs[k] = gs.Constant(unique_name(f"{piece.name}_resized", names), values)
         out = gs.Variable(unique_name(f"{target.name}_resized", names), dtype=target.dtype, shape=target.shape)
         walk.graph.nodes.insert(walk.graph.nodes.index(node), gs.Node(
             "Concat", unique_name(f"{concat.name or 'Concat'}_resized", names), dict(concat.attrs), inputs, [out]))
         node.inputs[1] = out  # the first Concat, where nothing else reads it, is left for cleanup
 
-    return int(np.atleast_1d(piece.values)[position - start]), set_piece
+    return int(literal[position - start]), set_piece
 
 
 def _channels_last(layer: Layer, walk: Walk) -> bool:

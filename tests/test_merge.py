@@ -959,7 +959,7 @@ def test_spatial_axes_flattened_into_tokens(target):
 # attention heads: the value projection's channels, per head, to the output projection
 
 
-def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "constant", softmax: bool = True,
+def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "constant", weigh: str = "softmax",
               seed: int = 60) -> tuple[onnx.ModelProto, np.ndarray]:
     """x (N, T, E) → q, k, v projections (MatMul + Add), each Reshape (N, T, h, d) → Transpose; softmax(q·kᵀ/√d)
     · v → Transpose → Reshape (N, T, E) → output projection ``out``, as torch exports an attention written
@@ -967,21 +967,28 @@ def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "const
     "constant"; "shared" (one constant for the three into heads, as the dynamo exporter writes); "computed"
     (Concat of the input's N and T, read by Shape → Gather → Unsqueeze, and constants, as for a dynamic
     batch and sequence; back from the heads, of the context's N and T, by Shape → Slice, as HF writes it);
-    "computed_shared" (one such Concat for the three). Returns the model and ``out``'s
-    weight (E, E)."""
+    "computed_shared" (one such Concat for the three); "computed_size" (back from the heads to x.size(),
+    E read off the input's shape). ``weigh``: the attention weights, "softmax" over the
+    keys, "sigmoid", or "softmax_opset11" (no axis: axis 1 before opset 13, all of (h, T, T) normalized
+    together). Returns the model and ``out``'s weight (E, E)."""
     rng = np.random.default_rng(seed)
     d = e // heads
-    g = Builder(seed)
+    g = Builder(seed, opset=11) if weigh == "softmax_opset11" else Builder(seed)
     x = g.input("x", ["N", t, e])
+
+    def size(k):  # x.size(k), as a 1-D piece of a target
+        return g.node("Unsqueeze", [g.node("Gather", [g.node("Shape", [x]), g.const(np.array(k), dtype=np.int64)],
+                                           axis=0), g.const([0], dtype=np.int64)])
 
     def shape(*tail, of=None):
         if not target.startswith("computed"):
             return g.const([0, t, *tail], dtype=np.int64)
+        if target == "computed_size" and of is not None:  # c.view(n, t, c_) with n, t, c_ = x.size()
+            return g.node("Concat", [size(0), size(1), size(2)], axis=0)
         if of is not None:  # HF's c.view(c.size()[:-2] + (E,)): the context's own N and T
             first = [g.node("Slice", [g.node("Shape", [of]), g.const([0], dtype=np.int64), g.const([2], dtype=np.int64)])]
         else:
-            first = [g.node("Unsqueeze", [g.node("Gather", [g.node("Shape", [x]), g.const(np.array(k), dtype=np.int64)],
-                                                 axis=0), g.const([0], dtype=np.int64)]) for k in (0, 1)]
+            first = [size(0), size(1)]
         return g.node("Concat", first + [g.const([v], dtype=np.int64) for v in tail], axis=0)
 
     split = shape(heads, d) if target in ("shared", "computed_shared") else None
@@ -994,7 +1001,8 @@ def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "const
     wv, bv = plant(*rand_layer(rng, e, e), plan)
     v = into_heads(g.matmul_w(x, wv, bv, name="v"))
     scores = g.node("Div", [g.node("MatMul", [q, k]), g.const(np.float32(np.sqrt(d)))])
-    p = g.node("Softmax", [scores], axis=-1) if softmax else g.node("Sigmoid", [scores])
+    p = {"softmax": lambda: g.node("Softmax", [scores], axis=-1), "sigmoid": lambda: g.node("Sigmoid", [scores]),
+         "softmax_opset11": lambda: g.node("Softmax", [scores])}[weigh]()
     c = g.node("Transpose", [g.node("MatMul", [p, v])], perm=[0, 2, 1, 3])
     c = g.node("Reshape", [c, shape(e, of=c)])
     w_out, b_out = rand_layer(rng, e, e)
@@ -1002,7 +1010,7 @@ def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "const
     return g.model(), w_out
 
 
-@pytest.mark.parametrize("target", ["constant", "shared", "computed", "computed_shared"])
+@pytest.mark.parametrize("target", ["constant", "shared", "computed", "computed_shared", "computed_size"])
 def test_attention_value_channels_merge_per_head(target):
     """Multiples planted inside each head merge into the output projection's columns (numpy oracle);
     each head keeps as many channels (d: 4 → 3), the Reshape targets follow (a target shared with
@@ -1017,7 +1025,8 @@ def test_attention_value_channels_merge_per_head(target):
     literal = sorted(tuple(values[i].tolist()) for n in result.graph.node if n.op_type in ("Reshape", "Concat")
                      for i in n.input[1 if n.op_type == "Reshape" else 0:] if i in values)
     expected_literal = {"computed": [(2,), (2,), (2,), (3,), (4,), (4,), (6,)],  # h, d of q, k, v; E
-                        "computed_shared": [(2,), (2,), (3,), (4,), (6,)]  # q's and k's, v's own Concat
+                        "computed_shared": [(2,), (2,), (3,), (4,), (6,)],  # q's and k's, v's own Concat
+                        "computed_size": [(2,), (2,), (2,), (3,), (4,), (4,), (6,)]  # E: x.size(2) → a literal
                         }.get(target, [(0, 5, 2, 3), (0, 5, 2, 4), (0, 5, 2, 4), (0, 5, 6)])
     assert literal == expected_literal
 
@@ -1045,10 +1054,12 @@ def test_attention_value_constant_channels_fold_per_head():
     assert_same(model, result, batch=3)
 
 
-def test_attention_query_and_key_stay_frozen_and_a_sigmoid_is_not_an_average():
+@pytest.mark.parametrize("weigh", ["sigmoid", "softmax_opset11"])
+def test_attention_query_and_key_stay_frozen_and_other_weights_are_not_an_average(weigh):
     """The query's and key's channels meet in the scores (a contraction): frozen, with the reason;
-    values weighed by a sigmoid, whose rows do not sum to 1, freeze too."""
-    model, _ = attention([(3, 1, 2.5), (6, 5, 0.4)], softmax=False)
+    values weighed by a sigmoid, or a softmax over more than the keys, whose rows do not sum to 1,
+    freeze too."""
+    model, _ = attention([(3, 1, 2.5), (6, 5, 0.4)], weigh=weigh)
     result, report = check_exact(model, {})
     reasons = merge_reasons(report)
     assert sum("attention heads" in r for r in reasons) >= 3, reasons
