@@ -981,7 +981,7 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
 
 def _split_heads(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk) -> bool:
     """A Reshape of a channels-last space (..., C) into attention heads (..., h, C/h) whose target
-    holds h and C/h (or -1) as literals (:func:`_target_entry`): the channels go on in h blocks of
+    holds h and C/h (one of them may be -1) as entries :func:`_target_entry` reads: the channels go on in h blocks of
     C/h (each head keeps as many, merges stay inside one: :attr:`Space.groups`), on two axes, to
     the attention's value MatMul and back (:func:`_heads_tail`). The per-head size follows a new count."""
     shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
@@ -990,7 +990,7 @@ def _split_heads(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk) -> 
         return False
     rank = len(shape_out)
     (h, _), (d, set_d) = _target_entry(node, rank - 2, walk), _target_entry(node, rank - 1, walk)
-    if h != shape_out[-2] or d not in (shape_out[-1], -1):
+    if h not in (shape_out[-2], -1) or d not in (shape_out[-1], -1) or h == d == -1:
         return False
     heads = int(shape_out[-2])
     space.set_groups(heads, f"Reshape '{node.name}' into {heads} attention heads", heads=True)

@@ -968,7 +968,7 @@ def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "const
     (Concat of the input's N and T, read by Shape → Gather → Unsqueeze, and constants, as for a dynamic
     batch and sequence; back from the heads, of the context's N and T, by Shape → Slice, as HF writes it);
     "computed_shared" (one such Concat for the three); "computed_size" (back from the heads to x.size(),
-    E read off the input's shape). ``weigh``: the attention weights, "softmax" over the
+    E read off the input's shape); "heads_inferred" (x.view(n, t, -1, d)). ``weigh``: the attention weights, "softmax" over the
     keys, "sigmoid", or "softmax_opset11" (no axis: axis 1 before opset 13, all of (h, T, T) normalized
     together). Returns the model and ``out``'s weight (E, E)."""
     rng = np.random.default_rng(seed)
@@ -981,6 +981,8 @@ def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "const
                                            axis=0), g.const([0], dtype=np.int64)])
 
     def shape(*tail, of=None):
+        if target == "heads_inferred":  # x.view(n, t, -1, d)
+            return g.const([0, t, -1, tail[1]] if len(tail) == 2 else [0, t, *tail], dtype=np.int64)
         if not target.startswith("computed"):
             return g.const([0, t, *tail], dtype=np.int64)
         if target == "computed_size" and of is not None:  # c.view(n, t, c_) with n, t, c_ = x.size()
@@ -1010,7 +1012,8 @@ def attention(plan, heads: int = 2, e: int = 8, t: int = 5, target: str = "const
     return g.model(), w_out
 
 
-@pytest.mark.parametrize("target", ["constant", "shared", "computed", "computed_shared", "computed_size"])
+@pytest.mark.parametrize("target", ["constant", "shared", "computed", "computed_shared", "computed_size",
+                                    "heads_inferred"])
 def test_attention_value_channels_merge_per_head(target):
     """Multiples planted inside each head merge into the output projection's columns (numpy oracle);
     each head keeps as many channels (d: 4 → 3), the Reshape targets follow (a target shared with
@@ -1026,7 +1029,8 @@ def test_attention_value_channels_merge_per_head(target):
                      for i in n.input[1 if n.op_type == "Reshape" else 0:] if i in values)
     expected_literal = {"computed": [(2,), (2,), (2,), (3,), (4,), (4,), (6,)],  # h, d of q, k, v; E
                         "computed_shared": [(2,), (2,), (3,), (4,), (6,)],  # q's and k's, v's own Concat
-                        "computed_size": [(2,), (2,), (2,), (3,), (4,), (4,), (6,)]  # E: x.size(2) → a literal
+                        "computed_size": [(2,), (2,), (2,), (3,), (4,), (4,), (6,)],  # E: x.size(2) → a literal
+                        "heads_inferred": [(0, 5, -1, 3), (0, 5, -1, 4), (0, 5, -1, 4), (0, 5, 6)],
                         }.get(target, [(0, 5, 2, 3), (0, 5, 2, 4), (0, 5, 2, 4), (0, 5, 6)])
     assert literal == expected_literal
 
