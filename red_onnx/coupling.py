@@ -52,7 +52,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .layers import (LINEAR_OPS, Layer, RecurrentInput, SharedLinear, find_layers, recurrent_inputs,
-                     shared_linears, unique_name)
+                     shared_linears, taken_names, unique_name)
 
 # unary op → (positively homogeneous, maps 0 to 0)
 UNARY = {
@@ -981,9 +981,10 @@ def _tail(start: gs.Variable, span: _Span, space: Space, walk: Walk) -> None:
 
 def _split_heads(node: gs.Node, tensor: gs.Tensor, space: Space, walk: Walk) -> bool:
     """A Reshape of a channels-last space (..., C) into attention heads (..., h, C/h) whose target
-    holds h and C/h (one of them may be -1) as entries :func:`_target_entry` reads: the channels go on in h blocks of
-    C/h (each head keeps as many, merges stay inside one: :attr:`Space.groups`), on two axes, to
-    the attention's value MatMul and back (:func:`_heads_tail`). The per-head size follows a new count."""
+    holds h and C/h (one of them may be -1) as entries :func:`_target_entry` reads: the channels
+    go on in h blocks of C/h (each head keeps as many, merges stay inside one: :attr:`Space.groups`),
+    on two axes, to the attention's value MatMul and back (:func:`_heads_tail`). The per-head size
+    follows a new count."""
     shape_in, shape_out = walk.shapes.get(tensor.name), walk.shapes.get(node.outputs[0].name)
     if shape_in is None or shape_out is None or len(shape_out) != len(shape_in) + 1 or node.inputs[0] is not tensor \
             or tuple(shape_out[:-2]) != tuple(shape_in[:-1]) or shape_out[-2] * shape_out[-1] != space.channels:
@@ -1007,9 +1008,9 @@ def _heads_tail(node: gs.Node, tensor: gs.Tensor, span: _Span, space: Space, wal
     combination of that channel of v: a constant channel stays that constant, a merge holds); a
     Reshape that joins the head axis with the channels within it, (..., h, d) → (..., h·d), ends
     the split. Anything else: None."""
-    rank = walk.rank(tensor)
     if node.op == "Shape":  # reads the shape only (the batch and length for a target: its literals are checked)
         return []
+    rank = walk.rank(tensor)
     if rank is None:
         return None
     if node.op == "Transpose":
@@ -1056,9 +1057,6 @@ def _target_entry(node: gs.Node, position: int, walk: Walk) -> tuple[int | None,
         return None, None
     rank = len(shape_out)
 
-    def taken() -> set[str]:
-        return set(walk.graph.tensors()) | {n.name for n in walk.graph.nodes}
-
     if isinstance(target, gs.Constant):
         values = np.atleast_1d(target.values)
         if values.size != rank:
@@ -1067,7 +1065,7 @@ def _target_entry(node: gs.Node, position: int, walk: Walk) -> tuple[int | None,
         def set_constant(size: int) -> None:
             new = np.atleast_1d(node.inputs[1].values).copy()
             new[position] = size
-            node.inputs[1] = gs.Constant(unique_name(f"{target.name}_resized", taken()), new.reshape(target.values.shape))
+            node.inputs[1] = gs.Constant(unique_name(f"{target.name}_resized", taken_names(walk.graph)), new.reshape(target.values.shape))
 
         return int(values[position]), set_constant
     concat = target.inputs[0] if len(target.inputs) == 1 else None
@@ -1089,7 +1087,7 @@ def _target_entry(node: gs.Node, position: int, walk: Walk) -> tuple[int | None,
     literal = np.atleast_1d(piece.values) if isinstance(piece, gs.Constant) else np.array([shape_out[position]])
 
     def set_piece(size: int) -> None:
-        names = taken()
+        names = taken_names(walk.graph)
         values = literal.astype(np.int64)
         values[position - start] = size
         inputs = list(concat.inputs)

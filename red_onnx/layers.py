@@ -118,7 +118,7 @@ class Layer:
             shape = (1,) * (old.ndim - 1) + (-1,) if old.ndim > 1 else (-1,)
             self.bias.values = bias.reshape(shape)
             return
-        taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        taken = taken_names(graph)
         base = self.name or self.weight.name
         self.bias = gs.Constant(unique_name(f"{base}_bias", taken), bias)
         if self.op == "MatMul":
@@ -147,6 +147,11 @@ class Layer:
         else:
             self.node.inputs = self.node.inputs[:2]
         self.bias = None
+
+
+def taken_names(graph: gs.Graph) -> set[str]:
+    """Every tensor and node name of ``graph`` (for :func:`unique_name`)."""
+    return set(graph.tensors()) | {n.name for n in graph.nodes}
 
 
 def unique_name(base: str, taken: set[str]) -> str:
@@ -255,7 +260,7 @@ class RecurrentInput(RecurrentWeight):
     def set_bias(self, bias: np.ndarray, graph: gs.Graph) -> None:
         directions, rows = self.weight.values.shape[:2]
         if self.bias is None:  # B = [Wb, Rb] per direction, zeros; X, W, R, B are inputs 0 to 3
-            taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+            taken = taken_names(graph)
             self.bias = gs.Constant(unique_name(f"{self.node.name}_B", taken),
                                     np.zeros((directions, 2 * rows), self.weight.values.dtype))
             inputs = list(self.node.inputs) + [gs.Variable.empty() for _ in range(4 - len(self.node.inputs))]
@@ -297,7 +302,7 @@ class SharedLinear(Layer):
         if self.bias is not None:
             super().set_bias(bias, graph)
             return
-        taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        taken = taken_names(graph)
         self.bias = gs.Constant(unique_name(f"{self.weight.name}_bias", taken),
                                 np.ascontiguousarray(bias, dtype=self.weight.values.dtype))
         for node in self.readers:

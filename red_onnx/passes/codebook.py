@@ -20,7 +20,8 @@ import onnx_graphsurgeon as gs
 from numba import njit
 
 from ..context import Context, PassResult
-from ..layers import LINEAR_OPS, RECURRENT_OPS, Layer, SharedWeight, hashable_weights, unique_name
+from ..layers import (LINEAR_OPS, RECURRENT_OPS, Layer, SharedWeight, hashable_weights, taken_names,
+                      unique_name)
 
 NAME = "codebook"
 #: Codebook entries allowed per index width, by ``--codebook`` setting.
@@ -217,7 +218,7 @@ def _encode_weight(ctx: Context, constant: gs.Constant, layer: Layer | None,
     if after + NODE_OVERHEAD >= before:
         return "a codebook would not make it smaller"
     graph, name = ctx.graph, constant.name
-    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    taken = taken_names(graph)
     new = {part: unique_name(f"{name}_{part}", taken)
            for part in ("indices", "indices_int32", "codebook", "gathered", "scales", "decoded")}
     idx32 = gs.Variable(new["indices_int32"], dtype=np.int32)

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from ..context import Context, PassResult
 from ..errors import InputError
-from ..layers import LINEAR_OPS, Layer, find_layers, is_float, unique_name
+from ..layers import LINEAR_OPS, Layer, find_layers, is_float, taken_names, unique_name
 
 NAME = "fold"
 #: A copy of an embedding table smaller than this many bytes is left as it is (a Transpose node
@@ -175,7 +175,7 @@ def _tie_table_copies(graph: gs.Graph, exclude) -> int:
             tables.setdefault(id(data), data)
     tied: dict[int, gs.Tensor] = {}  # id(copy) → what its readers read now
     transposed: dict[int, gs.Variable] = {}
-    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    taken = taken_names(graph)
     for node in list(graph.nodes):
         w = node.inputs[1] if node.op in LINEAR_OPS and len(node.inputs) > 1 else None
         if not isinstance(w, gs.Constant) or id(w) in tables or w.values.ndim != 2 \
