@@ -437,13 +437,29 @@ class Budget:
                                        + "".join(f"{k}:{digest(v)}" for k, v in kept.items()).encode(), np.uint8))
         sess = self.sessions.pop(key, None) if key is not None else None
         if sess is None:
-            sess = verify.session(copy, outputs, arrays=kept)
+            sess = _measuring_session(copy, outputs, kept)
             sess._red_onnx_model = (copy, kept, outputs)  # for a Downstream on the same model
         if key is not None:
             self.sessions[key] = sess
             while len(self.sessions) > SESSIONS_KEPT:
                 del self.sessions[next(iter(self.sessions))]
         return sess, base, [t for t, _, _ in pairs]  # the session's outputs hold the reference's tensors, in order
+
+
+def _measuring_session(model: Any, outputs: list[str], arrays: dict[str, np.ndarray]):
+    """A spend's session: all of onnxruntime's graph optimizations (the edited weights are inputs,
+    which they leave as they are) where the other weights are serialized with the model; plain
+    where they are not (the optimizer would copy them) or where the optimizer fails on the model.
+    Optimized, a spend ran its probes about 10% faster on MobileNetV2 and PP-OCRv6 (hash pass at
+    0.01: 1.83 s against 2.16, 3.43 against 3.93; medians of 4 and 3 runs)."""
+    from . import verify
+
+    if sum(v.nbytes for v in arrays.values()) < verify.IN_PLACE_BYTES:
+        try:
+            return verify.session(model, outputs, optimize=True, arrays=arrays)
+        except Exception:
+            pass
+    return verify.session(model, outputs, arrays=arrays)
 
 
 class _Runs:

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -147,6 +147,9 @@ class Prepared:
     moved: int  # Constant nodes and sparse initializers turned into initializers
     timing: object = None  # the latency guard's session of the input (verify.timing_session), once made
     own_rounding: tuple | None = None  # (verification probes, _own_rounding on them), once measured
+    #: each output's batch axis, by output name and probe count, as checked on a first run
+    #: (:func:`red_onnx.budget.probe_runner`): later verifications run their probes as one batch unchecked
+    batch_axes: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -346,17 +349,17 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
     if opts.probe_inputs is None:
         _integer_probe_ranges(original, specs, opts, report)
     probes = make_probes(specs, opts.seed, opts.allocation, opts.check, opts.probe_ranges, opts.probe_inputs)
-    reference, budget = None, None
+    reference, budget, batch_axes = None, None, {}
     if opts.verify:  # one session on the input model for both probe sets
         opts.log(f"running the input model on {len(probes.allocation)} + {len(probes.verification)} probes")
         ref_session = verify.input_session(original, ref_names)
         try:
-            reference = _finite(_run_all(ref_session, probes.verification, input_model=True), ref_names)
+            reference = _finite(_run_all(ref_session, probes.verification, input_model=True, known=batch_axes),
+                                ref_names)
         except InputError:  # as the model is written, not as onnxruntime's optimizer rewrote it
             ref_session = verify.input_session(original, ref_names, optimize=False)
             reference = _finite(_run_all(ref_session, probes.verification, input_model=True), ref_names)
         if opts.tolerance > 0:
-            batch_axes = {}  # what the budget's sessions need not check again (budget.probe_runner)
             allocation = _finite(_run_all(ref_session, probes.allocation, input_model=True, known=batch_axes),
                                  ref_names)
             measured_before = None
@@ -383,7 +386,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
         canonical = original
     moved = fold.constants_to_initializers(canonical)
     return Prepared(canonical, template, specs, MappingProxyType(shapes), before, plan, ref_names,
-                    probes, reference, budget, moved)
+                    probes, reference, budget, moved, batch_axes=batch_axes)
 
 
 def _release_freed_memory() -> None:
@@ -587,7 +590,7 @@ def back_off(prep: Prepared, opts: Options, report: Report, checked: verify.Veri
     if opts.probe_inputs is None and lossy > 0:
         learned = _learn_tail(checked, prep.budget, prep.probes, prep.reference, margin * opts.tolerance)
         prep.reference = _fresh_verification(prep.canonical, prep.ref_names, prep.probes, prep.specs,
-                                             opts.probe_ranges, opts.seed, attempt)
+                                             opts.probe_ranges, opts.seed, attempt, prep.batch_axes)
         note += f" with its {learned} worst probe(s) added to the allocation probes and new fresh probes"
         margin *= 0.9
     else:
@@ -724,12 +727,12 @@ def _learn_tail(checked: verify.Verification, budget: Budget, probes, reference,
 
 
 def _fresh_verification(model: onnx.ModelProto, ref_names: list[str], probes, specs, ranges, seed: int,
-                        attempt: int) -> list[list[np.ndarray]]:
+                        attempt: int, known: dict | None = None) -> list[list[np.ndarray]]:
     """Replace the verification probes by new draws (a probe that chose a build never verifies it);
     returns the input model's outputs on them."""
     rng = np.random.default_rng([seed, attempt])
     probes.verification = random_probes(specs, len(probes.verification), rng, ranges)
-    return _run_all(verify.input_session(model, ref_names), probes.verification, input_model=True)
+    return _run_all(verify.input_session(model, ref_names), probes.verification, input_model=True, known=known)
 
 
 def _run_all(sess, probes: list[dict], input_model: bool = False, known: dict | None = None
@@ -753,7 +756,8 @@ def _verify(result_model: onnx.ModelProto, prep: Prepared, arrays: dict[str, np.
     chosen = list(dict.fromkeys(r for _, r, _ in columns))
     probes = prep.probes.verification
     try:
-        outputs = _run_all(verify.session(result_model, chosen, arrays=arrays, optimize=optimize), probes)
+        outputs = _run_all(verify.session(result_model, chosen, arrays=arrays, optimize=optimize), probes,
+                           known=prep.batch_axes)
     except Exception as err:
         report.notes.append(f"onnxruntime could not run the result ({str(err).splitlines()[0][:200]})")
         first = prep.plan[0].output
