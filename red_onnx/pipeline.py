@@ -27,6 +27,7 @@ from .defaults import DEFAULT_MAX_DROP, DEFAULT_MAX_EVALS
 from .errors import InputError, VerificationError
 from .layers import LINEAR_OPS, QUANTIZED_OPS, Analysis, analyze, find_layers, input_specs, tensor_shapes, weightless
 from .passes import AVAILABLE, PLANNED, SCHEDULE, fold
+from .passes import hash as hash_pass
 from .passes.codebook import INDEX_TYPES
 from .report import Report
 
@@ -333,6 +334,8 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
             profile_path: str | os.PathLike | None = None) -> Prepared:
     """Load and analyse the input, run it on the probes, and canonicalize its constants; read the
     profile saved at ``profile_path`` if there is one."""
+    if INDEX_TYPES[opts.codebook]:  # codebook storage runs at every tolerance, hashing where lossy
+        hash_pass.start_warm_up()
     opts.log("loading")
     original = model_io.load(model)
     specs = input_specs(original, opts.input_shapes)

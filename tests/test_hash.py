@@ -996,3 +996,30 @@ def test_a_table_gathered_by_constant_indices_or_read_as_data_is_not_a_weight():
     model = b.model()
     names = {s.name for s in layers_mod.shared_weights(gs.import_onnx(model))}
     assert names == set(), names
+
+
+def test_warm_up_loads_the_kernels_a_hash_pass_runs():
+    """In a fresh process, the warm-up thread leaves every kernel that hashing and storing a
+    float32 conv weight call already loaded (no kernel is first loaded by the pass itself)."""
+    script = """
+import threading, numba, numpy as np
+from red_onnx import kde
+from red_onnx.passes import codebook, hash as H
+H.start_warm_up(); H.start_warm_up()  # once per process
+[t.join() for t in threading.enumerate() if t.name == "red_onnx kernels"]
+def loaded():
+    return {f"{m.__name__}.{k}": len(v.signatures) for m in (kde, codebook) for k, v in vars(m).items()
+            if isinstance(v, numba.core.registry.CPUDispatcher)}
+before = loaded()
+w = np.random.default_rng(1).standard_normal((96, 48, 3, 3)).astype(np.float32)
+factor, (values, book, scales) = H.fitting_hash(w, 256)
+codebook._snap((values / scales.reshape(-1, 1, 1, 1)).astype(np.float32), np.sort(book))
+new = {k: n - before[k] for k, n in loaded().items() if n > before[k]}
+assert not new, new
+assert sum(before.values()) >= 10, before
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
