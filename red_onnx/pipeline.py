@@ -334,7 +334,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
             profile_path: str | os.PathLike | None = None) -> Prepared:
     """Load and analyse the input, run it on the probes, and canonicalize its constants; read the
     profile saved at ``profile_path`` if there is one."""
-    if INDEX_TYPES[opts.codebook]:  # codebook storage runs at every tolerance, hashing where lossy
+    if opts.verify and opts.tolerance > 0 and "hash" in opts.passes and INDEX_TYPES[opts.codebook]:  # lossy hashing
         hash_pass.start_warm_up()
     opts.log("loading")
     original = model_io.load(model)

@@ -26,9 +26,9 @@ from typing import Callable
 
 import numpy as np
 
+from .. import kde
 from ..budget import Candidate
 from ..context import Context, PassResult
-from .. import kde
 from ..kde import PooledChannels, hash_channels
 from ..layers import Layer, hashable_weights
 from ..profile import digest
