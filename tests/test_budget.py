@@ -588,3 +588,35 @@ def test_a_worst_probe_the_spend_does_not_hold_is_forgotten():
     assert runs.on_all([hidden], decide=True) > budget.target and budget.worst == 6
     budget.worst = len(probes) + 2
     assert runs.on_all([harmless], decide=True) <= budget.target and budget.worst in range(4, len(probes))
+
+
+def test_a_spends_session_is_optimized_only_where_the_weights_are_serialized_and_the_optimizer_takes_it(monkeypatch):
+    """The budget measures in a session with all of onnxruntime's graph optimizations where the
+    weights it keeps are serialized with the model; plain where they are too large to be (the
+    optimizer would copy them) and where the optimizer fails."""
+    import onnxruntime as ort
+
+    from red_onnx import budget, verify
+
+    model = batch_model(False)
+
+    def level(sess):
+        return (sess._sess if isinstance(sess, verify.FedSession) else sess).get_session_options().graph_optimization_level
+
+    every, none = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert level(budget._measuring_session(model, ["y"], {})) == every
+    with monkeypatch.context() as m:
+        m.setattr(verify, "IN_PLACE_BYTES", 0)
+        assert level(budget._measuring_session(model, ["y"], {})) == none
+    plain = verify.session
+
+    def optimizer_fails(*args, optimize=False, **kwargs):
+        if optimize:
+            raise RuntimeError("the optimizer failed")
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(verify, "session", optimizer_fails)
+    sess = budget._measuring_session(model, ["y"], {})
+    assert level(sess) == none
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], plain(model).run(None, {"x": x})[0], rtol=1e-6)
