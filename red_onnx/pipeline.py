@@ -334,8 +334,6 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
             profile_path: str | os.PathLike | None = None) -> Prepared:
     """Load and analyse the input, run it on the probes, and canonicalize its constants; read the
     profile saved at ``profile_path`` if there is one."""
-    if opts.verify and opts.tolerance > 0 and "hash" in opts.passes and INDEX_TYPES[opts.codebook]:  # lossy hashing
-        hash_pass.start_warm_up()
     opts.log("loading")
     original = model_io.load(model)
     specs = input_specs(original, opts.input_shapes)
@@ -354,6 +352,8 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
     probes = make_probes(specs, opts.seed, opts.allocation, opts.check, opts.probe_ranges, opts.probe_inputs)
     reference, budget, batch_axes = None, None, {}
     if opts.verify:  # one session on the input model for both probe sets
+        if opts.tolerance > 0 and "hash" in opts.passes and INDEX_TYPES[opts.codebook]:
+            hash_pass.start_warm_up()  # while onnxruntime runs the reference (after the input's checks)
         opts.log(f"running the input model on {len(probes.allocation)} + {len(probes.verification)} probes")
         ref_session = verify.input_session(original, ref_names)
         try:
