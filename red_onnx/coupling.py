@@ -1065,7 +1065,8 @@ def _target_entry(node: gs.Node, position: int, walk: Walk) -> tuple[int | None,
         def set_constant(size: int) -> None:
             new = np.atleast_1d(node.inputs[1].values).copy()
             new[position] = size
-            node.inputs[1] = gs.Constant(unique_name(f"{target.name}_resized", taken_names(walk.graph)), new.reshape(target.values.shape))
+            name = unique_name(f"{target.name}_resized", taken_names(walk.graph))
+            node.inputs[1] = gs.Constant(name, new.reshape(target.values.shape))
 
         return int(values[position]), set_constant
     concat = target.inputs[0] if len(target.inputs) == 1 else None

@@ -601,7 +601,8 @@ def test_a_spends_session_is_optimized_only_where_the_weights_are_serialized_and
     model = batch_model(False)
 
     def level(sess):
-        return (sess._sess if isinstance(sess, verify.FedSession) else sess).get_session_options().graph_optimization_level
+        options = (sess._sess if isinstance(sess, verify.FedSession) else sess).get_session_options()
+        return options.graph_optimization_level
 
     every, none = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert level(budget._measuring_session(model, ["y"], {})) == every
