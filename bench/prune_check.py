@@ -33,54 +33,75 @@ def within(row: dict, clean: dict, model: str, primary: str) -> bool:
     return ok and (extra is None or row["metrics"][extra] >= clean[extra] - 0.01)
 
 
-def measure_rows(name: str, tolerances: list[float], prune_tolerances: list[float], sparsities: list[float], log
-                 ) -> dict:
-    import red_onnx
-    from red_onnx import verify
-    from red_onnx.layers import analyze, input_specs
+class Rows:
+    """One bench model, its original's task metrics, and the rows measured against it."""
 
-    from . import tools, zoo
+    def __init__(self, name: str, log) -> None:
+        from red_onnx.layers import analyze, input_specs
 
-    m = zoo.get(name)
-    path = str(m.build())
-    original = onnx.load(path)
-    shapes = {k: tuple(v.shape) for k, v in m.real_inputs(1).items()}
-    one = m.real_inputs(1)
-    specs = input_specs(original, shapes)
-    before = analyze(original, specs)
-    clean = m.evaluate(path)
-    log(f"{name}: clean {clean}")
-    rows = []
+        from . import zoo
 
-    def add(tool: str, setting: str, model: onnx.ModelProto, seconds: float, extra: dict) -> None:
+        self.name, self.log, self.rows = name, log, []
+        self.bench = zoo.get(name)
+        self.path = str(self.bench.build())
+        self.original = onnx.load(self.path)
+        self.shapes = {k: tuple(v.shape) for k, v in self.bench.real_inputs(1).items()}
+        self.one = self.bench.real_inputs(1)
+        self.specs = input_specs(self.original, self.shapes)
+        self.before = analyze(self.original, self.specs)
+        self.clean = self.bench.evaluate(self.path)
+        log(f"{name}: clean {self.clean}")
+
+    def add(self, tool: str, setting: str, model: onnx.ModelProto, seconds: float, extra: dict) -> dict:
+        """A row: ``model``'s task metrics, MACs / params / bytes after ÷ before, latency ratio."""
+        from red_onnx import verify
+        from red_onnx.layers import analyze
+
+        m = self.bench
         with tempfile.TemporaryDirectory() as tmp:
             out = f"{tmp}/m.onnx"
             onnx.save(model, out)
             metrics = m.evaluate(out)
-        after = analyze(model, specs)
-        ratio = verify.latency_ratio(original, model, one, pairs=40)[2]
-        row = {"tool": tool, "setting": setting, "metrics": metrics, "macs": after.macs / before.macs,
-               "params": after.params / before.params, "bytes": model.ByteSize() / original.ByteSize(),
+        after = analyze(model, self.specs)
+        ratio = verify.latency_ratio(self.original, model, self.one, pairs=40)[2]
+        row = {"tool": tool, "setting": setting, "metrics": metrics, "macs": after.macs / self.before.macs,
+               "params": after.params / self.before.params, "bytes": model.ByteSize() / self.original.ByteSize(),
                "latency": ratio, "seconds": round(seconds, 2), **extra}
-        row["within"] = within(row, clean, name, m.primary)
-        rows.append(row)
-        log(f"  {tool} {setting}: {m.primary} {metrics[m.primary]:.4f} MACs {row['macs']:.3f} bytes "
-            f"{row['bytes']:.3f} latency {ratio:.3f} {seconds:.1f} s")
+        row["within"] = within(row, self.clean, self.name, m.primary)
+        self.rows.append(row)
+        self.log(f"  {tool} {setting}: {m.primary} {metrics[m.primary]:.4f} MACs {row['macs']:.3f} bytes "
+                 f"{row['bytes']:.3f} latency {ratio:.3f} {seconds:.1f} s")
+        return row
 
-    for passes, grid in (("all", tolerances), ("prune", prune_tolerances)):
-        for t in grid:
+    def red_onnx(self, tolerances: list[float], passes: str = "all") -> None:
+        """Rows of red_onnx.compress at each tolerance (the model's input range as probe range)."""
+        import red_onnx
+
+        for t in tolerances:
             start = time.perf_counter()
-            model, report = red_onnx.compress(path, t, passes=None if passes == "all" else [passes],
-                                              probe_ranges=m.probe_range, input_shapes=shapes)
-            add(f"red_onnx {passes}", f"tol {t:g}", model, time.perf_counter() - start,
-                {"deviation": report.output_deviation, "guard": report.latency.get("fixes", [])})
+            model, report = red_onnx.compress(self.path, t, passes=None if passes == "all" else [passes],
+                                              probe_ranges=self.bench.probe_range, input_shapes=self.shapes)
+            self.add(f"red_onnx {passes}", f"tol {t:g}", model, time.perf_counter() - start,
+                     {"deviation": report.output_deviation, "guard": report.latency.get("fixes", [])})
+
+    def result(self) -> dict:
+        return {"model": self.name, "primary": self.bench.primary, "clean": self.clean, "rows": self.rows}
+
+
+def measure_rows(name: str, tolerances: list[float], prune_tolerances: list[float], sparsities: list[float], log
+                 ) -> dict:
+    from . import tools
+
+    rows = Rows(name, log)
+    rows.red_onnx(tolerances)
+    rows.red_onnx(prune_tolerances, "prune")
     for s in sparsities:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            tools.onnxsim_prune(path, f"{tmp}/p.onnx", s, f"{tmp}/s.onnx")
+            tools.onnxsim_prune(rows.path, f"{tmp}/p.onnx", s, f"{tmp}/s.onnx")
             seconds = time.perf_counter() - start
-            add("onnxsim", f"spa {s:g}", onnx.load(f"{tmp}/p.onnx"), seconds, {})
-    return {"model": name, "primary": m.primary, "clean": clean, "rows": rows}
+            rows.add("onnxsim", f"spa {s:g}", onnx.load(f"{tmp}/p.onnx"), seconds, {})
+    return rows.result()
 
 
 def table(results: list[dict]) -> list[str]:

@@ -67,3 +67,34 @@ def onnxsim_prune(src: str, out_path: str, sparsity: float, simplified_path: str
     model = onnxsim.apply_structured_pruning(simplified, sparsity=sparsity, importance_norm="l2")
     onnx.save(model, out_path)
     return {"onnxsim_version": getattr(onnxsim, "__version__", "?")}
+
+
+def ort_int8(src: str, out_path: str, per_channel: bool, op_types: list[str] | None = None) -> dict:
+    """onnxruntime's data-free int8 quantization, `quantize_dynamic`: int8 weights (one scale per tensor
+    or per output channel), activations quantized at run time (DynamicQuantizeLinear → ConvInteger /
+    MatMulInteger); ``op_types`` limits it to those ops (None: its default set). After onnxruntime's
+    `quant_pre_process` where it succeeds, as its warning asks."""
+    import tempfile
+
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:  # the pre-processing onnxruntime asks for (shape inference, graph optimization)
+            quant_pre_process(src, f"{tmp}/pre.onnx")
+            src, preprocessed = f"{tmp}/pre.onnx", True
+        except Exception:
+            preprocessed = False
+        quantize_dynamic(src, out_path, weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=op_types)
+    return {"onnxruntime_version": onnxruntime.__version__, "preprocessed": preprocessed}
+
+
+def ort_fp16(src: str, out_path: str) -> dict:
+    """float16 weights and compute, float32 inputs and outputs (onnxruntime's own converter,
+    `onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`)."""
+    import onnxruntime
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(src), keep_io_types=True), out_path)
+    return {"onnxruntime_version": onnxruntime.__version__}
