@@ -74,6 +74,8 @@ def ort_int8(src: str, out_path: str, per_channel: bool, op_types: list[str] | N
     or per output channel), activations quantized at run time (DynamicQuantizeLinear → ConvInteger /
     MatMulInteger); ``op_types`` limits it to those ops (None: its default set). After onnxruntime's
     `quant_pre_process` where it succeeds, as its warning asks."""
+    import contextlib
+    import os
     import tempfile
 
     import onnxruntime
@@ -81,7 +83,8 @@ def ort_int8(src: str, out_path: str, per_channel: bool, op_types: list[str] | N
 
     with tempfile.TemporaryDirectory() as tmp:
         try:  # the pre-processing onnxruntime asks for (shape inference, graph optimization)
-            quant_pre_process(src, f"{tmp}/pre.onnx")
+            with contextlib.chdir(tmp):  # it writes temporary files into the working directory
+                quant_pre_process(os.path.abspath(src), f"{tmp}/pre.onnx")
             src, preprocessed = f"{tmp}/pre.onnx", True
         except Exception:
             preprocessed = False

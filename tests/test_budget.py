@@ -621,3 +621,45 @@ def test_a_spends_session_is_optimized_only_where_the_weights_are_serialized_and
     assert level(sess) == none
     x = np.ones((2, 4), np.float32)
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], plain(model).run(None, {"x": x})[0], rtol=1e-6)
+
+
+class FakeRuns:
+    """Deviations without a model: each slot adds its square; all allocation probes read ``worse``
+    times the ranking probes. Counts the runs on all probes."""
+
+    screening = True
+
+    def __init__(self, squares: dict[str, float], worse: float = 1.0):
+        self.squares, self.worse, self.all_runs = squares, worse, 0
+
+    def left(self) -> bool:
+        return True
+
+    def on_ranking(self, chosen) -> float:
+        return float(np.sqrt(sum(self.squares[c.slot] for c in chosen)))
+
+    def on_all(self, chosen, screened=None, decide=False) -> float:
+        self.all_runs += 1
+        return self.worse * self.on_ranking(chosen)
+
+
+def test_steps_after_the_longest_prefix_are_confirmed_together():
+    """20 steps after the prefix, each adding 0.01² (one, the fifth, 0.1²: over the target alone):
+    screened one by one on the ranking probes, the 19 that pass are confirmed on all probes in one
+    run where they all fit there; where all probes read 1.3x the ranking probes' deviation and the
+    target is 0.05, the longest run that fits there (14 steps: 1.3 · 0.01 · √14 = 0.049, √15: 0.050)
+    is found by bisection."""
+    squares = {f"s{k}": 0.01 ** 2 for k in range(20)}
+    squares["s4"] = 0.1 ** 2
+    slots = {s: [Candidate(s, s, (0, 0, 1), 0.0)] for s in squares}
+    later = [(s, 0, q) for s, q in squares.items()]
+    budget = Budget(0.1, [], [], [], [])  # target 0.08
+    runs = FakeRuns(squares)
+    accepted, current = budget._try_next(later, slots, {}, 0.0, runs)
+    assert sorted(accepted) == sorted(s for s in squares if s != "s4") and runs.all_runs == 1
+    assert current == pytest.approx(0.01 * np.sqrt(19))
+    budget.target = 0.05
+    runs = FakeRuns(squares, worse=1.3)
+    accepted, current = budget._try_next(later, slots, {}, 0.0, runs)
+    assert list(accepted) == [s for s in squares if s != "s4"][:14] and current <= 0.05
+    assert runs.all_runs <= 2 + int(np.ceil(np.log2(19)))

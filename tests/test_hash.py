@@ -50,11 +50,16 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 def chain(model: onnx.ModelProto, tensor: str) -> dict | None:
     """The codebook chain producing ``tensor`` (checked to be exactly Cast(int32) → Gather(axis 0)
-    [→ Mul(scales)] over initializers), or None if ``tensor`` is an initializer."""
+    [→ Mul(scales)] over initializers, or Cast of a float16 initializer), or None if ``tensor`` is
+    an initializer."""
     inits, prod = _inits(model), _producers(model)
     if tensor in inits:
         return None
     node = prod[tensor]
+    if node.op_type == "Cast" and node.input[0] in inits and inits[node.input[0]].dtype == np.float16:
+        to = helper.tensor_dtype_to_np_dtype(_attr(node, "to"))
+        assert to in (np.float32, np.float64), to
+        return {"half": inits[node.input[0]], "dtype": np.dtype(to), "nodes": [node], "output": tensor}
     scales = None
     nodes = []
     if node.op_type == "Mul":
@@ -76,6 +81,8 @@ def chain(model: onnx.ModelProto, tensor: str) -> dict | None:
 
 
 def numpy_decode(c: dict) -> np.ndarray:
+    if "half" in c:
+        return c["half"].astype(c["dtype"])
     book = c["codebook"]
     out = book[c["indices"].astype(np.int32)]
     if c["scales"] is not None:
@@ -88,7 +95,7 @@ def ort_decode(model: onnx.ModelProto, c: dict) -> np.ndarray:
     """Run just the codebook subgraph in onnxruntime (no graph inputs, optimizations off)."""
     inits = _inits(model)
     used = {i for n in c["nodes"] for i in n.input if i in inits}
-    elem = helper.np_dtype_to_tensor_dtype(c["codebook"].dtype)
+    elem = helper.np_dtype_to_tensor_dtype(c["dtype"] if "half" in c else c["codebook"].dtype)
     graph = helper.make_graph(c["nodes"], "decode", [], [helper.make_tensor_value_info(c["output"], elem, None)],
                               [numpy_helper.from_array(inits[n], n) for n in sorted(used)])
     sub = helper.make_model(graph, opset_imports=list(model.opset_import))
@@ -1023,3 +1030,100 @@ assert sum(before.values()) >= 10, before
 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------- #
+# float16 storage
+
+
+def _gemm_chain(weights: list[np.ndarray], dtype=np.float32) -> onnx.ModelProto:
+    """x → Gemm(transB) → Relu → ... with the given (out, in) weights (``dtype``: their type and the model's)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    b = Builder(seed=3)
+    y = b.input("x", ["N", weights[0].shape[1]], elem=elem)
+    for k, w in enumerate(weights):
+        y = b.node("Gemm", [y, b.init(w, f"W{k}", dtype=dtype), b.init(np.full(w.shape[0], 0.1), f"B{k}", dtype=dtype)],
+                   name=f"fc{k}", transB=1)
+        if k < len(weights) - 1:
+            y = b.node("Relu", [y], name=f"relu{k}")
+    b.output(y, ["N", weights[-1].shape[0]], elem=elem)
+    return b.model()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float16_values_are_stored_as_float16_exactly(dtype):
+    """A weight whose values are all float16 values (over 256 of them) is stored as float16 → Cast,
+    at tolerance 0, and decodes to the same bits; one value off the float16 grid keeps it plain."""
+    rng = np.random.default_rng(0)
+    half = (rng.standard_normal((48, 64)) / 8).astype(np.float16).astype(dtype)
+    off = (rng.standard_normal((32, 48)) / 8).astype(np.float16).astype(dtype)
+    off[5, 7] = np.nextafter(off[5, 7], np.inf)  # between two float16 values
+    model = _gemm_chain([half, off], dtype)
+    result, report = red_onnx.compress(model, tolerance=0)
+    onnx.checker.check_model(result, full_check=True)
+    enc = encoded(result)
+    assert set(enc) == {"fc0"} and enc["fc0"]["half"].dtype == np.float16
+    weights = layer_weights(result)  # decoded in numpy and in onnxruntime, which agree bit for bit
+    assert_bits_equal(weights["fc0"], half.astype(dtype), "fc0")
+    assert_bits_equal(weights["fc1"], off, "fc1")
+    rows = codebook_rows(report)
+    assert rows["W0"]["form"] == "float16" and rows["W0"]["bytes_after"] == half.size * 2
+    assert result.ByteSize() < model.ByteSize() - half.nbytes // 2 + 1024
+    feeds = {"x": rng.standard_normal((4, 64)).astype(dtype)}
+    np.testing.assert_array_equal(run(result, feeds)[0], run(model, feeds)[0])
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        assert not any(n.op_type == "Cast" for n in _optimized(result, level).graph.node), "Cast folded"
+
+
+def _optimized(model: onnx.ModelProto, level) -> onnx.ModelProto:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        options.log_severity_level = 3
+        options.optimized_model_filepath = f"{tmp}/opt.onnx"
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(f"{tmp}/opt.onnx")
+
+
+def test_half_exact_keeps_signed_zeros_and_rejects_values_off_the_grid():
+    grid = np.array([0.0, -0.0, 1.5, -65504.0, 2.0 ** -24, np.inf], np.float32)
+    assert codebook_pass.half_exact(grid) and codebook_pass.half_exact(grid.astype(np.float64))
+    for bad in (np.float32(1 + 2 ** -12), np.float32(70000.0), np.float32(2.0 ** -26)):
+        assert not codebook_pass.half_exact(np.append(grid, bad))
+    big = np.random.default_rng(1).standard_normal(100_000).astype(np.float16).astype(np.float32)
+    assert codebook_pass.half_exact(big)
+    big[-1] += 1e-6  # off the grid outside the sample checked first
+    assert not codebook_pass.half_exact(big)
+
+
+def test_a_sensitive_layer_takes_the_float16_level():
+    """At a tolerance its 256-entry codebook does not fit, a layer is rounded to float16 instead:
+    stored as float16 → Cast, the measured deviation within the tolerance, the file smaller."""
+    rng = np.random.default_rng(2)
+    weights = [rng.standard_normal((96, 64)) / 8, rng.standard_normal((10, 96)) / 10]
+    model = _gemm_chain([w.astype(np.float32) for w in weights])
+    tol = 1e-3
+    result, report = red_onnx.compress(model, tolerance=tol, seed=0)
+    assert report.output_deviation <= tol
+    rows = _hash_rows(report)
+    assert rows and all(r["form"] == "float16" and r["modes"] is None for r in rows.values()), rows
+    enc = encoded(result)
+    assert set(enc) == set(rows) and all("half" in c for c in enc.values())
+    assert_same_outputs(model, result, rtol=tol)
+    coarse, coarse_report = red_onnx.compress(model, tolerance=0.05, seed=0)  # room for the codebooks
+    assert {r["form"] for r in _hash_rows(coarse_report).values()} == {"codebook"}
+    assert coarse.ByteSize() < result.ByteSize() < model.ByteSize() * 0.6
+
+
+def _hash_rows(report) -> dict[str, dict]:
+    """The hash pass's row of each layer it hashed, by node name."""
+    return {r["name"]: r["hash"] for r in report.layers if "hash" in r and "left_alone" not in r["hash"]}
+
+
+def test_codebook_off_offers_no_float16_level():
+    rng = np.random.default_rng(2)
+    model = _gemm_chain([(rng.standard_normal((96, 64)) / 8).astype(np.float32)])
+    result, report = red_onnx.compress(model, tolerance=0.01, codebook="off")
+    assert not encoded(result) and not any(t.data_type == onnx.TensorProto.FLOAT16 for t in result.graph.initializer)

@@ -8,6 +8,10 @@ in standard ops; onnxruntime folds the chain at session creation, so inference s
 A float16 weight with scales is decoded in float32 and Cast to float16 (onnxruntime's CPU provider
 has no float16 Mul, so it could not fold the chain and decoded it on every run: a UNet 1.6x slower).
 Weights become few-valued by hashing (:mod:`red_onnx.passes.hash`) or were so already.
+
+A float32 or float64 weight whose every value is a float16 value (rounded so by hashing's float16
+level, or so already) and that no codebook stores in fewer bytes is stored as float16 → Cast(its
+type): half the bytes (a quarter of float64's), exact, and folded at session creation too.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ NAME = "codebook"
 INDEX_TYPES = {"uint8": ((256, np.uint8),), "auto": ((256, np.uint8), (65536, np.uint16)), "off": ()}
 MIN_ELEMENTS = 1024  # smaller weights are not worth a codebook
 NODE_OVERHEAD = 512  # bytes the Cast/Gather/Mul nodes and names add to the file, about
+#: a float16 stored weight's sample checked before all its values (most float32 weights fail there)
+HALF_SAMPLE = 4096
 
 
 def run(ctx: Context) -> PassResult:
@@ -207,14 +213,18 @@ def _encode_weight(ctx: Context, constant: gs.Constant, layer: Layer | None,
         type(layer).__name__, layer.op, layer.group, layer.node.attrs.get("transB", 0))))
     form = ctx.memoized("codebook form " + layout, [stored] + [h for h in hint if h is not None],
                         lambda: _codebook_form(stored, layer, ctx.codebook, hint))
-    if isinstance(form, str):
-        return form
-    codebook, indices, scales = form
-    widened = scales is not None and codebook.dtype == np.float16
-    if widened:  # onnxruntime CPU has no float16 Mul to fold at session creation: decode in float32, then
-        codebook, scales = codebook.astype(np.float32), scales.astype(np.float32)  # Cast (exact: see below)
     before = stored.nbytes
-    after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
+    half = stored.dtype != np.float16 and half_exact(stored)
+    if isinstance(form, str) and not half:
+        return form
+    if not isinstance(form, str):
+        codebook, indices, scales = form
+        widened = scales is not None and codebook.dtype == np.float16
+        if widened:  # onnxruntime CPU has no float16 Mul to fold at session creation: decode in float32, then
+            codebook, scales = codebook.astype(np.float32), scales.astype(np.float32)  # Cast (exact: see below)
+        after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
+    if half and (isinstance(form, str) or stored.size * 2 < after):
+        return _store_half(ctx, constant)
     if after + NODE_OVERHEAD >= before:
         return "a codebook would not make it smaller"
     graph, name = ctx.graph, constant.name
@@ -242,9 +252,37 @@ def _encode_weight(ctx: Context, constant: gs.Constant, layer: Layer | None,
     for user in list(constant.outputs):
         user.inputs = [decoded if t is constant else t for t in user.inputs]
     graph.nodes.extend(nodes)
-    return {"name": name, "codebook_entries": int(len(codebook)), "index": indices.dtype.name,
+    return {"name": name, "form": "codebook", "codebook_entries": int(len(codebook)), "index": indices.dtype.name,
             "per_channel_scale": scales is not None, "shared_by": len(nodes[-1].outputs[0].outputs),
             "bytes_before": int(before), "bytes_after": int(after)}
+
+
+def half_exact(values: np.ndarray) -> bool:
+    """Whether every value is a float16 value (bit for bit once widened back: -0.0 stays -0.0)."""
+    flat = values.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for sample in (flat[::max(1, flat.size // HALF_SAMPLE)], flat):
+            if not np.array_equal(_bits(sample.astype(np.float16).astype(values.dtype)), _bits(sample)):
+                return False
+    return True
+
+
+def _store_half(ctx: Context, constant: gs.Constant) -> dict | str:
+    """Replace ``constant`` (float16 values in float32 or float64) by float16 → Cast."""
+    stored = constant.values
+    before, after = stored.nbytes, stored.size * 2
+    if after + NODE_OVERHEAD >= before:
+        return "float16 storage would not make it smaller"
+    taken = taken_names(ctx.graph)
+    name = constant.name
+    decoded = gs.Variable(unique_name(f"{name}_decoded", taken), dtype=stored.dtype)
+    cast = gs.Node("Cast", unique_name(f"{name}_cast", taken), {"to": onnx.helper.np_dtype_to_tensor_dtype(stored.dtype)},
+                   [gs.Constant(unique_name(f"{name}_float16", taken), stored.astype(np.float16))], [decoded])
+    for user in list(constant.outputs):
+        user.inputs = [decoded if t is constant else t for t in user.inputs]
+    ctx.graph.nodes.append(cast)
+    return {"name": name, "form": "float16", "codebook_entries": None, "index": None, "per_channel_scale": False,
+            "shared_by": len(decoded.outputs), "bytes_before": int(before), "bytes_after": int(after)}
 
 
 def _codebook_form(stored: np.ndarray, layer: Layer | None, setting: str,

@@ -32,7 +32,7 @@ from ..context import Context, PassResult
 from ..kde import PooledChannels, hash_channels
 from ..layers import Layer, hashable_weights
 from ..profile import digest
-from .codebook import INDEX_TYPES, MIN_ELEMENTS, _snap, distinct_bits, split_scales
+from .codebook import INDEX_TYPES, MIN_ELEMENTS, _snap, distinct_bits, half_exact, split_scales
 
 NAME = "hash"
 #: Bandwidth factors searched (× Silverman's bandwidth of the normalised weights).
@@ -41,6 +41,8 @@ PRECISION = 1.05  # the factor found is within this ratio of the smallest that f
 MAX_PROBES = 24  # KDE runs per search at most (3 to 5 in practice)
 #: a weight of at least this many values has its distinct values counted in a thread of its own
 THREADED_COUNT = 2**22
+#: the largest finite float16 value: a weight with a larger one is not offered float16 values
+HALF_MAX = float(np.finfo(np.float16).max)
 #: hashed weights kept for the later builds of a call (other tolerances), in bytes at most
 MEMO_BYTES = 2**29
 #: per-channel normalisation of the hashed weights (bench/hash_study.md: max-abs gives about 30%
@@ -86,9 +88,11 @@ def run(ctx: Context) -> PassResult:
                               per_level=False)
             for c in spent.accepted:
                 name, factor, entries, error, scales, distinct = c.data
-                ctx.hashed[name] = (scales, codebooks[c.key])  # hashed = fl(codebook[i] · scale)
-                result.layers.append({"name": c.slot.split(":", 1)[1], "bandwidth_factor": factor, "modes": entries,
-                                      "distinct_before": distinct(), "weight_error": round(error, 6)})
+                if entries is not None:  # else rounded to float16, which codebook stores as float16
+                    ctx.hashed[name] = (scales, codebooks[c.key])  # hashed = fl(codebook[i] · scale)
+                result.layers.append({"name": c.slot.split(":", 1)[1], "form": "codebook" if entries else "float16",
+                                      "bandwidth_factor": factor, "modes": entries, "distinct_before": distinct(),
+                                      "weight_error": round(error, 6)})
             result.counts["layers_hashed"] = len(spent.accepted)
             result.counts["deviation_allocated"] = round(spent.deviation_after, 6)
     result.modified = result.counts["layers_hashed"] > 0
@@ -146,21 +150,30 @@ def _layer_candidates(ctx: Context, layer: Layer) -> list[tuple[Candidate, np.nd
     # the codebook sizes found at each factor, shared by the searches at each limit, and by the
     # later builds of this call that hash the same values (their searches then start bracketed)
     counts = ctx.memo.setdefault(f"hash counts {digest(w)}", {})
-    pooled, found = None, {}
+    pooled, found, storable = None, {}, False
     for level, limit in enumerate(limits):
         fold_scales = (ctx.fold_scales.get(layer.weight.name), None)
         if few is not None and len(few) <= limit or split_scales(layer, fold_scales, limit):
-            continue  # encode stores it at this width as it is (exactly, maybe with channel scales)
+            storable = True  # encode stores it at this width as it is (exactly, maybe with channel scales)
+            continue
         pooled = pooled or PooledChannels(w, True, scale=SCALE)
         found[level] = fitting_hash(w, limit, pooled=pooled, counts=counts)
     out = []
+    if not storable and w.dtype != np.float16 and np.isfinite(w).all() \
+            and float(np.abs(w).max(initial=0)) <= HALF_MAX and not half_exact(w):
+        # the mildest level: every value rounded to float16 (stored in half the bytes)
+        values = w.astype(np.float16).astype(w.dtype)
+        error = float(np.linalg.norm(values - w)) / norm if norm else 0.0
+        c = Candidate(f"hash:{layer.name}:half", f"hash:{layer.name}", (0, 0, w.nbytes - w.size * 2), error, 0,
+                      (layer.weight.name, None, None, error, None, distinct))
+        out.append((c, layer.stored(values), np.empty(0, w.dtype)))  # no codebook
     for level, hashed in found.items():
         if hashed is None:
             continue
         factor, (values, codebook, scales) = hashed
         saving = w.nbytes - _encoded_bytes(w, len(codebook), ctx.codebook)
         error = float(np.linalg.norm(values - w)) / norm if norm else 0.0
-        c = Candidate(f"hash:{layer.name}:{level}", f"hash:{layer.name}", (0, 0, saving), error, level,
+        c = Candidate(f"hash:{layer.name}:{level}", f"hash:{layer.name}", (0, 0, saving), error, level + 1,
                       (layer.weight.name, factor, len(codebook), error, scales, distinct))
         out.append((c, layer.stored(values), codebook))
     return out
