@@ -159,6 +159,57 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def row_lines(results: list[dict], guard: bool) -> list[str]:
+    """Every row: primary metric, MACs / params / bytes after ÷ before (a peer's MACs and params:
+    "unchanged", as red_onnx.analyze counts float ops only), latency ratio, tool seconds, red_onnx's
+    measured deviation (and, with ``guard``, what its latency guard did); a peer that failed, why."""
+    lines = ["Every row: primary metric, MACs / params / bytes after ÷ before, latency ratio, tool seconds, "
+             "red_onnx's measured deviation" + (" and what its latency guard did." if guard else "."), "",
+             "| model | tool | setting | metric | within | MACs | params | bytes | latency | s | deviation |"
+             + (" guard |" if guard else ""), "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if guard else "")]
+    for res in results:
+        for r in res["rows"]:
+            if "failed" in r:
+                lines.append(f"| {res['model']} | {r['tool']} | | failed: {r['failed']} | | | | | | | |"
+                             + (" |" if guard else ""))
+                continue
+            dev = f"{r['deviation']:.3g}" if r.get("deviation") is not None else ""
+            ratios = ["unchanged" if r[k] is None else f"{r[k]:.3f}" for k in ("macs", "params")]
+            line = (f"| {res['model']} | {r['tool']} | {r['setting']} | {r['metrics'][res['primary']]:.4f} | "
+                    f"{'yes' if r['within'] else 'no'} | {ratios[0]} | {ratios[1]} | {r['bytes']:.3f} | "
+                    f"{r['latency']:.2f} | {r['seconds']:.1f} | {dev} |")
+            if guard:
+                line += " " + "; ".join(f"{g['fix']} (was {g['ratio_before']:.2f})" for g in r.get("guard", [])) + " |"
+            lines.append(line)
+    return lines
+
+
+def save(results: list[dict], out: Path, commit: str, minutes: float, lines: list[str]) -> None:
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"commit": commit, "minutes": round(minutes, 1),
+                                                    "results": results}, indent=1))
+    print("\n".join(lines))
+
+
+def run_models(models: list[str], out: Path, rewrite: bool, measure, write) -> None:
+    """``measure(name, log)`` per model (its results saved after each), then ``write(results, out,
+    commit, minutes)``; with ``rewrite``, only ``write`` again from the saved .json."""
+    import subprocess
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rewrite:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        write(saved["results"], out, saved["commit"], saved["minutes"])
+        return
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    start = time.perf_counter()
+    results = []
+    for name in models:
+        results.append(measure(name, lambda msg: print(msg, flush=True)))
+        out.with_suffix(".json").write_text(json.dumps({"commit": commit, "minutes": None, "results": results}))
+    write(results, out, commit, (time.perf_counter() - start) / 60)
+
+
 def write(results: list[dict], out: Path, commit: str, minutes: float) -> None:
     """bench/prune_check.md (headline table, plot, every row) and the plot."""
     lines = [f"# Channel pruning against onnxsim, and the latency guard (bench/prune_check.py, commit {commit})", "",
@@ -166,27 +217,12 @@ def write(results: list[dict], out: Path, commit: str, minutes: float) -> None:
              f"Wall time {minutes:.0f} min on this 2-core machine.", "",
              "![metric against MACs removed](plots/prune_check.png)", "",
              "Most MACs removed within 1 point, per tool (then the smaller file):", ""] + table(results)
-    lines += ["", "Every row: primary metric, MACs / params / bytes after ÷ before, latency ratio, tool seconds, "
-              "red_onnx's measured deviation and what its latency guard did.", "",
-              "| model | tool | setting | metric | within | MACs | params | bytes | latency | s | deviation | guard |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for res in results:
-        for r in res["rows"]:
-            guard = "; ".join(f"{g['fix']} (was {g['ratio_before']:.2f})" for g in r.get("guard", []))
-            dev = f"{r['deviation']:.3g}" if r.get("deviation") is not None else ""
-            lines.append(f"| {res['model']} | {r['tool']} | {r['setting']} | {r['metrics'][res['primary']]:.4f} | "
-                         f"{'yes' if r['within'] else 'no'} | {r['macs']:.3f} | {r['params']:.3f} | {r['bytes']:.3f} | "
-                         f"{r['latency']:.2f} | {r['seconds']:.1f} | {dev} | {guard} |")
+    lines += [""] + row_lines(results, guard=True)
     plot(results, BENCH_DIR / "plots" / "prune_check.png")
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"commit": commit, "minutes": round(minutes, 1),
-                                                    "results": results}, indent=1))
-    print("\n".join(lines))
+    save(results, out, commit, minutes, lines)
 
 
 def main() -> None:
-    import subprocess
-
     from . import zoo
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,21 +233,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(BENCH_DIR / "prune_check.md"))
     parser.add_argument("--rewrite", action="store_true", help="write the .md and the plot again from the .json")
     args = parser.parse_args()
-    out = Path(args.out)
-    if args.rewrite:
-        saved = json.loads(out.with_suffix(".json").read_text())
-        write(saved["results"], out, saved["commit"], saved["minutes"])
-        return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     tolerances = [float(t) for t in args.tolerances.split(",")]
     prune_tolerances = [float(t) for t in args.prune_tolerances.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    start = time.perf_counter()
-    results = []
-    for name in args.models.split(","):
-        results.append(measure_rows(name, tolerances, prune_tolerances, sparsities, lambda msg: print(msg, flush=True)))
-        out.with_suffix(".json").write_text(json.dumps({"commit": commit, "minutes": None, "results": results}))
-    write(results, out, commit, (time.perf_counter() - start) / 60)
+    run_models(args.models.split(","), Path(args.out), args.rewrite,
+               lambda name, log: measure_rows(name, tolerances, prune_tolerances, sparsities, log), write)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ and the plot plots/quant_check.png.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import onnx
 
 from .common import BENCH_DIR
-from .prune_check import Rows
+from .prune_check import Rows, row_lines, run_models, save
 
 PEERS = {  # row label → the tools function and its arguments
     "int8 per tensor": ("ort_int8", {"per_channel": False}),
@@ -66,10 +64,6 @@ def _cell(row: dict | None, primary: str) -> str:
     setting = f"{row['setting']}, " if row["setting"] else ""
     return (f"file {row['bytes'] - 1:+.1%}, latency {row['latency']:.2f} ({setting}{row['metrics'][primary]:.4f}"
             f"{'' if row['within'] else ', over 1 point'})")
-
-
-def _ratio(value: float | None) -> str:
-    return "unchanged" if value is None else f"{value:.3f}"
 
 
 def table(results: list[dict]) -> list[str]:
@@ -137,24 +131,9 @@ def write(results: list[dict], out: Path, commit: str, minutes: float) -> None:
              "![metric and latency against file size](plots/quant_check.png)", "",
              "Per tool: red_onnx's smallest file within 1 point; each peer's one result (file size and latency "
              "against the original's, then the primary metric):", ""] + table(results)
-    lines += ["", "Every row: primary metric, MACs / params / bytes after ÷ before, latency ratio, tool seconds, "
-              "red_onnx's measured deviation.", "",
-              "| model | tool | setting | metric | within | MACs | params | bytes | latency | s | deviation |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for res in results:
-        for r in res["rows"]:
-            if "failed" in r:
-                lines.append(f"| {res['model']} | {r['tool']} | | failed: {r['failed']} | | | | | | | |")
-                continue
-            dev = f"{r['deviation']:.3g}" if r.get("deviation") is not None else ""
-            lines.append(f"| {res['model']} | {r['tool']} | {r['setting']} | {r['metrics'][res['primary']]:.4f} | "
-                         f"{'yes' if r['within'] else 'no'} | {_ratio(r['macs'])} | {_ratio(r['params'])} | {r['bytes']:.3f} | "
-                         f"{r['latency']:.2f} | {r['seconds']:.1f} | {dev} |")
+    lines += [""] + row_lines(results, guard=False)
     plot(results, BENCH_DIR / "plots" / "quant_check.png")
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"commit": commit, "minutes": round(minutes, 1),
-                                                    "results": results}, indent=1))
-    print("\n".join(lines))
+    save(results, out, commit, minutes, lines)
 
 
 def main() -> None:
@@ -166,20 +145,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(BENCH_DIR / "quant_check.md"))
     parser.add_argument("--rewrite", action="store_true", help="write the .md and the plot again from the .json")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.rewrite:
-        saved = json.loads(out.with_suffix(".json").read_text())
-        write(saved["results"], out, saved["commit"], saved["minutes"])
-        return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     tolerances = [float(t) for t in args.tolerances.split(",")]
-    start = time.perf_counter()
-    results = []
-    for name in args.models.split(","):
-        results.append(measure(name, tolerances, lambda msg: print(msg, flush=True)))
-        out.with_suffix(".json").write_text(json.dumps({"commit": commit, "minutes": None, "results": results}))
-    write(results, out, commit, (time.perf_counter() - start) / 60)
+    run_models(args.models.split(","), Path(args.out), args.rewrite,
+               lambda name, log: measure(name, tolerances, log), write)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency-check", action="store_true", help="keep every rewrite (separations, channel "
                    "counts) even where onnxruntime CPU runs the result slower (e.g. for a TensorRT target)")
     p.add_argument("--codebook", choices=("uint8", "auto", "off"), default="uint8",
-                   help="store few-valued weights as codebook + uint8 indices (default), also uint16 (auto), "
-                   "or keep plain weights (off)")
+                   help="store few-valued weights as codebook + uint8 indices or as float16 (default), also "
+                   "uint16 indices (auto), or keep plain weights, unhashed (off)")
     p.add_argument("--exclude", metavar="REGEX", help="leave alone the layers whose node name matches")
     p.add_argument("--external-data", action="store_true", help="store weights beside the model "
                    "(automatic above 2 GB)")

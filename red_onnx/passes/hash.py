@@ -8,9 +8,11 @@ entries and where they start, Lloyd lowers their squared error: bench/scale_stud
 hashed weight is fl(u·s_c) (:func:`red_onnx.kde.hash_channels`), exactly what the stored codebook
 form computes. Each layer offers the budget, per codebook size (N/8 and N/32 entries with uint16
 indices, N weights; 256 with uint8), the smallest bandwidth factor f whose codebook fits it (a
-wider one saves almost no more bytes, while the error grows with f); the budget ranks the layers
+wider one saves almost no more bytes, while the error grows with f), and below them its values
+rounded to float16 (half the bytes; a relative weight error near 2⁻¹², where 256 entries give
+about 10⁻²: the level a layer too sensitive for any codebook can take); the budget ranks the layers
 by their measured deviation and spends on hashing only what the MAC-saving passes left. The
-hashed values are stored as codebooks by :mod:`red_onnx.passes.codebook`. Weights that no layer
+hashed values are stored as codebooks, or as float16, by :mod:`red_onnx.passes.codebook`. Weights that no layer
 owns are hashed the same way, row by row: an LSTM's, GRU's or RNN's W and R, embedding tables,
 and weights several nodes share (:class:`red_onnx.layers.SharedWeight`).
 """
