@@ -152,6 +152,9 @@ RANKING_VALUES = 1000
 #: part of the graph they change (:mod:`red_onnx.downstream`); a faster one runs whole (a
 #: sub-model's session costs more than it saves)
 DOWNSTREAM_SECONDS = 0.02
+#: the steps after the longest fitting prefix are screened and confirmed again after an overshoot
+#: on all allocation probes, at most this many times (:meth:`Budget._try_next`)
+PATIENCE_MISSES = 3
 #: Budget sessions kept for the later builds of a call: at most this many, each of a model whose
 #: weights outside the edited ones take at most SESSION_CACHE_BYTES
 SESSIONS_KEPT = 4
@@ -255,8 +258,10 @@ class Budget:
            on below it on all probes (:meth:`_longest`; a run on all probes is a decision: one over
            the target stops at its first probe over it, and the rescaling reads that lower bound).
            Then up to ``patience`` later steps, each predicted to fit, are screened on the ranking
-           probes, and those that pass are confirmed together on all (:meth:`_try_next`). So a
-           pass costs a few runs on all probes, however many candidates it has.
+           probes, and those that pass are confirmed together on all (:meth:`_try_next`: where
+           they overshoot, the longest run that fits is kept and the steps after the one that
+           overshot are tried again, up to PATIENCE_MISSES times). So a pass costs a few runs on
+           all probes, however many candidates it has.
         """
         start = time.perf_counter()
         before_ranking = runs.on_ranking([])
@@ -350,38 +355,43 @@ class Budget:
                   accepted: dict[str, Candidate], current: float, runs: _Runs) -> tuple[dict[str, Candidate], float]:
         """The steps after the longest fitting prefix, where predicted to fit: each screened on the
         ranking probes together with those that passed before it; the ones that pass are confirmed
-        together on all allocation probes, and where they overshoot there, the longest run of them
-        that fits is searched for (:meth:`_longest`). One confirmation where they all fit: on
-        MobileNetV2 at 0.003, whose float16 levels follow the longest prefix by the dozen, its hash
-        pass takes 1.30-1.62 s, against 2.89-3.24 s confirming each step alone (3 calls each)."""
-        passed: list[tuple[dict[str, Candidate], float]] = []  # each state that passed, its screened deviation
-        squares = [current * current]  # the predicted square of each such state's deviation
-        trial = accepted
-        for slot, i, cost in later:
-            if slot in trial and slots[slot].index(trial[slot]) >= i or not runs.left() \
-                    or squares[-1] + cost > self.target * self.target:
-                continue
-            candidate = {**trial, slot: slots[slot][i]}
-            screened = runs.on_ranking(list(candidate.values()))
-            if screened <= self.target:
-                trial = candidate
-                passed.append((candidate, screened))
-                squares.append(squares[-1] + cost)
-        if not passed:
-            return accepted, current
-        full = {0: current}
+        together on all allocation probes. Where they overshoot there, the longest run of them that
+        fits is kept (:meth:`_longest`), the step after it dropped, and the steps after that one
+        screened again, until PATIENCE_MISSES such overshoots. One confirmation where they all fit:
+        on MobileNetV2 at 0.003, whose float16 levels follow the longest prefix by the dozen, its
+        hash pass takes 1.30-1.62 s, against 2.89-3.24 s confirming each step alone (3 calls each)."""
+        for _ in range(PATIENCE_MISSES):
+            passed: list[tuple[dict[str, Candidate], float, int]] = []  # state, screened deviation, step
+            squares = [current * current]  # the predicted square of each such state's deviation
+            trial, level = accepted, current  # the last state that passed, its deviation as measured
+            for n, (slot, i, cost) in enumerate(later):
+                if slot in trial and slots[slot].index(trial[slot]) >= i or not runs.left() \
+                        or level * level + cost > self.target * self.target:
+                    continue
+                candidate = {**trial, slot: slots[slot][i]}
+                screened = runs.on_ranking(list(candidate.values()))
+                if screened <= self.target:
+                    trial, level = candidate, screened
+                    passed.append((candidate, screened, n))
+                    squares.append(squares[-1] + cost)
+            if not passed:
+                break
+            full = {0: current}
 
-        def on_all(k: int) -> float:
-            if k not in full:
-                state, screened = passed[k - 1]
-                full[k] = runs.on_all(list(state.values()), screened, decide=True) if runs.screening else screened
-            return full[k]
+            def on_all(k: int) -> float:
+                if k not in full:
+                    state, screened, _ = passed[k - 1]
+                    full[k] = runs.on_all(list(state.values()), screened, decide=True) if runs.screening \
+                        else screened
+                return full[k]
 
-        if on_all(len(passed)) <= self.target:
-            k = len(passed)
-        else:
+            if on_all(len(passed)) <= self.target:
+                return passed[-1][0], full[len(passed)]
             k = self._longest(on_all, [float(np.sqrt(q)) for q in squares[1:]], len(passed), runs.left)
-        return (passed[k - 1][0], full[k]) if k else (accepted, current)
+            if k:
+                accepted, current = passed[k - 1][0], full[k]
+            later = later[passed[k][2] + 1:]  # past the step that overshot
+        return accepted, current
 
     def _profile_slot(self, slot: str, levels: list[Candidate], slots: dict, added: dict, runs: _Runs,
                       before: float, per_level: bool) -> None:
