@@ -166,7 +166,8 @@ def row_lines(results: list[dict], guard: bool) -> list[str]:
     lines = ["Every row: primary metric, MACs / params / bytes after ÷ before, latency ratio, tool seconds, "
              "red_onnx's measured deviation" + (" and what its latency guard did." if guard else "."), "",
              "| model | tool | setting | metric | within | MACs | params | bytes | latency | s | deviation |"
-             + (" guard |" if guard else ""), "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if guard else "")]
+             + (" guard |" if guard else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if guard else "")]
     for res in results:
         for r in res["rows"]:
             if "failed" in r:

@@ -1127,3 +1127,28 @@ def test_codebook_off_offers_no_float16_level():
     model = _gemm_chain([(rng.standard_normal((96, 64)) / 8).astype(np.float32)])
     result, report = red_onnx.compress(model, tolerance=0.01, codebook="off")
     assert not encoded(result) and not any(t.data_type == onnx.TensorProto.FLOAT16 for t in result.graph.initializer)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), dtype=st.sampled_from([np.float32, np.float64]),
+       special=st.lists(st.sampled_from([0.0, -0.0, 2.0 ** -24, -(2.0 ** -20), 65504.0, -65504.0, 1e-3]),
+                        max_size=6))
+def test_float16_storage_property(seed, dtype, special):
+    """Random float16-valued weights (subnormals, signed zeros and the largest finite values among
+    them), one Gemm each side of a Relu: stored as float16 → Cast at tolerance 0, decoded bit for
+    bit in numpy and onnxruntime, the outputs identical."""
+    rng = np.random.default_rng(seed)
+    weights = []
+    for shape in ((40, 32), (32, 40)):
+        w = (rng.standard_normal(shape) * rng.uniform(1e-3, 10)).astype(np.float16)
+        w.reshape(-1)[:len(special)] = special
+        weights.append(w.astype(dtype))
+    model = _gemm_chain(weights, dtype)
+    result, _ = red_onnx.compress(model, tolerance=0)
+    enc = encoded(result)
+    assert set(enc) == {"fc0", "fc1"} and all("half" in c for c in enc.values())
+    decoded = layer_weights(result)
+    for k, w in enumerate(weights):
+        assert_bits_equal(decoded[f"fc{k}"], w, f"fc{k}")
+    feeds = {"x": rng.standard_normal((3, 32)).astype(dtype)}
+    np.testing.assert_array_equal(run(result, feeds)[0], run(model, feeds)[0])

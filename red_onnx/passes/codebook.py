@@ -276,8 +276,9 @@ def _store_half(ctx: Context, constant: gs.Constant) -> dict | str:
     taken = taken_names(ctx.graph)
     name = constant.name
     decoded = gs.Variable(unique_name(f"{name}_decoded", taken), dtype=stored.dtype)
-    cast = gs.Node("Cast", unique_name(f"{name}_cast", taken), {"to": onnx.helper.np_dtype_to_tensor_dtype(stored.dtype)},
-                   [gs.Constant(unique_name(f"{name}_float16", taken), stored.astype(np.float16))], [decoded])
+    half = gs.Constant(unique_name(f"{name}_float16", taken), stored.astype(np.float16))
+    cast = gs.Node("Cast", unique_name(f"{name}_cast", taken),
+                   {"to": onnx.helper.np_dtype_to_tensor_dtype(stored.dtype)}, [half], [decoded])
     for user in list(constant.outputs):
         user.inputs = [decoded if t is constant else t for t in user.inputs]
     ctx.graph.nodes.append(cast)

@@ -12,9 +12,9 @@ wider one saves almost no more bytes, while the error grows with f), and below t
 rounded to float16 (half the bytes; a relative weight error near 2⁻¹², where 256 entries give
 about 10⁻²: the level a layer too sensitive for any codebook can take); the budget ranks the layers
 by their measured deviation and spends on hashing only what the MAC-saving passes left. The
-hashed values are stored as codebooks, or as float16, by :mod:`red_onnx.passes.codebook`. Weights that no layer
-owns are hashed the same way, row by row: an LSTM's, GRU's or RNN's W and R, embedding tables,
-and weights several nodes share (:class:`red_onnx.layers.SharedWeight`).
+hashed values are stored as codebooks, or as float16, by :mod:`red_onnx.passes.codebook`.
+Weights that no layer owns are hashed the same way, row by row: an LSTM's, GRU's or RNN's W and
+R, embedding tables, and weights several nodes share (:class:`red_onnx.layers.SharedWeight`).
 """
 
 from __future__ import annotations
