@@ -36,6 +36,7 @@ TOOLS = ["red_onnx all"] + list(PEERS)
 
 def measure(name: str, tolerances: list[float], log) -> dict:
     import onnxruntime.quantization  # noqa: F401 (imported before the timings, as red_onnx is)
+    import onnxruntime.quantization.shape_inference  # noqa: F401 (quant_pre_process: 2.2 s on its first call)
     import onnxruntime.transformers.float16  # noqa: F401
 
     from . import tools
