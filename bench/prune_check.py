@@ -211,29 +211,40 @@ def run_models(models: list[str], out: Path, rewrite: bool, measure, write) -> N
     write(results, out, commit, (time.perf_counter() - start) / 60)
 
 
+def parser(doc: str, out: str, tolerances_help: str) -> argparse.ArgumentParser:
+    """A check's command line: --models, --tolerances (of its red_onnx rows), --out, --rewrite."""
+    from . import zoo
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(zoo.names()))
+    p.add_argument("--tolerances", default="0.003,0.01,0.03,0.1,0.3,0.5,1", help=tolerances_help)
+    p.add_argument("--out", default=str(BENCH_DIR / out))
+    p.add_argument("--rewrite", action="store_true", help="write the .md and the plot again from the .json")
+    return p
+
+
+def header(title: str, script: str, doc: str, commit: str, minutes: float, plot_alt: str) -> list[str]:
+    """A check's .md opening: title, what it measures (the docstring's third paragraph), wall time, plot."""
+    name = script.removesuffix(".py")
+    return [f"# {title} (bench/{script}, commit {commit})", "", doc.split("\n\n")[2].replace("\n", " "), "",
+            f"Wall time {minutes:.0f} min on this 2-core machine.", "", f"![{plot_alt}](plots/{name}.png)", ""]
+
+
 def write(results: list[dict], out: Path, commit: str, minutes: float) -> None:
     """bench/prune_check.md (headline table, plot, every row) and the plot."""
-    lines = [f"# Channel pruning against onnxsim, and the latency guard (bench/prune_check.py, commit {commit})", "",
-             __doc__.split("\n\n")[2].replace("\n", " "), "",
-             f"Wall time {minutes:.0f} min on this 2-core machine.", "",
-             "![metric against MACs removed](plots/prune_check.png)", "",
-             "Most MACs removed within 1 point, per tool (then the smaller file):", ""] + table(results)
+    lines = header("Channel pruning against onnxsim, and the latency guard", "prune_check.py", __doc__, commit,
+                   minutes, "metric against MACs removed")
+    lines += ["Most MACs removed within 1 point, per tool (then the smaller file):", ""] + table(results)
     lines += [""] + row_lines(results, guard=True)
     plot(results, BENCH_DIR / "plots" / "prune_check.png")
     save(results, out, commit, minutes, lines)
 
 
 def main() -> None:
-    from . import zoo
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(zoo.names()))
-    parser.add_argument("--tolerances", default="0.003,0.01,0.03,0.1,0.3,0.5,1", help="of the all-passes rows")
-    parser.add_argument("--prune-tolerances", default="0.03,0.1,0.3,1", help="of the pruning-alone rows")
-    parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.5")
-    parser.add_argument("--out", default=str(BENCH_DIR / "prune_check.md"))
-    parser.add_argument("--rewrite", action="store_true", help="write the .md and the plot again from the .json")
-    args = parser.parse_args()
+    p = parser(__doc__, "prune_check.md", "of the all-passes rows")
+    p.add_argument("--prune-tolerances", default="0.03,0.1,0.3,1", help="of the pruning-alone rows")
+    p.add_argument("--sparsities", default="0.1,0.2,0.3,0.5")
+    args = p.parse_args()
     tolerances = [float(t) for t in args.tolerances.split(",")]
     prune_tolerances = [float(t) for t in args.prune_tolerances.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]

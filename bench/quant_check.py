@@ -15,7 +15,6 @@ and the plot plots/quant_check.png.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import onnx
 
 from .common import BENCH_DIR
-from .prune_check import Rows, row_lines, run_models, save
+from .prune_check import Rows, header, parser, row_lines, run_models, save
 
 PEERS = {  # row label → the tools function and its arguments
     "int8 per tensor": ("ort_int8", {"per_channel": False}),
@@ -126,26 +125,17 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def write(results: list[dict], out: Path, commit: str, minutes: float) -> None:
-    lines = [f"# File size against int8 and float16 conversions (bench/quant_check.py, commit {commit})", "",
-             __doc__.split("\n\n")[2].replace("\n", " "), "",
-             f"Wall time {minutes:.0f} min on this 2-core machine.", "",
-             "![metric and latency against file size](plots/quant_check.png)", "",
-             "Per tool: red_onnx's smallest file within 1 point; each peer's one result (file size and latency "
-             "against the original's, then the primary metric):", ""] + table(results)
+    lines = header("File size against int8 and float16 conversions", "quant_check.py", __doc__, commit, minutes,
+                   "metric and latency against file size")
+    lines += ["Per tool: red_onnx's smallest file within 1 point; each peer's one result (file size and latency "
+              "against the original's, then the primary metric):", ""] + table(results)
     lines += [""] + row_lines(results, guard=False)
     plot(results, BENCH_DIR / "plots" / "quant_check.png")
     save(results, out, commit, minutes, lines)
 
 
 def main() -> None:
-    from . import zoo
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(zoo.names()))
-    parser.add_argument("--tolerances", default="0.003,0.01,0.03,0.1,0.3,0.5,1", help="of the red_onnx rows")
-    parser.add_argument("--out", default=str(BENCH_DIR / "quant_check.md"))
-    parser.add_argument("--rewrite", action="store_true", help="write the .md and the plot again from the .json")
-    args = parser.parse_args()
+    args = parser(__doc__, "quant_check.md", "of the red_onnx rows").parse_args()
     tolerances = [float(t) for t in args.tolerances.split(",")]
     run_models(args.models.split(","), Path(args.out), args.rewrite,
                lambda name, log: measure(name, tolerances, log), write)
