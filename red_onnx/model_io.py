@@ -24,8 +24,11 @@ TWO_GB = 2**31
 EXTERNAL_DATA_THRESHOLD = TWO_GB - 2**26  # leave headroom under protobuf's 2 GB limit
 
 
-def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read a model (with its external data) and check it, raising InputError with the reason."""
+def load(source: str | os.PathLike | onnx.ModelProto, notes: list[str] | None = None) -> onnx.ModelProto:
+    """Read a model (with its external data) and check it, raising InputError with the reason. A
+    graph whose nodes are out of order (onnxruntime runs it; onnx.checker refuses it: the float16
+    converter of onnxruntime and onnxconverter-common writes its input Casts last) is sorted, a
+    copy where ``source`` is a model, and ``notes`` says so."""
     if isinstance(source, onnx.ModelProto):
         model = source
         where = "model"
@@ -52,8 +55,57 @@ def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     try:  # a file is checked from disk: serializing the loaded model would cost two more copies
         onnx.checker.check_model(where if where != "model" else model, full_check=False)
     except Exception as err:
-        raise InputError(f"{where}: invalid ONNX model: {_short(err)}") from None
+        order = _topological_order(model.graph)
+        if order is None or order == list(range(len(model.graph.node))):
+            raise InputError(f"{where}: invalid ONNX model: {_short(err)}") from None
+        if where == "model":
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            model = copy
+        nodes = [model.graph.node[k] for k in order]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        try:
+            onnx.checker.check_model(model, full_check=False)
+        except Exception as err:
+            raise InputError(f"{where}: invalid ONNX model: {_short(err)}") from None
+        if notes is not None:
+            notes.append("the input's nodes were not in topological order (onnxruntime runs such a graph, "
+                         "onnx.checker refuses it); they were sorted")
     return model
+
+
+def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
+    """The nodes' indices in an order where each node follows the producers of its inputs,
+    keeping the given order where it allows (Kahn's algorithm, smallest index first); None where
+    no such order exists (a cycle, an input nothing produces)."""
+    import heapq
+
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {name: k for k, node in enumerate(graph.node) for name in node.output}
+    waiting: list[set[int]] = []  # per node, the producers it still waits for
+    readers: dict[int, list[int]] = {}
+    for k, node in enumerate(graph.node):
+        needed = set()
+        for name in node.input:
+            if name in available:
+                continue
+            if name not in producer:
+                return None
+            needed.add(producer[name])
+            readers.setdefault(producer[name], []).append(k)
+        waiting.append(needed)
+    ready = [k for k, w in enumerate(waiting) if not w]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for j in readers.get(k, ()):
+            waiting[j].discard(k)
+            if not waiting[j]:
+                heapq.heappush(ready, j)
+    return order if len(order) == len(graph.node) else None
 
 
 def _invalid_text(message) -> bytes | None:

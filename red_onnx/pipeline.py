@@ -335,7 +335,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
     """Load and analyse the input, run it on the probes, and canonicalize its constants; read the
     profile saved at ``profile_path`` if there is one."""
     opts.log("loading")
-    original = model_io.load(model)
+    original = model_io.load(model, report.notes)
     specs = input_specs(original, opts.input_shapes)
     _notes_on_input(original, opts, report)
     before = analyze(original, specs)

@@ -142,6 +142,22 @@ def test_initializers_listed_as_graph_inputs(io, ir, opset):
     assert [i.name for i in written.graph.input] == [i.name for i in model.graph.input]
 
 
+def test_a_float16_conversion_with_its_casts_written_last(io):
+    """onnxruntime's float16 converter (keep_io_types) appends the input and output Casts after the
+    nodes that read them: onnxruntime runs that, onnx.checker refuses it. The nodes are sorted, the
+    report says so, and the result is checked and verified like any other."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(conv_model(bn=True), keep_io_types=True)
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    proc, out = run_on(model, io, "--tolerance", "0.05", "--report", str(io[1] / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    onnx.checker.check_model(onnx.load(str(out / "o.onnx")), full_check=True)
+    report = json.loads((out / "r.json").read_text())
+    assert any("topological order" in n for n in report["notes"]) and report["output_deviation"] <= 0.05
+
+
 @pytest.mark.parametrize("coordinates", [False, True])
 def test_a_sparse_initializer_is_read_as_its_dense_values(io, coordinates):
     """It used to reach the passes as float64 and fail verification as 'a bug' (exit 1)."""

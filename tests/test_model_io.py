@@ -69,6 +69,36 @@ def test_load_runs_the_checker():
         model_io.load(model)
 
 
+def unsorted_model() -> onnx.ModelProto:
+    """A Conv → Relu model written with its Relu first, as a converter that appends nodes does."""
+    model = small_model()
+    nodes = list(model.graph.node)[::-1]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_load_sorts_nodes_out_of_order(tmp_path):
+    """onnxruntime runs a graph whose nodes are out of order, onnx.checker refuses it: load sorts
+    it (a copy of a given model) and says so; a cycle is still refused."""
+    model = unsorted_model()
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    given = model.SerializeToString()
+    notes: list[str] = []
+    loaded = model_io.load(model, notes)
+    assert model.SerializeToString() == given  # the caller's model is left as it was
+    assert [n.op_type for n in loaded.graph.node] == ["Conv", "Relu"] and "topological order" in notes[0]
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(model, str(path))
+    assert [n.op_type for n in model_io.load(path).graph.node] == ["Conv", "Relu"]
+    assert_identical_outputs(small_model(), loaded)
+    cycle = unsorted_model()
+    cycle.graph.node[1].input[0] = cycle.graph.node[0].output[0]  # the Conv reads the Relu
+    with pytest.raises(InputError, match="invalid ONNX model"):
+        model_io.load(cycle)
+
+
 # --------------------------------------------------------------------------------------------- #
 # graph round trip
 
