@@ -52,7 +52,7 @@ def measure(name: str, tolerances: list[float], log) -> dict:
                 log(f"  {label}: failed: {err}")
                 continue
             row = rows.add(label, "", onnx.load(f"{tmp}/q.onnx"), time.perf_counter() - start, info)
-            row["macs"] = row["params"] = None  # the same arithmetic in other types: red_onnx.analyze counts float ops
+            row["macs"] = row["params"] = None  # the same counts in other types: the bytes and the latency compare
     return rows.result()
 
 

@@ -648,9 +648,19 @@ def _np_dtype(data_type: int):
         return None
 
 
+#: quantized ops that multiply as a float op does: (that op, the input indices of its two factors)
+QUANTIZED_AS = {"ConvInteger": ("Conv", 0, 1), "QLinearConv": ("Conv", 0, 3),
+                "MatMulInteger": ("MatMul", 0, 1), "QLinearMatMul": ("MatMul", 0, 3)}
+
+
 def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
     """Multiply-accumulates of one node per sample; None where a needed shape is unknown."""
     get = shapes.get
+    if node.op_type in QUANTIZED_AS:
+        op, a, b = QUANTIZED_AS[node.op_type]
+        if len(node.input) <= b:
+            return None
+        node = onnx.helper.make_node(op, [node.input[a], node.input[b]], list(node.output))
     if node.op_type == "Conv":
         w, y = get(node.input[1]), get(node.output[0])
         return None if w is None or y is None else int(np.prod(y)) * int(np.prod(w[1:]))
@@ -684,13 +694,15 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int |
 
 
 def analyze(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None) -> Analysis:
-    """Parameters (float initializer elements) and MACs per sample (batch 1) of a model."""
+    """Parameters and MACs per sample (batch 1) of a model. Parameters: the elements of float
+    initializers and of 8- and 16-bit integer ones (codebook indices count as the weights they
+    expand to, quantized weights as theirs); MACs: of linear layers, quantized ones included."""
     specs = specs if specs is not None else input_specs(model)
     shapes = tensor_shapes(model, specs)
     tensors = list(model.graph.initializer) + [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    params = sum(int(np.prod(t.dims)) for t in tensors  # codebook indices count as the weights they expand to
-                 if _np_dtype(t.data_type) in FLOAT_TYPES + (np.uint8, np.uint16))
+    params = sum(int(np.prod(t.dims)) for t in tensors
+                 if _np_dtype(t.data_type) in FLOAT_TYPES + (np.uint8, np.uint16, np.int8))
     macs, per_node = 0, {}
     for i, node in enumerate(model.graph.node):
         m = node_macs(node, shapes)

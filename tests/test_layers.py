@@ -457,3 +457,28 @@ def test_tensor_shapes_use_specs():
     shapes = tensor_shapes(model, input_specs(model, {"x": (1, 3, 10, 6)}))
     assert shapes["x"] == (1, 3, 10, 6)
     assert shapes[model.graph.output[0].name] == (1, 4, 5, 3)
+
+
+def test_quantized_layers_count_their_macs_and_weights(tmp_path):
+    """A model onnxruntime's quantize_dynamic wrote (DynamicQuantizeLinear → ConvInteger,
+    MatMulInteger) has the MACs of its float input and its int8 weights as parameters (it had 0
+    MACs and only its biases and scales); QLinearConv and QLinearMatMul read their weight at 3."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    b = Builder(seed=17)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.node("Flatten", [b.relu(b.conv(x, 3, 8, name="conv"))])
+    b.output(b.matmul(h, 8 * 36, 5), ["N", 5])
+    model = b.model()
+    onnx.save(model, str(tmp_path / "f.onnx"))
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    assert {"ConvInteger", "MatMulInteger"} <= {n.op_type for n in quantized.graph.node}
+    before, after = analyze(model), analyze(quantized)
+    assert after.macs == before.macs == 8 * 36 * 3 * 9 + 8 * 36 * 5
+    weights = 8 * 3 * 9 + 8 * 36 * 5
+    assert weights <= after.params and after.params - weights < before.params - weights + 8  # scales, zero points
+    shapes = {"x": (1, 3, 6, 6), "w": (8, 3, 3, 3), "y": (1, 8, 4, 4), "a": (1, 7), "m": (7, 2)}
+    conv = onnx.helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"])
+    matmul = onnx.helper.make_node("QLinearMatMul", ["a", "as", "az", "m", "ms", "mz", "ys", "yz"], ["y2"])
+    assert node_macs(conv, shapes) == 8 * 16 * 27 and node_macs(matmul, shapes) == 7 * 2
