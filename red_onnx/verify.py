@@ -5,9 +5,11 @@ Deviation of a result y' from a reference y, per probe sample and per graph outp
     d = ||y' − y||₂ / ||y||₂   (float64, or float32 norms for float32 tensors; ||y' − y||₂ itself where ||y||₂ = 0)
 
 Entries where both are the same non-finite value are ignored; any other non-finite entry makes d
-infinite. An output is measured on the tensors :func:`measure_plan` names (each part of a Concat on
-its own; the logits of a Softmax, LogSoftmax or Sigmoid besides its output); its deviation is the
-maximum over them. The model's deviation is the maximum over outputs and samples.
+infinite. Integer and boolean tensors (labels, indices, masks) have no scale to be relative to: d is
+the share of their entries that differ. An output is measured on the tensors :func:`measure_plan`
+names (each part of a Concat on its own; the logits of a Softmax, LogSoftmax or Sigmoid and the
+scores of an ArgMax, ArgMin or TopK besides its output); its deviation is the maximum over them.
+The model's deviation is the maximum over outputs and samples.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from .errors import InputError
 from .model_io import IN_PLACE_MIN, TWO_GB, model_bytes, placeholder, without_initializers
 
 SQUASHING_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
+#: Ops that pick entries of their first input (the scores): measured on those too, a change of a
+#: label tells how often it flips, not how close the others came to flipping.
+PICKING_OPS = ("ArgMax", "ArgMin", "TopK")
 #: Ops that only move values (their output holds their first input's values): followed back from a graph output.
 SHAPE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 #: At most this many tensors per graph output; beyond, the output is measured as a whole.
@@ -38,7 +43,7 @@ class Measured:
     is measured part by part, so a small part is not hidden by a large one; a Softmax, LogSoftmax or
     Sigmoid is measured both on its input (the logits: a saturated squashing hides damage) and on its
     output (where the logits are large, a small relative change of them can be a large one of the
-    probabilities)."""
+    probabilities); an ArgMax, ArgMin or TopK both on its input (the scores) and its output."""
 
     output: str
     tensors: tuple[str, ...]
@@ -72,7 +77,7 @@ def _collect(name: str, where: str, producer: dict, constants: set[str], parts: 
     while node is not None and node.op_type in SHAPE_OPS and node.input:
         source = node.input[0]
         node = producer.get(source)
-    if node is None or depth > 8 or node.op_type not in ("Concat", *SQUASHING_OPS):
+    if node is None or depth > 8 or node.op_type not in ("Concat", *SQUASHING_OPS, *PICKING_OPS):
         parts.setdefault(name, f"part {where.strip()}" if where else "the output itself")
         return
     if node.op_type == "Concat":
@@ -89,7 +94,8 @@ def _collect(name: str, where: str, producer: dict, constants: set[str], parts: 
         _collect(logits, where, producer, constants, inner, depth + 1)
         for tensor, what in inner.items():
             if what.startswith(("part", "the output")):
-                what = f"logits before {node.op_type} '{node.name or source}'{here}"
+                scores = "scores" if node.op_type in PICKING_OPS else "logits"
+                what = f"{scores} before {node.op_type} '{node.name or source}'{here}"
             parts.setdefault(tensor, what)
 
 
@@ -256,7 +262,13 @@ def sample_deviation(reference: np.ndarray, result: np.ndarray) -> float:
     """||y' − y||₂ / ||y||₂ of one output for one sample (see the module docstring). Two float32
     tensors: BLAS's scaled float32 norms (the difference of two float32 values is exact within a
     factor 2 of each other, and the norms are within ~1e-7 of their value; 40x faster than
-    float64 on PP-OCRv6's 265k logits); else, or where those are not finite, in float64."""
+    float64 on PP-OCRv6's 265k logits); else, or where those are not finite, in float64. Two
+    integer or boolean tensors: the share of entries that differ."""
+    if isinstance(reference, np.ndarray) and isinstance(result, np.ndarray) and reference.dtype.kind in "biu" \
+            and result.dtype.kind in "biu":
+        if reference.shape != result.shape:
+            return float("inf")
+        return float(np.count_nonzero(reference != result)) / reference.size if reference.size else 0.0
     if isinstance(reference, np.ndarray) and isinstance(result, np.ndarray) and reference.dtype == np.float32 \
             and result.dtype == np.float32 and reference.shape == result.shape:
         with np.errstate(invalid="ignore", over="ignore"):
