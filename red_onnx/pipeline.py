@@ -672,7 +672,17 @@ def _channels_removed(current: Build) -> bool:
 
 def finish(prep: Prepared, accepted: Build, release: bool = True) -> onnx.ModelProto:
     """The accepted build as a full model; with ``release`` (no build follows), the input's
-    weights are released first."""
+    weights are released first. Where no step changed anything, the input as loaded (an export
+    of the graph would name its unnamed nodes and reorder them: 130 bytes more on a 2.7 KiB model)."""
+    if not prep.moved and not any(r.modified for r in accepted.results) and prep.canonical is not None:
+        unchanged = prep.canonical
+        if release:
+            prep.canonical = prep.timing = None
+        else:
+            unchanged = onnx.ModelProto()
+            unchanged.CopyFrom(prep.canonical)
+        accepted.light = accepted.arrays = None
+        return unchanged
     if release:
         for tensor in accepted.ctx.graph.tensors().values():  # the graph takes its own copy of every weight ...
             if isinstance(tensor, gs.Constant):

@@ -645,6 +645,19 @@ def test_residual_add_graph_unchanged_and_exact():
     assert report.params_after == report.params_before and report.macs_after == report.macs_before
 
 
+def test_a_graph_nothing_applies_to_is_written_as_it_came():
+    """Unnamed nodes, a lossy tolerance, nothing any pass can use (a 1-channel conv feeding a
+    Sigmoid): the output is the input, not an export that names and reorders its nodes, and the
+    caller's model is not it."""
+    b = Builder(seed=32, name_nodes=False)
+    x = b.input("x", ["N", 3, 6, 6])
+    b.output(b.node("Sigmoid", [b.conv(x, 3, 1)]), ["N", 1, 6, 6])
+    model = b.model()
+    result, report = red_onnx.compress(model, tolerance=0.1)
+    assert not any(p["modified"] for p in report.passes) and report.verified
+    assert result.SerializeToString() == model.SerializeToString() and result is not model
+
+
 def test_concat_graph_unchanged_and_exact():
     b = Builder(seed=31)
     x = b.input("x", ["N", 3, 6, 6])
