@@ -108,6 +108,14 @@ def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
     return order if len(order) == len(graph.node) else None
 
 
+def _all_proto_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_proto_nodes(sub)
+
+
 def _invalid_text(message) -> bytes | None:
     """The first string field (a name, a doc string) that is not valid UTF-8: protobuf returns those
     as bytes. Tensor data fields are bytes by type and are not looked at."""
@@ -132,10 +140,19 @@ def _short(err: Exception) -> str:
     return text[0] if text else type(err).__name__
 
 
+STANDARD_DOMAINS = ("", "ai.onnx")
+#: joins a custom-domain node's domain and op type in the graph the passes see (:func:`to_graph`)
+DOMAIN_MARK = "::"
+
+
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import into onnx-graphsurgeon (the model is not modified). The graph gets its own copy of
     the opset imports: onnx-graphsurgeon keeps the model's container, which holds the whole
-    model's memory (weights included) for as long as the graph lives."""
+    model's memory (weights included) for as long as the graph lives.
+
+    A node of another domain gets the op ``domain::op`` until export (:func:`to_model`), so that
+    no pass takes it for the standard op of its name: onnxruntime's saved optimized models hold
+    ``com.microsoft.nchwc`` Convs, whose weights and activations are blocked by 8 channels."""
     graph = gs.import_onnx(model)
     domains = []
     for entry in graph.import_domains or ():
@@ -143,7 +160,19 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         copy.CopyFrom(entry)
         domains.append(copy)
     graph.import_domains = domains
+    for node in _all_nodes(graph):
+        if node.domain and node.domain not in STANDARD_DOMAINS:
+            node.op = f"{node.domain}{DOMAIN_MARK}{node.op}"
     return graph
+
+
+def _all_nodes(graph: gs.Graph):
+    for node in graph.nodes:
+        yield node
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield from _all_nodes(sub)
 
 
 #: Initializers with more elements reach onnxruntime sessions as arrays, read in place.
@@ -232,6 +261,13 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto, tidy: bool = True) -> o
     if tidy:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
+    for node in _all_proto_nodes(model.graph):
+        if DOMAIN_MARK in node.op_type:
+            node.op_type = node.op_type.split(DOMAIN_MARK)[-1]
+    docs = {(n.name, n.op_type): n.doc_string for n in template.graph.node if n.doc_string and n.name}
+    for node in model.graph.node:  # onnx-graphsurgeon drops the nodes' doc strings
+        if (node.name, node.op_type) in docs and not node.doc_string:
+            node.doc_string = docs[node.name, node.op_type]
     del model.graph.value_info[:]
     model.ir_version = template.ir_version
     del model.opset_import[:]

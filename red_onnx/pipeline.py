@@ -34,7 +34,6 @@ from .report import Report
 #: Relative deviation allowed for exact rewrites, by the model's float type (float rounding).
 ROUNDING = {onnx.TensorProto.FLOAT: 1e-5, onnx.TensorProto.DOUBLE: 1e-5,
             onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 1e-2}
-STANDARD_DOMAINS = ("", "ai.onnx")
 #: At tolerance 0, exact rewrites that deviate over float rounding's bound (ROUNDING) are still
 #: accepted within this factor of the input's own rounding (:func:`_own_rounding`): a model that
 #: amplifies rounding (an InstanceNormalization of a nearly constant channel) moves by as much when
@@ -447,7 +446,7 @@ def _notes_on_input(original: onnx.ModelProto, opts: Options, report: Report) ->
         if free and inp.name in (opts.input_shapes or {}):
             report.notes.append(f"input '{inp.name}' keeps its dynamic dimension(s) {', '.join(free)}; the result was "
                                 f"built and verified at {'x'.join(map(str, opts.input_shapes[inp.name]))} only")
-    custom = sorted({n.domain for n in original.graph.node if n.domain not in STANDARD_DOMAINS})
+    custom = sorted({n.domain for n in original.graph.node if n.domain not in model_io.STANDARD_DOMAINS})
     if any(n.op_type in QUANTIZED_OPS for n in original.graph.node):
         report.notes.append("the model is already quantized: its quantized layers are left alone")
     if not opts.verify and opts.tolerance > 0:

@@ -16,6 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import red_onnx
 from conftest import DIGITS_CNN, REPO, Builder, folder_entries
 from test_cli import _restore_sigterm, assert_usage_error, cli  # noqa: F401 (the fixture is autouse)
 
@@ -156,6 +157,42 @@ def test_a_float16_conversion_with_its_casts_written_last(io):
     onnx.checker.check_model(onnx.load(str(out / "o.onnx")), full_check=True)
     report = json.loads((out / "r.json").read_text())
     assert any("topological order" in n for n in report["notes"]) and report["output_deviation"] <= 0.05
+
+
+@pytest.mark.parametrize("level", ["extended", "all"])
+def test_onnxruntime_s_saved_optimized_model_keeps_its_custom_ops(tmp_path, level):
+    """A model as onnxruntime saves it optimized: its Conv + Relu pairs become com.microsoft
+    FusedConv nodes, and at the highest level com.microsoft.nchwc Convs, whose weights are blocked
+    by 8 channels, named Conv (before, the passes took them for standard Convs: hashing rounded
+    their weights, which the note said were left alone). Nodes of another domain are never
+    layers: they and their weights come back as they were; the standard Gemm is still hashed."""
+    import onnxruntime as ort
+
+    b = Builder(seed=5)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.relu(b.conv(b.relu(b.conv(x, 3, 16, name="conv1")), 16, 16, name="conv2"))
+    features = b.node("Flatten", [b.node("GlobalAveragePool", [h])])
+    b.output(b.gemm(features, 16, 128, name="fc"), ["N", 128])
+    onnx.save(b.model(), str(tmp_path / "m.onnx"))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    options.optimized_model_filepath = str(tmp_path / "saved.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    saved = onnx.load(str(tmp_path / "saved.onnx"))
+    custom = [n for n in saved.graph.node if n.domain not in ("", "ai.onnx")]
+    if level == "all" and not any(n.domain == "com.microsoft.nchwc" for n in custom):
+        pytest.skip("onnxruntime has no NCHWc kernels on this CPU")
+    assert [n.op_type for n in custom if n.op_type != "ReorderInput" and n.op_type != "ReorderOutput"][:2] == \
+        (["FusedConv", "FusedConv"] if level == "extended" else ["Conv", "Conv"])
+    result, report = red_onnx.compress(saved, tolerance=0.3)
+    assert report.verified and any("custom-domain ops" in n for n in report.notes)
+    kept = [n for n in result.graph.node if n.domain not in ("", "ai.onnx")]
+    assert [n.SerializeToString() for n in kept] == [n.SerializeToString() for n in custom]
+    weights = {t.name: t.SerializeToString() for t in result.graph.initializer}
+    assert all(weights.get(t.name) == t.SerializeToString() for t in saved.graph.initializer
+               if any(t.name in n.input for n in custom))
+    assert any(p["modified"] for p in report.passes if p["name"] == "hash")  # the Gemm
 
 
 @pytest.mark.parametrize("coordinates", [False, True])

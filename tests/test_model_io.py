@@ -107,12 +107,28 @@ def test_to_graph_to_model_round_trip_preserves_everything():
     model = small_model()
     model.graph.value_info.append(onnx.helper.make_tensor_value_info(model.graph.node[0].output[0],
                                                                      onnx.TensorProto.FLOAT, ["N", 4, 6, 6]))
+    model.graph.node[0].doc_string = "the stem"  # onnx-graphsurgeon drops it; to_model restores it
     result = model_io.to_model(model_io.to_graph(model), model)
     assert_preserved(model, result)
+    assert result.graph.node[0].doc_string == "the stem"
     assert len(result.graph.value_info) == 0
     assert result.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     assert result.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "N"
     assert_identical_outputs(model, result)
+
+
+def test_a_custom_domain_op_is_not_the_standard_op_of_its_name():
+    """In the graph the passes see, a node of another domain has the op ``domain::op`` (a
+    com.microsoft.nchwc Conv is no Conv); the export writes its op type and domain back."""
+    model = small_model()
+    model.graph.node.append(onnx.helper.make_node("Relu", [model.graph.output[0].name], ["z"],
+                                                  domain="org.custom", name="custom"))
+    model.graph.output[0].name = "z"
+    model.opset_import.append(onnx.helper.make_opsetid("org.custom", 1))
+    graph = model_io.to_graph(model)
+    assert [n.op for n in graph.nodes][-2:] == ["Relu", "org.custom::Relu"]
+    result = model_io.to_model(graph, model)
+    assert [(n.op_type, n.domain) for n in result.graph.node] == [(n.op_type, n.domain) for n in model.graph.node]
 
 
 @pytest.mark.parametrize("case", ["tidy", "dangling node", "unsorted"])
