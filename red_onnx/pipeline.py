@@ -345,7 +345,7 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
 
     plan = verify.measure_plan(original)
     measured, _ = verify.measured_tensors(original)
-    ref_names = list(dict.fromkeys(measured + [o.name for o in original.graph.output]))
+    ref_names = list(dict.fromkeys(measured + [o.name for o in original.graph.output if verify.is_tensor(o)]))
     if opts.probe_inputs is None:
         _integer_probe_ranges(original, specs, opts, report)
     probes = make_probes(specs, opts.seed, opts.allocation, opts.check, opts.probe_ranges, opts.probe_inputs)
@@ -453,7 +453,7 @@ def _notes_on_input(original: onnx.ModelProto, opts: Options, report: Report) ->
         report.notes.append("--no-verify: lossy steps need verification, so only exact rewrites were made")
         opts.tolerance = 0.0
     if custom:
-        report.notes.append(f"custom-domain ops ({', '.join(custom)}) are left alone")
+        report.notes.append(f"ops of domains other than ai.onnx ({', '.join(custom)}) are left alone")
 
 
 def build_best(prep: Prepared, opts: Options, margin: float, keep_dense: frozenset[str] = frozenset(),

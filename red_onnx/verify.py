@@ -64,11 +64,28 @@ def measure_plan(model: onnx.ModelProto) -> list[Measured]:
     plan = []
     for out in model.graph.output:
         parts: dict[str, str] = {}
-        _collect(out.name, "", producer, constants, parts, depth=0)
-        if not parts or len(parts) > MAX_PARTS:
-            parts = {out.name: "the output itself"}
+        if not is_tensor(out):  # a sequence or map (ZipMap's): measured on the tensors it is made of
+            node = producer.get(out.name)
+            for name in (node.input if node is not None else []):
+                if name and name not in constants:
+                    inner: dict[str, str] = {}
+                    _collect(name, "", producer, constants, inner, depth=1)
+                    parts.update({t: what if not what.startswith("the output") else
+                                  f"input of {node.op_type} '{node.name or out.name}'" for t, what in inner.items()})
+            if not parts or len(parts) > MAX_PARTS:
+                raise InputError(f"output '{out.name}' is not a tensor (a sequence or map) and is not made of tensors "
+                                 "the tool can measure: nothing could check the result")
+        else:
+            _collect(out.name, "", producer, constants, parts, depth=0)
+            if not parts or len(parts) > MAX_PARTS:
+                parts = {out.name: "the output itself"}
         plan.append(Measured(out.name, tuple(parts), tuple(parts.values())))
     return plan
+
+
+def is_tensor(value: onnx.ValueInfoProto) -> bool:
+    """Whether a graph input or output is a tensor (not a sequence, map or optional)."""
+    return value.type.WhichOneof("value") in ("tensor_type", "sparse_tensor_type", None)
 
 
 def _collect(name: str, where: str, producer: dict, constants: set[str], parts: dict[str, str], depth: int) -> None:

@@ -187,6 +187,39 @@ def test_picked_output_is_measured_on_its_scores_and_itself(op):
     assert plan.tensors == ("labels", scores) and plan.what[1].startswith(f"scores before {op}")
 
 
+def zipmap_classifier() -> onnx.ModelProto:
+    """A classifier as skl2onnx writes one: its label (ArgMax) and its probabilities as a
+    sequence of maps (ZipMap, domain ai.onnx.ml), which onnxruntime returns as a list of dicts."""
+    b = Builder(seed=9)
+    x = b.input("x", ["N", 16])
+    probs = b.node("Softmax", [b.matmul(b.relu(b.matmul(x, 16, 64)), 64, 3)], outputs=["probs"], axis=1)
+    b.output(b.node("ArgMax", [probs], outputs=["label"], axis=1, keepdims=0), ["N"], onnx.TensorProto.INT64)
+    b.node("ZipMap", [probs], outputs=["prob_map"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])
+    sequence = onnx.helper.make_sequence_type_proto(onnx.helper.make_map_type_proto(
+        onnx.TensorProto.INT64, onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [])))
+    b.outputs.append(onnx.helper.make_value_info("prob_map", sequence))
+    return b.model(extra_opsets=[("ai.onnx.ml", 1)])
+
+
+def test_a_sequence_output_is_measured_on_the_tensors_it_is_made_of():
+    """ZipMap's probabilities (a list of dicts from onnxruntime) are measured on the Softmax that
+    feeds it and its logits; before, the reference run failed on it and the model was refused
+    as one onnxruntime could not run ('list' object has no attribute 'ndim')."""
+    model = zipmap_classifier()
+    label, prob_map = verify.measure_plan(model)
+    assert prob_map.tensors == ("probs", label.tensors[2]) and prob_map.what[0].startswith("Softmax")
+    assert label.tensors[:2] == ("label", "probs")
+    result, report = red_onnx.compress(model, tolerance=0.1)
+    assert report.verified and set(report.deviation_per_output) == {"label", "prob_map"}
+    assert report.output_deviation <= 0.1
+    assert [n.domain for n in result.graph.node if n.op_type == "ZipMap"] == ["ai.onnx.ml"]
+    constant = zipmap_classifier()  # a sequence made of constants only: nothing to measure, refused
+    constant.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((1, 3), np.float32), "ones"))
+    constant.graph.node[-1].input[0] = "ones"
+    with pytest.raises(InputError, match="'prob_map' is not a tensor"):
+        verify.measure_plan(constant)
+
+
 def test_a_label_output_is_verified_on_its_scores(monkeypatch):
     """A segmenter whose only output is the ArgMax of its class scores: the scores are measured
     too, so a rewrite that moves them all (here by half: no label flips) is refused at tolerance
