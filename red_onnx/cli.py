@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
     written: list[str] = []  # what is on disk, for the message if writing the rest fails
     try:
+        input_shapes = _named(args.input_shape, "--input-shape", _shape)  # a typo is told before the libraries load
+        probe_ranges = _named(args.probe_range, "--probe-range", _range)
         from . import model_io  # numpy, onnx and onnxruntime load here: --help and --version need none of them
         from . import metric
         from .pipeline import compress, compress_each
@@ -222,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             model_io.check_output_path(args.profile, [p for p in (args.input, args.report) if p] + outputs)
 
         options = dict(passes=args.passes, seed=args.seed, check=args.check,
-                       input_shapes=_named(args.input_shape, "--input-shape", _shape),
+                       input_shapes=input_shapes,
                        probe_inputs=_load_npz(args.probe_inputs) if args.probe_inputs else None,
-                       probe_ranges=_named(args.probe_range, "--probe-range", _range), exclude=args.exclude,
+                       probe_ranges=probe_ranges, exclude=args.exclude,
                        verify_result=not args.no_verify, latency_check=not args.no_latency_check,
                        codebook=args.codebook, profile=args.profile, log=None if args.quiet else log)
         if search:
