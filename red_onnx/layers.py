@@ -476,6 +476,7 @@ class Analysis:
     macs: int
     op_counts: Counter
     macs_per_node: dict[str, int] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)  # linear nodes whose MACs the shapes cannot tell
 
 
 def input_specs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
@@ -703,10 +704,12 @@ def analyze(model: onnx.ModelProto, specs: dict[str, tuple[tuple[int, ...], np.d
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     params = sum(int(np.prod(t.dims)) for t in tensors
                  if _np_dtype(t.data_type) in FLOAT_TYPES + (np.uint8, np.uint16, np.int8))
-    macs, per_node = 0, {}
+    macs, per_node, unknown = 0, {}, []
     for i, node in enumerate(model.graph.node):
         m = node_macs(node, shapes)
-        if m:
+        if m is None:
+            unknown.append(node.name or f"{node.op_type}_{i}")
+        elif m:
             per_node[node.name or f"{node.op_type}_{i}"] = m
             macs += m
-    return Analysis(params, macs, Counter(n.op_type for n in model.graph.node), per_node)
+    return Analysis(params, macs, Counter(n.op_type for n in model.graph.node), per_node, unknown)

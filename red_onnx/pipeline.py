@@ -339,6 +339,9 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
     _notes_on_input(original, opts, report)
     before = analyze(original, specs)
     report.params_before, report.macs_before = before.params, before.macs
+    if before.unknown:
+        report.notes.append(f"MACs leave out {len(before.unknown)} linear node(s) whose shapes onnx's shape inference "
+                            f"cannot tell ('{before.unknown[0]}'{', …' if len(before.unknown) > 1 else ''})")
     report.bytes_before = model_io.model_bytes(original)
     report.op_counts_before = dict(before.op_counts)
     _check_weights(original)

@@ -387,6 +387,21 @@ def test_shapes_behind_a_computed_reshape_target_are_inferred():
     assert shapes[seq] == (1, 10, 6) and shapes[y] == (1, 40)
 
 
+def test_linear_nodes_whose_shapes_are_unknown_are_named():
+    """A custom op stops onnx's shape inference: the Gemm after it has no known shapes, so the
+    MACs leave it out, and the report says so instead of a silent undercount."""
+    b = Builder(seed=18)
+    x = b.input("x", ["N", 6])
+    h = b.node("MyOp", [b.gemm(x, 6, 8, name="first")], domain="org.custom", name="custom")
+    b.output(b.gemm(h, 8, 4, name="second"), ["N", 4])
+    model = b.model(extra_opsets=[("org.custom", 1)], check=False)
+    analysis = analyze(model, input_specs(model))
+    assert analysis.macs == 6 * 8 and analysis.unknown == ["second"]
+    _, report = red_onnx.compress(model, tolerance=0, verify_result=False)  # onnxruntime cannot run MyOp
+    assert report.macs_before == 6 * 8
+    assert any("MACs leave out 1 linear node(s)" in n and "'second'" in n for n in report.notes)
+
+
 def test_node_macs_unknown_shape_is_none():
     node = onnx.helper.make_node("Conv", ["x", "w"], ["y"])
     assert node_macs(node, {"w": (2, 1, 3, 3)}) is None
