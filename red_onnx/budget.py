@@ -38,7 +38,8 @@ class Probes:
 def random_probes(specs: Specs, count: int, rng: np.random.Generator,
                   ranges: dict[str, tuple[float, float]] | None = None) -> list[Feeds]:
     """``count`` samples: N(0,1) floats (uniform in ``ranges[name]`` where given); integers
-    uniform among the integers of ``ranges[name]``, 0 where none is given; bools False."""
+    uniform among the integers of ``ranges[name]``, 0 where none is given; bools the same (as 0
+    and 1: a range 0,1 draws both), False where none is given."""
     ranges = ranges or {}
     samples = []
     for _ in range(count):
@@ -51,7 +52,7 @@ def random_probes(specs: Specs, count: int, rng: np.random.Generator,
                 else:
                     x = rng.standard_normal(shape)
                 feeds[name] = x.astype(dtype)
-            elif np.issubdtype(dtype, np.integer) and name in ranges:
+            elif (np.issubdtype(dtype, np.integer) or np.dtype(dtype) == np.bool_) and name in ranges:
                 low, high = ranges[name]
                 feeds[name] = rng.integers(int(np.ceil(low)), int(np.floor(high)), size=shape, endpoint=True).astype(dtype)
             else:
@@ -104,10 +105,13 @@ def make_probes(specs: Specs, seed: int = 0, allocation: int = 16, verification:
         if not (np.isfinite(low) and np.isfinite(high) and low < high):
             raise InputError(f"--probe-range {name}: needs finite LOW < HIGH, got {low}, {high}")
         dtype = specs[name][1]
+        boolean = np.dtype(dtype) == np.bool_
+        if boolean and not 0 <= np.ceil(low) <= np.floor(high) <= 1:
+            raise InputError(f"--probe-range {name}: input '{name}' is bool: its range is within 0,1 (0,1: random values)")
         if np.issubdtype(dtype, np.integer) and not (np.iinfo(dtype).min <= np.ceil(low) <= np.floor(high)
                                                     <= np.iinfo(dtype).max):
             raise InputError(f"--probe-range {name}: no {np.dtype(dtype).name} value between {low:g} and {high:g}")
-        if not np.issubdtype(dtype, np.floating) and not np.issubdtype(dtype, np.integer):
+        if not np.issubdtype(dtype, np.floating) and not np.issubdtype(dtype, np.integer) and not boolean:
             raise InputError(f"--probe-range {name}: input '{name}' is {np.dtype(dtype).name}, not a number")
     rng = np.random.default_rng(seed)
     if arrays is not None:

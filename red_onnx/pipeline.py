@@ -418,6 +418,9 @@ def _integer_probe_ranges(original: onnx.ModelProto, specs: dict, opts: Options,
                       for a in n.attribute if a.name == "value"})
     given = dict(opts.probe_ranges or {})
     for name, (_, dtype) in specs.items():
+        if np.dtype(dtype) == np.bool_ and name not in given and opts.tolerance > 0:
+            report.notes.append(f"boolean input '{name}' is False on every probe: give --probe-range {name}:0,1 "
+                                f"(random values) or --probe-inputs so that the probes vary it")
         if not np.issubdtype(dtype, np.integer) or name in given:
             continue
         readers = [n for n in original.graph.node if name in n.input]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
 import red_onnx
 from red_onnx import pipeline
+from red_onnx.errors import InputError
 
 from conftest import Builder
 
@@ -181,6 +183,28 @@ def test_other_integer_inputs_stay_0_and_the_report_says_so():
     assert any("'ids' is 0 on every probe" in n for n in report.notes), report.notes
     _, report = red_onnx.compress(embedding_model("Cast"), tolerance=0.05, probe_ranges={"ids": (0, 9)})
     assert not any("'ids'" in n for n in report.notes), report.notes
+
+
+def test_a_boolean_mask_is_false_with_a_note_unless_its_range_draws_it(monkeypatch):
+    """A boolean input (a mask that zeroes the output where False) was False on every probe and
+    nothing said so: the verification compared zeros. Now the report says so, and
+    --probe-range mask:0,1 draws both values; a range outside 0,1 is refused."""
+    b = Builder(seed=21)
+    x, mask = b.input("x", ["N", 8, 32]), b.input("mask", ["N", 8], elem=onnx.TensorProto.BOOL)
+    keep = b.node("Unsqueeze", [b.node("Cast", [mask], to=onnx.TensorProto.FLOAT), b.init([-1], dtype=np.int64)])
+    b.output(b.node("Mul", [b.matmul(x, 32, 64), keep]), ["N", 8, 64])
+    model = b.model()
+    seen = []
+    make = pipeline.make_probes
+    monkeypatch.setattr(pipeline, "make_probes", lambda *a, **k: seen.append(make(*a, **k)) or seen[-1])
+    _, report = red_onnx.compress(model, tolerance=0.05)
+    assert any("boolean input 'mask' is False on every probe" in n for n in report.notes), report.notes
+    _, report = red_onnx.compress(model, tolerance=0.05, probe_ranges={"mask": (0, 1)})
+    drawn = np.concatenate([f["mask"] for f in seen[-1].allocation + seen[-1].verification])
+    assert drawn.dtype == np.bool_ and 0.3 < drawn.mean() < 0.7 and report.verified
+    assert not any("'mask'" in n for n in report.notes), report.notes
+    with pytest.raises(InputError, match="is bool"):
+        red_onnx.compress(model, tolerance=0.05, probe_ranges={"mask": (0, 5)})
 
 
 def test_a_one_row_table_is_indexed_by_0_alone():
