@@ -142,7 +142,8 @@ def test_probe_sets_are_disjoint_and_in_range():
 
 def test_integer_inputs_take_the_integers_of_their_range():
     """An integer input with a range gets every integer of it (bounds included), in its own dtype;
-    without one it is 0; a range holding no integer, or a range for a bool, is refused."""
+    without one it is 0; a range holding no integer is refused; a bool's range draws 0 and 1 as
+    False and True, and one beyond 0,1 is refused."""
     specs = {"ids": ((1, 64), np.dtype(np.int64)), "mask": ((1, 64), np.dtype(np.int32)),
              "flag": ((1,), np.dtype(bool))}
     p = make_probes(specs, seed=1, allocation=4, verification=4, ranges={"ids": (2, 7.5)})
@@ -151,8 +152,10 @@ def test_integer_inputs_take_the_integers_of_their_range():
     assert all(not f["mask"].any() and f["mask"].dtype == np.int32 for f in p.allocation)
     with pytest.raises(InputError, match="no int64 value"):
         make_probes(specs, ranges={"ids": (0.2, 0.8)})
-    with pytest.raises(InputError, match="not a number"):
-        make_probes(specs, ranges={"flag": (0, 1)})
+    flags = [f["flag"] for f in make_probes(specs, seed=1, ranges={"flag": (0, 1)}).allocation]
+    assert all(f.dtype == np.bool_ for f in flags) and {bool(f[0]) for f in flags} == {False, True}
+    with pytest.raises(InputError, match="is bool"):
+        make_probes(specs, ranges={"flag": (0, 2)})
 
 
 # --------------------------------------------------------------------------------------------- #
