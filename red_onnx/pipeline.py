@@ -364,6 +364,11 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
         except InputError:  # as the model is written, not as onnxruntime's optimizer rewrote it
             ref_session = verify.input_session(original, ref_names, optimize=False)
             reference = _finite(_run_all(ref_session, probes.verification, input_model=True), ref_names)
+        for m in plan:
+            if len(reference) > 1 and all(_same_on_every_probe(reference, ref_names.index(t)) for t in m.tensors):
+                report.notes.append(f"output '{m.output}' is the same on every probe: the probes do not reach what "
+                                    f"it depends on, so its deviation checks that one value (give --probe-range or "
+                                    f"--probe-inputs)")
         if opts.tolerance > 0:
             allocation = _finite(_run_all(ref_session, probes.allocation, input_model=True, known=batch_axes),
                                  ref_names)
@@ -721,6 +726,11 @@ def _fill_report(report: Report, prep: Prepared, accepted: Build, result: onnx.M
                           "predictions": list(measured.predictions)}
         measured.measured = measured.reused = 0
         measured.predictions.clear()
+
+
+def _same_on_every_probe(outputs: list[list[np.ndarray]], k: int) -> bool:
+    first = np.asarray(outputs[0][k])
+    return all(np.array_equal(np.asarray(sample[k]), first) for sample in outputs[1:])
 
 
 def _finite(outputs: list[list[np.ndarray]], names: list[str]) -> list[list[np.ndarray]]:

@@ -187,8 +187,9 @@ def test_other_integer_inputs_stay_0_and_the_report_says_so():
 
 def test_a_boolean_mask_is_false_with_a_note_unless_its_range_draws_it(monkeypatch):
     """A boolean input (a mask that zeroes the output where False) was False on every probe and
-    nothing said so: the verification compared zeros. Now the report says so, and
-    --probe-range mask:0,1 draws both values; a range outside 0,1 is refused."""
+    nothing said so: the verification compared zeros. Now the report says so (of the mask, and of
+    the output, the same on every probe), and --probe-range mask:0,1 draws both values; a range
+    outside 0,1 is refused."""
     b = Builder(seed=21)
     x, mask = b.input("x", ["N", 8, 32]), b.input("mask", ["N", 8], elem=onnx.TensorProto.BOOL)
     keep = b.node("Unsqueeze", [b.node("Cast", [mask], to=onnx.TensorProto.FLOAT), b.init([-1], dtype=np.int64)])
@@ -199,6 +200,8 @@ def test_a_boolean_mask_is_false_with_a_note_unless_its_range_draws_it(monkeypat
     monkeypatch.setattr(pipeline, "make_probes", lambda *a, **k: seen.append(make(*a, **k)) or seen[-1])
     _, report = red_onnx.compress(model, tolerance=0.05)
     assert any("boolean input 'mask' is False on every probe" in n for n in report.notes), report.notes
+    assert any(n.startswith(f"output '{model.graph.output[0].name}' is the same on every probe")
+               for n in report.notes), report.notes
     _, report = red_onnx.compress(model, tolerance=0.05, probe_ranges={"mask": (0, 1)})
     drawn = np.concatenate([f["mask"] for f in seen[-1].allocation + seen[-1].verification])
     assert drawn.dtype == np.bool_ and 0.3 < drawn.mean() < 0.7 and report.verified
