@@ -366,9 +366,8 @@ def prepare(model: str | os.PathLike | onnx.ModelProto, opts: Options, report: R
             reference = _finite(_run_all(ref_session, probes.verification, input_model=True), ref_names)
         for m in plan:
             if len(reference) > 1 and all(_same_on_every_probe(reference, ref_names.index(t)) for t in m.tensors):
-                report.notes.append(f"output '{m.output}' is the same on every probe: the probes do not reach what "
-                                    f"it depends on, so its deviation checks that one value (give --probe-range or "
-                                    f"--probe-inputs)")
+                report.notes.append(f"output '{m.output}' is the same on every probe, so its deviation checks that "
+                                    f"one value: where it should vary, give --probe-range or --probe-inputs")
         if opts.tolerance > 0:
             allocation = _finite(_run_all(ref_session, probes.allocation, input_model=True, known=batch_axes),
                                  ref_names)
