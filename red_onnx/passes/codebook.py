@@ -215,15 +215,14 @@ def _encode_weight(ctx: Context, constant: gs.Constant, layer: Layer | None,
                         lambda: _codebook_form(stored, layer, ctx.codebook, hint))
     before = stored.nbytes
     half = stored.dtype != np.float16 and half_exact(stored)
-    if isinstance(form, str) and not half:
-        return form
-    if not isinstance(form, str):
-        codebook, indices, scales = form
-        widened = scales is not None and codebook.dtype == np.float16
-        if widened:  # onnxruntime CPU has no float16 Mul to fold at session creation: decode in float32, then
-            codebook, scales = codebook.astype(np.float32), scales.astype(np.float32)  # Cast (exact: see below)
-        after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
-    if half and (isinstance(form, str) or stored.size * 2 < after):
+    if isinstance(form, str):
+        return _store_half(ctx, constant) if half else form
+    codebook, indices, scales = form
+    widened = scales is not None and codebook.dtype == np.float16
+    if widened:  # onnxruntime CPU has no float16 Mul to fold at session creation: decode in float32, then
+        codebook, scales = codebook.astype(np.float32), scales.astype(np.float32)  # Cast (exact: see below)
+    after = indices.nbytes + codebook.nbytes + (scales.nbytes if scales is not None else 0)
+    if half and stored.size * 2 < after:
         return _store_half(ctx, constant)
     if after + NODE_OVERHEAD >= before:
         return "a codebook would not make it smaller"

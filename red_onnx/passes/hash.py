@@ -92,7 +92,7 @@ def run(ctx: Context) -> PassResult:
                 name, factor, entries, error, scales, distinct = c.data
                 if entries is not None:  # else rounded to float16, which codebook stores as float16
                     ctx.hashed[name] = (scales, codebooks[c.key])  # hashed = fl(codebook[i] · scale)
-                result.layers.append({"name": c.slot.split(":", 1)[1], "form": "codebook" if entries else "float16",
+                result.layers.append({"name": c.slot.split(":", 1)[1], "form": "codebook" if entries is not None else "float16",
                                       "bandwidth_factor": factor, "modes": entries, "distinct_before": distinct(),
                                       "weight_error": round(error, 6)})
             result.counts["layers_hashed"] = len(spent.accepted)
